@@ -1,0 +1,214 @@
+"""The paper's plain and residual networks as pure ``flax.linen`` modules.
+
+Where each part of the paper lives:
+
+* ``BasicBlock`` / ``BottleneckBlock``: the building blocks of Fig. 5 (sec. 3.2, 3.3),
+  with ``residual=False`` giving the plain counterpart layer for layer.
+* ``ResNet``: the stacks of Table 1 (ImageNet stem) and sec. 4.2 (CIFAR stem).
+* ``_IMAGENET``: the rows of Table 1; ``cifar(n)`` the 6n+2 nets of sec. 4.2.
+* ``create_model`` / ``list_models``: the one place that maps names to models.
+
+Every model is called as ``model.apply(variables, images_nhwc, train=...)``.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from resnet_jax.layers import BatchNorm, Shortcut, check_shortcut, conv
+
+Dtype = Any
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convs (Fig. 5 left). y = relu(F(x) + shortcut(x)), eq. (1)."""
+
+    filters: int
+    strides: int
+    norm: Callable[..., nn.Module]
+    residual: bool = True
+    shortcut: str = 'B'
+    stride_in_1x1: bool = True  # unused: a basic block has no 1x1 conv
+    zero_init_residual: bool = False
+    dtype: Dtype = jnp.float32
+    expansion = 1
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = conv(self.filters, 3, self.strides, dtype=self.dtype, name='conv1')(x)
+        y = nn.relu(self.norm(name='bn1')(y))
+        y = conv(self.filters, 3, dtype=self.dtype, name='conv2')(y)
+        y = self.norm(name='bn2', scale_init=_last_scale_init(self.zero_init_residual))(y)
+        return _merge(self, x, y, self.filters)
+
+
+class BottleneckBlock(nn.Module):
+    """1x1 (reduce), 3x3, 1x1 (expand x4) convs (Fig. 5 right).
+
+    ``stride_in_1x1=True`` puts the downsampling stride on the first 1x1 conv, as the
+    paper's released Caffe models ("v1"); ``False`` puts it on the 3x3 ("v1.5", as
+    torchvision and the Flax ImageNet example).
+    """
+
+    filters: int
+    strides: int
+    norm: Callable[..., nn.Module]
+    residual: bool = True
+    shortcut: str = 'B'
+    stride_in_1x1: bool = True
+    zero_init_residual: bool = False
+    dtype: Dtype = jnp.float32
+    expansion = 4
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        s1, s3 = (self.strides, 1) if self.stride_in_1x1 else (1, self.strides)
+        y = conv(self.filters, 1, s1, dtype=self.dtype, name='conv1')(x)
+        y = nn.relu(self.norm(name='bn1')(y))
+        y = conv(self.filters, 3, s3, dtype=self.dtype, name='conv2')(y)
+        y = nn.relu(self.norm(name='bn2')(y))
+        y = conv(self.filters * 4, 1, dtype=self.dtype, name='conv3')(y)
+        y = self.norm(name='bn3', scale_init=_last_scale_init(self.zero_init_residual))(y)
+        return _merge(self, x, y, self.filters * 4)
+
+
+def _last_scale_init(zero_init: bool):
+    return nn.initializers.zeros if zero_init else nn.initializers.ones
+
+
+def _merge(block, x: jax.Array, y: jax.Array, features: int) -> jax.Array:
+    """The addition of eq. (1)/(2) followed by the ReLU; plain nets skip the addition."""
+    if block.residual:
+        y = y + Shortcut(features, block.strides, block.shortcut, block.norm,
+                         dtype=block.dtype, name='shortcut')(x)
+    return nn.relu(y)
+
+
+class ResNet(nn.Module):
+    """A plain or residual network: a stem, stages of blocks, global average pool, fc.
+
+    Attributes:
+      stage_sizes: blocks per stage (Table 1 rows; ``(n, n, n)`` for CIFAR).
+      block_cls: ``BasicBlock`` or ``BottleneckBlock``.
+      num_classes: outputs of the final fc layer.
+      stem: ``'imagenet'`` (7x7/2 conv 64 + 3x3/2 max pool) or ``'cifar'`` (3x3 conv 16).
+      width: filters of the first stage (64 ImageNet, 16 CIFAR); doubled each stage.
+      residual: False gives the plain net, the same stack without shortcuts.
+      shortcut: 'A', 'B' or 'C' (Table 3).
+      stride_in_1x1: bottleneck stride placement (True: v1, the paper; False: v1.5).
+      zero_init_residual: start the last BN scale of each residual branch at 0.
+      bn_group_size: examples per BatchNorm group in training (0: the whole batch).
+      bn_momentum, bn_epsilon: BatchNorm running-average momentum and epsilon.
+      dtype: compute dtype (e.g. ``jnp.bfloat16``); parameters stay float32.
+    """
+
+    stage_sizes: Sequence[int]
+    block_cls: type[nn.Module]
+    num_classes: int = 1000
+    stem: str = 'imagenet'
+    width: int = 64
+    residual: bool = True
+    shortcut: str = 'B'
+    stride_in_1x1: bool = True
+    zero_init_residual: bool = False
+    bn_group_size: int = 0
+    bn_momentum: float = 0.9
+    bn_epsilon: float = 1e-5
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        check_shortcut(self.shortcut)
+        norm = functools.partial(BatchNorm, use_running_average=not train,
+                                 group_size=self.bn_group_size, momentum=self.bn_momentum,
+                                 epsilon=self.bn_epsilon, dtype=self.dtype)
+        x = jnp.asarray(x, self.dtype)
+        if self.stem == 'imagenet':  # conv1 and the max pool of Table 1
+            x = conv(self.width, 7, 2, dtype=self.dtype, name='conv1')(x)
+            x = nn.relu(norm(name='bn1')(x))
+            x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        elif self.stem == 'cifar':  # the first 3x3 conv of sec. 4.2
+            x = conv(self.width, 3, dtype=self.dtype, name='conv1')(x)
+            x = nn.relu(norm(name='bn1')(x))
+        else:
+            raise ValueError(f"unknown stem {self.stem!r}; allowed: 'imagenet', 'cifar'")
+
+        for i, num_blocks in enumerate(self.stage_sizes):
+            for j in range(num_blocks):
+                x = self.block_cls(
+                    filters=self.width * 2**i, strides=2 if i > 0 and j == 0 else 1,
+                    norm=norm, residual=self.residual, shortcut=self.shortcut,
+                    stride_in_1x1=self.stride_in_1x1,
+                    zero_init_residual=self.zero_init_residual, dtype=self.dtype,
+                    name=f'conv{i + 2}_{j + 1}')(x)  # the paper's names: conv2_1, conv3_1...
+
+        x = jnp.mean(x, axis=(1, 2))
+        x = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=jnp.float32, name='fc')(x)
+        return x.astype(jnp.float32)
+
+
+# Table 1: the ImageNet networks.
+_ImageNet = functools.partial(ResNet, stem='imagenet', width=64, num_classes=1000)
+_IMAGENET: dict[str, Callable[..., ResNet]] = {
+    'resnet18': functools.partial(_ImageNet, stage_sizes=(2, 2, 2, 2), block_cls=BasicBlock),
+    'resnet34': functools.partial(_ImageNet, stage_sizes=(3, 4, 6, 3), block_cls=BasicBlock),
+    'resnet50': functools.partial(_ImageNet, stage_sizes=(3, 4, 6, 3), block_cls=BottleneckBlock),
+    'resnet101': functools.partial(_ImageNet, stage_sizes=(3, 4, 23, 3),
+                                   block_cls=BottleneckBlock),
+    'resnet152': functools.partial(_ImageNet, stage_sizes=(3, 8, 36, 3),
+                                   block_cls=BottleneckBlock),
+}
+# The plain counterparts (Table 2 has plain-18/34; the bottleneck ones are offered too).
+_IMAGENET.update({name.replace('resnet', 'plain'): functools.partial(make, residual=False)
+                  for name, make in list(_IMAGENET.items())})
+
+# Sec. 4.2: 6n+2 layers, option A (all shortcuts parameter-free).
+CIFAR_DEPTHS = (20, 32, 44, 56, 110, 1202)
+_CIFAR_NAME = re.compile(r'^cifar_(resnet|plain)(\d+)$')
+
+
+def cifar(depth: int, residual: bool = True, **overrides: Any) -> ResNet:
+    """The CIFAR-10 net of sec. 4.2 with ``depth = 6n + 2`` layers."""
+    if depth < 8 or (depth - 2) % 6:
+        raise ValueError(f'CIFAR depth must be 6n+2 with n >= 1 (8, 14, 20, 32, 44, 56, 110, '
+                         f'1202, ...); got {depth}.')
+    n = (depth - 2) // 6
+    kwargs = dict(stage_sizes=(n, n, n), block_cls=BasicBlock, stem='cifar', width=16,
+                  num_classes=10, shortcut='A', residual=residual)
+    kwargs.update(overrides)
+    return ResNet(**kwargs)
+
+
+def list_models() -> list[str]:
+    """Every registered name (CIFAR nets exist for any 6n+2 depth; the paper's are listed)."""
+    cifar_names = [f'cifar_{kind}{d}' for kind in ('resnet', 'plain') for d in CIFAR_DEPTHS]
+    return sorted(_IMAGENET) + cifar_names
+
+
+def create_model(name: str, **overrides: Any) -> ResNet:
+    """Builds a model by name, e.g. ``create_model('resnet50', stride_in_1x1=False)``.
+
+    Any ``ResNet`` attribute can be overridden (``num_classes``, ``shortcut``,
+    ``dtype``, ``bn_group_size``, ...). ``dtype`` may be given as a string.
+    """
+    if isinstance(overrides.get('dtype'), str):
+        overrides['dtype'] = jnp.dtype(overrides['dtype'])
+    if 'shortcut' in overrides:
+        check_shortcut(overrides['shortcut'])
+    unknown = set(overrides) - set(ResNet.__dataclass_fields__) - {'parent', 'name'}
+    if unknown:
+        raise ValueError(f'unknown model option(s) {sorted(unknown)}; allowed: '
+                         f'{sorted(f for f in ResNet.__dataclass_fields__ if f not in ("parent", "name"))}')
+    if name in _IMAGENET:
+        return _IMAGENET[name](**overrides)
+    match = _CIFAR_NAME.match(name)
+    if match:
+        return cifar(int(match.group(2)), residual=match.group(1) == 'resnet', **overrides)
+    raise ValueError(f'unknown model {name!r}; allowed: {", ".join(sorted(_IMAGENET))}, '
+                     'cifar_resnetN and cifar_plainN with N = 6n+2 (e.g. cifar_resnet20).')

@@ -1,0 +1,40 @@
+"""resnet_jax: the plain and residual networks of He et al. (2015) in JAX/Flax."""
+
+import pathlib
+import re
+
+from setuptools import find_packages, setup
+
+HERE = pathlib.Path(__file__).parent
+VERSION = re.search(r"__version__ = '([^']+)'",
+                    (HERE / 'resnet_jax' / '__init__.py').read_text()).group(1)
+
+setup(
+    name='resnet_jax',
+    version=VERSION,
+    description='Deep Residual Learning for Image Recognition (He et al., 2015) in JAX/Flax',
+    long_description=(HERE / 'README.md').read_text(),
+    long_description_content_type='text/markdown',
+    python_requires='>=3.10',
+    packages=find_packages(include=['resnet_jax', 'resnet_jax.*']),
+    install_requires=[
+        'jax>=0.6,<0.11',
+        'flax>=0.10,<0.13',
+        'optax>=0.2.4,<0.3',
+        'orbax-checkpoint>=0.11,<0.13',
+        'tensorflow-datasets>=4.9.6,<5',
+        # tf.data for the input pipelines; the CPU build is all the pipeline needs.
+        'tensorflow-cpu>=2.17,<3',
+        'ml-collections>=0.1.1,<2',
+        'clu>=0.0.12,<0.1',
+        'absl-py>=2.1,<3',
+        'tensorboard>=2.17,<3',  # clu's summary writers
+        'numpy>=1.26,<3',
+        'matplotlib>=3.7,<4',  # training curves
+        'scikit-learn>=1.3,<2',  # ships the embedded handwritten-digits set
+    ],
+    extras_require={
+        'test': ['pytest>=8,<10'],
+    },
+    entry_points={'console_scripts': ['resnet-jax=resnet_jax.main:run']},
+)
