@@ -29,7 +29,9 @@ setup(
         'clu>=0.0.12,<0.1',
         'absl-py>=2.1,<3',
         'tensorboard>=2.17,<3',  # clu's summary writers
+        'importlib_resources>=6',  # tfds' builders need it; not declared by tfds
         'numpy>=1.26,<3',
+        'pillow>=10',  # resizing the embedded digits
         'matplotlib>=3.7,<4',  # training curves
         'scikit-learn>=1.3,<2',  # ships the embedded handwritten-digits set
     ],

@@ -1,12 +1,116 @@
-"""Entry point. Until the training system lands it prints the default model's summary."""
+"""Launcher: ``python -m resnet_jax.main --config=configs/<file>.py[:<arg>] --workdir=<dir>``.
 
+Any config field can be overridden: ``--config.batch_size=64 --config.model.shortcut=C``.
+With no ``--config`` it trains the embedded default (``configs/default.py``).
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
 import sys
 
-from resnet_jax import summary
+# TensorFlow only feeds the input pipeline: keep its start-up chatter off the console.
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_DEFAULT_CONFIG = pathlib.Path(__file__).resolve().parent.parent / 'configs' / 'default.py'
+
+_FLAGS: dict = {}
+
+
+def _define_flags() -> None:
+    """Defines the flags. config_flags reads the config file and its ``--config.*``
+    overrides from ``sys.argv`` right here, so bad input must be caught around this."""
+    _FLAGS['config'] = config_flags.DEFINE_config_file(
+        'config', str(_DEFAULT_CONFIG), 'Experiment config file (configs/*.py[:arg]).',
+        lock_config=True)
+    _FLAGS['workdir'] = flags.DEFINE_string(
+        'workdir', 'workdirs/default', 'Directory for checkpoints, metrics, curves, results.')
+    _FLAGS['cache'] = flags.DEFINE_string(
+        'compilation_cache_dir', os.path.expanduser('~/.cache/resnet_jax/jax'),
+        "JAX's persistent compilation cache ('' disables it): relaunches skip compiling.")
+
+
+def _fail(message: str) -> None:
+    """One clear line and exit code 2: bad input never gets a traceback."""
+    print(f'error: {message}', file=sys.stderr)
+    sys.exit(2)
+
+
+def _one_line(error: BaseException) -> str:
+    """The informative line of a flag/config error (config_flags nests several)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if isinstance(error, IOError) and 'Failed loading config file' in str(error):
+        missing = [line for line in lines if line.startswith('/') or 'No such file' in line]
+        return f'cannot load config file: {missing[-1] if missing else lines[-1]}'
+    if isinstance(error, (KeyError, AttributeError)):
+        name = str(error).strip('"\'')
+        given = [a.split('=')[0][2:] for a in sys.argv if a.startswith('--config.')
+                 and a.split('=')[0].endswith('.' + name)]
+        return f'unknown config field {given[0] if given else name!r}'
+    return lines[0] if lines else repr(error)
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    try:
+        _define_flags()
+        rest = flags.FLAGS(argv)
+        _FLAGS['config'].value.to_dict()  # a config file that failed to load raises here
+        return rest
+    except (flags.Error, IOError, AttributeError, KeyError, ValueError, TypeError) as e:
+        while isinstance(e, flags.Error) or 'Error whilst parsing' in str(e):
+            if not (e.__cause__ or e.__context__):
+                break
+            e = e.__cause__ or e.__context__
+        _fail(_one_line(e))
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    import jax
+
+    from resnet_jax import train
+    from resnet_jax.config import ConfigError
+
+    if _FLAGS['cache'].value:
+        jax.config.update('jax_compilation_cache_dir', _FLAGS['cache'].value)
+        jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
+    logging.set_verbosity(logging.WARNING)
+    config, workdir = _FLAGS['config'].value, pathlib.Path(_FLAGS['workdir'].value)
+    try:
+        train.validate_config(config, jax.device_count())
+    except ConfigError as e:
+        _fail(str(e))
+    if jax.process_index() == 0:
+        print(f'training {config.model.name} on {config.dataset.name} for '
+              f'{config.num_train_steps} steps on {jax.device_count()} device(s) '
+              f'({jax.default_backend()}); workdir {workdir}', flush=True)
+    try:
+        results = train.train_and_evaluate(config, str(workdir))
+    except ConfigError as e:
+        _fail(str(e))
+    if jax.process_index() == 0:
+        print(f"step {results['step']}: test top-1 error {100 * results['eval_top1_error']:.2f}%,"
+              f" top-5 {100 * results['eval_top5_error']:.2f}%, train loss "
+              f"{results['train_loss']:.4f}, {results['wall_seconds']:.0f} s")
+        print(f'  checkpoints: {workdir / "checkpoints"}\n'
+              f'  TensorBoard event files: {workdir} (tensorboard --logdir {workdir})\n'
+              f'  curves: {workdir / "curves.png"}\n  results: {workdir / "results.json"}')
+        print('Next: CIFAR-10 (downloads it once):\n'
+              '  python -m resnet_jax.main --config=configs/cifar10.py:resnet20 '
+              '--workdir=workdirs/cifar10_resnet20\n'
+              'ImageNet (prepare imagenet2012 in tfds manual_dir first, see README):\n'
+              '  python -m resnet_jax.main --config=configs/imagenet.py:resnet50 '
+              '--workdir=workdirs/imagenet_resnet50')
 
 
 def run() -> None:
-    sys.exit(summary.main(['cifar_resnet20']))
+    """Console script ``resnet-jax``."""
+    app.run(main, flags_parser=_parse_flags)
 
 
 if __name__ == '__main__':

@@ -1,0 +1,69 @@
+"""Every config field, documented in one place.
+
+Each file in ``configs/`` starts from ``base_config()`` and overrides the fields of its
+experiment; any field can be overridden on the command line, e.g.
+``--config.batch_size=64 --config.model.shortcut=C``.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; raised before anything is compiled or written."""
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """The defaults: the paper's CIFAR-10 recipe (sec. 4.2) on the embedded digits set."""
+    c = ml_collections.ConfigDict()
+
+    # --- model: create_model(model.name, **<the other model fields>) -----------------------
+    c.model = ml_collections.ConfigDict()
+    c.model.name = 'cifar_resnet20'     # any name of resnet_jax.models.list_models()
+    c.model.shortcut = ml_collections.FieldReference(None, field_type=str)  # None: the net's own
+    c.model.stride_in_1x1 = True        # bottleneck stride: True "v1" (paper), False "v1.5"
+    c.model.zero_init_residual = False  # modern option: last BN scale of each branch = 0
+    c.model.bn_group_size = 32          # BN statistics per 32 images (paper: 32 per GPU);
+    #                                     0 = synchronised over the whole global batch
+    c.model.dtype = 'float32'           # compute dtype; 'bfloat16' for mixed precision
+
+    # --- data ----------------------------------------------------------------------------
+    c.dataset = ml_collections.ConfigDict()
+    c.dataset.name = 'digits'           # 'digits' (embedded), 'cifar10', ...
+    c.dataset.data_dir = ml_collections.FieldReference(None, field_type=str)  # tfds data_dir
+    c.dataset.validation_split = False  # True: hold out part of train (CIFAR: 45k/5k)
+    c.dataset.augment = True            # the paper's training augmentation
+
+    # --- optimisation (sec. 3.4 / 4.2) -----------------------------------------------------
+    c.batch_size = 128                  # global batch, over all devices and hosts
+    c.eval_batch_size = 500             # global; the last batch is padded and masked
+    c.learning_rate = 0.1               # base lr for reference_batch_size
+    c.reference_batch_size = 128        # the paper's batch for this recipe
+    c.scale_lr_with_batch = True        # lr *= batch_size / reference_batch_size
+    c.momentum = 0.9
+    c.nesterov = False
+    c.weight_decay = 1e-4               # the paper's L2 term, added to the gradient
+    c.weight_decay_on = 'kernels'       # 'kernels' (conv + fc kernels) or 'all' parameters
+    c.label_smoothing = 0.0             # modern option
+
+    # --- schedule --------------------------------------------------------------------------
+    c.schedule = 'step'                 # 'step', 'plateau' (÷factor when eval error stalls),
+    #                                     'cosine' (modern option)
+    c.lr_boundaries = (32_000, 48_000)  # 'step': iterations at which lr is divided
+    c.lr_decay_factor = 0.1
+    c.plateau_patience = 3              # 'plateau': evaluations without improvement
+    c.plateau_min_scale = 1e-3          # 'plateau': lr never falls below base * this
+    c.warmup_steps = 0                  # iterations of warm-up before the schedule
+    c.warmup_learning_rate = 0.01       # base lr during warm-up (scaled like learning_rate)
+    c.warmup_type = 'constant'          # 'constant' (paper, ResNet-110) or 'linear' from 0
+
+    # --- loop ------------------------------------------------------------------------------
+    c.num_train_steps = 64_000
+    c.log_every_steps = 100
+    c.eval_every_steps = 1_000
+    c.checkpoint_every_steps = 1_000
+    c.keep_checkpoints = 3              # the last K checkpoints are kept
+    c.seed = 0
+    c.profile = False                   # capture a jax.profiler trace of a few steps
+    return c

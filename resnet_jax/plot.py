@@ -1,0 +1,66 @@
+"""Training curves drawn like the paper's Fig. 4 and 6: train error dashed, test bold.
+
+    python -m resnet_jax.plot <workdir>... [--output curves.png]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+
+import matplotlib
+
+matplotlib.use('Agg')
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def plot_runs(histories: dict[str, dict], path, title: str | None = None) -> None:
+    """One colour per run: training error (dashed, thin) and test error (bold) in %."""
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for i, (label, history) in enumerate(histories.items()):
+        color = f'C{i}'
+        train = history.get('train', [])
+        if train:
+            ax.plot([r['step'] for r in train], [100 * r['train_top1_error'] for r in train],
+                    '--', color=color, linewidth=1, label=f'{label} train')
+        evals = history.get('eval', [])
+        if evals:
+            ax.plot([r['step'] for r in evals], [100 * r['eval_top1_error'] for r in evals],
+                    '-', color=color, linewidth=2.5, label=f'{label} test')
+    ax.set_xlabel('iteration')
+    ax.set_ylabel('error (%)')
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def load_history(workdir: pathlib.Path) -> dict:
+    return json.loads((pathlib.Path(workdir) / 'history.json').read_text())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description='Overlay the curves of several runs.')
+    parser.add_argument('workdirs', nargs='+', type=pathlib.Path)
+    parser.add_argument('--output', type=pathlib.Path, default=pathlib.Path('curves.png'))
+    args = parser.parse_args(argv)
+    histories = {}
+    for workdir in args.workdirs:
+        if not (workdir / 'history.json').exists():
+            print(f'error: {workdir} has no history.json (is it a finished run?)',
+                  file=sys.stderr)
+            return 2
+        histories[workdir.name] = load_history(workdir)
+    plot_runs(histories, args.output)
+    print(f'wrote {args.output}')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,353 @@
+"""The train loop: pure step functions, jit-compiled over a device mesh.
+
+Phases of ``train_and_evaluate``: config check -> mesh -> data -> model and optimiser ->
+checkpoint restore -> loop (train, log, evaluate, checkpoint) -> results.
+
+Data parallelism: one ``jax.jit`` step over a 1-D ``Mesh`` of every device of every host.
+The state is replicated (``NamedSharding(mesh, P())``), the batch is split along its first
+axis (``P('data')``), and XLA inserts the gradient all-reduce. BatchNorm statistics are
+computed per ``bn_group_size`` examples of the *global* batch (see ``layers.BatchNorm``),
+so a step computes the same function on 1 device or 1,000; the running statistics are
+replicated, i.e. already identical ("averaged") on every device when evaluating or saving.
+"""
+
+
+import functools
+import json
+import time
+from typing import Any, Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from clu import metric_writers, metrics, periodic_actions
+from etils import epath
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from resnet_jax import checkpointing, input_pipeline, models, plot
+from resnet_jax.config import ConfigError
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any
+    batch_stats: Any
+    opt_state: optax.OptState
+    plateau_metric: jax.Array  # the last eval top-1 error, fed to reduce-on-plateau
+
+
+@flax.struct.dataclass
+class TrainMetrics(metrics.Collection):
+    loss: metrics.Average.from_output('loss')
+    top1_error: metrics.Average.from_output('top1_error')
+    top5_error: metrics.Average.from_output('top5_error')
+    learning_rate: metrics.LastValue.from_output('learning_rate')
+
+
+@flax.struct.dataclass
+class EvalMetrics(metrics.Collection):
+    loss: metrics.Average.from_output('loss')
+    top1_error: metrics.Average.from_output('top1_error')
+    top5_error: metrics.Average.from_output('top5_error')
+
+
+class ConsoleWriter(metric_writers.LoggingWriter):
+    """Prints scalars, one line per step (the rest goes to absl logging as in clu)."""
+
+    def write_scalars(self, step, scalars):
+        print(f'[{step}] ' + ', '.join(f'{k}={float(v):.6g}' for k, v in scalars.items()),
+              flush=True)
+
+
+def create_writer(workdir: epath.Path) -> metric_writers.MetricWriter:
+    """TensorBoard event files and the console on process 0; nothing elsewhere."""
+    if jax.process_index() != 0:
+        return metric_writers.MultiWriter([])
+    return metric_writers.AsyncMultiWriter([ConsoleWriter(),
+                                            metric_writers.SummaryWriter(str(workdir))])
+
+
+# --- model, schedule, optimiser ------------------------------------------------------------
+
+def create_model(config: ml_collections.ConfigDict, num_classes: int) -> models.ResNet:
+    """The model of ``config.model`` with ``num_classes`` outputs."""
+    overrides = {k: v for k, v in config.model.items() if k != 'name' and v is not None}
+    return models.create_model(config.model.name, num_classes=num_classes, **overrides)
+
+
+def base_learning_rate(config: ml_collections.ConfigDict, value: float) -> float:
+    """Scales a learning rate linearly with the batch (Goyal et al.) when configured."""
+    if config.scale_lr_with_batch:
+        return value * config.batch_size / config.reference_batch_size
+    return value
+
+
+def create_learning_rate_fn(config: ml_collections.ConfigDict) -> optax.Schedule:
+    """The lr at each iteration: warm-up, then step decay / constant (plateau) / cosine.
+
+    Step boundaries are absolute iterations (the paper's 32k and 48k), warm-up included.
+    """
+    base = base_learning_rate(config, config.learning_rate)
+    warmup = config.warmup_steps
+    if config.schedule == 'step':
+        main = optax.piecewise_constant_schedule(
+            base, {int(b) - warmup: config.lr_decay_factor for b in config.lr_boundaries})
+    elif config.schedule == 'plateau':
+        main = optax.constant_schedule(base)  # scaled down by reduce_on_plateau
+    elif config.schedule == 'cosine':
+        main = optax.cosine_decay_schedule(base, max(config.num_train_steps - warmup, 1))
+    else:
+        raise ConfigError(f"unknown schedule {config.schedule!r}; allowed: 'step', "
+                          "'plateau', 'cosine'")
+    if not warmup:
+        return main
+    if config.warmup_type == 'constant':
+        warm = optax.constant_schedule(base_learning_rate(config, config.warmup_learning_rate))
+    else:
+        warm = optax.linear_schedule(0.0, base, warmup)
+    return optax.join_schedules([warm, main], [warmup])
+
+
+def weight_decay_mask(config: ml_collections.ConfigDict) -> Callable[[Any], Any] | None:
+    if config.weight_decay_on == 'all':
+        return None
+    return lambda params: jax.tree_util.tree_map_with_path(
+        lambda path, _: getattr(path[-1], 'key', None) == 'kernel', params)
+
+
+def create_optimizer(config: ml_collections.ConfigDict,
+                     learning_rate_fn: optax.Schedule) -> optax.GradientTransformationExtraArgs:
+    """SGD with momentum and the paper's L2 weight decay (added to the gradient)."""
+    parts = [optax.add_decayed_weights(config.weight_decay, mask=weight_decay_mask(config)),
+             optax.sgd(learning_rate_fn, momentum=config.momentum, nesterov=config.nesterov)]
+    if config.schedule == 'plateau':
+        # Fed the last evaluation's error at every step; averaging it over one evaluation
+        # period makes `patience` count evaluations.
+        parts.append(optax.contrib.reduce_on_plateau(
+            factor=config.lr_decay_factor, patience=config.plateau_patience,
+            accumulation_size=config.eval_every_steps, min_scale=config.plateau_min_scale))
+    return optax.chain(*parts)
+
+
+def create_train_state(model: models.ResNet, tx: optax.GradientTransformation,
+                       rng: jax.Array, image_shape: tuple[int, ...]) -> TrainState:
+    variables = model.init(rng, jnp.zeros((1, *image_shape), jnp.float32), train=False)
+    params = variables['params']
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      batch_stats=variables['batch_stats'], opt_state=tx.init(params),
+                      plateau_metric=jnp.ones((), jnp.float32))
+
+
+# --- steps -----------------------------------------------------------------------------------
+
+def classification_metrics(logits: jax.Array, labels: jax.Array,
+                           label_smoothing: float = 0.0) -> dict[str, jax.Array]:
+    """Per-example loss and top-1 / top-5 errors."""
+    targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing)
+    loss = optax.softmax_cross_entropy(logits, targets)
+    _, top = jax.lax.top_k(logits, min(5, logits.shape[-1]))
+    hit = top == labels[:, None]
+    return {'loss': loss, 'top1_error': 1.0 - hit[:, 0].astype(jnp.float32),
+            'top5_error': 1.0 - hit.any(-1).astype(jnp.float32)}
+
+
+def plateau_scale(opt_state: optax.OptState) -> jax.Array:
+    """The reduce-on-plateau factor in ``opt_state`` (1 without that schedule)."""
+    is_plateau = lambda s: isinstance(s, optax.contrib.ReduceLROnPlateauState)
+    found = [s.scale for s in jax.tree_util.tree_leaves(opt_state, is_leaf=is_plateau)
+             if is_plateau(s)]
+    return found[0] if found else jnp.ones(())
+
+
+def train_step(model: models.ResNet, tx: optax.GradientTransformationExtraArgs,
+               learning_rate_fn: optax.Schedule, label_smoothing: float, state: TrainState,
+               batch: dict[str, jax.Array]) -> tuple[TrainState, TrainMetrics]:
+    """One SGD step on a global batch."""
+
+    def loss_fn(params):
+        logits, updates = model.apply({'params': params, 'batch_stats': state.batch_stats},
+                                      batch['image'], train=True, mutable=['batch_stats'])
+        per_example = classification_metrics(logits, batch['label'], label_smoothing)
+        return per_example['loss'].mean(), (per_example, updates['batch_stats'])
+
+    grads, (per_example, batch_stats) = jax.grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params,
+                                   value=state.plateau_metric)
+    params = optax.apply_updates(state.params, updates)
+    lr = learning_rate_fn(state.step) * plateau_scale(state.opt_state)
+    new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
+                              opt_state=opt_state)
+    return new_state, TrainMetrics.single_from_model_output(learning_rate=lr, **per_example)
+
+
+def eval_step(model: models.ResNet, state: TrainState,
+              batch: dict[str, jax.Array]) -> EvalMetrics:
+    """Metrics of one (possibly padded) eval batch; ``batch['mask']`` marks real examples."""
+    logits = model.apply({'params': state.params, 'batch_stats': state.batch_stats},
+                         batch['image'], train=False)
+    per_example = classification_metrics(logits, batch['label'])
+    return EvalMetrics.single_from_model_output(mask=batch['mask'], **per_example)
+
+
+# --- mesh and data placement ---------------------------------------------------------------
+
+def create_mesh(devices=None) -> Mesh:
+    """A 1-D data-parallel mesh over ``devices`` (default: every device of every host)."""
+    devices = np.asarray(jax.devices() if devices is None else devices)
+    return Mesh(devices.reshape(-1), ('data',))
+
+
+def shard_batch(mesh: Mesh, local_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    """Builds global arrays, split over the mesh, from this host's slice of a batch."""
+    sharding = NamedSharding(mesh, P('data'))
+    return jax.tree_util.tree_map(
+        lambda x: jax.make_array_from_process_local_data(sharding, x), local_batch)
+
+
+def compile_steps(model, tx, learning_rate_fn, config, mesh: Mesh):
+    """The jitted train and eval steps, with the state replicated and the batch split."""
+    replicated, split = NamedSharding(mesh, P()), NamedSharding(mesh, P('data'))
+    train = jax.jit(functools.partial(train_step, model, tx, learning_rate_fn,
+                                      config.label_smoothing),
+                    in_shardings=(replicated, split), out_shardings=(replicated, replicated),
+                    donate_argnums=0)
+    evaluate = jax.jit(functools.partial(eval_step, model),
+                       in_shardings=(replicated, split), out_shardings=replicated)
+    return train, evaluate
+
+
+def evaluate(eval_fn, mesh: Mesh, state: TrainState, data: input_pipeline.ArrayData,
+             mean: np.ndarray, batch_size: int) -> dict[str, float]:
+    """Metrics over the complete split (the padded tail is masked, never dropped)."""
+    total = None
+    for batch in input_pipeline.eval_batches(data, mean, batch_size, jax.process_index(),
+                                             jax.process_count()):
+        m = eval_fn(state, shard_batch(mesh, batch))
+        total = m if total is None else total.merge(m)
+    return {k: float(v) for k, v in total.compute().items()}
+
+
+# --- the loop --------------------------------------------------------------------------------
+
+def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
+    """Raises ConfigError on a config that cannot run, before anything is built."""
+    if config.dataset.name not in input_pipeline.IN_MEMORY_DATASETS:
+        raise ConfigError(f'unknown dataset {config.dataset.name!r}; allowed: '
+                          f'{", ".join(input_pipeline.IN_MEMORY_DATASETS)}')
+    try:
+        create_model(config, num_classes=10)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    for field in ('batch_size', 'eval_batch_size'):
+        value = config[field]
+        if value <= 0:
+            raise ConfigError(f'{field} must be positive; got {value}')
+        if value % num_devices or value % jax.process_count():
+            raise ConfigError(f'{field}={value} does not divide across {num_devices} devices '
+                              f'({jax.process_count()} processes); use a multiple of '
+                              f'{num_devices}')
+    group = config.model.bn_group_size
+    if group and config.batch_size % min(group, config.batch_size):
+        raise ConfigError(f'batch_size={config.batch_size} is not a multiple of '
+                          f'model.bn_group_size={group}')
+    if config.learning_rate <= 0:
+        raise ConfigError(f'learning_rate must be positive; got {config.learning_rate}')
+    if config.num_train_steps <= 0:
+        raise ConfigError(f'num_train_steps must be positive; got {config.num_train_steps}')
+    create_learning_rate_fn(config)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       devices=None) -> dict[str, float]:
+    """Trains ``config`` in ``workdir`` (resuming from its latest checkpoint) and returns
+    the final metrics, also written to ``workdir/results.json``."""
+    start_time = time.time()
+    mesh = create_mesh(devices)
+    validate_config(config, mesh.size)
+    workdir = epath.Path(workdir)
+    lead = jax.process_index() == 0
+
+    # Data.
+    train_split, eval_split = input_pipeline.splits(config.dataset.name,
+                                                    config.dataset.validation_split)
+    train_data = input_pipeline.load(config.dataset.name, train_split, config.dataset.data_dir)
+    eval_data = input_pipeline.load(config.dataset.name, eval_split, config.dataset.data_dir)
+    mean = input_pipeline.mean_image(train_data.images)
+
+    # Model, optimiser, state.
+    model = create_model(config, train_data.num_classes)
+    learning_rate_fn = create_learning_rate_fn(config)
+    tx = create_optimizer(config, learning_rate_fn)
+    state = jax.jit(functools.partial(create_train_state, model, tx),
+                    static_argnums=1, out_shardings=NamedSharding(mesh, P()))(
+        jax.random.key(config.seed), train_data.images.shape[1:])
+
+    # Checkpoints.
+    ckpt = checkpointing.Checkpointer(workdir / 'checkpoints', config)
+    history = {'train': [], 'eval': []}
+    restored = ckpt.restore_latest(state)
+    if restored is not None:
+        state, history = restored
+        if lead:
+            print(f'resumed from step {int(state.step)}', flush=True)
+
+    train_fn, eval_fn = compile_steps(model, tx, learning_rate_fn, config, mesh)
+    writer = create_writer(workdir)
+    hooks = [periodic_actions.ReportProgress(num_train_steps=config.num_train_steps,
+                                             writer=writer, every_secs=30)]
+    if config.profile and lead:
+        hooks.append(periodic_actions.Profile(logdir=str(workdir), num_profile_steps=5))
+
+    step = int(state.step)
+    batches = input_pipeline.prefetch(
+        input_pipeline.train_iterator(train_data, mean, config.seed, step, config.batch_size,
+                                      config.dataset.augment),
+        functools.partial(shard_batch, mesh))
+    train_metrics = None
+    eval_result = history['eval'][-1] if history['eval'] else None
+    while step < config.num_train_steps:
+        with jax.profiler.StepTraceAnnotation('train', step_num=step):
+            state, m = train_fn(state, next(batches))
+        step += 1
+        train_metrics = m if train_metrics is None else train_metrics.merge(m)
+        for hook in hooks:
+            hook(step)
+        if step % config.log_every_steps == 0 or step == config.num_train_steps:
+            summary = {f'train_{k}': float(v) for k, v in train_metrics.compute().items()}
+            writer.write_scalars(step, summary)
+            history['train'].append({'step': step, **summary})
+            train_metrics = None
+        if step % config.eval_every_steps == 0 or step == config.num_train_steps:
+            result = evaluate(eval_fn, mesh, state, eval_data, mean, config.eval_batch_size)
+            eval_result = {'step': step, **{f'eval_{k}': v for k, v in result.items()}}
+            writer.write_scalars(step, {k: v for k, v in eval_result.items() if k != 'step'})
+            history['eval'].append(eval_result)
+            state = state.replace(plateau_metric=jnp.asarray(result['top1_error'], jnp.float32))
+        if step % config.checkpoint_every_steps == 0 or step == config.num_train_steps:
+            ckpt.save(step, state, history)
+    ckpt.save(step, state, history)  # no-op when this step is saved already
+    ckpt.close()
+    writer.close()
+
+    if eval_result is None or eval_result['step'] != step:
+        result = evaluate(eval_fn, mesh, state, eval_data, mean, config.eval_batch_size)
+        eval_result = {'step': step, **{f'eval_{k}': v for k, v in result.items()}}
+    last_train = history['train'][-1] if history['train'] else {}
+    results = {
+        'step': step,
+        'train_loss': last_train.get('train_loss', float('nan')),
+        'train_top1_error': last_train.get('train_top1_error', float('nan')),
+        'eval_loss': eval_result['eval_loss'],
+        'eval_top1_error': eval_result['eval_top1_error'],
+        'eval_top5_error': eval_result['eval_top5_error'],
+        'wall_seconds': time.time() - start_time,
+    }
+    if lead:
+        (workdir / 'results.json').write_text(json.dumps(results, indent=2))
+        (workdir / 'history.json').write_text(json.dumps(history))
+        plot.plot_runs({config.model.name: history}, workdir / 'curves.png')
+    return results

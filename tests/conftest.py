@@ -1,0 +1,35 @@
+"""Shared fixtures. Four host-platform CPU devices, so data-parallel code runs on a mesh."""
+
+import os
+
+os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
+                           ' --xla_force_host_platform_device_count=4').strip()
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
+
+import pathlib  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+import pytest  # noqa: E402
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope='session')
+def data_dir(tmp_path_factory) -> str:
+    """A tfds data_dir holding the embedded digits set, built once per session."""
+    import tensorflow_datasets as tfds
+
+    import resnet_jax.datasets  # noqa: F401  (registers 'digits')
+
+    path = tmp_path_factory.mktemp('tfds')
+    tfds.builder('digits', data_dir=str(path)).download_and_prepare()
+    return str(path)
+
+
+def run_main(*args: str, devices: int = 1, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Runs ``python -m resnet_jax.main`` as a user would, on ``devices`` CPU devices."""
+    env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
+    return subprocess.run([sys.executable, '-m', 'resnet_jax.main', *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)

@@ -1,0 +1,232 @@
+"""The training system: schedules, optimiser, sharded steps, checkpoints, the launcher."""
+
+import functools
+import importlib.util
+import json
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import pytest
+
+from resnet_jax import input_pipeline, train
+from resnet_jax.config import ConfigError, base_config
+from conftest import REPO, run_main
+
+
+def load_config(name: str, arg: str | None = None):
+    spec = importlib.util.spec_from_file_location(name, REPO / 'configs' / f'{name}.py')
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg) if arg else module.get_config()
+
+
+def tiny_config(data_dir, **overrides):
+    config = load_config('default')
+    config.model.name = 'cifar_resnet8'
+    config.dataset.data_dir = data_dir
+    config.batch_size = 16
+    config.eval_batch_size = 200
+    config.model.bn_group_size = 4
+    config.num_train_steps = 6
+    config.lr_boundaries = (4,)
+    config.log_every_steps = 2
+    config.eval_every_steps = 3
+    config.checkpoint_every_steps = 3
+    for key, value in overrides.items():
+        config[key] = value
+    return config
+
+
+# --- schedules -------------------------------------------------------------------------------
+
+def test_cifar_schedule_gives_paper_lr_at_boundaries():
+    lr = train.create_learning_rate_fn(load_config('cifar10', 'resnet20'))
+    for step, expected in [(0, 0.1), (31_999, 0.1), (32_000, 0.01), (47_999, 0.01),
+                           (48_000, 0.001), (63_999, 0.001)]:
+        assert float(lr(step)) == pytest.approx(expected, rel=1e-6), step
+
+
+def test_resnet110_warms_up_at_0_01_for_400_iterations():
+    config = load_config('cifar10', 'resnet110')
+    lr = train.create_learning_rate_fn(config)
+    for step, expected in [(0, 0.01), (399, 0.01), (400, 0.1), (31_999, 0.1), (32_000, 0.01),
+                           (48_000, 0.001)]:
+        assert float(lr(step)) == pytest.approx(expected, rel=1e-6), step
+    assert load_config('cifar10', 'resnet56').warmup_steps == 0
+    assert load_config('cifar10', 'resnet1202').warmup_steps == 400
+
+
+def test_imagenet_step_alternative_divides_at_epochs_30_and_60():
+    config = load_config('imagenet', 'resnet50')
+    assert config.schedule == 'plateau' and config.num_train_steps == 600_000
+    config.schedule = 'step'
+    lr = train.create_learning_rate_fn(config)
+    epoch = 5005
+    assert float(lr(30 * epoch - 1)) == pytest.approx(0.1)
+    assert float(lr(30 * epoch)) == pytest.approx(0.01)
+    assert float(lr(60 * epoch)) == pytest.approx(0.001)
+
+
+def test_learning_rate_scales_with_batch():
+    config = load_config('cifar10', 'resnet20')
+    config.batch_size = 64
+    assert float(train.create_learning_rate_fn(config)(0)) == pytest.approx(0.05)
+    config.scale_lr_with_batch = False
+    assert float(train.create_learning_rate_fn(config)(0)) == pytest.approx(0.1)
+
+
+def test_plateau_schedule_divides_lr_after_patience_evaluations():
+    config = base_config()
+    config.schedule, config.eval_every_steps, config.plateau_patience = 'plateau', 2, 2
+    tx = train.create_optimizer(config, train.create_learning_rate_fn(config))
+    params = {'w': jnp.ones(3)}
+    state = tx.init(params)
+    scales = []
+    for value in [0.5, 0.5, 0.4, 0.4] + [0.4] * 8:  # improves once, then stalls
+        _, state = tx.update({'w': jnp.ones(3)}, state, params, value=jnp.asarray(value))
+        scales.append(float(train.plateau_scale(state)))
+    # Windows of 2 updates: improve, improve, then 2 stalled windows -> lr / 10, 2 more -> / 10.
+    assert scales == pytest.approx([1.0] * 7 + [0.1] * 4 + [0.01], rel=1e-6)
+
+
+def test_weight_decay_applies_to_kernels_only_by_default():
+    config = base_config()
+    config.weight_decay, config.momentum = 0.5, 0.0
+    tx = train.create_optimizer(config, optax.constant_schedule(1.0))
+    params = {'conv': {'kernel': jnp.ones(2)}, 'bn': {'scale': jnp.ones(2), 'bias': jnp.ones(2)}}
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
+    updates, _ = tx.update(zeros, tx.init(params), params)
+    np.testing.assert_allclose(updates['conv']['kernel'], -0.5)
+    np.testing.assert_allclose(updates['bn']['scale'], 0.0)
+    config.weight_decay_on = 'all'
+    tx = train.create_optimizer(config, optax.constant_schedule(1.0))
+    updates, _ = tx.update(zeros, tx.init(params), params)
+    np.testing.assert_allclose(updates['bn']['scale'], -0.5)
+
+
+# --- the sharded step ------------------------------------------------------------------------
+
+@pytest.mark.parametrize('bn_group_size', [4, 0])
+def test_step_on_four_devices_equals_step_on_one(data_dir, bn_group_size):
+    assert jax.device_count() == 4
+    config = tiny_config(data_dir)
+    config.model.bn_group_size = bn_group_size
+    data = input_pipeline.load('digits', 'train', data_dir)
+    mean = input_pipeline.mean_image(data.images)
+    batch = input_pipeline.train_batch(data, mean, seed=0, step=0, batch_size=16)
+    model = train.create_model(config, 10)
+    lr_fn = train.create_learning_rate_fn(config)
+    tx = train.create_optimizer(config, lr_fn)
+    results = []
+    for devices in (jax.devices()[:1], jax.devices()):
+        mesh = train.create_mesh(devices)
+        state = train.create_train_state(model, tx, jax.random.key(0), (32, 32, 3))
+        step, _ = train.compile_steps(model, tx, lr_fn, config, mesh)
+        for _ in range(2):
+            state, metrics = step(state, train.shard_batch(mesh, batch))
+        assert len(state.params['fc']['kernel'].sharding.device_set) == len(devices)
+        results.append((state, metrics.compute()))
+    (one, m1), (four, m4) = results
+    chex_close = functools.partial(np.testing.assert_allclose, rtol=2e-4, atol=2e-5)
+    jax.tree_util.tree_map(chex_close, one.params, four.params)
+    jax.tree_util.tree_map(chex_close, one.batch_stats, four.batch_stats)
+    chex_close(m1['loss'], m4['loss'])
+
+
+def test_batch_that_does_not_divide_across_devices_is_a_config_error(data_dir):
+    config = tiny_config(data_dir, batch_size=10)
+    config.model.bn_group_size = 0
+    with pytest.raises(ConfigError, match='does not divide across 4 devices'):
+        train.validate_config(config, 4)
+
+
+def test_eval_covers_the_whole_split_with_a_masked_tail(data_dir):
+    data = input_pipeline.load('digits', 'test', data_dir)
+    batches = list(input_pipeline.eval_batches(data, np.zeros((32, 32, 3), np.float32), 128))
+    assert len(batches) == 3 and sum(int(b['mask'].sum()) for b in batches) == len(data) == 360
+
+
+# --- train_and_evaluate: checkpoints and resume ----------------------------------------------
+
+def test_stopped_run_resumes_from_its_checkpoint(data_dir, tmp_path, capsys):
+    config = tiny_config(data_dir)
+    full = train.train_and_evaluate(config, str(tmp_path / 'full'))
+    assert full['step'] == 6
+    for key in ('step', 'train_loss', 'eval_top1_error', 'eval_top5_error', 'wall_seconds'):
+        assert key in json.loads((tmp_path / 'full' / 'results.json').read_text())
+    assert (tmp_path / 'full' / 'curves.png').stat().st_size > 0
+    assert list((tmp_path / 'full').glob('events.out.tfevents.*'))
+
+    config.num_train_steps = 3  # "stopped" after the first checkpoint
+    train.train_and_evaluate(config, str(tmp_path / 'resumed'))
+    config.num_train_steps = 6
+    capsys.readouterr()
+    resumed = train.train_and_evaluate(config, str(tmp_path / 'resumed'))
+    assert 'resumed from step 3' in capsys.readouterr().out
+    for key in ('train_loss', 'eval_loss', 'eval_top1_error', 'eval_top5_error'):
+        assert resumed[key] == pytest.approx(full[key], rel=1e-5), key
+    history = json.loads((tmp_path / 'resumed' / 'history.json').read_text())
+    # The first run logged its end (step 3); the history continues from the checkpoint.
+    assert [r['step'] for r in history['train']] == [2, 3, 4, 6]
+    assert [r['step'] for r in history['eval']] == [3, 6]
+
+
+def test_checkpoint_of_another_model_is_refused(data_dir, tmp_path):
+    config = tiny_config(data_dir, num_train_steps=3)
+    train.train_and_evaluate(config, str(tmp_path))
+    config.model.name = 'cifar_plain8'
+    with pytest.raises(ConfigError, match="model 'cifar_resnet8', not 'cifar_plain8'"):
+        train.train_and_evaluate(config, str(tmp_path))
+
+
+# --- the launcher ----------------------------------------------------------------------------
+
+def test_command_line_override_reaches_the_model(data_dir, tmp_path):
+    proc = run_main(f'--workdir={tmp_path}', '--config.model.name=cifar_resnet8',
+                    '--config.model.shortcut=C', '--config.num_train_steps=1',
+                    '--config.batch_size=16', f'--config.dataset.data_dir={data_dir}')
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    state = ocp.StandardCheckpointer().restore(tmp_path / 'checkpoints' / '1' / 'state')
+    assert 'proj_conv' in state['params']['conv2_1']['shortcut']  # option C: every block
+
+
+@pytest.mark.parametrize('args, message', [
+    (['--config.bogus=1'], "unknown config field 'config.bogus'"),
+    (['--config=configs/nope.py'], 'cannot load config file'),
+    (['--config.model.name=resnet51'], "unknown model 'resnet51'"),
+    (['--config=configs/cifar10.py:resnet21'], '6n\\+2'),
+    (['--config.batch_size=10', '--config.model.bn_group_size=0'],
+     'does not divide across 4 devices'),
+    (['--config.learning_rate=0'], 'learning_rate must be positive'),
+])
+def test_bad_input_gets_one_line_and_exit_code_2(tmp_path, args, message):
+    workdir = tmp_path / 'work'
+    workdir.mkdir()
+    (workdir / 'results.json').write_text('{"keep": 1}')
+    proc = run_main(f'--workdir={workdir}', *args, devices=4)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith('error: '), proc.stderr[-2000:]
+    import re
+    assert re.search(message, lines[0])
+    assert 'Traceback' not in proc.stderr + proc.stdout
+    assert [p.name for p in workdir.iterdir()] == ['results.json']
+    assert (workdir / 'results.json').read_text() == '{"keep": 1}'
+
+
+@pytest.mark.slow
+def test_default_run_reaches_below_3_percent_and_resumes(data_dir, tmp_path):
+    proc = run_main(f'--workdir={tmp_path}', f'--config.dataset.data_dir={data_dir}')
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results = json.loads((tmp_path / 'results.json').read_text())
+    assert results['step'] == 400
+    assert results['eval_top1_error'] < 0.03
+    assert results['wall_seconds'] < 300
+    for expected in ('checkpoints', 'curves.png', 'configs/cifar10.py', 'configs/imagenet.py'):
+        assert expected in proc.stdout
+    again = run_main(f'--workdir={tmp_path}', f'--config.dataset.data_dir={data_dir}')
+    assert again.returncode == 0 and 'resumed from step 400' in again.stdout
