@@ -34,6 +34,21 @@ class Checkpointer:
         self.manager = ocp.CheckpointManager(directory, options=options,
                                              item_names=('state', 'meta'))
 
+    def _meta(self, step: int) -> dict:
+        return self.manager.restore(step, args=ocp.args.Composite(
+            meta=ocp.args.JsonRestore()))['meta']
+
+    def check_identity(self) -> None:
+        """Refuses (ConfigError) a workdir whose checkpoint is of another model or dataset."""
+        step = self.manager.latest_step()
+        if step is None:
+            return
+        meta = self._meta(step)
+        for key, value in self.identity.items():
+            if meta.get(key) != value:
+                raise ConfigError(f'the checkpoint in {self.manager.directory} is of {key} '
+                                  f'{meta.get(key)!r}, not {value!r}; use another --workdir')
+
     def restore_latest(self, template: Any) -> tuple[Any, dict] | None:
         """(state, history) of the latest checkpoint, or None when there is none.
 
@@ -42,15 +57,10 @@ class Checkpointer:
         step = self.manager.latest_step()
         if step is None:
             return None
-        meta = self.manager.restore(step, args=ocp.args.Composite(
-            meta=ocp.args.JsonRestore()))['meta']
-        for key, value in self.identity.items():
-            if meta.get(key) != value:
-                raise ConfigError(f'the checkpoint in {self.manager.directory} is of {key} '
-                                  f'{meta.get(key)!r}, not {value!r}; use another --workdir')
+        self.check_identity()
         state = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(template)))['state']
-        return state, meta['history']
+        return state, self._meta(step)['history']
 
     def save(self, step: int, state: Any, history: dict) -> None:
         if step in self.manager.all_steps():

@@ -34,6 +34,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.dataset.data_dir = ml_collections.FieldReference(None, field_type=str)  # tfds data_dir
     c.dataset.validation_split = False  # True: hold out part of train (CIFAR: 45k/5k)
     c.dataset.augment = True            # the paper's training augmentation
+    # Image datasets read from JPEGs (ImageNet, ...); CIFAR-style arrays keep their size.
+    c.dataset.image_size = 224          # train crop / test view side
+    c.dataset.min_scale = 256           # scale augmentation: shorter side in
+    c.dataset.max_scale = 480           #   [min_scale, max_scale] (sec. 3.4)
+    c.dataset.crop = 'scale'            # 'scale' (paper) or 'inception' (random-resized crop)
+    c.dataset.lighting_std = 0.1        # AlexNet PCA lighting noise std (0 disables)
+    c.dataset.num_workers = 0           # decode/augment threads per host (0: one per core)
 
     # --- optimisation (sec. 3.4 / 4.2) -----------------------------------------------------
     c.batch_size = 128                  # global batch, over all devices and hosts

@@ -220,12 +220,11 @@ def compile_steps(model, tx, learning_rate_fn, config, mesh: Mesh):
     return train, evaluate
 
 
-def evaluate(eval_fn, mesh: Mesh, state: TrainState, data: input_pipeline.ArrayData,
-             mean: np.ndarray, batch_size: int) -> dict[str, float]:
+def evaluate(eval_fn, mesh: Mesh, state: TrainState, pipeline: input_pipeline.Pipeline,
+             batch_size: int) -> dict[str, float]:
     """Metrics over the complete split (the padded tail is masked, never dropped)."""
     total = None
-    for batch in input_pipeline.eval_batches(data, mean, batch_size, jax.process_index(),
-                                             jax.process_count()):
+    for batch in pipeline.eval_batches(batch_size, jax.process_index(), jax.process_count()):
         m = eval_fn(state, shard_batch(mesh, batch))
         total = m if total is None else total.merge(m)
     return {k: float(v) for k, v in total.compute().items()}
@@ -235,9 +234,7 @@ def evaluate(eval_fn, mesh: Mesh, state: TrainState, data: input_pipeline.ArrayD
 
 def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
     """Raises ConfigError on a config that cannot run, before anything is built."""
-    if config.dataset.name not in input_pipeline.IN_MEMORY_DATASETS:
-        raise ConfigError(f'unknown dataset {config.dataset.name!r}; allowed: '
-                          f'{", ".join(input_pipeline.IN_MEMORY_DATASETS)}')
+    input_pipeline.check_dataset(config.dataset.name, config.dataset.data_dir)
     try:
         create_model(config, num_classes=10)
     except ValueError as e:
@@ -270,24 +267,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     validate_config(config, mesh.size)
     workdir = epath.Path(workdir)
     lead = jax.process_index() == 0
+    ckpt = checkpointing.Checkpointer(workdir / 'checkpoints', config)
+    ckpt.check_identity()
+
+    if lead:
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / 'config.json').write_text(config.to_json_best_effort(indent=2))
 
     # Data.
-    train_split, eval_split = input_pipeline.splits(config.dataset.name,
-                                                    config.dataset.validation_split)
-    train_data = input_pipeline.load(config.dataset.name, train_split, config.dataset.data_dir)
-    eval_data = input_pipeline.load(config.dataset.name, eval_split, config.dataset.data_dir)
-    mean = input_pipeline.mean_image(train_data.images)
+    pipeline = input_pipeline.Pipeline(config.dataset, config.seed)
 
     # Model, optimiser, state.
-    model = create_model(config, train_data.num_classes)
+    model = create_model(config, pipeline.num_classes)
     learning_rate_fn = create_learning_rate_fn(config)
     tx = create_optimizer(config, learning_rate_fn)
     state = jax.jit(functools.partial(create_train_state, model, tx),
                     static_argnums=1, out_shardings=NamedSharding(mesh, P()))(
-        jax.random.key(config.seed), train_data.images.shape[1:])
+        jax.random.key(config.seed), pipeline.image_shape())
 
     # Checkpoints.
-    ckpt = checkpointing.Checkpointer(workdir / 'checkpoints', config)
     history = {'train': [], 'eval': []}
     restored = ckpt.restore_latest(state)
     if restored is not None:
@@ -304,8 +302,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
     step = int(state.step)
     batches = input_pipeline.prefetch(
-        input_pipeline.train_iterator(train_data, mean, config.seed, step, config.batch_size,
-                                      config.dataset.augment),
+        input_pipeline.train_iterator(pipeline, step, config.batch_size, jax.process_index(),
+                                      jax.process_count()),
         functools.partial(shard_batch, mesh))
     train_metrics = None
     eval_result = history['eval'][-1] if history['eval'] else None
@@ -322,7 +320,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
             history['train'].append({'step': step, **summary})
             train_metrics = None
         if step % config.eval_every_steps == 0 or step == config.num_train_steps:
-            result = evaluate(eval_fn, mesh, state, eval_data, mean, config.eval_batch_size)
+            result = evaluate(eval_fn, mesh, state, pipeline, config.eval_batch_size)
             eval_result = {'step': step, **{f'eval_{k}': v for k, v in result.items()}}
             writer.write_scalars(step, {k: v for k, v in eval_result.items() if k != 'step'})
             history['eval'].append(eval_result)
@@ -334,7 +332,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     writer.close()
 
     if eval_result is None or eval_result['step'] != step:
-        result = evaluate(eval_fn, mesh, state, eval_data, mean, config.eval_batch_size)
+        result = evaluate(eval_fn, mesh, state, pipeline, config.eval_batch_size)
         eval_result = {'step': step, **{f'eval_{k}': v for k, v in result.items()}}
     last_train = history['train'][-1] if history['train'] else {}
     results = {
@@ -345,6 +343,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         'eval_top1_error': eval_result['eval_top1_error'],
         'eval_top5_error': eval_result['eval_top5_error'],
         'wall_seconds': time.time() - start_time,
+        'corrupt_records_skipped': pipeline.corrupt_records,
     }
     if lead:
         (workdir / 'results.json').write_text(json.dumps(results, indent=2))

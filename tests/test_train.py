@@ -4,6 +4,8 @@ import functools
 import importlib.util
 import json
 import pathlib
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -115,9 +117,7 @@ def test_step_on_four_devices_equals_step_on_one(data_dir, bn_group_size):
     assert jax.device_count() == 4
     config = tiny_config(data_dir)
     config.model.bn_group_size = bn_group_size
-    data = input_pipeline.load('digits', 'train', data_dir)
-    mean = input_pipeline.mean_image(data.images)
-    batch = input_pipeline.train_batch(data, mean, seed=0, step=0, batch_size=16)
+    batch = input_pipeline.Pipeline(config.dataset, seed=0).train_batch(0, 16)
     model = train.create_model(config, 10)
     lr_fn = train.create_learning_rate_fn(config)
     tx = train.create_optimizer(config, lr_fn)
@@ -145,9 +145,10 @@ def test_batch_that_does_not_divide_across_devices_is_a_config_error(data_dir):
 
 
 def test_eval_covers_the_whole_split_with_a_masked_tail(data_dir):
-    data = input_pipeline.load('digits', 'test', data_dir)
-    batches = list(input_pipeline.eval_batches(data, np.zeros((32, 32, 3), np.float32), 128))
-    assert len(batches) == 3 and sum(int(b['mask'].sum()) for b in batches) == len(data) == 360
+    pipeline = input_pipeline.Pipeline(tiny_config(data_dir).dataset, seed=0)
+    batches = list(pipeline.eval_batches(128))
+    assert len(batches) == 3 and sum(int(b['mask'].sum()) for b in batches) == 360
+    assert batches[-1]['mask'][:360 - 256].all() and not batches[-1]['mask'][360 - 256:].any()
 
 
 # --- train_and_evaluate: checkpoints and resume ----------------------------------------------
@@ -230,3 +231,14 @@ def test_default_run_reaches_below_3_percent_and_resumes(data_dir, tmp_path):
         assert expected in proc.stdout
     again = run_main(f'--workdir={tmp_path}', f'--config.dataset.data_dir={data_dir}')
     assert again.returncode == 0 and 'resumed from step 400' in again.stdout
+    # The three test protocols on the run's workdir.
+    for protocol in ('center', 'ten_crop', 'multiscale'):
+        proc = subprocess.run([sys.executable, '-m', 'resnet_jax.evaluate',
+                               f'--workdir={tmp_path}', f'--protocol={protocol}'],
+                              capture_output=True, text=True, timeout=600, cwd=REPO)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        line = json.loads(proc.stdout.strip().splitlines()[-1])
+        assert line['num_images'] == 360 and 0 <= line['top1_error'] <= 1
+        assert f'{protocol}: top-1 error' in proc.stdout
+        if protocol == 'center':  # the protocol the training loop evaluates with
+            assert line['top1_error'] == pytest.approx(results['eval_top1_error'], abs=1e-9)

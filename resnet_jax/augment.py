@@ -1,0 +1,168 @@
+"""The paper's augmentation and test views (sec. 3.4, 4.2), one function per operation.
+
+Images are HWC numpy arrays: uint8 until ``normalize``, float32 in [0, 1] units minus the
+mean after it. Random choices are *parameters* drawn by ``draw_params`` from a seeded
+generator, so every function here is deterministic and separately testable, and the
+pipeline can draw the parameters of a whole global batch from ``(seed, step)``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from PIL import Image
+
+# AlexNet-style PCA lighting: the standard eigenvalues / eigenvectors of ImageNet's RGB
+# pixel covariance (for pixels in [0, 1]), as used by fb.resnet.torch and its ports.
+IMAGENET_EIGVAL = np.array([0.2175, 0.0188, 0.0045], np.float32)
+IMAGENET_EIGVEC = np.array([[-0.5675, 0.7192, 0.4009],
+                            [-0.5808, -0.0045, -0.8140],
+                            [-0.5836, -0.6948, 0.4203]], np.float32)
+# Per-channel RGB mean of ImageNet in [0, 1] units: the fallback when no mean image is stored.
+IMAGENET_CHANNEL_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
+
+MULTISCALE_SIZES = (224, 256, 384, 480, 640)  # Table 4: shorter sides of the test scales
+
+
+# --- geometry --------------------------------------------------------------------------------
+
+def resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Bilinear resize of a uint8 image."""
+    if image.shape[:2] == (height, width):
+        return image
+    pil = Image.fromarray(image.squeeze(-1) if image.shape[-1] == 1 else image)
+    out = np.asarray(pil.resize((width, height), Image.BILINEAR))
+    return out.reshape(height, width, image.shape[-1])
+
+
+def shorter_side_shape(height: int, width: int, size: int) -> tuple[int, int]:
+    """(h, w) with the shorter side equal to ``size`` and the aspect ratio kept."""
+    if height <= width:
+        return size, max(size, round(width * size / height))
+    return max(size, round(height * size / width)), size
+
+
+def resize_shorter_side(image: np.ndarray, size: int) -> np.ndarray:
+    """Resizes so that the shorter side is ``size`` (the paper's scale augmentation)."""
+    return resize(image, *shorter_side_shape(*image.shape[:2], size))
+
+
+def crop(image: np.ndarray, top: int, left: int, height: int, width: int) -> np.ndarray:
+    return image[top:top + height, left:left + width]
+
+
+def crop_offset(u: float, length: int, crop_length: int) -> int:
+    """A uniform position ``u`` in [0, 1) mapped to an offset in [0, length - crop_length]."""
+    return min(int(u * (length - crop_length + 1)), length - crop_length)
+
+
+def flip_left_right(image: np.ndarray, flip: bool = True) -> np.ndarray:
+    return image[:, ::-1] if flip else image
+
+
+def center_crop(image: np.ndarray, size: int) -> np.ndarray:
+    h, w = image.shape[:2]
+    return crop(image, (h - size) // 2, (w - size) // 2, size, size)
+
+
+# --- colour ----------------------------------------------------------------------------------
+
+def normalize(image: np.ndarray, mean: np.ndarray) -> np.ndarray:
+    """uint8 pixels to [0, 1] minus the mean (a per-pixel mean image or a per-channel mean)."""
+    return image.astype(np.float32) * np.float32(1 / 255.0) - mean
+
+
+def lighting(image: np.ndarray, alpha: np.ndarray, eigval: np.ndarray = IMAGENET_EIGVAL,
+             eigvec: np.ndarray = IMAGENET_EIGVEC) -> np.ndarray:
+    """AlexNet's PCA colour augmentation: adds ``eigvec @ (alpha * eigval)`` to every pixel.
+
+    ``alpha`` (3,) is drawn from N(0, std^2), std 0.1 in the paper's recipe.
+    """
+    return image + (eigvec @ (alpha * eigval)).astype(np.float32)
+
+
+# --- parameters ------------------------------------------------------------------------------
+
+def draw_params(rng: np.random.Generator, n: int, *, min_scale: int = 256,
+                max_scale: int = 480, lighting_std: float = 0.1) -> dict[str, np.ndarray]:
+    """Random choices for n training images: everything ``train_view`` needs."""
+    return {
+        'scale': rng.integers(min_scale, max_scale + 1, size=n),  # shorter side
+        'u': rng.random(n), 'v': rng.random(n),                   # crop position
+        'flip': rng.random(n) < 0.5,
+        'alpha': rng.normal(0.0, lighting_std, size=(n, 3)).astype(np.float32),
+        'area': rng.uniform(0.08, 1.0, size=n),                   # Inception crop only
+        'log_ratio': rng.uniform(math.log(3 / 4), math.log(4 / 3), size=n),
+    }
+
+
+def params_at(params: dict[str, np.ndarray], i: int) -> dict:
+    return {k: v[i] for k, v in params.items()}
+
+
+# --- training views --------------------------------------------------------------------------
+
+def scale_augment(image: np.ndarray, scale: int, u: float, v: float, flip: bool,
+                  size: int = 224) -> np.ndarray:
+    """Sec. 3.4: shorter side resized to ``scale``, a size x size crop at (u, v), flipped."""
+    image = resize_shorter_side(image, scale)
+    h, w = image.shape[:2]
+    image = crop(image, crop_offset(v, h, size), crop_offset(u, w, size), size, size)
+    return flip_left_right(image, flip)
+
+
+def random_resized_crop(image: np.ndarray, area: float, log_ratio: float, u: float, v: float,
+                        flip: bool, size: int = 224) -> np.ndarray:
+    """Inception-style crop (a modern option): a box of ``area`` of the image and aspect
+    ratio exp(log_ratio), clipped to the image, resized to size x size, flipped."""
+    h, w = image.shape[:2]
+    ratio = math.exp(log_ratio)
+    cw = min(w, max(1, round(math.sqrt(area * h * w * ratio))))
+    ch = min(h, max(1, round(math.sqrt(area * h * w / ratio))))
+    image = crop(image, crop_offset(v, h, ch), crop_offset(u, w, cw), ch, cw)
+    return flip_left_right(resize(image, size, size), flip)
+
+
+def train_view(image: np.ndarray, p: dict, mean: np.ndarray, *, size: int = 224,
+               crop_style: str = 'scale', lighting_std: float = 0.1) -> np.ndarray:
+    """The full ImageNet training transform of one image with parameters ``p``."""
+    if crop_style == 'inception':
+        out = random_resized_crop(image, p['area'], p['log_ratio'], p['u'], p['v'], p['flip'],
+                                  size)
+    else:
+        out = scale_augment(image, p['scale'], p['u'], p['v'], p['flip'], size)
+    out = normalize(out, mean)
+    return lighting(out, p['alpha']) if lighting_std > 0 else out
+
+
+# --- test views (the three protocols) ----------------------------------------------------------
+
+def center_view(image: np.ndarray, resize_size: int = 256, size: int = 224) -> np.ndarray:
+    """Shorter side ``resize_size``, the centre size x size crop."""
+    return center_crop(resize_shorter_side(image, resize_size), size)
+
+
+def ten_crop_views(image: np.ndarray, resize_size: int = 256, size: int = 224) -> np.ndarray:
+    """The 4 corners and the centre of the resized image, and their flips: (10, s, s, C).
+
+    View 4 is the centre crop, identical to ``center_view``.
+    """
+    image = resize_shorter_side(image, resize_size)
+    h, w = image.shape[:2]
+    corners = [(0, 0), (0, w - size), (h - size, 0), (h - size, w - size)]
+    views = [crop(image, t, l, size, size) for t, l in corners] + [center_crop(image, size)]
+    return np.stack(views + [flip_left_right(v) for v in views])
+
+
+def multiscale_view(image: np.ndarray, shorter: int, multiple: int = 32) -> np.ndarray:
+    """The whole image, shorter side ``shorter``, longer side rounded to a multiple of
+    ``multiple`` (a <3% stretch that bounds the number of distinct shapes to compile), and
+    its flip: (2, H, W, C). The network is applied fully convolutionally."""
+    h, w = shorter_side_shape(*image.shape[:2], shorter)
+    if h > w:
+        h = max(shorter, multiple * round(h / multiple))
+    elif w > h:
+        w = max(shorter, multiple * round(w / multiple))
+    image = resize(image, h, w)
+    return np.stack([image, flip_left_right(image)])
