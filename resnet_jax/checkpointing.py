@@ -1,17 +1,23 @@
 """Orbax checkpoints of the train state, with the run's identity and history beside it.
 
-Each checkpoint step holds two items: ``state`` (the ``TrainState`` pytree) and ``meta``
-(JSON: the model and dataset names, so a workdir is never resumed with another model, and
-the metric history, so curves continue exactly after a restart). Saving is asynchronous;
-orbax writes each step to a temporary directory and renames it when complete, so a
-half-written step is never taken for a good one.
+Each checkpoint step holds three items: ``state`` (the ``TrainState`` pytree),
+``train_metrics`` (the training metrics accumulated since the last log line, so a run resumed
+mid-window logs exactly what an uninterrupted run logs) and ``meta`` (JSON: the model and
+dataset names, so a workdir is never resumed with another model, and the metric history,
+so curves continue after a restart). Saving is asynchronous; orbax writes each step to a
+temporary directory and renames it when complete, so a half-written step is never taken
+for a good one. A step that cannot be read is moved aside (never deleted) and the previous
+one is used, with a warning.
 """
 
 from __future__ import annotations
 
 import copy
+import logging
+import time
 from typing import Any
 
+import jax
 import ml_collections
 import orbax.checkpoint as ocp
 from etils import epath
@@ -24,50 +30,99 @@ def identity(config: ml_collections.ConfigDict) -> dict[str, str]:
     return {'model': config.model.name, 'dataset': config.dataset.name}
 
 
+def check_identity(directory: epath.Path, config: ml_collections.ConfigDict) -> None:
+    """Refuses (ConfigError) checkpoints of another model or dataset; changes nothing."""
+    if epath.Path(directory).exists():
+        manager = ocp.CheckpointManager(directory, item_names=('state', 'train_metrics', 'meta'),
+                                        options=ocp.CheckpointManagerOptions(create=False))
+        try:
+            Checkpointer.check_identity_of(manager, identity(config))
+        finally:
+            manager.close()
+
+
 class Checkpointer:
-    """Saves every call to ``save`` and keeps the last ``config.keep_checkpoints``."""
+    """Saves on request and keeps the last ``config.keep_checkpoints`` steps."""
 
     def __init__(self, directory: epath.Path, config: ml_collections.ConfigDict):
         self.identity = identity(config)
+        self.directory = epath.Path(directory)
         options = ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True,
                                                enable_async_checkpointing=True)
-        self.manager = ocp.CheckpointManager(directory, options=options,
-                                             item_names=('state', 'meta'))
+        self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                             item_names=('state', 'train_metrics', 'meta'))
 
-    def _meta(self, step: int) -> dict:
-        return self.manager.restore(step, args=ocp.args.Composite(
+    @staticmethod
+    def _read_meta(manager: ocp.CheckpointManager, step: int) -> dict:
+        return manager.restore(step, args=ocp.args.Composite(
             meta=ocp.args.JsonRestore()))['meta']
 
-    def check_identity(self) -> None:
-        """Refuses (ConfigError) a workdir whose checkpoint is of another model or dataset."""
-        step = self.manager.latest_step()
-        if step is None:
-            return
-        meta = self._meta(step)
-        for key, value in self.identity.items():
+    @staticmethod
+    def _check_meta(directory, meta: dict, expected: dict) -> None:
+        for key, value in expected.items():
             if meta.get(key) != value:
-                raise ConfigError(f'the checkpoint in {self.manager.directory} is of {key} '
+                raise ConfigError(f'the checkpoint in {directory} is of {key} '
                                   f'{meta.get(key)!r}, not {value!r}; use another --workdir')
 
-    def restore_latest(self, template: Any) -> tuple[Any, dict] | None:
-        """(state, history) of the latest checkpoint, or None when there is none.
+    @staticmethod
+    def check_identity_of(manager: ocp.CheckpointManager, expected: dict) -> None:
+        """Checks the latest step whose metadata can be read (unreadable ones are skipped)."""
+        for step in sorted(manager.all_steps(), reverse=True):
+            try:
+                meta = Checkpointer._read_meta(manager, step)
+            except Exception:  # an unreadable step: restore_latest sets it aside
+                continue
+            Checkpointer._check_meta(manager.directory, meta, expected)
+            return
 
-        ``template`` is a state of the right structure and sharding (e.g. a fresh one).
+    def _meta(self, step: int) -> dict:
+        return self._read_meta(self.manager, step)
+
+    def _check(self, meta: dict) -> None:
+        self._check_meta(self.directory, meta, self.identity)
+
+    def _set_aside(self, step: int, error: Exception) -> None:
+        """Moves an unreadable step out of orbax's sight, keeping its files."""
+        logging.warning('checkpoint step %d in %s cannot be read (%s: %s); falling back to '
+                        'the previous one', step, self.directory, type(error).__name__,
+                        str(error).splitlines()[0] if str(error) else '')
+        print(f'warning: checkpoint step {step} is unreadable; it is kept as '
+              f'corrupt-{step}-* and the previous checkpoint is used', flush=True)
+        if jax.process_index() == 0:
+            (self.directory / str(step)).rename(
+                self.directory / f'corrupt-{step}-{int(time.time())}')
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            multihost_utils.sync_global_devices(f'set_aside_{step}')
+        self.manager.reload()
+
+    def restore_latest(self, state: Any, metrics: Any) -> tuple[Any, Any, dict] | None:
+        """(state, metrics, history) of the latest readable checkpoint, or None.
+
+        ``state`` and ``metrics`` are templates of the right structure and sharding.
         """
-        step = self.manager.latest_step()
-        if step is None:
-            return None
-        self.check_identity()
-        state = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(template)))['state']
-        return state, self._meta(step)['history']
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            try:
+                meta = self._meta(step)
+                self._check(meta)
+                restored = self.manager.restore(step, args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(state),
+                    train_metrics=ocp.args.StandardRestore(metrics)))
+            except ConfigError:
+                raise
+            except Exception as e:  # orbax/tensorstore raise many types on bad files
+                self._set_aside(step, e)
+                continue
+            return restored['state'], restored['train_metrics'], meta['history']
+        return None
 
-    def save(self, step: int, state: Any, history: dict) -> None:
+    def save(self, step: int, state: Any, metrics: Any, history: dict) -> None:
         if step in self.manager.all_steps():
             return
         meta = {**self.identity, 'history': copy.deepcopy(history)}
         self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+            state=ocp.args.StandardSave(state), train_metrics=ocp.args.StandardSave(metrics),
+            meta=ocp.args.JsonSave(meta)), force=True)
 
     def close(self) -> None:
         self.manager.wait_until_finished()

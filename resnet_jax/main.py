@@ -30,6 +30,16 @@ def _define_flags() -> None:
         lock_config=True)
     _FLAGS['workdir'] = flags.DEFINE_string(
         'workdir', 'workdirs/default', 'Directory for checkpoints, metrics, curves, results.')
+    _FLAGS['coordinator'] = flags.DEFINE_string(
+        'coordinator_address', None, 'host:port of process 0, for a multi-process run '
+        '(clusters such as SLURM, Open MPI and TPU pods are detected without it).')
+    _FLAGS['num_processes'] = flags.DEFINE_integer('num_processes', None,
+                                                   'Processes in a multi-process run.')
+    _FLAGS['process_id'] = flags.DEFINE_integer('process_id', None,
+                                                'This process, in [0, num_processes).')
+    _FLAGS['heartbeat'] = flags.DEFINE_integer(
+        'heartbeat_timeout_seconds', 100, 'A process silent this long is declared dead and '
+        'the others stop with an error instead of hanging.')
     _FLAGS['cache'] = flags.DEFINE_string(
         'compilation_cache_dir', os.path.expanduser('~/.cache/resnet_jax/jax'),
         "JAX's persistent compilation cache ('' disables it): relaunches skip compiling.")
@@ -69,17 +79,49 @@ def _parse_flags(argv: list[str]) -> list[str]:
         _fail(_one_line(e))
 
 
+def _cluster_launch() -> str | None:
+    """The kind of multi-process launch this process is part of, if any."""
+    if os.environ.get('JAX_COORDINATOR_ADDRESS'):
+        return 'JAX_COORDINATOR_ADDRESS'
+    if int(os.environ.get('SLURM_NTASKS', '1') or 1) > 1:
+        return 'SLURM'
+    if int(os.environ.get('OMPI_COMM_WORLD_SIZE', '1') or 1) > 1:
+        return 'Open MPI'
+    if ',' in os.environ.get('TPU_WORKER_HOSTNAMES', ''):
+        return 'TPU pod'
+    return None
+
+
+def _initialize_distributed() -> None:
+    """Joins the processes of a multi-process run (explicit flags or a detected cluster)."""
+    import jax
+
+    if _FLAGS['coordinator'].value is None and _cluster_launch() is None:
+        return
+    # CPU processes exchange gradients over gloo (this setting only concerns the CPU backend).
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+    jax.distributed.initialize(
+        coordinator_address=_FLAGS['coordinator'].value,
+        num_processes=_FLAGS['num_processes'].value, process_id=_FLAGS['process_id'].value,
+        heartbeat_timeout_seconds=_FLAGS['heartbeat'].value)
+
+
 def main(argv: list[str]) -> None:
     del argv
     import jax
 
-    from resnet_jax import train
+    from resnet_jax import faults, train
     from resnet_jax.config import ConfigError
+
+    try:
+        _initialize_distributed()
+    except Exception as e:  # jax raises RuntimeError / XlaRuntimeError / ValueError
+        _fail(f'cannot join the multi-process run: {str(e).splitlines()[0]}')
 
     if _FLAGS['cache'].value:
         jax.config.update('jax_compilation_cache_dir', _FLAGS['cache'].value)
         jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
-    logging.set_verbosity(logging.WARNING)
+    logging.set_verbosity(logging.ERROR)  # the libraries' chatter; results are printed
     config, workdir = _FLAGS['config'].value, pathlib.Path(_FLAGS['workdir'].value)
     try:
         train.validate_config(config, jax.device_count())
@@ -93,6 +135,14 @@ def main(argv: list[str]) -> None:
         results = train.train_and_evaluate(config, str(workdir))
     except ConfigError as e:
         _fail(str(e))
+    except faults.NonFiniteLossError as e:
+        print(f'error: {e}', file=sys.stderr)
+        sys.exit(1)
+    if 'stopped_by' in results:
+        if jax.process_index() == 0:
+            print(f"stopped by {results['stopped_by']} at step {results['step']}; checkpoint "
+                  'saved. Relaunch the same command to resume.', flush=True)
+        return
     if jax.process_index() == 0:
         print(f"step {results['step']}: test top-1 error {100 * results['eval_top1_error']:.2f}%,"
               f" top-5 {100 * results['eval_top5_error']:.2f}%, train loss "

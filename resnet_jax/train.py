@@ -27,7 +27,7 @@ from clu import metric_writers, metrics, periodic_actions
 from etils import epath
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from resnet_jax import checkpointing, input_pipeline, models, plot
+from resnet_jax import checkpointing, faults, input_pipeline, models, plot
 from resnet_jax.config import ConfigError
 
 
@@ -46,6 +46,7 @@ class TrainMetrics(metrics.Collection):
     top1_error: metrics.Average.from_output('top1_error')
     top5_error: metrics.Average.from_output('top5_error')
     learning_rate: metrics.LastValue.from_output('learning_rate')
+    param_norm: metrics.LastValue.from_output('param_norm')  # also guards against overflow
 
 
 @flax.struct.dataclass
@@ -181,7 +182,8 @@ def train_step(model: models.ResNet, tx: optax.GradientTransformationExtraArgs,
     lr = learning_rate_fn(state.step) * plateau_scale(state.opt_state)
     new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
                               opt_state=opt_state)
-    return new_state, TrainMetrics.single_from_model_output(learning_rate=lr, **per_example)
+    return new_state, TrainMetrics.single_from_model_output(
+        learning_rate=lr, param_norm=optax.global_norm(params), **per_example)
 
 
 def eval_step(model: models.ResNet, state: TrainState,
@@ -227,7 +229,7 @@ def evaluate(eval_fn, mesh: Mesh, state: TrainState, pipeline: input_pipeline.Pi
     for batch in pipeline.eval_batches(batch_size, jax.process_index(), jax.process_count()):
         m = eval_fn(state, shard_batch(mesh, batch))
         total = m if total is None else total.merge(m)
-    return {k: float(v) for k, v in total.compute().items()}
+    return host_values(total)
 
 
 # --- the loop --------------------------------------------------------------------------------
@@ -258,20 +260,48 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
     create_learning_rate_fn(config)
 
 
+def host_values(collection: metrics.Collection) -> dict[str, float]:
+    """A metrics collection's values as floats (its arrays are replicated: any shard will do,
+    which also works when the arrays span several processes)."""
+    local = jax.tree_util.tree_map(
+        lambda x: np.asarray(x.addressable_data(0)) if isinstance(x, jax.Array) else x,
+        collection)
+    return {k: float(v) for k, v in local.compute().items()}
+
+
+def replicated_scalar(mesh: Mesh, value: float) -> jax.Array:
+    """A float32 scalar replicated over the mesh (valid on several processes too)."""
+    return jax.make_array_from_callback((), NamedSharding(mesh, P()),
+                                        lambda _: np.float32(value))
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        devices=None) -> dict[str, float]:
     """Trains ``config`` in ``workdir`` (resuming from its latest checkpoint) and returns
-    the final metrics, also written to ``workdir/results.json``."""
+    the final metrics, also written to ``workdir/results.json``.
+
+    Stopped by SIGTERM/SIGINT, it checkpoints and returns ``{'stopped_by': <signal>,
+    'step': N}`` without writing results. A non-finite loss raises
+    ``faults.NonFiniteLossError``; a config or workdir that cannot run, ``ConfigError``.
+    """
     start_time = time.time()
     mesh = create_mesh(devices)
     validate_config(config, mesh.size)
+    faults.check_workdir(workdir)
     workdir = epath.Path(workdir)
-    lead = jax.process_index() == 0
-    ckpt = checkpointing.Checkpointer(workdir / 'checkpoints', config)
-    ckpt.check_identity()
+    checkpointing.check_identity(workdir / 'checkpoints', config)
+    with faults.WorkdirLock(workdir), faults.StopRequest() as stop:
+        ckpt = checkpointing.Checkpointer(workdir / 'checkpoints', config)
+        try:
+            return _train(config, workdir, mesh, ckpt, stop, start_time)
+        finally:
+            ckpt.close()
 
+
+def _train(config, workdir: epath.Path, mesh: Mesh, ckpt: checkpointing.Checkpointer,
+           stop: faults.StopRequest, start_time: float) -> dict[str, float]:
+    lead = jax.process_index() == 0
     if lead:
-        workdir.mkdir(parents=True, exist_ok=True)
         (workdir / 'config.json').write_text(config.to_json_best_effort(indent=2))
 
     # Data.
@@ -281,15 +311,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     model = create_model(config, pipeline.num_classes)
     learning_rate_fn = create_learning_rate_fn(config)
     tx = create_optimizer(config, learning_rate_fn)
+    replicated = NamedSharding(mesh, P())
     state = jax.jit(functools.partial(create_train_state, model, tx),
-                    static_argnums=1, out_shardings=NamedSharding(mesh, P()))(
+                    static_argnums=1, out_shardings=replicated)(
         jax.random.key(config.seed), pipeline.image_shape())
+    empty_metrics = jax.device_put(TrainMetrics.empty(), replicated)
 
-    # Checkpoints.
-    history = {'train': [], 'eval': []}
-    restored = ckpt.restore_latest(state)
+    # Checkpoints: the latest readable one, with the metrics of its unfinished log window.
+    train_metrics, history = empty_metrics, {'train': [], 'eval': []}
+    restored = ckpt.restore_latest(state, empty_metrics)
     if restored is not None:
-        state, history = restored
+        state, train_metrics, history = restored
         if lead:
             print(f'resumed from step {int(state.step)}', flush=True)
 
@@ -300,40 +332,54 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     if config.profile and lead:
         hooks.append(periodic_actions.Profile(logdir=str(workdir), num_profile_steps=5))
 
+    def run_eval(step):
+        values = evaluate(eval_fn, mesh, state, pipeline, config.eval_batch_size)
+        return {'step': step, **{f'eval_{k}': v for k, v in values.items()}}
+
     step = int(state.step)
     batches = input_pipeline.prefetch(
         input_pipeline.train_iterator(pipeline, step, config.batch_size, jax.process_index(),
                                       jax.process_count()),
         functools.partial(shard_batch, mesh))
-    train_metrics = None
+    guard = faults.NonFiniteGuard()
     eval_result = history['eval'][-1] if history['eval'] else None
+    stopped_by = None
     while step < config.num_train_steps:
         with jax.profiler.StepTraceAnnotation('train', step_num=step):
             state, m = train_fn(state, next(batches))
         step += 1
-        train_metrics = m if train_metrics is None else train_metrics.merge(m)
+        guard.add(step, m.loss.total, m.param_norm.total)
+        train_metrics = train_metrics.merge(m)
         for hook in hooks:
             hook(step)
-        if step % config.log_every_steps == 0 or step == config.num_train_steps:
-            summary = {f'train_{k}': float(v) for k, v in train_metrics.compute().items()}
+        last = step == config.num_train_steps
+        if step % config.log_every_steps == 0 or last:
+            guard.check_all()
+            summary = {f'train_{k}': v for k, v in host_values(train_metrics).items()}
             writer.write_scalars(step, summary)
             history['train'].append({'step': step, **summary})
-            train_metrics = None
-        if step % config.eval_every_steps == 0 or step == config.num_train_steps:
-            result = evaluate(eval_fn, mesh, state, pipeline, config.eval_batch_size)
-            eval_result = {'step': step, **{f'eval_{k}': v for k, v in result.items()}}
+            train_metrics = empty_metrics
+        if step % config.eval_every_steps == 0 or last:
+            eval_result = run_eval(step)
             writer.write_scalars(step, {k: v for k, v in eval_result.items() if k != 'step'})
             history['eval'].append(eval_result)
-            state = state.replace(plateau_metric=jnp.asarray(result['top1_error'], jnp.float32))
-        if step % config.checkpoint_every_steps == 0 or step == config.num_train_steps:
-            ckpt.save(step, state, history)
-    ckpt.save(step, state, history)  # no-op when this step is saved already
-    ckpt.close()
+            state = state.replace(plateau_metric=replicated_scalar(
+                mesh, eval_result['eval_top1_error']))
+        stop_now = stop.requested()
+        if step % config.checkpoint_every_steps == 0 or last or stop_now:
+            guard.check_all()  # never checkpoint a diverged state
+            ckpt.save(step, state, train_metrics, history)
+        if stop_now:
+            stopped_by = stop.signal_name or 'a signal to another process'
+            break
+    guard.check_all()
+    ckpt.save(step, state, train_metrics, history)  # no-op when this step is saved already
     writer.close()
+    if stopped_by:
+        return {'step': step, 'stopped_by': stopped_by}
 
     if eval_result is None or eval_result['step'] != step:
-        result = evaluate(eval_fn, mesh, state, pipeline, config.eval_batch_size)
-        eval_result = {'step': step, **{f'eval_{k}': v for k, v in result.items()}}
+        eval_result = run_eval(step)
     last_train = history['train'][-1] if history['train'] else {}
     results = {
         'step': step,

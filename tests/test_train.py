@@ -203,12 +203,18 @@ def test_command_line_override_reaches_the_model(data_dir, tmp_path):
     (['--config.batch_size=10', '--config.model.bn_group_size=0'],
      'does not divide across 4 devices'),
     (['--config.learning_rate=0'], 'learning_rate must be positive'),
+    (['--config.batch_size=0'], 'batch_size must be positive'),
+    (['--config.dataset.name=no_such_dataset'], "unknown dataset 'no_such_dataset'"),
+    (['--config.dataset.data_dir=/nonexistent/tfds'], 'data_dir /nonexistent/tfds does not exist'),
+    (['--config.dataset.name=imagenet2012', '--config.dataset.data_dir={tmp}'],
+     'imagenet2012 is not prepared in .*; put ILSVRC2012_img_train.tar'),
 ])
 def test_bad_input_gets_one_line_and_exit_code_2(tmp_path, args, message):
+    """Each gets one line and exit code 2, and the workdir is left as it was."""
     workdir = tmp_path / 'work'
     workdir.mkdir()
     (workdir / 'results.json').write_text('{"keep": 1}')
-    proc = run_main(f'--workdir={workdir}', *args, devices=4)
+    proc = run_main(f'--workdir={workdir}', *[a.format(tmp=tmp_path) for a in args], devices=4)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith('error: '), proc.stderr[-2000:]
@@ -217,6 +223,16 @@ def test_bad_input_gets_one_line_and_exit_code_2(tmp_path, args, message):
     assert 'Traceback' not in proc.stderr + proc.stdout
     assert [p.name for p in workdir.iterdir()] == ['results.json']
     assert (workdir / 'results.json').read_text() == '{"keep": 1}'
+
+
+def test_unwritable_workdir_is_refused(tmp_path):
+    blocker = tmp_path / 'file'
+    blocker.write_text('keep')
+    proc = run_main(f'--workdir={blocker}/work')
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f'error: workdir {blocker}/work cannot be created: {blocker} is not a directory']
+    assert blocker.read_text() == 'keep'
 
 
 @pytest.mark.slow

@@ -1,0 +1,147 @@
+"""What long runs meet: preemption signals, diverging losses, shared workdirs.
+
+* ``StopRequest``: SIGTERM / SIGINT ask the loop to finish its step, checkpoint and exit;
+  on several hosts the request is agreed on so that all stop at the same step.
+* ``NonFiniteGuard``: finds the first step whose loss is not finite, one step behind the
+  device (no pipeline stall), and always before a checkpoint is written.
+* ``WorkdirLock``: one run per workdir, so two runs never interleave checkpoints.
+* ``check_workdir``: an unwritable workdir is refused before anything runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import pathlib
+import signal
+import threading
+
+import jax
+import numpy as np
+
+from resnet_jax.config import ConfigError
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss or the parameters became NaN or infinite; the run stops without
+    checkpointing that state."""
+
+    def __init__(self, step: int, what: str, value: float):
+        super().__init__(f'the training {what} is {value} at step {step}; stopped without '
+                         'saving that state (the last good checkpoint is kept). Lower the '
+                         'learning rate or add warm-up.')
+        self.step = step
+
+
+def check_workdir(workdir: pathlib.Path) -> None:
+    """Raises ConfigError unless ``workdir`` exists writable or can be created."""
+    path = pathlib.Path(workdir).absolute()
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f'workdir {workdir} cannot be created: {existing} is not a directory')
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f'workdir {workdir} is not writable ({existing})')
+
+
+class WorkdirLock(contextlib.AbstractContextManager):
+    """An exclusive advisory lock on ``workdir/.lock``, held by process 0 for the run.
+
+    The kernel releases it when the process dies, even by ``kill -9``.
+    """
+
+    def __init__(self, workdir: pathlib.Path):
+        self.path = pathlib.Path(workdir) / '.lock'
+        self.file = None
+
+    def __enter__(self):
+        if jax.process_index() != 0:
+            return self
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.file = open(self.path, 'a+')
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.file.seek(0)
+            owner = self.file.read().strip() or 'another process'
+            self.file.close()
+            self.file = None
+            raise ConfigError(f'workdir {self.path.parent} is in use by another run '
+                              f'({owner}); wait for it or use another --workdir') from None
+        self.file.seek(0)
+        self.file.truncate()
+        self.file.write(f'pid {os.getpid()} on {os.uname().nodename}')
+        self.file.flush()
+        return self
+
+    def __exit__(self, *exc):
+        if self.file is not None:
+            fcntl.flock(self.file, fcntl.LOCK_UN)
+            self.file.close()
+            self.file = None
+        return False
+
+
+class StopRequest(contextlib.AbstractContextManager):
+    """Catches SIGTERM and SIGINT while the loop runs (the previous handlers come back after).
+
+    ``requested()`` is True once a signal arrived on any process; with several processes
+    it is a collective, so every process must call it at the same steps.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.signal_name: str | None = None
+        self._previous = {}
+
+    def _handle(self, signum, frame):
+        del frame
+        self.signal_name = signal.Signals(signum).name
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        return False
+
+    def requested(self) -> bool:
+        local = self.signal_name is not None
+        if jax.process_count() == 1:
+            return local
+        from jax.experimental import multihost_utils
+        return bool(np.max(multihost_utils.process_allgather(np.int32(local))))
+
+
+class NonFiniteGuard:
+    """Checks each step's loss and parameter norm one step late (so the device keeps a
+    step queued). The loss of step s is computed before its update, so the parameter norm
+    after the update is what keeps a diverged state out of the checkpoint of step s."""
+
+    def __init__(self):
+        self._pending: list[tuple[int, jax.Array, jax.Array]] = []
+
+    def add(self, step: int, loss: jax.Array, param_norm: jax.Array) -> None:
+        self._pending.append((step, loss, param_norm))
+        while len(self._pending) > 1:
+            self._check_one()
+
+    def check_all(self) -> None:
+        """Raises NonFiniteLossError for the first non-finite loss not yet checked."""
+        while self._pending:
+            self._check_one()
+
+    def _check_one(self) -> None:
+        step, loss, param_norm = self._pending.pop(0)
+        for what, array in (('loss', loss), ('parameter norm', param_norm)):
+            value = float(np.asarray(array.addressable_data(0)))
+            if not np.isfinite(value):
+                self._pending.clear()
+                raise NonFiniteLossError(step, what, value)
