@@ -37,6 +37,9 @@ setup(
     ],
     extras_require={
         'test': ['pytest>=8,<10'],
+        # torchvision-layout tests and reading .pth files; <2.14 keeps pip on the CPU build
+        # where one is on disk (a newer torch pulls several GB of CUDA wheels).
+        'interop': ['torch>=2.1,<2.14'],
     },
     entry_points={'console_scripts': ['resnet-jax=resnet_jax.main:run']},
 )

@@ -68,9 +68,36 @@ def center_crop(image: np.ndarray, size: int) -> np.ndarray:
 
 # --- colour ----------------------------------------------------------------------------------
 
-def normalize(image: np.ndarray, mean: np.ndarray) -> np.ndarray:
-    """uint8 pixels to [0, 1] minus the mean (a per-pixel mean image or a per-channel mean)."""
-    return image.astype(np.float32) * np.float32(1 / 255.0) - mean
+# How pixels in [0, 1] become network inputs: the paper's mean subtraction, or the input
+# convention of weights converted from another framework.
+PREPROCESSING = ('mean', 'torchvision', 'caffe')
+TORCHVISION_STD = np.array([0.229, 0.224, 0.225], np.float32)
+CAFFE_BGR_MEAN = np.array([103.939, 116.779, 123.68], np.float32)
+
+
+def to_unit(image: np.ndarray) -> np.ndarray:
+    return image.astype(np.float32) * np.float32(1 / 255.0)
+
+
+def standardize(image: np.ndarray, mean: np.ndarray, style: str = 'mean') -> np.ndarray:
+    """Pixels in [0, 1] to network inputs.
+
+    'mean': minus the mean (a per-pixel mean image or a per-channel mean), the paper's;
+    'torchvision': minus ImageNet's channel mean, divided by its std (RGB);
+    'caffe': BGR, 0..255, minus ImageNet's BGR channel mean (Keras' ResNets).
+    """
+    if style == 'mean':
+        return image - mean
+    if style == 'torchvision':
+        return (image - IMAGENET_CHANNEL_MEAN) / TORCHVISION_STD
+    if style == 'caffe':
+        return image[..., ::-1] * np.float32(255.0) - CAFFE_BGR_MEAN
+    raise ValueError(f'unknown preprocessing {style!r}; allowed: {", ".join(PREPROCESSING)}')
+
+
+def normalize(image: np.ndarray, mean: np.ndarray, style: str = 'mean') -> np.ndarray:
+    """uint8 pixels to network inputs (see ``standardize``)."""
+    return standardize(to_unit(image), mean, style)
 
 
 def lighting(image: np.ndarray, alpha: np.ndarray, eigval: np.ndarray = IMAGENET_EIGVAL,
@@ -125,15 +152,18 @@ def random_resized_crop(image: np.ndarray, area: float, log_ratio: float, u: flo
 
 
 def train_view(image: np.ndarray, p: dict, mean: np.ndarray, *, size: int = 224,
-               crop_style: str = 'scale', lighting_std: float = 0.1) -> np.ndarray:
+               crop_style: str = 'scale', lighting_std: float = 0.1,
+               preprocessing: str = 'mean') -> np.ndarray:
     """The full ImageNet training transform of one image with parameters ``p``."""
     if crop_style == 'inception':
         out = random_resized_crop(image, p['area'], p['log_ratio'], p['u'], p['v'], p['flip'],
                                   size)
     else:
         out = scale_augment(image, p['scale'], p['u'], p['v'], p['flip'], size)
-    out = normalize(out, mean)
-    return lighting(out, p['alpha']) if lighting_std > 0 else out
+    out = to_unit(out)
+    if lighting_std > 0:
+        out = lighting(out, p['alpha'])
+    return standardize(out, mean, preprocessing)
 
 
 # --- test views (the three protocols) ----------------------------------------------------------

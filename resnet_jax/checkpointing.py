@@ -127,3 +127,39 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def load_variables(workdir, step: int | None = None) -> tuple[dict, int]:
+    """``({'params', 'batch_stats'}, step)`` of a run's latest (or given) checkpoint; the
+    workdir of a training run or of ``python -m resnet_jax.convert``."""
+    directory = epath.Path(workdir).absolute() / 'checkpoints'
+    if not directory.exists():
+        raise ConfigError(f'no checkpoints in {workdir}')
+    manager = ocp.CheckpointManager(directory, item_names=('state',),
+                                    options=ocp.CheckpointManagerOptions(create=False))
+    try:
+        step = manager.latest_step() if step is None else step
+        if step is None:
+            raise ConfigError(f'no checkpoint in {directory}')
+        state = manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore()))['state']
+    finally:
+        manager.close()
+    return {'params': state['params'], 'batch_stats': state['batch_stats']}, step
+
+
+def merge_pretrained(fresh: Any, pretrained: Any) -> tuple[Any, list[str]]:
+    """``fresh`` with every leaf that ``pretrained`` has in the same shape replaced;
+    returns the names of the leaves kept fresh (e.g. an fc for another number of classes)."""
+    flat = {jax.tree_util.keystr(p): v for p, v in
+            jax.tree_util.tree_flatten_with_path(pretrained)[0]}
+    kept = []
+
+    def pick(path, leaf):
+        value = flat.get(jax.tree_util.keystr(path))
+        if value is None or tuple(value.shape) != tuple(leaf.shape):
+            kept.append(jax.tree_util.keystr(path))
+            return leaf
+        return jax.device_put(jax.numpy.asarray(value, leaf.dtype), leaf.sharding)
+
+    return jax.tree_util.tree_map_with_path(pick, fresh), kept

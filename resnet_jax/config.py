@@ -27,6 +27,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.bn_group_size = 32          # BN statistics per 32 images (paper: 32 per GPU);
     #                                     0 = synchronised over the whole global batch
     c.model.dtype = 'float32'           # compute dtype; 'bfloat16' for mixed precision
+    c.model.bn_epsilon = 1e-5           # (Keras-converted ResNets use 1.001e-5)
 
     # --- data ----------------------------------------------------------------------------
     c.dataset = ml_collections.ConfigDict()
@@ -41,6 +42,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.dataset.crop = 'scale'            # 'scale' (paper) or 'inception' (random-resized crop)
     c.dataset.lighting_std = 0.1        # AlexNet PCA lighting noise std (0 disables)
     c.dataset.num_workers = 0           # decode/augment threads per host (0: one per core)
+    c.dataset.preprocessing = 'mean'    # 'mean' (paper: minus the mean image); converted
+    #                                     weights: 'torchvision' or 'caffe' (Keras)
 
     # --- optimisation (sec. 3.4 / 4.2) -----------------------------------------------------
     c.batch_size = 128                  # global batch, over all devices and hosts
@@ -73,4 +76,27 @@ def base_config() -> ml_collections.ConfigDict:
     c.keep_checkpoints = 3              # the last K checkpoints are kept
     c.seed = 0
     c.profile = False                   # capture a jax.profiler trace of a few steps
+    c.init_from = ml_collections.FieldReference(None, field_type=str)  # fine-tune: a workdir
+    #                                     (a run or `python -m resnet_jax.convert` output)
+    #                                     whose latest params start this run; an fc of
+    #                                     another shape is re-initialised
     return c
+
+
+def from_dict(values: dict) -> ml_collections.ConfigDict:
+    """``base_config()`` overlaid with ``values`` (e.g. a run's saved ``config.json``), so
+    fields added since that run was saved keep their defaults."""
+    config = base_config()
+
+    def overlay(target, source):
+        for key, value in source.items():
+            if isinstance(value, dict) and key in target and isinstance(
+                    target[key], ml_collections.ConfigDict):
+                overlay(target[key], value)
+            else:
+                if isinstance(value, list) and isinstance(target.get(key), tuple):
+                    value = tuple(value)  # JSON has no tuples
+                target[key] = value
+
+    overlay(config, values)
+    return config

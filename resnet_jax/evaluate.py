@@ -40,13 +40,13 @@ def protocol_views(pipeline: input_pipeline.Pipeline,
     if protocol == 'center':
         return lambda image: [pipeline.center_view(image)[None]]
     if protocol == 'ten_crop':
-        return lambda image: [augment.normalize(
-            augment.ten_crop_views(image, resize_size, size), pipeline.mean)]
+        return lambda image: [pipeline.normalize(
+            augment.ten_crop_views(image, resize_size, size))]
     if protocol == 'multiscale':
         scales = [round(s * size / 224) for s in augment.MULTISCALE_SIZES]
         multiple = max(1, round(32 * size / 224))
-        return lambda image: [augment.normalize(augment.multiscale_view(image, s, multiple),
-                                                pipeline.channel_mean) for s in scales]
+        return lambda image: [pipeline.normalize(augment.multiscale_view(image, s, multiple),
+                                                 channel_mean=True) for s in scales]
     raise ValueError(f'unknown protocol {protocol!r}; allowed: {", ".join(PROTOCOLS)}')
 
 
@@ -109,27 +109,17 @@ def evaluate_protocol(model, variables: Any, pipeline: input_pipeline.Pipeline, 
 def load_run(workdir: str | os.PathLike, config: ml_collections.ConfigDict | None = None,
              step: int | None = None):
     """(config, model, variables, step) of the latest (or given) checkpoint in ``workdir``."""
-    import orbax.checkpoint as ocp
-
-    from resnet_jax import train
-    from resnet_jax.config import ConfigError
+    from resnet_jax import checkpointing, train
+    from resnet_jax.config import ConfigError, from_dict
 
     workdir = pathlib.Path(workdir)
     if config is None:
         if not (workdir / 'config.json').exists():
             raise ConfigError(f'{workdir} has no config.json: not a resnet_jax run; pass '
                               '--config')
-        config = ml_collections.ConfigDict(json.loads((workdir / 'config.json').read_text()))
-    ckpt_dir = workdir / 'checkpoints'
-    manager = ocp.CheckpointManager(ckpt_dir.absolute(), item_names=('state',))
-    step = manager.latest_step() if step is None else step
-    if step is None:
-        raise ConfigError(f'no checkpoint in {ckpt_dir}')
-    state = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore()))['state']
-    manager.close()
-    variables = {'params': state['params'], 'batch_stats': state['batch_stats']}
-    num_classes = int(np.shape(state['params']['fc']['bias'])[0])
+        config = from_dict(json.loads((workdir / 'config.json').read_text()))
+    variables, step = checkpointing.load_variables(workdir, step)
+    num_classes = int(np.shape(variables['params']['fc']['bias'])[0])
     return config, train.create_model(config, num_classes), variables, step
 
 

@@ -215,6 +215,12 @@ class Pipeline:
     def channel_mean(self) -> np.ndarray:
         return self.mean.reshape(-1, self.mean.shape[-1]).mean(0)
 
+    def normalize(self, images: np.ndarray, channel_mean: bool = False) -> np.ndarray:
+        """uint8 views to network inputs, by ``dataset.preprocessing``; ``channel_mean``
+        for views whose size differs from the mean image's."""
+        mean = self.channel_mean if channel_mean else self.mean
+        return augment.normalize(images, mean, self.cfg.preprocessing)
+
     def image_shape(self) -> tuple[int, int, int]:
         return (self.image_size, self.image_size, 3)
 
@@ -242,8 +248,7 @@ class Pipeline:
             images = self.train.images[idx[mine]]
             if self.cfg.augment:
                 images = pad_crop_flip(images, offsets[mine], flips[mine])
-            return {'image': augment.normalize(images, self.mean),
-                    'label': self.train.labels[idx[mine]]}
+            return {'image': self.normalize(images), 'label': self.train.labels[idx[mine]]}
         params = augment.draw_params(rng, batch_size, min_scale=self.cfg.min_scale,
                                      max_scale=self.cfg.max_scale,
                                      lighting_std=self.cfg.lighting_std)
@@ -251,11 +256,11 @@ class Pipeline:
         def one(i):
             image, label = self._read(self.train, idx[i])
             if not self.cfg.augment:
-                return augment.normalize(augment.center_view(
-                    image, self.resize_size, self.image_size), self.mean), label
+                return self.center_view(image), label
             return augment.train_view(image, augment.params_at(params, i), self.mean,
                                       size=self.image_size, crop_style=self.cfg.crop,
-                                      lighting_std=self.cfg.lighting_std), label
+                                      lighting_std=self.cfg.lighting_std,
+                                      preprocessing=self.cfg.preprocessing), label
 
         images, labels = zip(*self._pool.map(one, range(mine.start, mine.stop)))
         return {'image': np.stack(images), 'label': np.asarray(labels, np.int32)}
@@ -267,9 +272,8 @@ class Pipeline:
     def center_view(self, image: np.ndarray) -> np.ndarray:
         """The ``center`` protocol's single view (CIFAR-style data: the image itself)."""
         if self.small:
-            return augment.normalize(image, self.mean)
-        return augment.normalize(augment.center_view(image, self.resize_size, self.image_size),
-                                 self.mean)
+            return self.normalize(image)
+        return self.normalize(augment.center_view(image, self.resize_size, self.image_size))
 
     def eval_batches(self, batch_size: int, process_index: int = 0, process_count: int = 1,
                      view=None) -> Iterator[dict[str, np.ndarray]]:

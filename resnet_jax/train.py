@@ -14,6 +14,7 @@ replicated, i.e. already identical ("averaged") on every device when evaluating 
 
 import functools
 import json
+import os
 import time
 from typing import Any, Callable
 
@@ -27,7 +28,7 @@ from clu import metric_writers, metrics, periodic_actions
 from etils import epath
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from resnet_jax import checkpointing, faults, input_pipeline, models, plot
+from resnet_jax import augment, checkpointing, faults, input_pipeline, models, plot
 from resnet_jax.config import ConfigError
 
 
@@ -258,6 +259,12 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
     if config.num_train_steps <= 0:
         raise ConfigError(f'num_train_steps must be positive; got {config.num_train_steps}')
     create_learning_rate_fn(config)
+    if config.init_from and not os.path.isdir(os.path.join(config.init_from, 'checkpoints')):
+        raise ConfigError(f'init_from {config.init_from} holds no checkpoints (a training '
+                          'workdir or the output of python -m resnet_jax.convert)')
+    if config.dataset.preprocessing not in augment.PREPROCESSING:
+        raise ConfigError(f'unknown dataset.preprocessing {config.dataset.preprocessing!r}; '
+                          f'allowed: {", ".join(augment.PREPROCESSING)}')
 
 
 def host_values(collection: metrics.Collection) -> dict[str, float]:
@@ -324,6 +331,14 @@ def _train(config, workdir: epath.Path, mesh: Mesh, ckpt: checkpointing.Checkpoi
         state, train_metrics, history = restored
         if lead:
             print(f'resumed from step {int(state.step)}', flush=True)
+    elif config.init_from:
+        pretrained, from_step = checkpointing.load_variables(config.init_from)
+        variables, fresh = checkpointing.merge_pretrained(
+            {'params': state.params, 'batch_stats': state.batch_stats}, pretrained)
+        state = state.replace(params=variables['params'], batch_stats=variables['batch_stats'])
+        if lead:
+            print(f'initialised from {config.init_from} (step {from_step}); kept fresh: '
+                  f'{", ".join(fresh) or "nothing"}', flush=True)
 
     train_fn, eval_fn = compile_steps(model, tx, learning_rate_fn, config, mesh)
     writer = create_writer(workdir)
