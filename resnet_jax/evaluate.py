@@ -162,7 +162,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f'{config.model.name} step {step}, {args.protocol}: top-1 error '
           f'{100 * result["top1_error"]:.2f}%, top-5 error {100 * result["top5_error"]:.2f}% '
           f'on {result["num_images"]} images ({result["images_per_sec"]:.1f} images/s)')
-    print(json.dumps({'protocol': args.protocol, 'step': step, **result}))
+    record = {'protocol': args.protocol, 'step': step, **result}
+    if jax.process_index() == 0:  # kept with the run, for reports
+        (pathlib.Path(args.workdir) / f'eval_{args.protocol}.json').write_text(
+            json.dumps(record, indent=2))
+    print(json.dumps(record))
     return 0
 
 

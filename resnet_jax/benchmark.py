@@ -1,0 +1,141 @@
+"""Training and evaluation throughput on synthetic data.
+
+    python -m resnet_jax.benchmark --model cifar_resnet56 --batch-size 128 [--image-size 32]
+        [--steps 10] [--dtype bfloat16] [--json]
+
+Prints train and eval images/s (medians over steps after compilation), the train step's
+compile time, peak host memory, and the achieved FLOP/s (XLA's count for the compiled
+step) beside this machine's measured matmul rate. With ``--json`` the last line is one
+JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import sys
+import time
+
+
+def matmul_flops_per_sec(n: int = 2048, repeats: int = 5) -> float:
+    """The machine's float32 matmul rate (median of a few n x n products)."""
+    import jax
+    import jax.numpy as jnp
+
+    a = jnp.ones((n, n), jnp.float32)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        f(a).block_until_ready()
+        times.append(time.perf_counter() - start)
+    return 2 * n**3 / statistics.median(times)
+
+
+def run(model_name: str, batch_size: int, image_size: int | None = None, steps: int = 10,
+        dtype: str = 'float32', warmup: int = 2) -> dict:
+    import jax
+    import numpy as np
+
+    from resnet_jax import train
+    from resnet_jax.config import base_config
+
+    config = base_config()
+    config.model.name = model_name
+    config.model.dtype = dtype
+    config.model.bn_group_size = 0
+    config.batch_size = batch_size
+    model = train.create_model(config, 10 if model_name.startswith('cifar') else 1000)
+    size = image_size or (32 if model.stem == 'cifar' else 224)
+    mesh = train.create_mesh()
+    lr_fn = train.create_learning_rate_fn(config)
+    tx = train.create_optimizer(config, lr_fn)
+    state = jax.jit(lambda rng: train.create_train_state(model, tx, rng, (size, size, 3)),
+                    out_shardings=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))(
+        jax.random.key(0))
+    rng = np.random.default_rng(0)
+    batch = train.shard_batch(mesh, {
+        'image': rng.normal(size=(batch_size, size, size, 3)).astype(np.float32),
+        'label': rng.integers(0, model.num_classes, batch_size).astype(np.int32),
+        'mask': np.ones(batch_size, bool)})
+    train_fn, eval_fn = train.compile_steps(model, tx, lr_fn, config, mesh)
+
+    start = time.perf_counter()
+    compiled = train_fn.lower(state, batch).compile()
+    compile_seconds = time.perf_counter() - start
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    step_flops = float(cost.get('flops', 0.0)) if cost else 0.0
+
+    def timed(fn, n):
+        nonlocal state
+        times = []
+        for _ in range(n):
+            t = time.perf_counter()
+            out = fn()
+            jax.block_until_ready(out)
+            times.append(time.perf_counter() - t)
+        return times
+
+    def train_once():
+        nonlocal state
+        state, m = compiled(state, batch)
+        return state.params
+    timed(train_once, warmup)
+    train_times = timed(train_once, steps)
+    eval_fn(state, batch)  # compile
+    eval_times = timed(lambda: eval_fn(state, batch), steps)
+    train_step = statistics.median(train_times)
+    machine = matmul_flops_per_sec()
+    return {
+        'model': model_name, 'batch_size': batch_size, 'image_size': size, 'dtype': dtype,
+        'backend': jax.default_backend(), 'devices': jax.device_count(),
+        'device_kind': jax.devices()[0].device_kind,
+        'train_images_per_sec': batch_size / train_step,
+        'eval_images_per_sec': batch_size / statistics.median(eval_times),
+        'train_step_seconds': train_step,
+        'compile_seconds': compile_seconds,
+        'peak_rss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        'train_flops_per_sec': step_flops / train_step,
+        'matmul_flops_per_sec': machine,
+        'fraction_of_matmul_rate': step_flops / train_step / machine,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--model', default='cifar_resnet20')
+    parser.add_argument('--batch-size', type=int, default=128)
+    parser.add_argument('--image-size', type=int, default=None)
+    parser.add_argument('--steps', type=int, default=10)
+    parser.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'])
+    parser.add_argument('--json', action='store_true', help='end with one JSON line')
+    args = parser.parse_args(argv)
+    from resnet_jax import models
+    try:
+        models.create_model(args.model)
+    except ValueError as e:
+        print(f'error: {e}', file=sys.stderr)
+        return 2
+    r = run(args.model, args.batch_size, args.image_size, args.steps, args.dtype)
+    print(f"{r['model']} batch {r['batch_size']} at {r['image_size']}px, {r['dtype']}, "
+          f"{r['devices']} x {r['device_kind']} ({r['backend']})")
+    print(f"  train: {r['train_images_per_sec']:.1f} images/s "
+          f"({r['train_step_seconds'] * 1e3:.0f} ms/step), eval: "
+          f"{r['eval_images_per_sec']:.1f} images/s")
+    print(f"  compile {r['compile_seconds']:.1f} s, peak RSS {r['peak_rss_mb']:.0f} MB, "
+          f"{r['train_flops_per_sec'] / 1e9:.1f} GFLOP/s = "
+          f"{100 * r['fraction_of_matmul_rate']:.0f}% of the matmul rate "
+          f"({r['matmul_flops_per_sec'] / 1e9:.0f} GFLOP/s)")
+    if args.json:
+        print(json.dumps(r))
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
