@@ -13,6 +13,7 @@ one is used, with a warning.
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import time
 from typing import Any
@@ -31,14 +32,22 @@ def identity(config: ml_collections.ConfigDict) -> dict[str, str]:
 
 
 def check_identity(directory: epath.Path, config: ml_collections.ConfigDict) -> None:
-    """Refuses (ConfigError) checkpoints of another model or dataset; changes nothing."""
-    if epath.Path(directory).exists():
-        manager = ocp.CheckpointManager(directory, item_names=('state', 'train_metrics', 'meta'),
-                                        options=ocp.CheckpointManagerOptions(create=False))
+    """Refuses (ConfigError) checkpoints of another model or dataset; changes nothing.
+
+    Reads the JSON of the ``meta`` items directly: no CheckpointManager, whose collective
+    set-up would have processes that do and do not see the directory disagree.
+    """
+    directory = epath.Path(directory)
+    if not directory.exists():
+        return
+    steps = sorted((int(p.name) for p in directory.iterdir() if p.name.isdigit()), reverse=True)
+    for step in steps:
         try:
-            Checkpointer.check_identity_of(manager, identity(config))
-        finally:
-            manager.close()
+            meta = json.loads((directory / str(step) / 'meta' / 'metadata').read_text())
+        except (OSError, ValueError):  # unreadable: restore_latest sets it aside later
+            continue
+        Checkpointer.check_meta(directory, meta, identity(config))
+        return
 
 
 class Checkpointer:
@@ -58,28 +67,17 @@ class Checkpointer:
             meta=ocp.args.JsonRestore()))['meta']
 
     @staticmethod
-    def _check_meta(directory, meta: dict, expected: dict) -> None:
+    def check_meta(directory, meta: dict, expected: dict) -> None:
         for key, value in expected.items():
             if meta.get(key) != value:
                 raise ConfigError(f'the checkpoint in {directory} is of {key} '
                                   f'{meta.get(key)!r}, not {value!r}; use another --workdir')
 
-    @staticmethod
-    def check_identity_of(manager: ocp.CheckpointManager, expected: dict) -> None:
-        """Checks the latest step whose metadata can be read (unreadable ones are skipped)."""
-        for step in sorted(manager.all_steps(), reverse=True):
-            try:
-                meta = Checkpointer._read_meta(manager, step)
-            except Exception:  # an unreadable step: restore_latest sets it aside
-                continue
-            Checkpointer._check_meta(manager.directory, meta, expected)
-            return
-
     def _meta(self, step: int) -> dict:
         return self._read_meta(self.manager, step)
 
     def _check(self, meta: dict) -> None:
-        self._check_meta(self.directory, meta, self.identity)
+        self.check_meta(self.directory, meta, self.identity)
 
     def _set_aside(self, step: int, error: Exception) -> None:
         """Moves an unreadable step out of orbax's sight, keeping its files."""
