@@ -40,6 +40,7 @@ setup(
         # torchvision-layout tests and reading .pth files; <2.14 keeps pip on the CPU build
         # where one is on disk (a newer torch pulls several GB of CUDA wheels).
         'interop': ['torch>=2.1,<2.14'],
+        'bench': ['torch>=2.1,<2.14'],  # experiments/benchmark_vs_pytorch.py
     },
     entry_points={'console_scripts': ['resnet-jax=resnet_jax.main:run']},
 )

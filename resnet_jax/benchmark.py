@@ -108,6 +108,7 @@ def run(model_name: str, batch_size: int, image_size: int | None = None, steps: 
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+    os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--model', default='cifar_resnet20')
     parser.add_argument('--batch-size', type=int, default=128)

@@ -144,85 +144,12 @@ def test_mismatched_state_dicts_name_the_first_mismatch():
         convert.from_torchvision(state_dict, 'cifar_resnet20')
 
 
-def _torchvision_resnet(name):
-    """torchvision's ResNet layout (module names and strides), written out with torch.nn
-    because torchvision's wheel does not import beside the CPU torch build here."""
-    import torch
-    from torch import nn
-
-    class Basic(nn.Module):
-        expansion = 1
-
-        def __init__(self, cin, width, stride):
-            super().__init__()
-            self.conv1 = nn.Conv2d(cin, width, 3, stride, 1, bias=False)
-            self.bn1 = nn.BatchNorm2d(width)
-            self.conv2 = nn.Conv2d(width, width, 3, 1, 1, bias=False)
-            self.bn2 = nn.BatchNorm2d(width)
-            self.downsample = None
-            if stride != 1 or cin != width:
-                self.downsample = nn.Sequential(nn.Conv2d(cin, width, 1, stride, bias=False),
-                                                nn.BatchNorm2d(width))
-
-        def forward(self, x):
-            y = self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x)))))
-            return torch.relu(y + (self.downsample(x) if self.downsample else x))
-
-    class Bottleneck(nn.Module):
-        expansion = 4
-
-        def __init__(self, cin, width, stride):
-            super().__init__()
-            self.conv1 = nn.Conv2d(cin, width, 1, bias=False)
-            self.bn1 = nn.BatchNorm2d(width)
-            self.conv2 = nn.Conv2d(width, width, 3, stride, 1, bias=False)  # v1.5
-            self.bn2 = nn.BatchNorm2d(width)
-            self.conv3 = nn.Conv2d(width, width * 4, 1, bias=False)
-            self.bn3 = nn.BatchNorm2d(width * 4)
-            self.downsample = None
-            if stride != 1 or cin != width * 4:
-                self.downsample = nn.Sequential(
-                    nn.Conv2d(cin, width * 4, 1, stride, bias=False), nn.BatchNorm2d(width * 4))
-
-        def forward(self, x):
-            y = torch.relu(self.bn1(self.conv1(x)))
-            y = self.bn3(self.conv3(torch.relu(self.bn2(self.conv2(y)))))
-            return torch.relu(y + (self.downsample(x) if self.downsample else x))
-
-    layout = {'resnet18': (Basic, (2, 2, 2, 2)), 'resnet34': (Basic, (3, 4, 6, 3)),
-              'resnet50': (Bottleneck, (3, 4, 6, 3)), 'resnet101': (Bottleneck, (3, 4, 23, 3)),
-              'resnet152': (Bottleneck, (3, 8, 36, 3))}
-    block, sizes = layout[name]
-
-    class ResNet(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
-            self.bn1 = nn.BatchNorm2d(64)
-            self.maxpool = nn.MaxPool2d(3, 2, 1)
-            cin = 64
-            for i, n in enumerate(sizes):
-                blocks = []
-                for j in range(n):
-                    blocks.append(block(cin, 64 * 2**i, 2 if i > 0 and j == 0 else 1))
-                    cin = 64 * 2**i * block.expansion
-                setattr(self, f'layer{i + 1}', nn.Sequential(*blocks))
-            self.fc = nn.Linear(cin, 1000)
-
-        def forward(self, x):
-            x = self.maxpool(torch.relu(self.bn1(self.conv1(x))))
-            for i in range(4):
-                x = getattr(self, f'layer{i + 1}')(x)
-            return self.fc(x.mean((2, 3)))
-
-    return ResNet()
-
-
 @pytest.mark.parametrize('name', DEPTHS)
 def test_torchvision_layout_names_shapes_and_logits(name, tmp_path):
     torch = pytest.importorskip('torch')
+    from resnet_jax import torch_reference
     torch.manual_seed(0)
-    net = _torchvision_resnet(name).eval()
+    net = torch_reference.imagenet_resnet(name).eval()
     with torch.no_grad():
         for module in net.modules():
             if isinstance(module, torch.nn.BatchNorm2d):
@@ -242,3 +169,17 @@ def test_torchvision_layout_names_shapes_and_logits(name, tmp_path):
         ref = net(torch.from_numpy(x)).numpy()
     logits = model.apply(variables, x.transpose(0, 2, 3, 1), train=False)
     _close(logits, ref)
+
+
+@pytest.mark.parametrize('depth', [20, 56])
+def test_torch_reference_cifar_nets_match_ours(depth):
+    """The PyTorch side of the benchmarks is the same network: same parameter count."""
+    pytest.importorskip('torch')
+    from resnet_jax import torch_reference
+    for residual in (True, False):
+        net = torch_reference.cifar_resnet(depth, residual)
+        kind = 'resnet' if residual else 'plain'
+        ours = jax.eval_shape(lambda: models.create_model(f'cifar_{kind}{depth}').init(
+            jax.random.key(0), jnp.zeros((1, 32, 32, 3))))
+        assert sum(p.numel() for p in net.parameters()) == sum(
+            x.size for x in jax.tree_util.tree_leaves(ours['params']))

@@ -1,0 +1,83 @@
+"""Training throughput of resnet_jax beside the same networks in PyTorch, in one run.
+
+    pip install -e '.[bench]'
+    python experiments/benchmark_vs_pytorch.py [--steps 5] [--nets cifar_resnet20:128 ...]
+
+Both sides: float32, the same batch on synthetic data, SGD with momentum 0.9 and weight
+decay 1e-4, one train step timed after warm-up (median over --steps), PyTorch with
+channels_last and as many threads as this process may use. Prints a table with the
+ratio (JAX / PyTorch images/s).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import statistics
+import sys
+import time
+
+DEFAULT_NETS = ('cifar_resnet20:128', 'cifar_resnet56:128', 'cifar_resnet110:128',
+                'resnet50:16')
+
+
+def torch_images_per_sec(name: str, batch: int, steps: int, warmup: int = 2) -> float:
+    import torch
+
+    from resnet_jax import torch_reference
+
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    cifar = re.fullmatch(r'cifar_(resnet|plain)(\d+)', name)
+    if cifar:
+        net = torch_reference.cifar_resnet(int(cifar.group(2)), cifar.group(1) == 'resnet')
+        size, classes = 32, 10
+    else:
+        net, size, classes = torch_reference.imagenet_resnet(name, stride_in_1x1=True), 224, 1000
+    net = net.to(memory_format=torch.channels_last).train()
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+    x = torch.randn(batch, 3, size, size).to(memory_format=torch.channels_last)
+    y = torch.randint(0, classes, (batch,))
+    times = []
+    for i in range(warmup + steps):
+        start = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(net(x), y).backward()
+        opt.step()
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    return batch / statistics.median(times)
+
+
+def main() -> int:
+    os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+    os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--nets', nargs='+', default=list(DEFAULT_NETS), metavar='NAME:BATCH')
+    parser.add_argument('--steps', type=int, default=5)
+    args = parser.parse_args()
+    try:
+        import torch
+    except ImportError:
+        print("error: needs torch: pip install -e '.[bench]'", file=sys.stderr)
+        return 2
+    from resnet_jax import benchmark
+
+    import jax
+    print(f'{os.cpu_count()} CPU cores, jax {jax.__version__} ({jax.default_backend()}), '
+          f'torch {torch.__version__}, float32, median of {args.steps} steps')
+    print(f'| network, batch | PyTorch images/s | resnet_jax images/s | ratio | '
+          f'resnet_jax compile s |')
+    print('|---|---|---|---|---|')
+    for spec in args.nets:
+        name, batch = spec.split(':')
+        ours = benchmark.run(name, int(batch), steps=args.steps)
+        theirs = torch_images_per_sec(name, int(batch), args.steps)
+        print(f"| {name}, {batch} | {theirs:.1f} | {ours['train_images_per_sec']:.1f} | "
+              f"{ours['train_images_per_sec'] / theirs:.2f} | {ours['compile_seconds']:.1f} |",
+              flush=True)
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
