@@ -175,8 +175,7 @@ def report_table(experiment: Experiment, matched) -> str:
 
 def plot_curves(matched, path: pathlib.Path, title: str) -> None:
     """Fig. 4/6: training error dashed, test error bold; plain left, residual right."""
-    import matplotlib
-    matplotlib.use('Agg')
+    from resnet_jax import plot  # selects the Agg backend first
     import matplotlib.pyplot as plt
 
     panels = [p for p in ('plain', 'residual') if any(r.panel == p for r, _ in matched)]
@@ -186,30 +185,15 @@ def plot_curves(matched, path: pathlib.Path, title: str) -> None:
     colors: dict[str, str] = {}
     for ax, panel in zip(axes[0], panels):
         for run, workdir in matched:
-            if panel and run.panel != panel:
-                continue
             history = _load(workdir, run.protocol).get('history')
-            if not history:
+            if (panel and run.panel != panel) or not history:
                 continue
-            label = run.name.split('_seed')[0]
-            color = colors.setdefault(label, f'C{len(colors)}')
-            first = not any(line.get_label().startswith(label) for line in ax.get_lines())
-            train, evals = history['train'], history['eval']
-            ax.plot([h['step'] for h in train], [100 * h['train_top1_error'] for h in train],
-                    '--', color=color, linewidth=1, alpha=0.8,
-                    label=f'{label} train' if first else None)
-            ax.plot([h['step'] for h in evals], [100 * h['eval_top1_error'] for h in evals],
-                    '-', color=color, linewidth=2.2, label=f'{label} test' if first else None)
-        ax.set_title(f'{panel} nets' if panel else title)
-        ax.set_xlabel('iteration')
-        ax.set_ylabel('error (%)')
-        ax.set_ylim(bottom=0)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+            label = run.name.split('_seed')[0]  # seeds of one net share a colour and label
+            first = label not in {line.get_label().rsplit(' ', 1)[0] for line in ax.get_lines()}
+            plot.draw_history(ax, history, label, colors.setdefault(label, f'C{len(colors)}'),
+                              with_label=first)
+        plot.style_axes(ax, f'{panel} nets' if panel else None)
+    plot.save(fig, path, title)
 
 
 def layer_response_stds(workdir: pathlib.Path, num_images: int = 256):
@@ -229,10 +213,10 @@ def layer_response_stds(workdir: pathlib.Path, num_images: int = 256):
 
 def plot_responses(matched, path: pathlib.Path, title: str) -> dict[str, list[float]]:
     """Fig. 7: std per 3x3 layer in layer order (top) and sorted descending (bottom)."""
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
     import numpy as np
+
+    from resnet_jax import plot  # selects the Agg backend first
+    import matplotlib.pyplot as plt
 
     stds: dict[str, list] = {}
     for run, workdir in matched:
@@ -247,16 +231,9 @@ def plot_responses(matched, path: pathlib.Path, title: str) -> dict[str, list[fl
         top.plot(np.arange(1, len(mean) + 1), mean, style, color=f'C{i}', label=label)
         bottom.plot(np.arange(1, len(mean) + 1), np.sort(mean)[::-1], style, color=f'C{i}',
                     label=label)
-    top.set_xlabel('layer index (original)')
-    bottom.set_xlabel('layer index (sorted by magnitude)')
-    for ax in (top, bottom):
-        ax.set_ylabel('std')
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    plot.style_axes(top, xlabel='layer index (original)', ylabel='std')
+    plot.style_axes(bottom, xlabel='layer index (sorted by magnitude)', ylabel='std')
+    plot.save(fig, path, title)
     return means
 
 

@@ -16,29 +16,44 @@ matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402
 
 
-def plot_runs(histories: dict[str, dict], path, title: str | None = None) -> None:
-    """One colour per run: training error (dashed, thin) and test error (bold) in %."""
-    fig, ax = plt.subplots(figsize=(6, 4.5))
-    for i, (label, history) in enumerate(histories.items()):
-        color = f'C{i}'
-        train = history.get('train', [])
-        if train:
-            ax.plot([r['step'] for r in train], [100 * r['train_top1_error'] for r in train],
-                    '--', color=color, linewidth=1, label=f'{label} train')
-        evals = history.get('eval', [])
-        if evals:
-            ax.plot([r['step'] for r in evals], [100 * r['eval_top1_error'] for r in evals],
-                    '-', color=color, linewidth=2.5, label=f'{label} test')
-    ax.set_xlabel('iteration')
-    ax.set_ylabel('error (%)')
+def draw_history(ax, history: dict, label: str, color: str, with_label: bool = True) -> None:
+    """One run's training error (dashed, thin) and test error (bold), in %."""
+    train, evals = history.get('train', []), history.get('eval', [])
+    if train:
+        ax.plot([r['step'] for r in train], [100 * r['train_top1_error'] for r in train],
+                '--', color=color, linewidth=1, alpha=0.85,
+                label=f'{label} train' if with_label else None)
+    if evals:
+        ax.plot([r['step'] for r in evals], [100 * r['eval_top1_error'] for r in evals],
+                '-', color=color, linewidth=2.5, label=f'{label} test' if with_label else None)
+
+
+def style_axes(ax, title: str | None = None, xlabel: str = 'iteration',
+               ylabel: str = 'error (%)') -> None:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     if title:
         ax.set_title(title)
+
+
+def save(fig, path, title: str | None = None) -> None:
+    if title:
+        fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def plot_runs(histories: dict[str, dict], path, title: str | None = None) -> None:
+    """One colour per run: training error (dashed, thin) and test error (bold) in %."""
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for i, (label, history) in enumerate(histories.items()):
+        draw_history(ax, history, label, f'C{i}')
+    style_axes(ax)
+    save(fig, path, title)
 
 
 def load_history(workdir: pathlib.Path) -> dict:
