@@ -198,7 +198,6 @@ def plot_curves(matched, path: pathlib.Path, title: str) -> None:
 
 def layer_response_stds(workdir: pathlib.Path, num_images: int = 256):
     """Fig. 7's per-layer stds of a trained run, on its test images."""
-    os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
     import numpy as np
 
     from resnet_jax import analysis, evaluate, input_pipeline
@@ -263,6 +262,8 @@ def report(name: str, workdirs: list[pathlib.Path], out: pathlib.Path) -> pathli
 
 
 def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # tf.data feeds the evaluations
+    os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('experiment', nargs='?', choices=sorted(EXPERIMENTS))
     parser.add_argument('--list', action='store_true', help='name the experiments')
