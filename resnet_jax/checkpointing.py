@@ -20,6 +20,7 @@ from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
@@ -161,3 +162,21 @@ def merge_pretrained(fresh: Any, pretrained: Any) -> tuple[Any, list[str]]:
         return jax.device_put(jax.numpy.asarray(value, leaf.dtype), leaf.sharding)
 
     return jax.tree_util.tree_map_with_path(pick, fresh), kept
+
+
+def save_variables(workdir, variables: dict, config: ml_collections.ConfigDict,
+                   **meta: Any) -> epath.Path:
+    """Writes ``variables`` (params and batch_stats) as step 0 of a workdir, with its
+    ``config.json``: what ``resnet_jax.evaluate`` and ``init_from`` read. Used for
+    converted weights."""
+    workdir = epath.Path(workdir).absolute()
+    workdir.mkdir(parents=True, exist_ok=True)
+    manager = ocp.CheckpointManager(workdir / 'checkpoints', item_names=('state', 'meta'))
+    manager.save(0, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(jax.tree_util.tree_map(np.asarray, variables)),
+        meta=ocp.args.JsonSave({**identity(config), **meta,
+                                'history': {'train': [], 'eval': []}})))
+    manager.wait_until_finished()
+    manager.close()
+    (workdir / 'config.json').write_text(config.to_json_best_effort(indent=2))
+    return workdir

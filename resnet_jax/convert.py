@@ -248,30 +248,19 @@ def save_converted(model: models.ResNet, variables: dict, name: str, source: str
                    output: str | os.PathLike) -> pathlib.Path:
     """Writes ``output`` as a workdir that ``resnet_jax.evaluate`` and ``init_from`` accept:
     an orbax checkpoint (step 0) and ``config.json`` with the model and preprocessing."""
-    import orbax.checkpoint as ocp
-
+    from resnet_jax import checkpointing
     from resnet_jax.config import base_config
 
-    output = pathlib.Path(output).absolute()
     config = base_config()
     config.model.name = name
     config.model.shortcut = model.shortcut
     config.model.stride_in_1x1 = model.stride_in_1x1
     config.model.bn_epsilon = model.bn_epsilon
-    config.model.bn_group_size = 32
     config.dataset.name = 'imagenet2012'
     config.dataset.preprocessing = PREPROCESSING[source]
     config.batch_size, config.reference_batch_size = 256, 256
-    output.mkdir(parents=True, exist_ok=True)
-    manager = ocp.CheckpointManager(output / 'checkpoints', item_names=('state', 'meta'))
-    manager.save(0, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(jax.tree_util.tree_map(np.asarray, variables)),
-        meta=ocp.args.JsonSave({'model': name, 'dataset': 'imagenet2012',
-                                'converted_from': source, 'history': {'train': [],
-                                                                      'eval': []}})))
-    manager.wait_until_finished()
-    manager.close()
-    (output / 'config.json').write_text(config.to_json_best_effort(indent=2))
+    output = pathlib.Path(checkpointing.save_variables(output, variables, config,
+                                                       converted_from=source))
     (output / 'converted.json').write_text(json.dumps(
         {'source': source, 'model': name, 'preprocessing': PREPROCESSING[source]}, indent=2))
     return output

@@ -106,3 +106,40 @@ def test_layer_responses_follow_fig7s_definition():
     plain = models.create_model('cifar_plain20')
     plain_vars = plain.init(jax.random.key(0), jnp.ones((1, 32, 32, 3)))
     assert len(analysis.layer_responses(plain, plain_vars, images)) == 19
+
+
+def trained_like_workdir(root, run, data_dir):
+    """A workdir with a real checkpoint (freshly initialised) of the run's CIFAR net on the
+    digits, plus fake results and history: enough for every part of a report."""
+    from resnet_jax import checkpointing
+    from resnet_jax.config import base_config
+
+    workdir = fake_workdir(root, run, 10.0)
+    config = base_config()
+    config.model.name = f'cifar_{run}'
+    config.dataset.data_dir = data_dir
+    model = models.create_model(config.model.name)
+    variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+    checkpointing.save_variables(workdir, variables, config)
+    return workdir
+
+
+@pytest.mark.parametrize('name', PAPER)
+def test_report_of_every_experiment(name, tmp_path, data_dir):
+    experiment = reproduce.EXPERIMENTS[name]
+    runs = [r.name for r in experiment.runs][:2]
+    if experiment.figure == 'responses':
+        dirs = [trained_like_workdir(tmp_path, r, data_dir) for r in runs]
+    else:
+        dirs = [fake_workdir(tmp_path, r, 30.0, 9.0, protocol=experiment.runs[0].protocol)
+                for r in runs]
+    text = reproduce.report(name, dirs, tmp_path / 'out').read_text()
+    assert text.startswith(f'# {name}: ') and all(f'| {r} |' in text for r in runs)
+    for run in experiment.runs[:2]:
+        if run.paper_top1 is not None:
+            assert f'| {run.paper_top1:.2f} |' in text
+    if experiment.figure == 'curves':
+        assert (tmp_path / 'out' / f'{name}_curves.png').exists()
+    if experiment.figure == 'responses':
+        assert (tmp_path / 'out' / f'{name}_responses.png').exists()
+        assert '| plain20 |' in text and '| 19 |' in text  # 19 3x3 layers in a 20-layer net
