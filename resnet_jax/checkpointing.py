@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import os
 import time
 from typing import Any
 
@@ -56,7 +57,7 @@ class Checkpointer:
 
     def __init__(self, directory: epath.Path, config: ml_collections.ConfigDict):
         self.identity = identity(config)
-        self.directory = epath.Path(directory)
+        self.directory = epath.Path(os.path.abspath(directory))  # orbax needs absolute paths
         options = ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True,
                                                enable_async_checkpointing=True)
         self.manager = ocp.CheckpointManager(self.directory, options=options,

@@ -295,7 +295,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     mesh = create_mesh(devices)
     validate_config(config, mesh.size)
     faults.check_workdir(workdir)
-    workdir = epath.Path(workdir)
+    workdir = epath.Path(os.path.abspath(workdir))  # orbax needs absolute paths
     checkpointing.check_identity(workdir / 'checkpoints', config)
     with faults.WorkdirLock(workdir), faults.StopRequest() as stop:
         ckpt = checkpointing.Checkpointer(workdir / 'checkpoints', config)

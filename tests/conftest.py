@@ -28,8 +28,9 @@ def data_dir(tmp_path_factory) -> str:
     return str(path)
 
 
-def run_main(*args: str, devices: int = 1, timeout: float = 600) -> subprocess.CompletedProcess:
+def run_main(*args: str, devices: int = 1, timeout: float = 600,
+             cwd=REPO) -> subprocess.CompletedProcess:
     """Runs ``python -m resnet_jax.main`` as a user would, on ``devices`` CPU devices."""
     env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
-    return subprocess.run([sys.executable, '-m', 'resnet_jax.main', *args], cwd=REPO, env=env,
+    return subprocess.run([sys.executable, '-m', 'resnet_jax.main', *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)

@@ -195,6 +195,20 @@ def test_command_line_override_reaches_the_model(data_dir, tmp_path):
     assert 'proj_conv' in state['params']['conv2_1']['shortcut']  # option C: every block
 
 
+def test_relative_workdir_as_in_the_quickstart(data_dir, tmp_path):
+    """The README's first command uses the default, relative, workdir."""
+    proc = run_main('--workdir=workdirs/run', '--config.model.name=cifar_resnet8',
+                    '--config.num_train_steps=2', '--config.batch_size=16',
+                    '--config.checkpoint_every_steps=1', f'--config.dataset.data_dir={data_dir}',
+                    cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / 'workdirs' / 'run' / 'checkpoints' / '2').is_dir()
+    again = run_main('--workdir=workdirs/run', '--config.model.name=cifar_resnet8',
+                     '--config.num_train_steps=2', '--config.batch_size=16',
+                     f'--config.dataset.data_dir={data_dir}', cwd=tmp_path)
+    assert again.returncode == 0 and 'resumed from step 2' in again.stdout
+
+
 @pytest.mark.parametrize('args, message', [
     (['--config.bogus=1'], "unknown config field 'config.bogus'"),
     (['--config=configs/nope.py'], 'cannot load config file'),
