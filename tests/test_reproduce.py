@@ -143,3 +143,13 @@ def test_report_of_every_experiment(name, tmp_path, data_dir):
     if experiment.figure == 'responses':
         assert (tmp_path / 'out' / f'{name}_responses.png').exists()
         assert '| plain20 |' in text and '| 19 |' in text  # 19 3x3 layers in a 20-layer net
+
+
+def test_plot_cli_overlays_runs(tmp_path, capsys):
+    from resnet_jax import plot
+    dirs = [fake_workdir(tmp_path, n, 10.0) for n in ('a', 'b')]
+    out = tmp_path / 'overlay.png'
+    assert plot.main([str(d) for d in dirs] + ['--output', str(out)]) == 0
+    assert out.stat().st_size > 10_000
+    assert plot.main([str(tmp_path / 'missing')]) == 2
+    assert 'has no history.json' in capsys.readouterr().err
