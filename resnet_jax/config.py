@@ -76,6 +76,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.keep_checkpoints = 3              # the last K checkpoints are kept
     c.seed = 0
     c.profile = False                   # capture a jax.profiler trace of a few steps
+    c.cpu_train_step_fusion = False     # XLA:CPU only: keep XLA's elementwise fusion in the
+    #                                     train step (off: it makes residual nets O(depth^2);
+    #                                     see train.train_step_compiler_options)
     c.init_from = ml_collections.FieldReference(None, field_type=str)  # fine-tune: a workdir
     #                                     (a run or `python -m resnet_jax.convert` output)
     #                                     whose latest params start this run; an fc of
