@@ -66,8 +66,8 @@ def main() -> int:
     import jax
     print(f'{os.cpu_count()} CPU cores, jax {jax.__version__} ({jax.default_backend()}), '
           f'torch {torch.__version__}, float32, median of {args.steps} steps')
-    print(f'| network, batch | PyTorch images/s | resnet_jax images/s | ratio | '
-          f'resnet_jax compile s |')
+    print('| network, batch | PyTorch images/s | resnet_jax images/s | ratio | '
+          'resnet_jax compile s |')
     print('|---|---|---|---|---|')
     for spec in args.nets:
         name, batch = spec.split(':')

@@ -14,7 +14,6 @@ Exit status 0 when they are equal.
 
 import argparse
 import json
-import os
 import pathlib
 import random
 import signal

@@ -64,11 +64,6 @@ class Checkpointer:
                                              item_names=('state', 'train_metrics', 'meta'))
 
     @staticmethod
-    def _read_meta(manager: ocp.CheckpointManager, step: int) -> dict:
-        return manager.restore(step, args=ocp.args.Composite(
-            meta=ocp.args.JsonRestore()))['meta']
-
-    @staticmethod
     def check_meta(directory, meta: dict, expected: dict) -> None:
         for key, value in expected.items():
             if meta.get(key) != value:
@@ -76,7 +71,8 @@ class Checkpointer:
                                   f'{meta.get(key)!r}, not {value!r}; use another --workdir')
 
     def _meta(self, step: int) -> dict:
-        return self._read_meta(self.manager, step)
+        return self.manager.restore(step, args=ocp.args.Composite(
+            meta=ocp.args.JsonRestore()))['meta']
 
     def _check(self, meta: dict) -> None:
         self.check_meta(self.directory, meta, self.identity)

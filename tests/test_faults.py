@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -135,8 +136,7 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_good_checkpoints(data_d
     for step in saved[-1:]:
         state = ocp.StandardCheckpointer().restore(
             tmp_path / 'checkpoints' / str(step) / 'state')
-        leaves = [np.asarray(x) for x in
-                  __import__('jax').tree_util.tree_leaves(state['params'])]
+        leaves = [np.asarray(x) for x in jax.tree_util.tree_leaves(state['params'])]
         assert all(np.isfinite(x).all() for x in leaves)
 
 

@@ -3,7 +3,6 @@
 import functools
 import importlib.util
 import json
-import pathlib
 import subprocess
 import sys
 
