@@ -28,6 +28,9 @@ def base_config() -> ml_collections.ConfigDict:
     #                                     0 = synchronised over the whole global batch
     c.model.dtype = 'float32'           # compute dtype; 'bfloat16' for mixed precision
     c.model.bn_epsilon = 1e-5           # (Keras-converted ResNets use 1.001e-5)
+    c.model.scan_blocks = ml_collections.FieldReference(None, field_type=bool)  # run each
+    #                                     stage's identical blocks as one lax.scan (compile
+    #                                     time independent of depth); None: on CPU only
 
     # --- data ----------------------------------------------------------------------------
     c.dataset = ml_collections.ConfigDict()
@@ -76,9 +79,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.keep_checkpoints = 3              # the last K checkpoints are kept
     c.seed = 0
     c.profile = False                   # capture a jax.profiler trace of a few steps
-    c.cpu_train_step_fusion = False     # XLA:CPU only: keep XLA's elementwise fusion in the
-    #                                     train step (off: it makes residual nets O(depth^2);
-    #                                     see train.train_step_compiler_options)
+    c.cpu_train_step_fusion = False     # XLA:CPU, unrolled model (scan_blocks=False) only:
+    #                                     keep XLA's elementwise fusion in the train step (off:
+    #                                     it makes residual nets O(depth^2); see
+    #                                     train.train_step_compiler_options)
     c.init_from = ml_collections.FieldReference(None, field_type=str)  # fine-tune: a workdir
     #                                     (a run or `python -m resnet_jax.convert` output)
     #                                     whose latest params start this run; an fc of

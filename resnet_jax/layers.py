@@ -12,11 +12,13 @@ so the paper's layer conventions live in one place (sec. 3.4):
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 Dtype = Any
 Initializer = Callable[..., jax.Array]
@@ -26,12 +28,85 @@ he_normal = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 
 
 def conv(features: int, kernel_size: int, strides: int = 1, *, dtype: Dtype = jnp.float32,
-         name: str | None = None) -> nn.Conv:
-    """A bias-free k x k convolution with symmetric padding and He initialisation."""
+         canonical_grads: bool = False, name: str | None = None) -> nn.Conv:
+    """A bias-free k x k convolution with symmetric padding and He initialisation.
+
+    ``canonical_grads=True`` computes the gradients with ``canonical_conv`` (same values).
+    """
     pad = (kernel_size - 1) // 2
     return nn.Conv(features, (kernel_size, kernel_size), strides=(strides, strides),
                    padding=((pad, pad), (pad, pad)), use_bias=False, kernel_init=he_normal,
-                   dtype=dtype, param_dtype=jnp.float32, name=name)
+                   dtype=dtype, param_dtype=jnp.float32, name=name,
+                   conv_general_dilated=canonical_conv if canonical_grads else None)
+
+
+_NHWC = ('NHWC', 'HWIO', 'NHWC')
+
+
+def canonical_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+                   dimension_numbers=None, feature_group_count=1, precision=None):
+    """``lax.conv_general_dilated`` whose gradients are convolutions in the forward layout.
+
+    JAX's own transpose rules give the input gradient an OI kernel layout and the weight
+    gradient a (feature, spatial, batch) input layout. XLA:CPU rewrites such convolutions
+    into its one fast form (NHWC x HWIO -> NHWC, plus transposes) in a program's main
+    computation but not inside loops, where they fall back to a naive loop nest that is
+    ~50x slower; the blocks of a stage run in a loop on CPU (``ResNet.scan_blocks``).
+    This function writes both gradients in that form itself: the input gradient as the
+    convolution of the dilated output gradient with the flipped, in/out-swapped kernel;
+    the weight gradient as a convolution over the input's channels-as-batch with the
+    output gradient as the (dilated) window. The values are those of JAX's rules.
+
+    Takes ``lax.conv_general_dilated``'s arguments (``flax.linen.Conv`` passes them) and
+    handles NHWC/HWIO with explicit padding, no dilation and one group, as ``conv``
+    builds; anything else goes to ``lax.conv_general_dilated`` unchanged.
+    """
+    simple = (feature_group_count == 1 and not isinstance(padding, str)
+              and all(d in (None, 1) for d in (*(lhs_dilation or ()), *(rhs_dilation or ())))
+              and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+              == lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC)
+              and len(set(window_strides)) == 1 and lhs.ndim == 4)
+    if not simple:
+        return lax.conv_general_dilated(
+            lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+            feature_group_count, precision=precision)
+    return _conv_nhwc(lhs, rhs, window_strides[0], tuple(map(tuple, padding)), precision)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _conv_nhwc(x, w, stride, padding, precision):
+    return lax.conv_general_dilated(x, w, (stride, stride), padding, dimension_numbers=_NHWC,
+                                    precision=precision)
+
+
+def _conv_nhwc_fwd(x, w, stride, padding, precision):
+    return _conv_nhwc(x, w, stride, padding, precision), (x, w)
+
+
+def _conv_nhwc_bwd(stride, padding, precision, residuals, g):
+    x, w = residuals
+    kh, kw = w.shape[:2]
+    (top, bottom), (left, right) = padding
+    height, width = x.shape[1:3]
+    out_h, out_w = g.shape[1:3]
+    # Input gradient: rows the forward's stride skipped at the end get zero gradient.
+    skip_h = (height + top + bottom - kh) % stride
+    skip_w = (width + left + right - kw) % stride
+    flipped = jnp.flip(w, (0, 1)).transpose(0, 1, 3, 2)
+    dx = lax.conv_general_dilated(
+        g, flipped, (1, 1), ((kh - 1 - top, kh - 1 - bottom + skip_h),
+                             (kw - 1 - left, kw - 1 - right + skip_w)),
+        lhs_dilation=(stride, stride), dimension_numbers=_NHWC, precision=precision)
+    # Weight gradient: [C_in, H, W, N] (*) [out_h, out_w, N, C_out] -> [C_in, kh, kw, C_out].
+    dw = lax.conv_general_dilated(
+        x.transpose(3, 1, 2, 0), g.transpose(1, 2, 0, 3), (1, 1),
+        ((top, kh + (out_h - 1) * stride - height - top),
+         (left, kw + (out_w - 1) * stride - width - left)),
+        rhs_dilation=(stride, stride), dimension_numbers=_NHWC, precision=precision)
+    return dx.astype(x.dtype), dw.transpose(1, 2, 0, 3).astype(w.dtype)
+
+
+_conv_nhwc.defvjp(_conv_nhwc_fwd, _conv_nhwc_bwd)
 
 
 class BatchNorm(nn.Module):
@@ -77,7 +152,9 @@ class BatchNorm(nn.Module):
         xg = x.reshape((n // group, group) + x.shape[1:]).astype(jnp.float32)
         axes = tuple(range(1, xg.ndim - 1))
         mean = jnp.mean(xg, axes, keepdims=True)
-        var = jnp.mean(jnp.square(xg - mean), axes, keepdims=True)
+        # E[x^2] - E[x]^2 as flax.linen.BatchNorm (use_fast_variance): the two sums read
+        # x once and need no full-size broadcast of the mean.
+        var = jnp.maximum(jnp.mean(jnp.square(xg), axes, keepdims=True) - jnp.square(mean), 0.0)
         mul = scale * jax.lax.rsqrt(var + self.epsilon)
         y = xg * mul + (bias - mean * mul)
         if not self.is_initializing():
@@ -111,12 +188,14 @@ class Shortcut(nn.Module):
     option: str
     norm: Callable[..., nn.Module]
     dtype: Dtype = jnp.float32
+    canonical_grads: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         changes = self.strides != 1 or x.shape[-1] != self.features
         if self.option == 'C' or (self.option == 'B' and changes):
-            x = conv(self.features, 1, self.strides, dtype=self.dtype, name='proj_conv')(x)
+            x = conv(self.features, 1, self.strides, dtype=self.dtype,
+                     canonical_grads=self.canonical_grads, name='proj_conv')(x)
             return self.norm(name='proj_bn')(x)
         if self.strides != 1:
             x = x[:, ::self.strides, ::self.strides, :]

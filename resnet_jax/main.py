@@ -119,8 +119,7 @@ def main(argv: list[str]) -> None:
         _fail(f'cannot join the multi-process run: {str(e).splitlines()[0]}')
 
     if _FLAGS['cache'].value:
-        jax.config.update('jax_compilation_cache_dir', _FLAGS['cache'].value)
-        jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
+        train.enable_compilation_cache(_FLAGS['cache'].value)
     logging.set_verbosity(logging.ERROR)  # the libraries' chatter; results are printed
     config, workdir = _FLAGS['config'].value, pathlib.Path(_FLAGS['workdir'].value)
     try:

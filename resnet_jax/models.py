@@ -21,7 +21,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from resnet_jax.layers import BatchNorm, Shortcut, check_shortcut, conv
+from resnet_jax import layers
+from resnet_jax.layers import BatchNorm, Shortcut, check_shortcut
 
 Dtype = Any
 
@@ -37,13 +38,15 @@ class BasicBlock(nn.Module):
     stride_in_1x1: bool = True  # unused: a basic block has no 1x1 conv
     zero_init_residual: bool = False
     dtype: Dtype = jnp.float32
+    canonical_grads: bool = False  # see layers.canonical_conv
     expansion = 1
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = conv(self.filters, 3, self.strides, dtype=self.dtype, name='conv1')(x)
+        conv = _conv_factory(self)
+        y = conv(self.filters, 3, self.strides, name='conv1')(x)
         y = nn.relu(self.norm(name='bn1')(y))
-        y = conv(self.filters, 3, dtype=self.dtype, name='conv2')(y)
+        y = conv(self.filters, 3, name='conv2')(y)
         y = self.norm(name='bn2', scale_init=_last_scale_init(self.zero_init_residual))(y)
         return _merge(self, x, y, self.filters)
 
@@ -64,18 +67,25 @@ class BottleneckBlock(nn.Module):
     stride_in_1x1: bool = True
     zero_init_residual: bool = False
     dtype: Dtype = jnp.float32
+    canonical_grads: bool = False  # see layers.canonical_conv
     expansion = 4
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         s1, s3 = (self.strides, 1) if self.stride_in_1x1 else (1, self.strides)
-        y = conv(self.filters, 1, s1, dtype=self.dtype, name='conv1')(x)
+        conv = _conv_factory(self)
+        y = conv(self.filters, 1, s1, name='conv1')(x)
         y = nn.relu(self.norm(name='bn1')(y))
-        y = conv(self.filters, 3, s3, dtype=self.dtype, name='conv2')(y)
+        y = conv(self.filters, 3, s3, name='conv2')(y)
         y = nn.relu(self.norm(name='bn2')(y))
-        y = conv(self.filters * 4, 1, dtype=self.dtype, name='conv3')(y)
+        y = conv(self.filters * 4, 1, name='conv3')(y)
         y = self.norm(name='bn3', scale_init=_last_scale_init(self.zero_init_residual))(y)
         return _merge(self, x, y, self.filters * 4)
+
+
+def _conv_factory(module) -> Callable[..., nn.Conv]:
+    return functools.partial(layers.conv, dtype=module.dtype,
+                             canonical_grads=module.canonical_grads)
 
 
 def _last_scale_init(zero_init: bool):
@@ -86,7 +96,8 @@ def _merge(block, x: jax.Array, y: jax.Array, features: int) -> jax.Array:
     """The addition of eq. (1)/(2) followed by the ReLU; plain nets skip the addition."""
     if block.residual:
         y = y + Shortcut(features, block.strides, block.shortcut, block.norm,
-                         dtype=block.dtype, name='shortcut')(x)
+                         dtype=block.dtype, canonical_grads=block.canonical_grads,
+                         name='shortcut')(x)
     return nn.relu(y)
 
 
@@ -106,6 +117,15 @@ class ResNet(nn.Module):
       bn_group_size: examples per BatchNorm group in training (0: the whole batch).
       bn_momentum, bn_epsilon: BatchNorm running-average momentum and epsilon.
       dtype: compute dtype (e.g. ``jnp.bfloat16``); parameters stay float32.
+      scan_blocks: run the identical blocks of each stage (all but its first) as one
+        ``lax.scan`` instead of unrolled: the compiled program no longer grows with depth
+        (ResNet-1202 compiles in seconds) and XLA cannot fuse across blocks. Same
+        parameters, same tree, same values. ``None`` (default): on when JAX's default
+        backend is the CPU, where the unrolled train step's elementwise fusions grow with
+        depth, off on GPU/TPU. The scanned blocks' gradients use ``layers.canonical_conv``,
+        a ``custom_vjp``: forward-mode AD (``jax.jvp``) needs ``scan_blocks=False``, as
+        do ``capture_intermediates`` views of the scanned blocks (``summary``, ``analysis``
+        and ``complexity`` turn it off themselves).
     """
 
     stage_sizes: Sequence[int]
@@ -121,36 +141,82 @@ class ResNet(nn.Module):
     bn_momentum: float = 0.9
     bn_epsilon: float = 1e-5
     dtype: Dtype = jnp.float32
+    scan_blocks: bool | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         check_shortcut(self.shortcut)
+        scan = self.uses_scan() and not self.is_initializing()
+        conv = functools.partial(layers.conv, dtype=self.dtype)
         norm = functools.partial(BatchNorm, use_running_average=not train,
                                  group_size=self.bn_group_size, momentum=self.bn_momentum,
                                  epsilon=self.bn_epsilon, dtype=self.dtype)
         x = jnp.asarray(x, self.dtype)
         if self.stem == 'imagenet':  # conv1 and the max pool of Table 1
-            x = conv(self.width, 7, 2, dtype=self.dtype, name='conv1')(x)
+            x = conv(self.width, 7, 2, name='conv1')(x)
             x = nn.relu(norm(name='bn1')(x))
             x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
         elif self.stem == 'cifar':  # the first 3x3 conv of sec. 4.2
-            x = conv(self.width, 3, dtype=self.dtype, name='conv1')(x)
+            x = conv(self.width, 3, name='conv1')(x)
             x = nn.relu(norm(name='bn1')(x))
         else:
             raise ValueError(f"unknown stem {self.stem!r}; allowed: 'imagenet', 'cifar'")
 
         for i, num_blocks in enumerate(self.stage_sizes):
-            for j in range(num_blocks):
-                x = self.block_cls(
-                    filters=self.width * 2**i, strides=2 if i > 0 and j == 0 else 1,
-                    norm=norm, residual=self.residual, shortcut=self.shortcut,
-                    stride_in_1x1=self.stride_in_1x1,
-                    zero_init_residual=self.zero_init_residual, dtype=self.dtype,
-                    name=f'conv{i + 2}_{j + 1}')(x)  # the paper's names: conv2_1, conv3_1...
+            block = functools.partial(
+                self.block_cls, filters=self.width * 2**i, norm=norm, residual=self.residual,
+                shortcut=self.shortcut, stride_in_1x1=self.stride_in_1x1,
+                zero_init_residual=self.zero_init_residual, dtype=self.dtype)
+            names = [f'conv{i + 2}_{j + 1}' for j in range(num_blocks)]  # the paper's names
+            x = block(strides=2 if i > 0 else 1, name=names[0])(x)
+            if scan and num_blocks > 2:
+                x = self._scan(block(strides=1, canonical_grads=True, parent=None),
+                               names[1:], x, train)
+            else:
+                for name in names[1:]:
+                    x = block(strides=1, name=name)(x)
 
         x = jnp.mean(x, axis=(1, 2))
         x = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=jnp.float32, name='fc')(x)
         return x.astype(jnp.float32)
+
+    def uses_scan(self) -> bool:
+        """Whether ``scan_blocks`` (resolved for the default backend) is on."""
+        if self.scan_blocks is None:
+            return jax.default_backend() == 'cpu'
+        return bool(self.scan_blocks)
+
+    def _scan(self, block: nn.Module, names: Sequence[str], x: jax.Array,
+              train: bool) -> jax.Array:
+        """Applies the blocks ``names`` (same shapes) in turn, as one ``lax.scan``.
+
+        Their variables stay where the unrolled net keeps them (``params/conv2_2``, ...):
+        they are stacked for the scan, and the updated BatchNorm statistics are written
+        back block by block. ``block`` is an unbound module of the blocks' configuration.
+        """
+        stored = self.variables
+        stacked = {col: jax.tree_util.tree_map(lambda *v: jnp.stack(v),
+                                               *[stored[col][n] for n in names])
+                   for col in ('params', 'batch_stats')}
+
+        def body(carry, variables):
+            if not train:
+                return block.apply(variables, carry), None
+            y, updates = block.apply(variables, carry, mutable=['batch_stats'])
+            return y, updates['batch_stats']
+
+        # The backward pass keeps the convolutions' outputs and recomputes the cheap
+        # BatchNorm / ReLU / addition from them: stacking every intermediate for the loop
+        # cost more memory traffic than the recomputation (CIFAR ResNet-110 on CPU: 16%
+        # faster, 40% less peak memory).
+        body = jax.checkpoint(body, policy=jax.checkpoint_policies.dots_saveable,
+                              prevent_cse=False)
+        x, stats = jax.lax.scan(body, x, stacked)
+        if train:
+            for k, name in enumerate(names):
+                self.put_variable('batch_stats', name,
+                                  jax.tree_util.tree_map(lambda v: v[k], stats))
+        return x
 
 
 # Table 1: the ImageNet networks.

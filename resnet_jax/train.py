@@ -138,10 +138,29 @@ def create_optimizer(config: ml_collections.ConfigDict,
 def create_train_state(model: models.ResNet, tx: optax.GradientTransformation,
                        rng: jax.Array, image_shape: tuple[int, ...]) -> TrainState:
     variables = model.init(rng, jnp.zeros((1, *image_shape), jnp.float32), train=False)
+    return _train_state(tx, variables)
+
+
+def _train_state(tx: optax.GradientTransformation, variables) -> TrainState:
     params = variables['params']
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       batch_stats=variables['batch_stats'], opt_state=tx.init(params),
                       plateau_metric=jnp.ones((), jnp.float32))
+
+
+def init_train_state(model: models.ResNet, tx: optax.GradientTransformation, rng: jax.Array,
+                     image_shape: tuple[int, ...], mesh: Mesh) -> TrainState:
+    """``create_train_state``, replicated over ``mesh`` (all processes compute the same).
+
+    The variables are initialised op by op, not as one jitted program: XLA:CPU takes
+    minutes to compile the unrolled init of a very deep net (over 3 for ResNet-1202),
+    op by op it takes seconds, and the values are the same.
+    """
+    variables = model.init(rng, jnp.zeros((1, *image_shape), jnp.float32), train=False)
+    variables = jax.tree_util.tree_map(lambda x: replicate(mesh, np.asarray(x)), variables)
+    replicated = NamedSharding(mesh, P())
+    return jax.jit(functools.partial(_train_state, tx), in_shardings=replicated,
+                   out_shardings=replicated)(variables)
 
 
 # --- steps -----------------------------------------------------------------------------------
@@ -165,6 +184,21 @@ def plateau_scale(opt_state: optax.OptState) -> jax.Array:
     return found[0] if found else jnp.ones(())
 
 
+def global_norm(tree) -> jax.Array:
+    """``optax.global_norm`` with one reduction per distinct leaf shape, not per leaf.
+
+    A deep net has thousands of leaves (ResNet-1202: 3,605) but few shapes; XLA:CPU
+    compiles every reduction as its own kernel, and one per leaf made the ResNet-1202
+    train step take minutes to compile.
+    """
+    groups: dict[tuple, list] = {}
+    for leaf in jax.tree_util.tree_leaves(tree):
+        groups.setdefault((leaf.shape, leaf.dtype), []).append(leaf)
+    total = sum(jnp.sum(jnp.square(jnp.stack(leaves).astype(jnp.float32)))
+                for leaves in groups.values())
+    return jnp.sqrt(total)
+
+
 def train_step(model: models.ResNet, tx: optax.GradientTransformationExtraArgs,
                learning_rate_fn: optax.Schedule, label_smoothing: float, state: TrainState,
                batch: dict[str, jax.Array]) -> tuple[TrainState, TrainMetrics]:
@@ -184,7 +218,7 @@ def train_step(model: models.ResNet, tx: optax.GradientTransformationExtraArgs,
     new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
                               opt_state=opt_state)
     return new_state, TrainMetrics.single_from_model_output(
-        learning_rate=lr, param_norm=optax.global_norm(params), **per_example)
+        learning_rate=lr, param_norm=global_norm(params), **per_example)
 
 
 def eval_step(model: models.ResNet, state: TrainState,
@@ -197,6 +231,13 @@ def eval_step(model: models.ResNet, state: TrainState,
 
 
 # --- mesh and data placement ---------------------------------------------------------------
+
+def enable_compilation_cache(path: str, min_compile_seconds: float = 1.0) -> None:
+    """JAX's persistent compilation cache in ``path``: a relaunch of the same config
+    loads its compiled steps instead of compiling them."""
+    jax.config.update('jax_compilation_cache_dir', os.path.expanduser(path))
+    jax.config.update('jax_persistent_cache_min_compile_time_secs', min_compile_seconds)
+
 
 def create_mesh(devices=None) -> Mesh:
     """A 1-D data-parallel mesh over ``devices`` (default: every device of every host)."""
@@ -211,18 +252,21 @@ def shard_batch(mesh: Mesh, local_batch: dict[str, np.ndarray]) -> dict[str, jax
         lambda x: jax.make_array_from_process_local_data(sharding, x), local_batch)
 
 
-def train_step_compiler_options(config: ml_collections.ConfigDict) -> dict | None:
-    """XLA options for the train step, chosen by backend.
+def train_step_compiler_options(config: ml_collections.ConfigDict,
+                                model: models.ResNet | None = None) -> dict | None:
+    """XLA options for the train step, chosen by backend and model.
 
-    On XLA:CPU the elementwise-fusion pass duplicates the un-materialised residual stream
-    (each block's BN + addition + ReLU) into the backward pass's consumers, so the
-    gradient of a residual net costs O(depth^2): per layer, ResNet-110's step was 3x
-    ResNet-20's while plain nets stayed linear. Without that pass the train step is linear
-    in depth (CIFAR ResNet-56 1.6x and ResNet-110 3x faster, ResNet-20 unchanged, on
-    2 CPU cores). Evaluation keeps the pass (it is faster with it), and other backends are
-    untouched. ``config.cpu_train_step_fusion=True`` restores XLA's default.
+    On XLA:CPU the elementwise-fusion pass duplicates an unrolled net's un-materialised
+    residual stream (each block's BN + addition + ReLU) into the backward pass's
+    consumers, so the gradient of an unrolled residual net costs O(depth^2) (per layer,
+    ResNet-110's step was 3x ResNet-20's; plain nets stayed linear). The default CPU
+    model scans its blocks (``ResNet.scan_blocks``), which fusion cannot cross; for an
+    unrolled model on CPU the train step is compiled without that pass instead.
+    ``config.cpu_train_step_fusion=True`` keeps XLA's default. Other backends: untouched.
     """
-    if jax.default_backend() == 'cpu' and not config.get('cpu_train_step_fusion', False):
+    unrolled = model is None or not model.uses_scan()
+    if (jax.default_backend() == 'cpu' and unrolled
+            and not config.get('cpu_train_step_fusion', False)):
         return {'xla_disable_hlo_passes': 'fusion'}
     return None
 
@@ -233,7 +277,8 @@ def compile_steps(model, tx, learning_rate_fn, config, mesh: Mesh):
     train = jax.jit(functools.partial(train_step, model, tx, learning_rate_fn,
                                       config.label_smoothing),
                     in_shardings=(replicated, split), out_shardings=(replicated, replicated),
-                    donate_argnums=0, compiler_options=train_step_compiler_options(config))
+                    donate_argnums=0,
+                    compiler_options=train_step_compiler_options(config, model))
     evaluate = jax.jit(functools.partial(eval_step, model),
                        in_shardings=(replicated, split), out_shardings=replicated)
     return train, evaluate
@@ -292,10 +337,15 @@ def host_values(collection: metrics.Collection) -> dict[str, float]:
     return {k: float(v) for k, v in local.compute().items()}
 
 
+def replicate(mesh: Mesh, value: np.ndarray) -> jax.Array:
+    """A host array (the same on every process) replicated over the mesh."""
+    return jax.make_array_from_callback(value.shape, NamedSharding(mesh, P()),
+                                        lambda index: value[index])
+
+
 def replicated_scalar(mesh: Mesh, value: float) -> jax.Array:
     """A float32 scalar replicated over the mesh (valid on several processes too)."""
-    return jax.make_array_from_callback((), NamedSharding(mesh, P()),
-                                        lambda _: np.float32(value))
+    return replicate(mesh, np.float32(value))
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
@@ -335,9 +385,8 @@ def _train(config, workdir: epath.Path, mesh: Mesh, ckpt: checkpointing.Checkpoi
     learning_rate_fn = create_learning_rate_fn(config)
     tx = create_optimizer(config, learning_rate_fn)
     replicated = NamedSharding(mesh, P())
-    state = jax.jit(functools.partial(create_train_state, model, tx),
-                    static_argnums=1, out_shardings=replicated)(
-        jax.random.key(config.seed), pipeline.image_shape())
+    state = init_train_state(model, tx, jax.random.key(config.seed), pipeline.image_shape(),
+                             mesh)
     empty_metrics = jax.device_put(TrainMetrics.empty(), replicated)
 
     # Checkpoints: the latest readable one, with the metrics of its unfinished log window.

@@ -110,7 +110,7 @@ def test_fully_convolutional_forward_on_small_non_square_inputs():
 
 
 def test_stage_output_sizes_follow_table1():
-    model = models.create_model('resnet34')
+    model = models.create_model('resnet34', scan_blocks=False)  # every block's output
     variables = abstract_variables('resnet34')
     _, state = jax.eval_shape(lambda v: model.apply(
         v, jnp.zeros((1, 224, 224, 3)), capture_intermediates=True,
@@ -123,7 +123,7 @@ def test_stage_output_sizes_follow_table1():
 
 
 def test_cifar_stage_sizes_follow_section_4_2():
-    model = models.create_model('cifar_resnet20')
+    model = models.create_model('cifar_resnet20', scan_blocks=False)
     _, state = jax.eval_shape(lambda v: model.apply(
         v, jnp.zeros((1, 32, 32, 3)), capture_intermediates=True,
         mutable=['intermediates']), abstract_variables('cifar_resnet20', 32))
@@ -185,7 +185,7 @@ def test_zero_residual_branch_gives_relu_of_input():
 
 @pytest.mark.parametrize('stride_in_1x1, halved', [(True, 'conv1'), (False, 'conv2')])
 def test_bottleneck_stride_placement(stride_in_1x1, halved):
-    model = models.create_model('resnet50', stride_in_1x1=stride_in_1x1)
+    model = models.create_model('resnet50', stride_in_1x1=stride_in_1x1, scan_blocks=False)
     _, state = jax.eval_shape(lambda v: model.apply(
         v, jnp.zeros((1, 224, 224, 3)), capture_intermediates=True,
         mutable=['intermediates']), abstract_variables('resnet50'))
@@ -286,3 +286,97 @@ def test_bad_names_and_options_raise_value_error(name, overrides, message):
 
 def test_models_are_linen_modules():
     assert isinstance(models.create_model('resnet18'), nn.Module)
+
+
+# --- scanned blocks and the canonical convolution gradients --------------------------------
+
+@pytest.mark.parametrize('size, kernel, stride, c_in, c_out', [
+    (8, 3, 1, 4, 6), (8, 3, 2, 4, 8), (7, 3, 2, 3, 5), (9, 1, 2, 4, 8), (12, 7, 2, 3, 4),
+    (5, 1, 1, 2, 3)])
+def test_canonical_conv_matches_lax_values_and_gradients(size, kernel, stride, c_in, c_out):
+    pad = ((kernel - 1) // 2,) * 2
+    x = jax.random.normal(jax.random.key(0), (2, size, size + 1, c_in))
+    w = jax.random.normal(jax.random.key(1), (kernel, kernel, c_in, c_out))
+    dn = ('NHWC', 'HWIO', 'NHWC')
+    ref = lambda x, w: jax.lax.conv_general_dilated(x, w, (stride,) * 2, (pad, pad),
+                                                    dimension_numbers=dn)
+    ours = lambda x, w: layers.canonical_conv(x, w, (stride,) * 2, (pad, pad),
+                                              dimension_numbers=dn)
+    y, ref_vjp = jax.vjp(ref, x, w)
+    y2, our_vjp = jax.vjp(ours, x, w)
+    np.testing.assert_array_equal(y, y2)
+    g = jax.random.normal(jax.random.key(2), y.shape)
+    for a, b in zip(ref_vjp(g), our_vjp(g)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    # Its gradients are convolutions in the forward layout only (what XLA:CPU runs fast).
+    jaxpr = jax.make_jaxpr(jax.grad(lambda x, w: ours(x, w).sum(), (0, 1)))(x, w)
+    labels = {str(e.params['dimension_numbers']) for e in _all_eqns(jaxpr.jaxpr)
+              if e.primitive.name == 'conv_general_dilated'}
+    assert len(labels) == 1
+
+
+def test_canonical_conv_passes_other_convolutions_to_lax():
+    x, w = jnp.ones((1, 6, 6, 4)), jnp.ones((3, 3, 2, 4))
+    y = layers.canonical_conv(x, w, (1, 1), 'SAME', feature_group_count=2,
+                              dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    assert y.shape == (1, 6, 6, 4)
+
+
+def _all_eqns(jaxpr):
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for value in eqn.params.values():
+            for item in value if isinstance(value, (tuple, list)) else (value,):
+                inner = getattr(item, 'jaxpr', item)
+                if hasattr(inner, 'eqns'):
+                    yield from _all_eqns(inner)
+
+
+@pytest.mark.parametrize('name, overrides, size', [
+    ('cifar_resnet20', {}, 16), ('cifar_plain20', {}, 16),
+    ('resnet50', dict(width=4, num_classes=7), 32), ('resnet18', dict(width=4, shortcut='C'), 32)])
+def test_scanned_blocks_compute_the_unrolled_function(name, overrides, size):
+    unrolled = models.create_model(name, scan_blocks=False, **overrides)
+    scanned = models.create_model(name, scan_blocks=True, **overrides)
+    x = jax.random.normal(jax.random.key(0), (4, size, size, 3))
+    variables = unrolled.init(jax.random.key(1), x)
+    same_init = scanned.init(jax.random.key(1), x)
+    assert jax.tree_util.tree_all(jax.tree_util.tree_map(
+        lambda a, b: bool((a == b).all()), variables, same_init))
+    np.testing.assert_allclose(unrolled.apply(variables, x), scanned.apply(variables, x),
+                               rtol=1e-5, atol=1e-5)
+
+    def loss(model, params):
+        logits, state = model.apply({**variables, 'params': params}, x, train=True,
+                                    mutable=['batch_stats'])
+        return jnp.sum(logits * jnp.arange(logits.shape[-1])), state['batch_stats']
+
+    (l1, stats1), g1 = jax.value_and_grad(functools.partial(loss, unrolled), has_aux=True)(
+        variables['params'])
+    (l2, stats2), g2 = jax.value_and_grad(functools.partial(loss, scanned), has_aux=True)(
+        variables['params'])
+    np.testing.assert_allclose(l1, l2, rtol=5e-4)
+    assert jax.tree_util.tree_structure(stats1) == jax.tree_util.tree_structure(stats2)
+    for tree1, tree2 in ((stats1, stats2), (g1, g2)):
+        for a, b in zip(jax.tree_util.tree_leaves(tree1), jax.tree_util.tree_leaves(tree2)):
+            # float32 reassociation; the tiny batch makes train-mode BN ill-conditioned
+            np.testing.assert_allclose(a, b, rtol=2e-3, atol=2e-3 * float(jnp.abs(a).max()))
+
+
+def test_scanned_program_does_not_grow_with_depth():
+    def convs(name):  # in the train step's program, loop bodies counted once
+        model = models.create_model(name, scan_blocks=True)
+        x = jnp.zeros((2, 32, 32, 3))
+        variables = jax.eval_shape(lambda: model.init(jax.random.key(0), x))
+        step = jax.grad(lambda v: model.apply(v, x, train=True,
+                                              mutable=['batch_stats'])[0].sum())
+        return sum(e.primitive.name == 'conv_general_dilated'
+                   for e in _all_eqns(jax.make_jaxpr(step)(variables).jaxpr))
+    assert convs('cifar_resnet1202') == convs('cifar_resnet56') < 60
+
+
+def test_scan_blocks_default_follows_the_backend():
+    model = models.create_model('cifar_resnet20')
+    assert model.scan_blocks is None
+    assert model.uses_scan() == (jax.default_backend() == 'cpu')
+    assert not model.clone(scan_blocks=False).uses_scan()
