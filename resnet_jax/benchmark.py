@@ -71,7 +71,6 @@ def run(model_name: str, batch_size: int, image_size: int | None = None, steps: 
     step_flops = 6.0 * complexity.count_macs(model, (batch_size, size, size, 3))
 
     def timed(fn, n):
-        nonlocal state
         times = []
         for _ in range(n):
             t = time.perf_counter()

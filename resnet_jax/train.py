@@ -138,10 +138,6 @@ def create_optimizer(config: ml_collections.ConfigDict,
 def create_train_state(model: models.ResNet, tx: optax.GradientTransformation,
                        rng: jax.Array, image_shape: tuple[int, ...]) -> TrainState:
     variables = model.init(rng, jnp.zeros((1, *image_shape), jnp.float32), train=False)
-    return _train_state(tx, variables)
-
-
-def _train_state(tx: optax.GradientTransformation, variables) -> TrainState:
     params = variables['params']
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       batch_stats=variables['batch_stats'], opt_state=tx.init(params),
@@ -152,15 +148,12 @@ def init_train_state(model: models.ResNet, tx: optax.GradientTransformation, rng
                      image_shape: tuple[int, ...], mesh: Mesh) -> TrainState:
     """``create_train_state``, replicated over ``mesh`` (all processes compute the same).
 
-    The variables are initialised op by op, not as one jitted program: XLA:CPU takes
-    minutes to compile the unrolled init of a very deep net (over 3 for ResNet-1202),
-    op by op it takes seconds, and the values are the same.
+    The state is built op by op, not as one jitted program: XLA:CPU takes minutes to
+    compile the unrolled init of a very deep net (over 3 for ResNet-1202), op by op it
+    takes seconds, and the values are the same.
     """
-    variables = model.init(rng, jnp.zeros((1, *image_shape), jnp.float32), train=False)
-    variables = jax.tree_util.tree_map(lambda x: replicate(mesh, np.asarray(x)), variables)
-    replicated = NamedSharding(mesh, P())
-    return jax.jit(functools.partial(_train_state, tx), in_shardings=replicated,
-                   out_shardings=replicated)(variables)
+    state = create_train_state(model, tx, rng, image_shape)
+    return jax.tree_util.tree_map(lambda x: replicate(mesh, np.asarray(x)), state)
 
 
 # --- steps -----------------------------------------------------------------------------------
@@ -253,7 +246,7 @@ def shard_batch(mesh: Mesh, local_batch: dict[str, np.ndarray]) -> dict[str, jax
 
 
 def train_step_compiler_options(config: ml_collections.ConfigDict,
-                                model: models.ResNet | None = None) -> dict | None:
+                                model: models.ResNet) -> dict | None:
     """XLA options for the train step, chosen by backend and model.
 
     On XLA:CPU the elementwise-fusion pass duplicates an unrolled net's un-materialised
@@ -264,8 +257,7 @@ def train_step_compiler_options(config: ml_collections.ConfigDict,
     unrolled model on CPU the train step is compiled without that pass instead.
     ``config.cpu_train_step_fusion=True`` keeps XLA's default. Other backends: untouched.
     """
-    unrolled = model is None or not model.uses_scan()
-    if (jax.default_backend() == 'cpu' and unrolled
+    if (jax.default_backend() == 'cpu' and not model.uses_scan()
             and not config.get('cpu_train_step_fusion', False)):
         return {'xla_disable_hlo_passes': 'fusion'}
     return None
