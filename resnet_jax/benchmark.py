@@ -41,7 +41,7 @@ def run(model_name: str, batch_size: int, image_size: int | None = None, steps: 
     import jax
     import numpy as np
 
-    from resnet_jax import complexity, train
+    from resnet_jax import complexity, optim, parallel, train
     from resnet_jax.config import base_config
 
     config = base_config()
@@ -52,12 +52,12 @@ def run(model_name: str, batch_size: int, image_size: int | None = None, steps: 
     config.batch_size = batch_size
     model = train.create_model(config, 10 if model_name.startswith('cifar') else 1000)
     size = image_size or (32 if model.stem == 'cifar' else 224)
-    mesh = train.create_mesh()
-    lr_fn = train.create_learning_rate_fn(config)
-    tx = train.create_optimizer(config, lr_fn)
+    mesh = parallel.create_mesh()
+    lr_fn = optim.create_learning_rate_fn(config)
+    tx = optim.create_optimizer(config, lr_fn)
     state = train.init_train_state(model, tx, jax.random.key(0), (size, size, 3), mesh)
     rng = np.random.default_rng(0)
-    batch = train.shard_batch(mesh, {
+    batch = parallel.shard_batch(mesh, {
         'image': rng.normal(size=(batch_size, size, size, 3)).astype(np.float32),
         'label': rng.integers(0, model.num_classes, batch_size).astype(np.int32),
         'mask': np.ones(batch_size, bool)})
@@ -129,8 +129,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     scan = {'auto': None, 'on': True, 'off': False}[args.scan_blocks]
     if args.compilation_cache_dir:
-        from resnet_jax import train
-        train.enable_compilation_cache(args.compilation_cache_dir)
+        from resnet_jax import parallel
+        parallel.enable_compilation_cache(args.compilation_cache_dir)
     r = run(args.model, args.batch_size, args.image_size, args.steps, args.dtype,
             scan_blocks=scan)
     print(f"{r['model']} batch {r['batch_size']} at {r['image_size']}px, {r['dtype']}, "

@@ -110,7 +110,7 @@ def main(argv: list[str]) -> None:
     del argv
     import jax
 
-    from resnet_jax import faults, train
+    from resnet_jax import faults, parallel, train
     from resnet_jax.config import ConfigError
 
     try:
@@ -119,7 +119,7 @@ def main(argv: list[str]) -> None:
         _fail(f'cannot join the multi-process run: {str(e).splitlines()[0]}')
 
     if _FLAGS['cache'].value:
-        train.enable_compilation_cache(_FLAGS['cache'].value)
+        parallel.enable_compilation_cache(_FLAGS['cache'].value)
     logging.set_verbosity(logging.ERROR)  # the libraries' chatter; results are printed
     config, workdir = _FLAGS['config'].value, pathlib.Path(_FLAGS['workdir'].value)
     try:

@@ -16,7 +16,7 @@ import functools
 import json
 import os
 import time
-from typing import Any, Callable
+from typing import Any
 
 import flax.struct
 import jax
@@ -28,7 +28,8 @@ from clu import metric_writers, metrics, periodic_actions
 from etils import epath
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from resnet_jax import augment, checkpointing, faults, input_pipeline, models, plot
+from resnet_jax import (augment, checkpointing, faults, input_pipeline, models, optim,
+                        parallel, plot)
 from resnet_jax.config import ConfigError
 
 
@@ -73,66 +74,12 @@ def create_writer(workdir: epath.Path) -> metric_writers.MetricWriter:
                                             metric_writers.SummaryWriter(str(workdir))])
 
 
-# --- model, schedule, optimiser ------------------------------------------------------------
+# --- model and state --------------------------------------------------------------------------
 
 def create_model(config: ml_collections.ConfigDict, num_classes: int) -> models.ResNet:
     """The model of ``config.model`` with ``num_classes`` outputs."""
     overrides = {k: v for k, v in config.model.items() if k != 'name' and v is not None}
     return models.create_model(config.model.name, num_classes=num_classes, **overrides)
-
-
-def base_learning_rate(config: ml_collections.ConfigDict, value: float) -> float:
-    """Scales a learning rate linearly with the batch (Goyal et al.) when configured."""
-    if config.scale_lr_with_batch:
-        return value * config.batch_size / config.reference_batch_size
-    return value
-
-
-def create_learning_rate_fn(config: ml_collections.ConfigDict) -> optax.Schedule:
-    """The lr at each iteration: warm-up, then step decay / constant (plateau) / cosine.
-
-    Step boundaries are absolute iterations (the paper's 32k and 48k), warm-up included.
-    """
-    base = base_learning_rate(config, config.learning_rate)
-    warmup = config.warmup_steps
-    if config.schedule == 'step':
-        main = optax.piecewise_constant_schedule(
-            base, {int(b) - warmup: config.lr_decay_factor for b in config.lr_boundaries})
-    elif config.schedule == 'plateau':
-        main = optax.constant_schedule(base)  # scaled down by reduce_on_plateau
-    elif config.schedule == 'cosine':
-        main = optax.cosine_decay_schedule(base, max(config.num_train_steps - warmup, 1))
-    else:
-        raise ConfigError(f"unknown schedule {config.schedule!r}; allowed: 'step', "
-                          "'plateau', 'cosine'")
-    if not warmup:
-        return main
-    if config.warmup_type == 'constant':
-        warm = optax.constant_schedule(base_learning_rate(config, config.warmup_learning_rate))
-    else:
-        warm = optax.linear_schedule(0.0, base, warmup)
-    return optax.join_schedules([warm, main], [warmup])
-
-
-def weight_decay_mask(config: ml_collections.ConfigDict) -> Callable[[Any], Any] | None:
-    if config.weight_decay_on == 'all':
-        return None
-    return lambda params: jax.tree_util.tree_map_with_path(
-        lambda path, _: getattr(path[-1], 'key', None) == 'kernel', params)
-
-
-def create_optimizer(config: ml_collections.ConfigDict,
-                     learning_rate_fn: optax.Schedule) -> optax.GradientTransformationExtraArgs:
-    """SGD with momentum and the paper's L2 weight decay (added to the gradient)."""
-    parts = [optax.add_decayed_weights(config.weight_decay, mask=weight_decay_mask(config)),
-             optax.sgd(learning_rate_fn, momentum=config.momentum, nesterov=config.nesterov)]
-    if config.schedule == 'plateau':
-        # Fed the last evaluation's error at every step; averaging it over one evaluation
-        # period makes `patience` count evaluations.
-        parts.append(optax.contrib.reduce_on_plateau(
-            factor=config.lr_decay_factor, patience=config.plateau_patience,
-            accumulation_size=config.eval_every_steps, min_scale=config.plateau_min_scale))
-    return optax.chain(*parts)
 
 
 def create_train_state(model: models.ResNet, tx: optax.GradientTransformation,
@@ -153,7 +100,7 @@ def init_train_state(model: models.ResNet, tx: optax.GradientTransformation, rng
     takes seconds, and the values are the same.
     """
     state = create_train_state(model, tx, rng, image_shape)
-    return jax.tree_util.tree_map(lambda x: replicate(mesh, np.asarray(x)), state)
+    return jax.tree_util.tree_map(lambda x: parallel.replicate(mesh, np.asarray(x)), state)
 
 
 # --- steps -----------------------------------------------------------------------------------
@@ -167,29 +114,6 @@ def classification_metrics(logits: jax.Array, labels: jax.Array,
     hit = top == labels[:, None]
     return {'loss': loss, 'top1_error': 1.0 - hit[:, 0].astype(jnp.float32),
             'top5_error': 1.0 - hit.any(-1).astype(jnp.float32)}
-
-
-def plateau_scale(opt_state: optax.OptState) -> jax.Array:
-    """The reduce-on-plateau factor in ``opt_state`` (1 without that schedule)."""
-    is_plateau = lambda s: isinstance(s, optax.contrib.ReduceLROnPlateauState)
-    found = [s.scale for s in jax.tree_util.tree_leaves(opt_state, is_leaf=is_plateau)
-             if is_plateau(s)]
-    return found[0] if found else jnp.ones(())
-
-
-def global_norm(tree) -> jax.Array:
-    """``optax.global_norm`` with one reduction per distinct leaf shape, not per leaf.
-
-    A deep net has thousands of leaves (ResNet-1202: 3,605) but few shapes; XLA:CPU
-    compiles every reduction as its own kernel, and one per leaf made the ResNet-1202
-    train step take minutes to compile.
-    """
-    groups: dict[tuple, list] = {}
-    for leaf in jax.tree_util.tree_leaves(tree):
-        groups.setdefault((leaf.shape, leaf.dtype), []).append(leaf)
-    total = sum(jnp.sum(jnp.square(jnp.stack(leaves).astype(jnp.float32)))
-                for leaves in groups.values())
-    return jnp.sqrt(total)
 
 
 def train_step(model: models.ResNet, tx: optax.GradientTransformationExtraArgs,
@@ -207,11 +131,11 @@ def train_step(model: models.ResNet, tx: optax.GradientTransformationExtraArgs,
     updates, opt_state = tx.update(grads, state.opt_state, state.params,
                                    value=state.plateau_metric)
     params = optax.apply_updates(state.params, updates)
-    lr = learning_rate_fn(state.step) * plateau_scale(state.opt_state)
+    lr = learning_rate_fn(state.step) * optim.plateau_scale(state.opt_state)
     new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
                               opt_state=opt_state)
     return new_state, TrainMetrics.single_from_model_output(
-        learning_rate=lr, param_norm=global_norm(params), **per_example)
+        learning_rate=lr, param_norm=optim.global_norm(params), **per_example)
 
 
 def eval_step(model: models.ResNet, state: TrainState,
@@ -223,27 +147,7 @@ def eval_step(model: models.ResNet, state: TrainState,
     return EvalMetrics.single_from_model_output(mask=batch['mask'], **per_example)
 
 
-# --- mesh and data placement ---------------------------------------------------------------
-
-def enable_compilation_cache(path: str, min_compile_seconds: float = 1.0) -> None:
-    """JAX's persistent compilation cache in ``path``: a relaunch of the same config
-    loads its compiled steps instead of compiling them."""
-    jax.config.update('jax_compilation_cache_dir', os.path.expanduser(path))
-    jax.config.update('jax_persistent_cache_min_compile_time_secs', min_compile_seconds)
-
-
-def create_mesh(devices=None) -> Mesh:
-    """A 1-D data-parallel mesh over ``devices`` (default: every device of every host)."""
-    devices = np.asarray(jax.devices() if devices is None else devices)
-    return Mesh(devices.reshape(-1), ('data',))
-
-
-def shard_batch(mesh: Mesh, local_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-    """Builds global arrays, split over the mesh, from this host's slice of a batch."""
-    sharding = NamedSharding(mesh, P('data'))
-    return jax.tree_util.tree_map(
-        lambda x: jax.make_array_from_process_local_data(sharding, x), local_batch)
-
+# --- compiled steps -------------------------------------------------------------------------
 
 def train_step_compiler_options(config: ml_collections.ConfigDict,
                                 model: models.ResNet) -> dict | None:
@@ -281,9 +185,9 @@ def evaluate(eval_fn, mesh: Mesh, state: TrainState, pipeline: input_pipeline.Pi
     """Metrics over the complete split (the padded tail is masked, never dropped)."""
     total = None
     for batch in pipeline.eval_batches(batch_size, jax.process_index(), jax.process_count()):
-        m = eval_fn(state, shard_batch(mesh, batch))
+        m = eval_fn(state, parallel.shard_batch(mesh, batch))
         total = m if total is None else total.merge(m)
-    return host_values(total)
+    return parallel.host_values(total)
 
 
 # --- the loop --------------------------------------------------------------------------------
@@ -311,33 +215,13 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
         raise ConfigError(f'learning_rate must be positive; got {config.learning_rate}')
     if config.num_train_steps <= 0:
         raise ConfigError(f'num_train_steps must be positive; got {config.num_train_steps}')
-    create_learning_rate_fn(config)
+    optim.create_learning_rate_fn(config)
     if config.init_from and not os.path.isdir(os.path.join(config.init_from, 'checkpoints')):
         raise ConfigError(f'init_from {config.init_from} holds no checkpoints (a training '
                           'workdir or the output of python -m resnet_jax.convert)')
     if config.dataset.preprocessing not in augment.PREPROCESSING:
         raise ConfigError(f'unknown dataset.preprocessing {config.dataset.preprocessing!r}; '
                           f'allowed: {", ".join(augment.PREPROCESSING)}')
-
-
-def host_values(collection: metrics.Collection) -> dict[str, float]:
-    """A metrics collection's values as floats (its arrays are replicated: any shard will do,
-    which also works when the arrays span several processes)."""
-    local = jax.tree_util.tree_map(
-        lambda x: np.asarray(x.addressable_data(0)) if isinstance(x, jax.Array) else x,
-        collection)
-    return {k: float(v) for k, v in local.compute().items()}
-
-
-def replicate(mesh: Mesh, value: np.ndarray) -> jax.Array:
-    """A host array (the same on every process) replicated over the mesh."""
-    return jax.make_array_from_callback(value.shape, NamedSharding(mesh, P()),
-                                        lambda index: value[index])
-
-
-def replicated_scalar(mesh: Mesh, value: float) -> jax.Array:
-    """A float32 scalar replicated over the mesh (valid on several processes too)."""
-    return replicate(mesh, np.float32(value))
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
@@ -350,7 +234,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     ``faults.NonFiniteLossError``; a config or workdir that cannot run, ``ConfigError``.
     """
     start_time = time.time()
-    mesh = create_mesh(devices)
+    mesh = parallel.create_mesh(devices)
     validate_config(config, mesh.size)
     faults.check_workdir(workdir)
     workdir = epath.Path(os.path.abspath(workdir))  # orbax needs absolute paths
@@ -374,8 +258,8 @@ def _train(config, workdir: epath.Path, mesh: Mesh, ckpt: checkpointing.Checkpoi
 
     # Model, optimiser, state.
     model = create_model(config, pipeline.num_classes)
-    learning_rate_fn = create_learning_rate_fn(config)
-    tx = create_optimizer(config, learning_rate_fn)
+    learning_rate_fn = optim.create_learning_rate_fn(config)
+    tx = optim.create_optimizer(config, learning_rate_fn)
     replicated = NamedSharding(mesh, P())
     state = init_train_state(model, tx, jax.random.key(config.seed), pipeline.image_shape(),
                              mesh)
@@ -412,7 +296,7 @@ def _train(config, workdir: epath.Path, mesh: Mesh, ckpt: checkpointing.Checkpoi
     batches = input_pipeline.prefetch(
         input_pipeline.train_iterator(pipeline, step, config.batch_size, jax.process_index(),
                                       jax.process_count()),
-        functools.partial(shard_batch, mesh))
+        functools.partial(parallel.shard_batch, mesh))
     guard = faults.NonFiniteGuard()
     eval_result = history['eval'][-1] if history['eval'] else None
     stopped_by = None
@@ -427,7 +311,8 @@ def _train(config, workdir: epath.Path, mesh: Mesh, ckpt: checkpointing.Checkpoi
         last = step == config.num_train_steps
         if step % config.log_every_steps == 0 or last:
             guard.check_all()
-            summary = {f'train_{k}': v for k, v in host_values(train_metrics).items()}
+            summary = {f'train_{k}': v
+                       for k, v in parallel.host_values(train_metrics).items()}
             writer.write_scalars(step, summary)
             history['train'].append({'step': step, **summary})
             train_metrics = empty_metrics
@@ -435,7 +320,7 @@ def _train(config, workdir: epath.Path, mesh: Mesh, ckpt: checkpointing.Checkpoi
             eval_result = run_eval(step)
             writer.write_scalars(step, {k: v for k, v in eval_result.items() if k != 'step'})
             history['eval'].append(eval_result)
-            state = state.replace(plateau_metric=replicated_scalar(
+            state = state.replace(plateau_metric=parallel.replicated_scalar(
                 mesh, eval_result['eval_top1_error']))
         stop_now = stop.requested()
         if step % config.checkpoint_every_steps == 0 or last or stop_now:

@@ -13,7 +13,7 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 
-from resnet_jax import input_pipeline, train
+from resnet_jax import input_pipeline, optim, parallel, train
 from resnet_jax.config import ConfigError, base_config
 from conftest import REPO, run_main
 
@@ -45,7 +45,7 @@ def tiny_config(data_dir, **overrides):
 # --- schedules -------------------------------------------------------------------------------
 
 def test_cifar_schedule_gives_paper_lr_at_boundaries():
-    lr = train.create_learning_rate_fn(load_config('cifar10', 'resnet20'))
+    lr = optim.create_learning_rate_fn(load_config('cifar10', 'resnet20'))
     for step, expected in [(0, 0.1), (31_999, 0.1), (32_000, 0.01), (47_999, 0.01),
                            (48_000, 0.001), (63_999, 0.001)]:
         assert float(lr(step)) == pytest.approx(expected, rel=1e-6), step
@@ -53,7 +53,7 @@ def test_cifar_schedule_gives_paper_lr_at_boundaries():
 
 def test_resnet110_warms_up_at_0_01_for_400_iterations():
     config = load_config('cifar10', 'resnet110')
-    lr = train.create_learning_rate_fn(config)
+    lr = optim.create_learning_rate_fn(config)
     for step, expected in [(0, 0.01), (399, 0.01), (400, 0.1), (31_999, 0.1), (32_000, 0.01),
                            (48_000, 0.001)]:
         assert float(lr(step)) == pytest.approx(expected, rel=1e-6), step
@@ -65,7 +65,7 @@ def test_imagenet_step_alternative_divides_at_epochs_30_and_60():
     config = load_config('imagenet', 'resnet50')
     assert config.schedule == 'plateau' and config.num_train_steps == 600_000
     config.schedule = 'step'
-    lr = train.create_learning_rate_fn(config)
+    lr = optim.create_learning_rate_fn(config)
     epoch = 5005
     assert float(lr(30 * epoch - 1)) == pytest.approx(0.1)
     assert float(lr(30 * epoch)) == pytest.approx(0.01)
@@ -75,21 +75,21 @@ def test_imagenet_step_alternative_divides_at_epochs_30_and_60():
 def test_learning_rate_scales_with_batch():
     config = load_config('cifar10', 'resnet20')
     config.batch_size = 64
-    assert float(train.create_learning_rate_fn(config)(0)) == pytest.approx(0.05)
+    assert float(optim.create_learning_rate_fn(config)(0)) == pytest.approx(0.05)
     config.scale_lr_with_batch = False
-    assert float(train.create_learning_rate_fn(config)(0)) == pytest.approx(0.1)
+    assert float(optim.create_learning_rate_fn(config)(0)) == pytest.approx(0.1)
 
 
 def test_plateau_schedule_divides_lr_after_patience_evaluations():
     config = base_config()
     config.schedule, config.eval_every_steps, config.plateau_patience = 'plateau', 2, 2
-    tx = train.create_optimizer(config, train.create_learning_rate_fn(config))
+    tx = optim.create_optimizer(config, optim.create_learning_rate_fn(config))
     params = {'w': jnp.ones(3)}
     state = tx.init(params)
     scales = []
     for value in [0.5, 0.5, 0.4, 0.4] + [0.4] * 8:  # improves once, then stalls
         _, state = tx.update({'w': jnp.ones(3)}, state, params, value=jnp.asarray(value))
-        scales.append(float(train.plateau_scale(state)))
+        scales.append(float(optim.plateau_scale(state)))
     # Windows of 2 updates: improve, improve, then 2 stalled windows -> lr / 10, 2 more -> / 10.
     assert scales == pytest.approx([1.0] * 7 + [0.1] * 4 + [0.01], rel=1e-6)
 
@@ -97,14 +97,14 @@ def test_plateau_schedule_divides_lr_after_patience_evaluations():
 def test_weight_decay_applies_to_kernels_only_by_default():
     config = base_config()
     config.weight_decay, config.momentum = 0.5, 0.0
-    tx = train.create_optimizer(config, optax.constant_schedule(1.0))
+    tx = optim.create_optimizer(config, optax.constant_schedule(1.0))
     params = {'conv': {'kernel': jnp.ones(2)}, 'bn': {'scale': jnp.ones(2), 'bias': jnp.ones(2)}}
     zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
     updates, _ = tx.update(zeros, tx.init(params), params)
     np.testing.assert_allclose(updates['conv']['kernel'], -0.5)
     np.testing.assert_allclose(updates['bn']['scale'], 0.0)
     config.weight_decay_on = 'all'
-    tx = train.create_optimizer(config, optax.constant_schedule(1.0))
+    tx = optim.create_optimizer(config, optax.constant_schedule(1.0))
     updates, _ = tx.update(zeros, tx.init(params), params)
     np.testing.assert_allclose(updates['bn']['scale'], -0.5)
 
@@ -118,15 +118,15 @@ def test_step_on_four_devices_equals_step_on_one(data_dir, bn_group_size):
     config.model.bn_group_size = bn_group_size
     batch = input_pipeline.Pipeline(config.dataset, seed=0).train_batch(0, 16)
     model = train.create_model(config, 10)
-    lr_fn = train.create_learning_rate_fn(config)
-    tx = train.create_optimizer(config, lr_fn)
+    lr_fn = optim.create_learning_rate_fn(config)
+    tx = optim.create_optimizer(config, lr_fn)
     results = []
     for devices in (jax.devices()[:1], jax.devices()):
-        mesh = train.create_mesh(devices)
+        mesh = parallel.create_mesh(devices)
         state = train.create_train_state(model, tx, jax.random.key(0), (32, 32, 3))
         step, _ = train.compile_steps(model, tx, lr_fn, config, mesh)
         for _ in range(2):
-            state, metrics = step(state, train.shard_batch(mesh, batch))
+            state, metrics = step(state, parallel.shard_batch(mesh, batch))
         assert len(state.params['fc']['kernel'].sharding.device_set) == len(devices)
         results.append((state, metrics.compute()))
     (one, m1), (four, m4) = results

@@ -1,0 +1,52 @@
+"""Placement over a mesh of every device of every host, and the compilation cache.
+
+One 1-D ``Mesh`` over every device of every process: batches are split along it
+(``P('data')``), the train state is replicated (``P()``).
+"""
+
+import os
+
+import jax
+import numpy as np
+from clu import metrics
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+
+def enable_compilation_cache(path: str, min_compile_seconds: float = 1.0) -> None:
+    """JAX's persistent compilation cache in ``path``: a relaunch of the same config
+    loads its compiled steps instead of compiling them."""
+    jax.config.update('jax_compilation_cache_dir', os.path.expanduser(path))
+    jax.config.update('jax_persistent_cache_min_compile_time_secs', min_compile_seconds)
+
+
+def create_mesh(devices=None) -> Mesh:
+    """A 1-D data-parallel mesh over ``devices`` (default: every device of every host)."""
+    devices = np.asarray(jax.devices() if devices is None else devices)
+    return Mesh(devices.reshape(-1), ('data',))
+
+
+def shard_batch(mesh: Mesh, local_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    """Builds global arrays, split over the mesh, from this host's slice of a batch."""
+    sharding = NamedSharding(mesh, P('data'))
+    return jax.tree_util.tree_map(
+        lambda x: jax.make_array_from_process_local_data(sharding, x), local_batch)
+
+
+def host_values(collection: metrics.Collection) -> dict[str, float]:
+    """A metrics collection's values as floats (its arrays are replicated: any shard will do,
+    which also works when the arrays span several processes)."""
+    local = jax.tree_util.tree_map(
+        lambda x: np.asarray(x.addressable_data(0)) if isinstance(x, jax.Array) else x,
+        collection)
+    return {k: float(v) for k, v in local.compute().items()}
+
+
+def replicate(mesh: Mesh, value: np.ndarray) -> jax.Array:
+    """A host array (the same on every process) replicated over the mesh."""
+    return jax.make_array_from_callback(value.shape, NamedSharding(mesh, P()),
+                                        lambda index: value[index])
+
+
+def replicated_scalar(mesh: Mesh, value: float) -> jax.Array:
+    """A float32 scalar replicated over the mesh (valid on several processes too)."""
+    return replicate(mesh, np.float32(value))
