@@ -2,11 +2,14 @@
 
     pip install -e '.[bench]'
     python experiments/benchmark_vs_pytorch.py [--steps 5] [--nets cifar_resnet20:128 ...]
+        [--dtype bfloat16]
 
-Both sides: float32, the same batch on synthetic data, SGD with momentum 0.9 and weight
-decay 1e-4, one train step timed after warm-up (median over --steps), PyTorch with
-channels_last and as many threads as this process may use. Prints a table with the
-ratio (JAX / PyTorch images/s).
+Both sides: the same batch on synthetic data, SGD with momentum 0.9 and weight decay 1e-4,
+one train step timed after warm-up (median over --steps), on the device JAX uses (the
+CPU, or the GPU where JAX's backend is one and torch sees CUDA). PyTorch runs with
+channels_last, as many CPU threads as this process may use, cuDNN autotuning on a GPU,
+and ``torch.autocast`` for bfloat16 (parameters float32, as in resnet_jax). Prints a
+table with the ratio (JAX / PyTorch images/s).
 """
 
 from __future__ import annotations
@@ -22,28 +25,35 @@ DEFAULT_NETS = ('cifar_resnet20:128', 'cifar_resnet56:128', 'cifar_resnet110:128
                 'resnet50:16')
 
 
-def torch_images_per_sec(name: str, batch: int, steps: int, warmup: int = 2) -> float:
+def torch_images_per_sec(name: str, batch: int, steps: int, warmup: int = 3,
+                         device: str = 'cpu', dtype: str = 'float32') -> float:
     import torch
 
     from resnet_jax import torch_reference
 
     torch.set_num_threads(len(os.sched_getaffinity(0)))
+    torch.backends.cudnn.benchmark = True
     cifar = re.fullmatch(r'cifar_(resnet|plain)(\d+)', name)
     if cifar:
         net = torch_reference.cifar_resnet(int(cifar.group(2)), cifar.group(1) == 'resnet')
         size, classes = 32, 10
     else:
         net, size, classes = torch_reference.imagenet_resnet(name, stride_in_1x1=True), 224, 1000
-    net = net.to(memory_format=torch.channels_last).train()
+    net = net.to(device, memory_format=torch.channels_last).train()
     opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
-    x = torch.randn(batch, 3, size, size).to(memory_format=torch.channels_last)
-    y = torch.randint(0, classes, (batch,))
+    x = torch.randn(batch, 3, size, size, device=device).to(memory_format=torch.channels_last)
+    y = torch.randint(0, classes, (batch,), device=device)
+    sync = torch.cuda.synchronize if device == 'cuda' else (lambda: None)
     times = []
     for i in range(warmup + steps):
+        sync()
         start = time.perf_counter()
         opt.zero_grad(set_to_none=True)
-        torch.nn.functional.cross_entropy(net(x), y).backward()
+        with torch.autocast(device, torch.bfloat16, enabled=dtype == 'bfloat16'):
+            loss = torch.nn.functional.cross_entropy(net(x), y)
+        loss.backward()
         opt.step()
+        sync()
         if i >= warmup:
             times.append(time.perf_counter() - start)
     return batch / statistics.median(times)
@@ -55,6 +65,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--nets', nargs='+', default=list(DEFAULT_NETS), metavar='NAME:BATCH')
     parser.add_argument('--steps', type=int, default=5)
+    parser.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'])
     args = parser.parse_args()
     try:
         import torch
@@ -64,15 +75,19 @@ def main() -> int:
     from resnet_jax import benchmark
 
     import jax
-    print(f'{os.cpu_count()} CPU cores, jax {jax.__version__} ({jax.default_backend()}), '
-          f'torch {torch.__version__}, float32, median of {args.steps} steps')
+    device = 'cuda' if jax.default_backend() == 'gpu' and torch.cuda.is_available() else 'cpu'
+    where = (f'{jax.devices()[0].device_kind}' if device == 'cuda'
+             else f'{len(os.sched_getaffinity(0))} CPU cores')
+    print(f'{where}, jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__} '
+          f'({device}), {args.dtype}, median of {args.steps} steps')
     print('| network, batch | PyTorch images/s | resnet_jax images/s | ratio | '
           'resnet_jax compile s |')
     print('|---|---|---|---|---|')
     for spec in args.nets:
         name, batch = spec.split(':')
-        ours = benchmark.run(name, int(batch), steps=args.steps)
-        theirs = torch_images_per_sec(name, int(batch), args.steps)
+        ours = benchmark.run(name, int(batch), steps=args.steps, dtype=args.dtype)
+        theirs = torch_images_per_sec(name, int(batch), args.steps, device=device,
+                                      dtype=args.dtype)
         print(f"| {name}, {batch} | {theirs:.1f} | {ours['train_images_per_sec']:.1f} | "
               f"{ours['train_images_per_sec'] / theirs:.2f} | {ours['compile_seconds']:.1f} |",
               flush=True)

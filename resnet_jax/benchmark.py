@@ -20,12 +20,14 @@ import sys
 import time
 
 
-def matmul_flops_per_sec(n: int = 2048, repeats: int = 5) -> float:
-    """The machine's float32 matmul rate (median of a few n x n products)."""
+def matmul_flops_per_sec(dtype: str = 'float32', n: int | None = None,
+                         repeats: int = 5) -> float:
+    """The device's matmul rate in ``dtype`` (median of a few n x n products on random
+    data; n = 2048 on CPU, 8192 on accelerators, large enough to fill them)."""
     import jax
-    import jax.numpy as jnp
 
-    a = jnp.ones((n, n), jnp.float32)
+    n = n or (2048 if jax.default_backend() == 'cpu' else 8192)
+    a = jax.random.normal(jax.random.key(0), (n, n), dtype)
     f = jax.jit(lambda x: x @ x)
     f(a).block_until_ready()
     times = []
@@ -41,7 +43,8 @@ def run(model_name: str, batch_size: int, image_size: int | None = None, steps: 
     import jax
     import numpy as np
 
-    from resnet_jax import complexity, optim, parallel, train
+    from resnet_jax import complexity, optim, parallel
+    from resnet_jax import steps as train_steps
     from resnet_jax.config import base_config
 
     config = base_config()
@@ -50,18 +53,18 @@ def run(model_name: str, batch_size: int, image_size: int | None = None, steps: 
     config.model.scan_blocks = scan_blocks
     config.model.bn_group_size = 0
     config.batch_size = batch_size
-    model = train.create_model(config, 10 if model_name.startswith('cifar') else 1000)
+    model = train_steps.create_model(config, 10 if model_name.startswith('cifar') else 1000)
     size = image_size or (32 if model.stem == 'cifar' else 224)
     mesh = parallel.create_mesh()
     lr_fn = optim.create_learning_rate_fn(config)
     tx = optim.create_optimizer(config, lr_fn)
-    state = train.init_train_state(model, tx, jax.random.key(0), (size, size, 3), mesh)
+    state = train_steps.init_train_state(model, tx, jax.random.key(0), (size, size, 3), mesh)
     rng = np.random.default_rng(0)
     batch = parallel.shard_batch(mesh, {
         'image': rng.normal(size=(batch_size, size, size, 3)).astype(np.float32),
         'label': rng.integers(0, model.num_classes, batch_size).astype(np.int32),
         'mask': np.ones(batch_size, bool)})
-    train_fn, eval_fn = train.compile_steps(model, tx, lr_fn, config, mesh)
+    train_fn, eval_fn = train_steps.compile_steps(model, tx, lr_fn, config, mesh)
 
     start = time.perf_counter()
     compiled = train_fn.lower(state, batch).compile()
@@ -88,7 +91,7 @@ def run(model_name: str, batch_size: int, image_size: int | None = None, steps: 
     eval_fn(state, batch)  # compile
     eval_times = timed(lambda: eval_fn(state, batch), steps)
     train_step = statistics.median(train_times)
-    machine = matmul_flops_per_sec()
+    machine = matmul_flops_per_sec(dtype)
     return {
         'model': model_name, 'batch_size': batch_size, 'image_size': size, 'dtype': dtype,
         'scan_blocks': model.uses_scan(),

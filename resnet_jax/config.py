@@ -82,7 +82,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.cpu_train_step_fusion = False     # XLA:CPU, unrolled model (scan_blocks=False) only:
     #                                     keep XLA's elementwise fusion in the train step (off:
     #                                     it makes residual nets O(depth^2); see
-    #                                     train.train_step_compiler_options)
+    #                                     steps.train_step_compiler_options)
     c.init_from = ml_collections.FieldReference(None, field_type=str)  # fine-tune: a workdir
     #                                     (a run or `python -m resnet_jax.convert` output)
     #                                     whose latest params start this run; an fc of

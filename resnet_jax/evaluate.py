@@ -109,7 +109,7 @@ def evaluate_protocol(model, variables: Any, pipeline: input_pipeline.Pipeline, 
 def load_run(workdir: str | os.PathLike, config: ml_collections.ConfigDict | None = None,
              step: int | None = None):
     """(config, model, variables, step) of the latest (or given) checkpoint in ``workdir``."""
-    from resnet_jax import checkpointing, train
+    from resnet_jax import checkpointing, steps
     from resnet_jax.config import ConfigError, from_dict
 
     workdir = pathlib.Path(workdir)
@@ -120,7 +120,7 @@ def load_run(workdir: str | os.PathLike, config: ml_collections.ConfigDict | Non
         config = from_dict(json.loads((workdir / 'config.json').read_text()))
     variables, step = checkpointing.load_variables(workdir, step)
     num_classes = int(np.shape(variables['params']['fc']['bias'])[0])
-    return config, train.create_model(config, num_classes), variables, step
+    return config, steps.create_model(config, num_classes), variables, step
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,4 +1,4 @@
-"""The train loop: pure step functions, jit-compiled over a device mesh.
+"""The train loop around the compiled steps of ``resnet_jax.steps``.
 
 Phases of ``train_and_evaluate``: config check -> mesh -> data -> model and optimiser ->
 checkpoint restore -> loop (train, log, evaluate, checkpoint) -> results.
@@ -16,46 +16,17 @@ import functools
 import json
 import os
 import time
-from typing import Any
 
-import flax.struct
 import jax
-import jax.numpy as jnp
 import ml_collections
-import numpy as np
-import optax
-from clu import metric_writers, metrics, periodic_actions
+from clu import metric_writers, periodic_actions
 from etils import epath
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from resnet_jax import (augment, checkpointing, faults, input_pipeline, models, optim,
-                        parallel, plot)
+from resnet_jax import (augment, checkpointing, faults, input_pipeline, optim, parallel,
+                        plot, steps)
 from resnet_jax.config import ConfigError
-
-
-@flax.struct.dataclass
-class TrainState:
-    step: jax.Array
-    params: Any
-    batch_stats: Any
-    opt_state: optax.OptState
-    plateau_metric: jax.Array  # the last eval top-1 error, fed to reduce-on-plateau
-
-
-@flax.struct.dataclass
-class TrainMetrics(metrics.Collection):
-    loss: metrics.Average.from_output('loss')
-    top1_error: metrics.Average.from_output('top1_error')
-    top5_error: metrics.Average.from_output('top5_error')
-    learning_rate: metrics.LastValue.from_output('learning_rate')
-    param_norm: metrics.LastValue.from_output('param_norm')  # also guards against overflow
-
-
-@flax.struct.dataclass
-class EvalMetrics(metrics.Collection):
-    loss: metrics.Average.from_output('loss')
-    top1_error: metrics.Average.from_output('top1_error')
-    top5_error: metrics.Average.from_output('top5_error')
+from resnet_jax.steps import TrainMetrics, TrainState
 
 
 class ConsoleWriter(metric_writers.LoggingWriter):
@@ -74,112 +45,6 @@ def create_writer(workdir: epath.Path) -> metric_writers.MetricWriter:
                                             metric_writers.SummaryWriter(str(workdir))])
 
 
-# --- model and state --------------------------------------------------------------------------
-
-def create_model(config: ml_collections.ConfigDict, num_classes: int) -> models.ResNet:
-    """The model of ``config.model`` with ``num_classes`` outputs."""
-    overrides = {k: v for k, v in config.model.items() if k != 'name' and v is not None}
-    return models.create_model(config.model.name, num_classes=num_classes, **overrides)
-
-
-def create_train_state(model: models.ResNet, tx: optax.GradientTransformation,
-                       rng: jax.Array, image_shape: tuple[int, ...]) -> TrainState:
-    variables = model.init(rng, jnp.zeros((1, *image_shape), jnp.float32), train=False)
-    params = variables['params']
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      batch_stats=variables['batch_stats'], opt_state=tx.init(params),
-                      plateau_metric=jnp.ones((), jnp.float32))
-
-
-def init_train_state(model: models.ResNet, tx: optax.GradientTransformation, rng: jax.Array,
-                     image_shape: tuple[int, ...], mesh: Mesh) -> TrainState:
-    """``create_train_state``, replicated over ``mesh`` (all processes compute the same).
-
-    The state is built op by op, not as one jitted program: XLA:CPU takes minutes to
-    compile the unrolled init of a very deep net (over 3 for ResNet-1202), op by op it
-    takes seconds, and the values are the same.
-    """
-    state = create_train_state(model, tx, rng, image_shape)
-    return jax.tree_util.tree_map(lambda x: parallel.replicate(mesh, np.asarray(x)), state)
-
-
-# --- steps -----------------------------------------------------------------------------------
-
-def classification_metrics(logits: jax.Array, labels: jax.Array,
-                           label_smoothing: float = 0.0) -> dict[str, jax.Array]:
-    """Per-example loss and top-1 / top-5 errors."""
-    targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing)
-    loss = optax.softmax_cross_entropy(logits, targets)
-    _, top = jax.lax.top_k(logits, min(5, logits.shape[-1]))
-    hit = top == labels[:, None]
-    return {'loss': loss, 'top1_error': 1.0 - hit[:, 0].astype(jnp.float32),
-            'top5_error': 1.0 - hit.any(-1).astype(jnp.float32)}
-
-
-def train_step(model: models.ResNet, tx: optax.GradientTransformationExtraArgs,
-               learning_rate_fn: optax.Schedule, label_smoothing: float, state: TrainState,
-               batch: dict[str, jax.Array]) -> tuple[TrainState, TrainMetrics]:
-    """One SGD step on a global batch."""
-
-    def loss_fn(params):
-        logits, updates = model.apply({'params': params, 'batch_stats': state.batch_stats},
-                                      batch['image'], train=True, mutable=['batch_stats'])
-        per_example = classification_metrics(logits, batch['label'], label_smoothing)
-        return per_example['loss'].mean(), (per_example, updates['batch_stats'])
-
-    grads, (per_example, batch_stats) = jax.grad(loss_fn, has_aux=True)(state.params)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params,
-                                   value=state.plateau_metric)
-    params = optax.apply_updates(state.params, updates)
-    lr = learning_rate_fn(state.step) * optim.plateau_scale(state.opt_state)
-    new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
-                              opt_state=opt_state)
-    return new_state, TrainMetrics.single_from_model_output(
-        learning_rate=lr, param_norm=optim.global_norm(params), **per_example)
-
-
-def eval_step(model: models.ResNet, state: TrainState,
-              batch: dict[str, jax.Array]) -> EvalMetrics:
-    """Metrics of one (possibly padded) eval batch; ``batch['mask']`` marks real examples."""
-    logits = model.apply({'params': state.params, 'batch_stats': state.batch_stats},
-                         batch['image'], train=False)
-    per_example = classification_metrics(logits, batch['label'])
-    return EvalMetrics.single_from_model_output(mask=batch['mask'], **per_example)
-
-
-# --- compiled steps -------------------------------------------------------------------------
-
-def train_step_compiler_options(config: ml_collections.ConfigDict,
-                                model: models.ResNet) -> dict | None:
-    """XLA options for the train step, chosen by backend and model.
-
-    On XLA:CPU the elementwise-fusion pass duplicates an unrolled net's un-materialised
-    residual stream (each block's BN + addition + ReLU) into the backward pass's
-    consumers, so the gradient of an unrolled residual net costs O(depth^2) (per layer,
-    ResNet-110's step was 3x ResNet-20's; plain nets stayed linear). The default CPU
-    model scans its blocks (``ResNet.scan_blocks``), which fusion cannot cross; for an
-    unrolled model on CPU the train step is compiled without that pass instead.
-    ``config.cpu_train_step_fusion=True`` keeps XLA's default. Other backends: untouched.
-    """
-    if (jax.default_backend() == 'cpu' and not model.uses_scan()
-            and not config.get('cpu_train_step_fusion', False)):
-        return {'xla_disable_hlo_passes': 'fusion'}
-    return None
-
-
-def compile_steps(model, tx, learning_rate_fn, config, mesh: Mesh):
-    """The jitted train and eval steps, with the state replicated and the batch split."""
-    replicated, split = NamedSharding(mesh, P()), NamedSharding(mesh, P('data'))
-    train = jax.jit(functools.partial(train_step, model, tx, learning_rate_fn,
-                                      config.label_smoothing),
-                    in_shardings=(replicated, split), out_shardings=(replicated, replicated),
-                    donate_argnums=0,
-                    compiler_options=train_step_compiler_options(config, model))
-    evaluate = jax.jit(functools.partial(eval_step, model),
-                       in_shardings=(replicated, split), out_shardings=replicated)
-    return train, evaluate
-
-
 def evaluate(eval_fn, mesh: Mesh, state: TrainState, pipeline: input_pipeline.Pipeline,
              batch_size: int) -> dict[str, float]:
     """Metrics over the complete split (the padded tail is masked, never dropped)."""
@@ -196,7 +61,7 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
     """Raises ConfigError on a config that cannot run, before anything is built."""
     input_pipeline.check_dataset(config.dataset.name, config.dataset.data_dir)
     try:
-        create_model(config, num_classes=10)
+        steps.create_model(config, num_classes=10)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     for field in ('batch_size', 'eval_batch_size'):
@@ -257,12 +122,12 @@ def _train(config, workdir: epath.Path, mesh: Mesh, ckpt: checkpointing.Checkpoi
     pipeline = input_pipeline.Pipeline(config.dataset, config.seed)
 
     # Model, optimiser, state.
-    model = create_model(config, pipeline.num_classes)
+    model = steps.create_model(config, pipeline.num_classes)
     learning_rate_fn = optim.create_learning_rate_fn(config)
     tx = optim.create_optimizer(config, learning_rate_fn)
     replicated = NamedSharding(mesh, P())
-    state = init_train_state(model, tx, jax.random.key(config.seed), pipeline.image_shape(),
-                             mesh)
+    state = steps.init_train_state(model, tx, jax.random.key(config.seed),
+                                   pipeline.image_shape(), mesh)
     empty_metrics = jax.device_put(TrainMetrics.empty(), replicated)
 
     # Checkpoints: the latest readable one, with the metrics of its unfinished log window.
@@ -281,7 +146,7 @@ def _train(config, workdir: epath.Path, mesh: Mesh, ckpt: checkpointing.Checkpoi
             print(f'initialised from {config.init_from} (step {from_step}); kept fresh: '
                   f'{", ".join(fresh) or "nothing"}', flush=True)
 
-    train_fn, eval_fn = compile_steps(model, tx, learning_rate_fn, config, mesh)
+    train_fn, eval_fn = steps.compile_steps(model, tx, learning_rate_fn, config, mesh)
     writer = create_writer(workdir)
     hooks = [periodic_actions.ReportProgress(num_train_steps=config.num_train_steps,
                                              writer=writer, every_secs=30)]

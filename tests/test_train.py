@@ -13,7 +13,7 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 
-from resnet_jax import input_pipeline, optim, parallel, train
+from resnet_jax import input_pipeline, optim, parallel, steps, train
 from resnet_jax.config import ConfigError, base_config
 from conftest import REPO, run_main
 
@@ -117,14 +117,14 @@ def test_step_on_four_devices_equals_step_on_one(data_dir, bn_group_size):
     config = tiny_config(data_dir)
     config.model.bn_group_size = bn_group_size
     batch = input_pipeline.Pipeline(config.dataset, seed=0).train_batch(0, 16)
-    model = train.create_model(config, 10)
+    model = steps.create_model(config, 10)
     lr_fn = optim.create_learning_rate_fn(config)
     tx = optim.create_optimizer(config, lr_fn)
     results = []
     for devices in (jax.devices()[:1], jax.devices()):
         mesh = parallel.create_mesh(devices)
-        state = train.create_train_state(model, tx, jax.random.key(0), (32, 32, 3))
-        step, _ = train.compile_steps(model, tx, lr_fn, config, mesh)
+        state = steps.create_train_state(model, tx, jax.random.key(0), (32, 32, 3))
+        step, _ = steps.compile_steps(model, tx, lr_fn, config, mesh)
         for _ in range(2):
             state, metrics = step(state, parallel.shard_batch(mesh, batch))
         assert len(state.params['fc']['kernel'].sharding.device_set) == len(devices)

@@ -1,0 +1,75 @@
+"""The benchmarks as a user runs them: `python -m resnet_jax.benchmark` and the PyTorch table.
+
+The benchmark must also run where only JAX's stack is installed (the CUDA/TPU images users
+benchmark on rarely carry TensorFlow), so it runs here with TensorFlow and tfds made
+unimportable.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+
+# Runs `python -m resnet_jax.benchmark ARGS` as if TensorFlow and tfds were not installed
+# (a None entry in sys.modules: `import` fails, `importlib.util.find_spec` says absent).
+_WITHOUT_TF = r'''
+import sys
+sys.modules.update(tensorflow=None, tensorflow_datasets=None)
+from resnet_jax import benchmark
+sys.exit(benchmark.main(sys.argv[1:]))
+'''
+
+
+def _run(code_or_module, *args, timeout=300):
+    env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1')
+    cmd = ([sys.executable, '-c', code_or_module] if '\n' in code_or_module
+           else [sys.executable, code_or_module])
+    return subprocess.run([*cmd, *args], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_benchmark_json_without_tensorflow(tmp_path):
+    cache = tmp_path / 'cache'
+    args = ('--model', 'cifar_resnet20', '--batch-size', '8', '--steps', '2', '--json',
+            '--compilation-cache-dir', str(cache))
+    first = _run(_WITHOUT_TF, *args)
+    assert first.returncode == 0, first.stderr[-3000:]
+    r = json.loads(first.stdout.strip().splitlines()[-1])
+    for key in ('train_images_per_sec', 'eval_images_per_sec', 'compile_seconds',
+                'peak_rss_mb', 'train_flops_per_sec', 'matmul_flops_per_sec'):
+        assert r[key] > 0, key
+    assert (r['model'], r['batch_size'], r['image_size'], r['backend']) == (
+        'cifar_resnet20', 8, 32, 'cpu')
+    assert r['scan_blocks'] is True  # the CPU default
+    # 6 x forward MACs per image (41M MACs for ResNet-20 at 32x32), over the step time.
+    assert r['train_flops_per_sec'] * r['train_step_seconds'] / 8 == pytest.approx(
+        6 * 40.55e6, rel=0.02)
+    assert any(cache.iterdir()), 'the compilation cache is empty'
+    # The second launch loads the train step from the cache instead of compiling it.
+    second = _run(_WITHOUT_TF, *args)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert json.loads(second.stdout.strip().splitlines()[-1])['compile_seconds'] < \
+        r['compile_seconds']
+
+
+def test_benchmark_unknown_model_is_one_line_error():
+    proc = _run(_WITHOUT_TF, '--model', 'resnet19')
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith('error:') and 'Traceback' not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_benchmark_vs_pytorch_table():
+    pytest.importorskip('torch')
+    proc = _run(str(REPO / 'experiments' / 'benchmark_vs_pytorch.py'), '--nets',
+                'cifar_resnet20:8', '--steps', '1', '--dtype', 'bfloat16')
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    row = proc.stdout.strip().splitlines()[-1].strip('|').split('|')
+    assert row[0].strip() == 'cifar_resnet20, 8'
+    theirs, ours, ratio = (float(c) for c in row[1:4])
+    assert theirs > 0 and ours > 0 and ratio == pytest.approx(ours / theirs, abs=0.01)
+    assert 'bfloat16' in proc.stdout
