@@ -138,7 +138,7 @@ def main() -> int:
     print('| pipeline | 1 thread | per core, 1 thread | '
           f'{cores} threads | per core, {cores} threads |')
     print('|---|---|---|---|---|')
-    for name, a, b in (('resnet_jax (tfds ArrayRecord, TF decode)', one, many),
+    for name, a, b in (('resnet_jax (tfds ArrayRecord, PIL decode)', one, many),
                        ('torchvision-style PIL, JPEG files', pil_one, pil_many)):
         print(f'| {name} | {a:.1f} | {a:.1f} | {b:.1f} | {b / cores:.1f} |')
     print(f'resnet_jax / PIL: {one / pil_one:.2f} (1 thread), {many / pil_many:.2f} '

@@ -61,7 +61,9 @@ def test_scale_augmentation_draws_cover_256_to_480_and_crop_comes_from_that_scal
         assert min(resized.shape[:2]) == p['scale']
         top = augment.crop_offset(p['v'], resized.shape[0], 224)
         left = augment.crop_offset(p['u'], resized.shape[1], 224)
-        np.testing.assert_array_equal(out, resized[top:top + 224, left:left + 224])
+        # Only the crop is resampled: resize-then-crop's pixels up to coefficient rounding.
+        diff = np.abs(out.astype(int) - resized[top:top + 224, left:left + 224])
+        assert diff.max() <= 2 and diff.mean() < 0.05, (diff.max(), diff.mean())
 
 
 def test_pipeline_train_crops_come_from_scales_in_range(photos_dir):
