@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import functools
 import re
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import flax.linen as nn
 import jax
@@ -125,7 +125,8 @@ class ResNet(nn.Module):
         depth, off on GPU/TPU. The scanned blocks' gradients use ``layers.canonical_conv``,
         a ``custom_vjp``: forward-mode AD (``jax.jvp``) needs ``scan_blocks=False``, as
         do ``capture_intermediates`` views of the scanned blocks (``summary``, ``analysis``
-        and ``complexity`` turn it off themselves).
+        and ``complexity`` turn it off themselves). ``apply`` also takes the variables
+        with each scanned group stacked (``pack``), the layout the train state keeps.
     """
 
     stage_sizes: Sequence[int]
@@ -186,17 +187,55 @@ class ResNet(nn.Module):
             return jax.default_backend() == 'cpu'
         return bool(self.scan_blocks)
 
+    def scan_groups(self) -> list[list[str]]:
+        """The blocks run together as one ``lax.scan`` when ``uses_scan()``: in each stage
+        of more than two blocks, all but its first."""
+        if not self.uses_scan():
+            return []
+        return [[f'conv{i + 2}_{j + 1}' for j in range(1, n)]
+                for i, n in enumerate(self.stage_sizes) if n > 2]
+
+    def pack(self, layers: Mapping[str, Any]) -> dict[str, Any]:
+        """``layers`` with each scan group's blocks stacked under one key, ``packed_name``.
+
+        ``layers`` is one collection of variables (``params``, ``batch_stats``) or any
+        tree keyed like it (SGD's momentum). ``apply`` takes the packed layout as it is,
+        so a train state kept packed runs a step with no stacking and no per-block
+        write-back, and with a few stacked leaves where the model's tree has thousands
+        (ResNet-1202: 3,605), which is what its compile and relaunch time grow with.
+        ``unpack`` restores the model's own tree; without scanned groups both return
+        ``layers`` unchanged.
+        """
+        out = dict(layers)
+        for names in self.scan_groups():
+            if names[0] in out:
+                out[packed_name(names)] = jax.tree_util.tree_map(
+                    lambda *v: jnp.stack(v), *[out.pop(n) for n in names])
+        return out
+
+    def unpack(self, layers: Mapping[str, Any]) -> dict[str, Any]:
+        """The inverse of ``pack``: every block under its own name again."""
+        out = dict(layers)
+        for names in self.scan_groups():
+            stacked = out.pop(packed_name(names), None)
+            if stacked is not None:
+                for k, name in enumerate(names):
+                    out[name] = jax.tree_util.tree_map(lambda v: v[k], stacked)
+        return out
+
     def _scan(self, block: nn.Module, names: Sequence[str], x: jax.Array,
               train: bool) -> jax.Array:
         """Applies the blocks ``names`` (same shapes) in turn, as one ``lax.scan``.
 
-        Their variables stay where the unrolled net keeps them (``params/conv2_2``, ...):
-        they are stacked for the scan, and the updated BatchNorm statistics are written
-        back block by block. ``block`` is an unbound module of the blocks' configuration.
+        Their variables are where the unrolled net keeps them (``params/conv2_2``, ...),
+        stacked here for the scan, with the updated BatchNorm statistics written back
+        block by block; or already stacked under ``packed_name(names)`` (``pack``), used
+        and updated as they are. ``block`` is an unbound module of the blocks' config.
         """
-        stored = self.variables
-        stacked = {col: jax.tree_util.tree_map(lambda *v: jnp.stack(v),
-                                               *[stored[col][n] for n in names])
+        stored, key = self.variables, packed_name(names)
+        stacked = {col: stored[col][key] if key in stored[col] else
+                   jax.tree_util.tree_map(lambda *v: jnp.stack(v),
+                                          *[stored[col][n] for n in names])
                    for col in ('params', 'batch_stats')}
 
         def body(carry, variables):
@@ -212,11 +251,18 @@ class ResNet(nn.Module):
         body = jax.checkpoint(body, policy=jax.checkpoint_policies.dots_saveable,
                               prevent_cse=False)
         x, stats = jax.lax.scan(body, x, stacked)
-        if train:
+        if train and key in stored['batch_stats']:
+            self.put_variable('batch_stats', key, stats)
+        elif train:
             for k, name in enumerate(names):
                 self.put_variable('batch_stats', name,
                                   jax.tree_util.tree_map(lambda v: v[k], stats))
         return x
+
+
+def packed_name(names: Sequence[str]) -> str:
+    """The key of blocks ``names`` stacked by ``ResNet.pack``: 'conv2_2..conv2_200'."""
+    return f'{names[0]}..{names[-1]}'
 
 
 # Table 1: the ImageNet networks.

@@ -8,7 +8,7 @@ or imports TensorFlow; the loop around these is ``resnet_jax.train``.
 """
 
 import functools
-from typing import Any
+from typing import Any, Mapping
 
 import flax.struct
 import jax
@@ -24,6 +24,10 @@ from resnet_jax import models, optim, parallel
 
 @flax.struct.dataclass
 class TrainState:
+    """What a train step updates. ``params``, ``batch_stats`` and the optimiser's
+    parameter-shaped state hold each scan group's blocks stacked (``ResNet.pack``, the
+    layout the step runs fastest on); ``unpack_state`` gives the model's own tree, which
+    is what checkpoints store. Without scanned blocks both layouts are the same."""
     step: jax.Array
     params: Any
     batch_stats: Any
@@ -57,11 +61,33 @@ def create_model(config: ml_collections.ConfigDict, num_classes: int) -> models.
 
 def create_train_state(model: models.ResNet, tx: optax.GradientTransformation,
                        rng: jax.Array, image_shape: tuple[int, ...]) -> TrainState:
+    """A fresh state (packed, see ``TrainState``) of ``model.init``'s variables."""
     variables = model.init(rng, jnp.zeros((1, *image_shape), jnp.float32), train=False)
-    params = variables['params']
+    params = model.pack(variables['params'])
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      batch_stats=variables['batch_stats'], opt_state=tx.init(params),
-                      plateau_metric=jnp.ones((), jnp.float32))
+                      batch_stats=model.pack(variables['batch_stats']),
+                      opt_state=tx.init(params), plateau_metric=jnp.ones((), jnp.float32))
+
+
+def _map_layer_dicts(fn, tree, marker: str):
+    """``fn`` applied to every mapping in ``tree`` that holds the key ``marker``."""
+    def found(x):
+        return isinstance(x, Mapping) and marker in x
+    return jax.tree_util.tree_map(lambda x: fn(x) if found(x) else x, tree, is_leaf=found)
+
+
+def pack_state(model: models.ResNet, state: TrainState) -> TrainState:
+    """A state in the model's own tree (e.g. restored from a checkpoint), packed."""
+    groups = model.scan_groups()
+    return _map_layer_dicts(model.pack, state, groups[0][0]) if groups else state
+
+
+def unpack_state(model: models.ResNet, state: TrainState) -> TrainState:
+    """The state in the model's own tree: params, BatchNorm statistics and momentum
+    keyed by block (``params/conv2_2/...``), as checkpoints store it."""
+    groups = model.scan_groups()
+    return (_map_layer_dicts(model.unpack, state, models.packed_name(groups[0])) if groups
+            else state)
 
 
 def init_train_state(model: models.ResNet, tx: optax.GradientTransformation, rng: jax.Array,

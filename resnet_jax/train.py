@@ -131,17 +131,27 @@ def _train(config, workdir: epath.Path, mesh: Mesh, ckpt: checkpointing.Checkpoi
     empty_metrics = jax.device_put(TrainMetrics.empty(), replicated)
 
     # Checkpoints: the latest readable one, with the metrics of its unfinished log window.
+    # They hold the model's own tree; the state runs packed (see steps.TrainState).
+    def packed(canonical_state):
+        return jax.device_put(steps.pack_state(model, canonical_state), replicated)
+
+    def save(step, state, train_metrics):
+        ckpt.save(step, steps.unpack_state(model, state), train_metrics, history)
+
     train_metrics, history = empty_metrics, {'train': [], 'eval': []}
-    restored = ckpt.restore_latest(state, empty_metrics)
+    restored = ckpt.restore_latest(steps.unpack_state(model, state), empty_metrics)
     if restored is not None:
-        state, train_metrics, history = restored
+        canonical, train_metrics, history = restored
+        state = packed(canonical)
         if lead:
             print(f'resumed from step {int(state.step)}', flush=True)
     elif config.init_from:
         pretrained, from_step = checkpointing.load_variables(config.init_from)
+        canonical = steps.unpack_state(model, state)
         variables, fresh = checkpointing.merge_pretrained(
-            {'params': state.params, 'batch_stats': state.batch_stats}, pretrained)
-        state = state.replace(params=variables['params'], batch_stats=variables['batch_stats'])
+            {'params': canonical.params, 'batch_stats': canonical.batch_stats}, pretrained)
+        state = packed(canonical.replace(params=variables['params'],
+                                         batch_stats=variables['batch_stats']))
         if lead:
             print(f'initialised from {config.init_from} (step {from_step}); kept fresh: '
                   f'{", ".join(fresh) or "nothing"}', flush=True)
@@ -190,12 +200,12 @@ def _train(config, workdir: epath.Path, mesh: Mesh, ckpt: checkpointing.Checkpoi
         stop_now = stop.requested()
         if step % config.checkpoint_every_steps == 0 or last or stop_now:
             guard.check_all()  # never checkpoint a diverged state
-            ckpt.save(step, state, train_metrics, history)
+            save(step, state, train_metrics)
         if stop_now:
             stopped_by = stop.signal_name or 'a signal to another process'
             break
     guard.check_all()
-    ckpt.save(step, state, train_metrics, history)  # no-op when this step is saved already
+    save(step, state, train_metrics)  # no-op when this step is saved already
     writer.close()
     if stopped_by:
         return {'step': step, 'stopped_by': stopped_by}

@@ -363,6 +363,43 @@ def test_scanned_blocks_compute_the_unrolled_function(name, overrides, size):
             np.testing.assert_allclose(a, b, rtol=2e-3, atol=2e-3 * float(jnp.abs(a).max()))
 
 
+@pytest.mark.parametrize('name, overrides, size', [
+    ('cifar_resnet20', {}, 16), ('resnet50', dict(width=4, num_classes=7), 32)])
+def test_packed_variables_give_the_same_model(name, overrides, size):
+    """``ResNet.pack`` (each scan group's blocks stacked, the train state's layout) is a
+    lossless relayout: same outputs, BN statistics and gradients, bit for bit."""
+    model = models.create_model(name, scan_blocks=True, **overrides)
+    x = jax.random.normal(jax.random.key(0), (4, size, size, 3))
+    variables = model.init(jax.random.key(1), x)
+    packed = {col: model.pack(tree) for col, tree in variables.items()}
+    assert len(jax.tree_util.tree_leaves(packed)) < len(jax.tree_util.tree_leaves(variables))
+    assert models.packed_name(model.scan_groups()[0]) in packed['params']
+    unpacked = {col: model.unpack(tree) for col, tree in packed.items()}
+    assert jax.tree_util.tree_structure(unpacked) == jax.tree_util.tree_structure(variables)
+    assert jax.tree_util.tree_all(jax.tree_util.tree_map(
+        lambda a, b: bool((a == b).all()), variables, unpacked))
+    np.testing.assert_array_equal(model.apply(variables, x), model.apply(packed, x))
+
+    def loss(vs, params):
+        logits, state = model.apply({**vs, 'params': params}, x, train=True,
+                                    mutable=['batch_stats'])
+        return jnp.sum(logits * jnp.arange(logits.shape[-1])), state['batch_stats']
+
+    (l1, stats1), g1 = jax.value_and_grad(loss, argnums=1, has_aux=True)(
+        variables, variables['params'])
+    (l2, stats2), g2 = jax.value_and_grad(loss, argnums=1, has_aux=True)(
+        packed, packed['params'])
+    assert l1 == l2
+    for tree1, tree2 in ((stats1, model.unpack(stats2)), (g1, model.unpack(g2))):
+        assert jax.tree_util.tree_structure(tree1) == jax.tree_util.tree_structure(tree2)
+        for a, b in zip(jax.tree_util.tree_leaves(tree1), jax.tree_util.tree_leaves(tree2)):
+            np.testing.assert_array_equal(a, b)
+    # Unrolled, nothing is scanned and nothing is packed.
+    unrolled = model.clone(scan_blocks=False)
+    assert unrolled.scan_groups() == [] and unrolled.pack(variables['params']) == \
+        variables['params']
+
+
 def test_scanned_program_does_not_grow_with_depth():
     def convs(name):  # in the train step's program, loop bodies counted once
         model = models.create_model(name, scan_blocks=True)

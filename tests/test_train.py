@@ -13,7 +13,7 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 
-from resnet_jax import input_pipeline, optim, parallel, steps, train
+from resnet_jax import checkpointing, input_pipeline, optim, parallel, steps, train
 from resnet_jax.config import ConfigError, base_config
 from conftest import REPO, run_main
 
@@ -136,6 +136,25 @@ def test_step_on_four_devices_equals_step_on_one(data_dir, bn_group_size):
     chex_close(m1['loss'], m4['loss'])
 
 
+def test_train_state_packs_every_parameter_shaped_tree(data_dir):
+    config = tiny_config(data_dir, momentum=0.9)
+    config.model.name = 'cifar_resnet20'
+    model = steps.create_model(config, 10)
+    tx = optim.create_optimizer(config, optim.create_learning_rate_fn(config))
+    state = steps.create_train_state(model, tx, jax.random.key(0), (32, 32, 3))
+    blocks = {'conv2_2', 'conv2_3', 'conv3_2', 'conv3_3', 'conv4_2', 'conv4_3'}
+    canonical = steps.unpack_state(model, state)
+    # Params, BN statistics and the momentum: packed in the state, block by block unpacked.
+    for packed_tree, own_tree in ((state.params, canonical.params),
+                                  (state.batch_stats, canonical.batch_stats),
+                                  (state.opt_state[1][0].trace, canonical.opt_state[1][0].trace)):
+        assert not blocks & set(packed_tree) and 'conv2_2..conv2_3' in packed_tree
+        assert blocks <= set(own_tree) and not any('..' in k for k in own_tree)
+    again = steps.pack_state(model, canonical)
+    assert jax.tree_util.tree_structure(again) == jax.tree_util.tree_structure(state)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, again, state)
+
+
 def test_batch_that_does_not_divide_across_devices_is_a_config_error(data_dir):
     config = tiny_config(data_dir, batch_size=10)
     config.model.bn_group_size = 0
@@ -153,7 +172,10 @@ def test_eval_covers_the_whole_split_with_a_masked_tail(data_dir):
 # --- train_and_evaluate: checkpoints and resume ----------------------------------------------
 
 def test_stopped_run_resumes_from_its_checkpoint(data_dir, tmp_path, capsys):
+    # ResNet-20: three blocks per stage, so on CPU the state runs packed (two blocks
+    # stacked per stage) and the checkpoints are converted to and from the model's tree.
     config = tiny_config(data_dir)
+    config.model.name = 'cifar_resnet20'
     full = train.train_and_evaluate(config, str(tmp_path / 'full'))
     assert full['step'] == 6
     for key in ('step', 'train_loss', 'eval_top1_error', 'eval_top5_error', 'wall_seconds'):
@@ -173,6 +195,11 @@ def test_stopped_run_resumes_from_its_checkpoint(data_dir, tmp_path, capsys):
     # The first run logged its end (step 3); the history continues from the checkpoint.
     assert [r['step'] for r in history['train']] == [2, 3, 4, 6]
     assert [r['step'] for r in history['eval']] == [3, 6]
+    # Checkpoints hold the model's own tree (block by block), whatever the state's layout.
+    saved, _ = checkpointing.load_variables(str(tmp_path / 'resumed'))
+    model = steps.create_model(config, 10)
+    expected = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3))))
+    assert jax.tree_util.tree_structure(saved) == jax.tree_util.tree_structure(expected)
 
 
 def test_checkpoint_of_another_model_is_refused(data_dir, tmp_path):
