@@ -39,7 +39,8 @@ def matmul_flops_per_sec(dtype: str = 'float32', n: int | None = None,
 
 
 def run(model_name: str, batch_size: int, image_size: int | None = None, steps: int = 10,
-        dtype: str = 'float32', warmup: int = 2, scan_blocks: bool | None = None) -> dict:
+        dtype: str = 'float32', warmup: int = 2, scan_blocks: bool | None = None,
+        dot_1x1: bool | None = None) -> dict:
     import jax
     import numpy as np
 
@@ -51,6 +52,7 @@ def run(model_name: str, batch_size: int, image_size: int | None = None, steps: 
     config.model.name = model_name
     config.model.dtype = dtype
     config.model.scan_blocks = scan_blocks
+    config.model.dot_1x1 = dot_1x1
     config.model.bn_group_size = 0
     config.batch_size = batch_size
     model = train_steps.create_model(config, 10 if model_name.startswith('cifar') else 1000)
@@ -94,7 +96,7 @@ def run(model_name: str, batch_size: int, image_size: int | None = None, steps: 
     machine = matmul_flops_per_sec(dtype)
     return {
         'model': model_name, 'batch_size': batch_size, 'image_size': size, 'dtype': dtype,
-        'scan_blocks': model.uses_scan(),
+        'scan_blocks': model.uses_scan(), 'dot_1x1': model.uses_dot_1x1(),
         'backend': jax.default_backend(), 'devices': jax.device_count(),
         'device_kind': jax.devices()[0].device_kind,
         'train_images_per_sec': batch_size / train_step,
@@ -119,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'])
     parser.add_argument('--scan-blocks', choices=['auto', 'on', 'off'], default='auto',
                         help="ResNet.scan_blocks (auto: on for CPU)")
+    parser.add_argument('--dot-1x1', choices=['auto', 'on', 'off'], default='auto',
+                        help="ResNet.dot_1x1 (auto: on for CPU)")
     parser.add_argument('--compilation-cache-dir', default='',
                         help="JAX's persistent compilation cache (run twice: the second "
                              "launch's compile_seconds is a cache load)")
@@ -130,15 +134,16 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f'error: {e}', file=sys.stderr)
         return 2
-    scan = {'auto': None, 'on': True, 'off': False}[args.scan_blocks]
+    choice = {'auto': None, 'on': True, 'off': False}
     if args.compilation_cache_dir:
         from resnet_jax import parallel
         parallel.enable_compilation_cache(args.compilation_cache_dir)
     r = run(args.model, args.batch_size, args.image_size, args.steps, args.dtype,
-            scan_blocks=scan)
+            scan_blocks=choice[args.scan_blocks], dot_1x1=choice[args.dot_1x1])
     print(f"{r['model']} batch {r['batch_size']} at {r['image_size']}px, {r['dtype']}, "
           f"{r['devices']} x {r['device_kind']} ({r['backend']}), "
-          f"{'scanned' if r['scan_blocks'] else 'unrolled'} blocks")
+          f"{'scanned' if r['scan_blocks'] else 'unrolled'} blocks, 1x1 convs as "
+          f"{'matrix products' if r['dot_1x1'] else 'convolutions'}")
     print(f"  train: {r['train_images_per_sec']:.1f} images/s "
           f"({r['train_step_seconds'] * 1e3:.0f} ms/step), eval: "
           f"{r['eval_images_per_sec']:.1f} images/s")

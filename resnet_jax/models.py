@@ -39,6 +39,7 @@ class BasicBlock(nn.Module):
     zero_init_residual: bool = False
     dtype: Dtype = jnp.float32
     canonical_grads: bool = False  # see layers.canonical_conv
+    dot_1x1: bool = False  # see layers.pointwise_conv
     expansion = 1
 
     @nn.compact
@@ -68,6 +69,7 @@ class BottleneckBlock(nn.Module):
     zero_init_residual: bool = False
     dtype: Dtype = jnp.float32
     canonical_grads: bool = False  # see layers.canonical_conv
+    dot_1x1: bool = False  # see layers.pointwise_conv
     expansion = 4
 
     @nn.compact
@@ -85,7 +87,7 @@ class BottleneckBlock(nn.Module):
 
 def _conv_factory(module) -> Callable[..., nn.Conv]:
     return functools.partial(layers.conv, dtype=module.dtype,
-                             canonical_grads=module.canonical_grads)
+                             canonical_grads=module.canonical_grads, dot_1x1=module.dot_1x1)
 
 
 def _last_scale_init(zero_init: bool):
@@ -97,6 +99,7 @@ def _merge(block, x: jax.Array, y: jax.Array, features: int) -> jax.Array:
     if block.residual:
         y = y + Shortcut(features, block.strides, block.shortcut, block.norm,
                          dtype=block.dtype, canonical_grads=block.canonical_grads,
+                         dot_1x1=block.dot_1x1,
                          name='shortcut')(x)
     return nn.relu(y)
 
@@ -127,6 +130,10 @@ class ResNet(nn.Module):
         do ``capture_intermediates`` views of the scanned blocks (``summary``, ``analysis``
         and ``complexity`` turn it off themselves). ``apply`` also takes the variables
         with each scanned group stacked (``pack``), the layout the train state keeps.
+      dot_1x1: compute the 1x1 convolutions (bottlenecks, projection shortcuts) as matrix
+        products (``layers.pointwise_conv``): same parameters, same values. ``None``
+        (default): on for the CPU backend, where XLA's matrix products run 1.5-3x faster
+        than its 1x1 convolutions; off on GPU/TPU.
     """
 
     stage_sizes: Sequence[int]
@@ -143,6 +150,7 @@ class ResNet(nn.Module):
     bn_epsilon: float = 1e-5
     dtype: Dtype = jnp.float32
     scan_blocks: bool | None = None
+    dot_1x1: bool | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -167,7 +175,8 @@ class ResNet(nn.Module):
             block = functools.partial(
                 self.block_cls, filters=self.width * 2**i, norm=norm, residual=self.residual,
                 shortcut=self.shortcut, stride_in_1x1=self.stride_in_1x1,
-                zero_init_residual=self.zero_init_residual, dtype=self.dtype)
+                zero_init_residual=self.zero_init_residual, dtype=self.dtype,
+                dot_1x1=self.uses_dot_1x1())
             names = [f'conv{i + 2}_{j + 1}' for j in range(num_blocks)]  # the paper's names
             x = block(strides=2 if i > 0 else 1, name=names[0])(x)
             if scan and num_blocks > 2:
@@ -186,6 +195,12 @@ class ResNet(nn.Module):
         if self.scan_blocks is None:
             return jax.default_backend() == 'cpu'
         return bool(self.scan_blocks)
+
+    def uses_dot_1x1(self) -> bool:
+        """Whether ``dot_1x1`` (resolved for the default backend) is on."""
+        if self.dot_1x1 is None:
+            return jax.default_backend() == 'cpu'
+        return bool(self.dot_1x1)
 
     def scan_groups(self) -> list[list[str]]:
         """The blocks run together as one ``lax.scan`` when ``uses_scan()``: in each stage

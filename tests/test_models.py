@@ -332,6 +332,53 @@ def _all_eqns(jaxpr):
                     yield from _all_eqns(inner)
 
 
+@pytest.mark.parametrize('size, stride, c_in, c_out, dtype', [
+    (8, 1, 4, 6, jnp.float32), (9, 2, 4, 8, jnp.float32), (7, 2, 3, 5, jnp.float32),
+    (8, 1, 4, 6, jnp.bfloat16)])
+def test_pointwise_conv_matches_lax_values_and_gradients(size, stride, c_in, c_out, dtype):
+    x = jax.random.normal(jax.random.key(0), (2, size, size + 1, c_in), dtype)
+    w = jax.random.normal(jax.random.key(1), (1, 1, c_in, c_out), dtype)
+    dn = ('NHWC', 'HWIO', 'NHWC')
+    ref = lambda x, w: jax.lax.conv_general_dilated(x, w, (stride,) * 2, ((0, 0), (0, 0)),
+                                                    dimension_numbers=dn)
+    ours = lambda x, w: layers.pointwise_conv(x, w, (stride,) * 2, ((0, 0), (0, 0)),
+                                              dimension_numbers=dn)
+    y, ref_vjp = jax.vjp(ref, x, w)
+    y2, our_vjp = jax.vjp(ours, x, w)
+    assert y2.shape == y.shape and y2.dtype == y.dtype
+    tol = 1e-5 if dtype == jnp.float32 else 2e-2
+    np.testing.assert_allclose(y.astype(float), y2.astype(float), rtol=tol, atol=tol)
+    g = jax.random.normal(jax.random.key(2), y.shape, dtype)
+    for a, b in zip(ref_vjp(g), our_vjp(g)):
+        np.testing.assert_allclose(a.astype(float), b.astype(float), rtol=tol, atol=tol * 4)
+    # A matrix product, forward and backward: no convolution left.
+    jaxpr = jax.make_jaxpr(jax.grad(lambda x, w: ours(x, w).astype(float).sum(), (0, 1)))(x, w)
+    names = {e.primitive.name for e in _all_eqns(jaxpr.jaxpr)}
+    assert 'dot_general' in names and 'conv_general_dilated' not in names
+    # Anything but an unpadded 1x1 NHWC kernel goes to lax unchanged.
+    w3 = jnp.ones((3, 3, c_in, c_out), dtype)
+    np.testing.assert_array_equal(
+        layers.pointwise_conv(x, w3, (1, 1), ((1, 1), (1, 1)), dimension_numbers=dn),
+        jax.lax.conv_general_dilated(x, w3, (1, 1), ((1, 1), (1, 1)), dimension_numbers=dn))
+
+
+@pytest.mark.parametrize('name, overrides', [
+    ('resnet50', dict(width=4, num_classes=7)), ('resnet18', dict(width=4, shortcut='C'))])
+def test_dot_1x1_computes_the_same_model(name, overrides):
+    convs = models.create_model(name, dot_1x1=False, scan_blocks=False, **overrides)
+    dots = convs.clone(dot_1x1=True)
+    x = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
+    variables = convs.init(jax.random.key(1), x)
+    same = dots.init(jax.random.key(1), x)
+    assert jax.tree_util.tree_structure(variables) == jax.tree_util.tree_structure(same)
+    np.testing.assert_allclose(convs.apply(variables, x), dots.apply(variables, x),
+                               rtol=1e-4, atol=1e-4)
+    count = lambda m: sum(e.primitive.name == 'conv_general_dilated' for e in _all_eqns(
+        jax.make_jaxpr(lambda v: m.apply(v, x))(variables).jaxpr))
+    assert count(dots) < count(convs)  # the 1x1 convolutions became matrix products
+    assert convs.clone(dot_1x1=None).uses_dot_1x1() == (jax.default_backend() == 'cpu')
+
+
 @pytest.mark.parametrize('name, overrides, size', [
     ('cifar_resnet20', {}, 16), ('cifar_plain20', {}, 16),
     ('resnet50', dict(width=4, num_classes=7), 32), ('resnet18', dict(width=4, shortcut='C'), 32)])
