@@ -48,8 +48,7 @@ def _layer_names(model: models.ResNet, style: str) -> Iterator[tuple[tuple[str, 
     yield ('bn1',), 'bn', 'bn1' if style == 'torch' else 'conv1_bn'
     convs = 3 if model.block_cls is models.BottleneckBlock else 2
     for i, n in enumerate(model.stage_sizes):
-        for j in range(n):
-            block = f'conv{i + 2}_{j + 1}'
+        for j, block in enumerate(models.block_names(i, n)):
             prefix = f'layer{i + 1}.{j}' if style == 'torch' else f'conv{i + 2}_block{j + 1}'
             for k in range(1, convs + 1):
                 if style == 'torch':

@@ -155,7 +155,7 @@ class ResNet(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         check_shortcut(self.shortcut)
-        scan = self.uses_scan() and not self.is_initializing()
+        scanned = [] if self.is_initializing() else self.scan_groups()  # init: unrolled
         conv = functools.partial(layers.conv, dtype=self.dtype)
         norm = functools.partial(BatchNorm, use_running_average=not train,
                                  group_size=self.bn_group_size, momentum=self.bn_momentum,
@@ -177,9 +177,9 @@ class ResNet(nn.Module):
                 shortcut=self.shortcut, stride_in_1x1=self.stride_in_1x1,
                 zero_init_residual=self.zero_init_residual, dtype=self.dtype,
                 dot_1x1=self.uses_dot_1x1())
-            names = [f'conv{i + 2}_{j + 1}' for j in range(num_blocks)]  # the paper's names
+            names = block_names(i, num_blocks)
             x = block(strides=2 if i > 0 else 1, name=names[0])(x)
-            if scan and num_blocks > 2:
+            if names[1:] in scanned:
                 x = self._scan(block(strides=1, canonical_grads=True, parent=None),
                                names[1:], x, train)
             else:
@@ -192,23 +192,18 @@ class ResNet(nn.Module):
 
     def uses_scan(self) -> bool:
         """Whether ``scan_blocks`` (resolved for the default backend) is on."""
-        if self.scan_blocks is None:
-            return jax.default_backend() == 'cpu'
-        return bool(self.scan_blocks)
+        return _on_cpu_by_default(self.scan_blocks)
 
     def uses_dot_1x1(self) -> bool:
         """Whether ``dot_1x1`` (resolved for the default backend) is on."""
-        if self.dot_1x1 is None:
-            return jax.default_backend() == 'cpu'
-        return bool(self.dot_1x1)
+        return _on_cpu_by_default(self.dot_1x1)
 
     def scan_groups(self) -> list[list[str]]:
         """The blocks run together as one ``lax.scan`` when ``uses_scan()``: in each stage
         of more than two blocks, all but its first."""
         if not self.uses_scan():
             return []
-        return [[f'conv{i + 2}_{j + 1}' for j in range(1, n)]
-                for i, n in enumerate(self.stage_sizes) if n > 2]
+        return [block_names(i, n)[1:] for i, n in enumerate(self.stage_sizes) if n > 2]
 
     def pack(self, layers: Mapping[str, Any]) -> dict[str, Any]:
         """``layers`` with each scan group's blocks stacked under one key, ``packed_name``.
@@ -224,8 +219,7 @@ class ResNet(nn.Module):
         out = dict(layers)
         for names in self.scan_groups():
             if names[0] in out:
-                out[packed_name(names)] = jax.tree_util.tree_map(
-                    lambda *v: jnp.stack(v), *[out.pop(n) for n in names])
+                out[packed_name(names)] = _stack([out.pop(n) for n in names])
         return out
 
     def unpack(self, layers: Mapping[str, Any]) -> dict[str, Any]:
@@ -234,8 +228,7 @@ class ResNet(nn.Module):
         for names in self.scan_groups():
             stacked = out.pop(packed_name(names), None)
             if stacked is not None:
-                for k, name in enumerate(names):
-                    out[name] = jax.tree_util.tree_map(lambda v: v[k], stacked)
+                out.update(zip(names, _unstack(stacked, len(names))))
         return out
 
     def _scan(self, block: nn.Module, names: Sequence[str], x: jax.Array,
@@ -249,8 +242,7 @@ class ResNet(nn.Module):
         """
         stored, key = self.variables, packed_name(names)
         stacked = {col: stored[col][key] if key in stored[col] else
-                   jax.tree_util.tree_map(lambda *v: jnp.stack(v),
-                                          *[stored[col][n] for n in names])
+                   _stack([stored[col][n] for n in names])
                    for col in ('params', 'batch_stats')}
 
         def body(carry, variables):
@@ -269,10 +261,29 @@ class ResNet(nn.Module):
         if train and key in stored['batch_stats']:
             self.put_variable('batch_stats', key, stats)
         elif train:
-            for k, name in enumerate(names):
-                self.put_variable('batch_stats', name,
-                                  jax.tree_util.tree_map(lambda v: v[k], stats))
+            for name, block_stats in zip(names, _unstack(stats, len(names))):
+                self.put_variable('batch_stats', name, block_stats)
         return x
+
+
+def _on_cpu_by_default(flag: bool | None) -> bool:
+    """A backend-selected option: ``None`` means on for the CPU backend only."""
+    return jax.default_backend() == 'cpu' if flag is None else bool(flag)
+
+
+def block_names(stage: int, num_blocks: int) -> list[str]:
+    """The paper's names of a stage's blocks: conv2_1, conv2_2, ... for stage 0."""
+    return [f'conv{stage + 2}_{j + 1}' for j in range(num_blocks)]
+
+
+def _stack(trees: Sequence[Any]) -> Any:
+    """Same-shaped trees as one tree of arrays with a leading axis."""
+    return jax.tree_util.tree_map(lambda *v: jnp.stack(v), *trees)
+
+
+def _unstack(tree: Any, n: int) -> list[Any]:
+    """The inverse of ``_stack`` for ``n`` trees."""
+    return [jax.tree_util.tree_map(lambda v: v[k], tree) for k in range(n)]
 
 
 def packed_name(names: Sequence[str]) -> str:

@@ -58,7 +58,7 @@ def summarize(model: models.ResNet, image_size: int | tuple[int, int] = 224) -> 
                  blocks=stem_spec, params=params['conv1'] + params['bn1'], macs=macs['conv1'])]
     for i, n in enumerate(model.stage_sizes):
         name = f'conv{i + 2}_x'
-        last = outputs[f'conv{i + 2}_{n}']['__call__'][0]
+        last = outputs[models.block_names(i, n)[-1]]['__call__'][0]
         rows.append(dict(layer=name, output=last.shape[1:3], blocks=_block_spec(model, i, n),
                          params=params[name], macs=macs[name]))
     rows.append(dict(layer='fc', output=(1, 1), blocks=f'avg pool, {model.num_classes}-d fc',
