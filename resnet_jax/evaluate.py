@@ -28,7 +28,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from resnet_jax import augment, input_pipeline
+from resnet_jax import augment, input_pipeline, parallel
 
 PROTOCOLS = ('center', 'ten_crop', 'multiscale')
 
@@ -87,7 +87,8 @@ def evaluate_protocol(model, variables: Any, pipeline: input_pipeline.Pipeline, 
     split = NamedSharding(mesh, P('data'))
     variables = jax.device_put(variables, NamedSharding(mesh, P()))
     forward = jax.jit(lambda v, x: jax.nn.softmax(model.apply(v, x, train=False)),
-                      in_shardings=(None, split))
+                      in_shardings=(None, split),
+                      compiler_options=parallel.cpu_compiler_options() or None)
     views_of = protocol_views(pipeline, protocol)
     predict = lambda x: np.asarray(forward(variables, _padded(x, mesh.size)))[:len(x)]
     n = len(pipeline.eval)

@@ -13,6 +13,8 @@ so the paper's layer conventions live in one place (sec. 3.4):
 from __future__ import annotations
 
 import functools
+import math
+import operator
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -90,7 +92,9 @@ def canonical_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dil
     This function writes both gradients in that form itself: the input gradient as the
     convolution of the dilated output gradient with the flipped, in/out-swapped kernel;
     the weight gradient as a convolution over the input's channels-as-batch with the
-    output gradient as the (dilated) window. The values are those of JAX's rules.
+    output gradient as the (dilated) window, summed over chunks of the batch on the CPU
+    (``weight_grad_chunk``). The values are those of JAX's rules (up to the order of the
+    weight gradient's float32 sums).
 
     Takes ``lax.conv_general_dilated``'s arguments (``flax.linen.Conv`` passes them) and
     handles NHWC/HWIO with explicit padding, no dilation and one group, as ``conv``
@@ -130,13 +134,40 @@ def _conv_nhwc_bwd(stride, padding, precision, residuals, g):
         g, flipped, (1, 1), ((kh - 1 - top, kh - 1 - bottom + skip_h),
                              (kw - 1 - left, kw - 1 - right + skip_w)),
         lhs_dilation=(stride, stride), dimension_numbers=_NHWC, precision=precision)
-    # Weight gradient: [C_in, H, W, N] (*) [out_h, out_w, N, C_out] -> [C_in, kh, kw, C_out].
-    dw = lax.conv_general_dilated(
-        x.transpose(3, 1, 2, 0), g.transpose(1, 2, 0, 3), (1, 1),
-        ((top, kh + (out_h - 1) * stride - height - top),
-         (left, kw + (out_w - 1) * stride - width - left)),
-        rhs_dilation=(stride, stride), dimension_numbers=_NHWC, precision=precision)
+    # Weight gradient: [C_in, H, W, N] (*) [out_h, out_w, N, C_out] -> [C_in, kh, kw, C_out],
+    # summed over chunks of the batch (see weight_grad_chunk).
+    def weight_grad(x, g):
+        return lax.conv_general_dilated(
+            x.transpose(3, 1, 2, 0), g.transpose(1, 2, 0, 3), (1, 1),
+            ((top, kh + (out_h - 1) * stride - height - top),
+             (left, kw + (out_w - 1) * stride - width - left)),
+            rhs_dilation=(stride, stride), dimension_numbers=_NHWC, precision=precision)
+    n, chunk = x.shape[0], weight_grad_chunk(x.shape)
+    dw = functools.reduce(operator.add, (weight_grad(x[i:i + chunk], g[i:i + chunk])
+                                         for i in range(0, n, chunk)))
     return dx.astype(x.dtype), dw.transpose(1, 2, 0, 3).astype(w.dtype)
+
+
+# Weight-gradient chunks: about this many input elements each (1 MiB of float32), and at
+# most this many chunks per convolution (the program grows with their number).
+_CHUNK_ELEMENTS = 2**18
+_MAX_CHUNKS = 16
+
+
+def weight_grad_chunk(input_shape: tuple[int, ...]) -> int:
+    """Examples per chunk of ``canonical_conv``'s weight gradient for an NHWC input.
+
+    The weight gradient of a k x k convolution is a convolution whose window is the whole
+    output gradient, a long reduction over examples and pixels into a few weights.
+    XLA:CPU runs it 1.3-2x faster as a sum of the same convolution over chunks of the
+    batch that fit a core's cache (CIFAR shapes at batch 128, ImageNet shapes at batch
+    16) than in one piece. Other backends: the whole batch in one piece.
+    """
+    n = input_shape[0]
+    if jax.default_backend() != 'cpu':
+        return n
+    per_example = max(1, math.prod(input_shape[1:]))
+    return min(n, max(1, _CHUNK_ELEMENTS // per_example, -(-n // _MAX_CHUNKS)))
 
 
 _conv_nhwc.defvjp(_conv_nhwc_fwd, _conv_nhwc_bwd)

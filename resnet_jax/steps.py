@@ -158,12 +158,14 @@ def train_step_compiler_options(config: ml_collections.ConfigDict,
     ResNet-110's step was 3x ResNet-20's; plain nets stayed linear). The default CPU
     model scans its blocks (``ResNet.scan_blocks``), which fusion cannot cross; for an
     unrolled model on CPU the train step is compiled without that pass instead.
-    ``config.cpu_train_step_fusion=True`` keeps XLA's default. Other backends: untouched.
+    ``config.cpu_train_step_fusion=True`` keeps XLA's default. On CPU, also
+    ``parallel.cpu_compiler_options()``. Other backends: untouched.
     """
+    options = dict(parallel.cpu_compiler_options())
     if (jax.default_backend() == 'cpu' and not model.uses_scan()
             and not config.get('cpu_train_step_fusion', False)):
-        return {'xla_disable_hlo_passes': 'fusion'}
-    return None
+        options['xla_disable_hlo_passes'] = 'fusion'
+    return options or None
 
 
 def compile_steps(model, tx, learning_rate_fn, config, mesh: Mesh):
@@ -175,5 +177,6 @@ def compile_steps(model, tx, learning_rate_fn, config, mesh: Mesh):
                     donate_argnums=0,
                     compiler_options=train_step_compiler_options(config, model))
     evaluate = jax.jit(functools.partial(eval_step, model),
-                       in_shardings=(replicated, split), out_shardings=replicated)
+                       in_shardings=(replicated, split), out_shardings=replicated,
+                       compiler_options=parallel.cpu_compiler_options() or None)
     return train, evaluate

@@ -11,9 +11,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jaxprs import all_eqns
 
-from resnet_jax import layers, models
-
+from resnet_jax import layers, models, parallel
 
 # --- scanned blocks and the canonical convolution gradients --------------------------------
 
@@ -37,7 +37,7 @@ def test_canonical_conv_matches_lax_values_and_gradients(size, kernel, stride, c
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
     # Its gradients are convolutions in the forward layout only (what XLA:CPU runs fast).
     jaxpr = jax.make_jaxpr(jax.grad(lambda x, w: ours(x, w).sum(), (0, 1)))(x, w)
-    labels = {str(e.params['dimension_numbers']) for e in _all_eqns(jaxpr.jaxpr)
+    labels = {str(e.params['dimension_numbers']) for e in all_eqns(jaxpr.jaxpr)
               if e.primitive.name == 'conv_general_dilated'}
     assert len(labels) == 1
 
@@ -49,14 +49,63 @@ def test_canonical_conv_passes_other_convolutions_to_lax():
     assert y.shape == (1, 6, 6, 4)
 
 
-def _all_eqns(jaxpr):
-    for eqn in jaxpr.eqns:
-        yield eqn
-        for value in eqn.params.values():
-            for item in value if isinstance(value, (tuple, list)) else (value,):
-                inner = getattr(item, 'jaxpr', item)
-                if hasattr(inner, 'eqns'):
-                    yield from _all_eqns(inner)
+@pytest.mark.parametrize('stride', [1, 2])
+def test_weight_gradient_summed_over_batch_chunks(monkeypatch, stride):
+    """The weight gradient as a sum over chunks of the batch, the last one shorter."""
+    monkeypatch.setattr(layers, '_CHUNK_ELEMENTS', 2 * 9 * 9 * 4)  # 2 examples per chunk
+    x = jax.random.normal(jax.random.key(0), (5, 9, 9, 4))
+    w = jax.random.normal(jax.random.key(1), (3, 3, 4, 6))
+    dn, pad = ('NHWC', 'HWIO', 'NHWC'), ((1, 1), (1, 1))
+    assert layers.weight_grad_chunk(x.shape) == (2 if jax.default_backend() == 'cpu' else 5)
+    ref = lambda x, w: jax.lax.conv_general_dilated(x, w, (stride,) * 2, pad,
+                                                    dimension_numbers=dn)
+    ours = lambda x, w: layers.canonical_conv(x, w, (stride,) * 2, pad, dimension_numbers=dn)
+    g = jax.random.normal(jax.random.key(2), ref(x, w).shape)
+    for a, b in zip(jax.vjp(ref, x, w)[1](g), jax.vjp(ours, x, w)[1](g)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    jaxpr = jax.make_jaxpr(jax.grad(lambda x, w: ours(x, w).sum(), (0, 1)))(x, w)
+    convs = sum(e.primitive.name == 'conv_general_dilated' for e in all_eqns(jaxpr.jaxpr))
+    assert convs == (1 + 1 + 3 if jax.default_backend() == 'cpu' else 3)  # fwd, dx, 3 dw
+
+
+def test_weight_gradient_chunks_fit_a_cache_and_stay_few():
+    if jax.default_backend() != 'cpu':
+        pytest.skip('chunks are a CPU path')
+    assert layers.weight_grad_chunk((128, 32, 32, 16)) == 16  # CIFAR stage 1: 8 chunks
+    assert layers.weight_grad_chunk((16, 56, 56, 64)) == 1  # ImageNet conv2_x: 16 chunks
+    assert layers.weight_grad_chunk((1024, 8, 8, 64)) == 64  # at most 16 chunks
+    assert layers.weight_grad_chunk((4, 8, 8, 3)) == 4  # small: one piece
+
+
+def test_canonical_grads_compute_the_same_model():
+    plain = models.create_model('cifar_resnet20', scan_blocks=False, canonical_grads=False)
+    canonical = plain.clone(canonical_grads=True)
+    assert plain.clone(canonical_grads=None).uses_canonical_grads() == (
+        jax.default_backend() == 'cpu')
+    x = jax.random.normal(jax.random.key(0), (4, 16, 16, 3))
+    variables = plain.init(jax.random.key(1), x)
+
+    def grads(model):
+        return jax.grad(lambda p: model.apply({**variables, 'params': p}, x, train=True,
+                                              mutable=['batch_stats'])[0].sum())(
+            variables['params'])
+    for a, b in zip(jax.tree_util.tree_leaves(grads(plain)),
+                    jax.tree_util.tree_leaves(grads(canonical))):
+        np.testing.assert_allclose(a, b, rtol=2e-3, atol=2e-3 * float(jnp.abs(a).max()))
+
+
+def test_cpu_compiler_options_keep_convolutions_in_xla():
+    """On CPU the library's steps compile with ``parallel.cpu_compiler_options``, which
+    leave convolutions to XLA's multi-threaded kernels instead of YNNPACK."""
+    options = parallel.cpu_compiler_options()
+    if jax.default_backend() != 'cpu' or not options:
+        assert options == {} or jax.default_backend() == 'cpu'
+        pytest.skip('an XLA:CPU option of jax >= 0.10')
+    x, w = jnp.zeros((8, 16, 16, 32)), jnp.zeros((3, 3, 32, 32))
+    conv = lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)),
+                                                     dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    hlo = jax.jit(conv, compiler_options=options).lower(x, w).compile().as_text()
+    assert 'convolution(' in hlo and '__ynn_fusion' not in hlo
 
 
 @pytest.mark.parametrize('size, stride, c_in, c_out, dtype', [
@@ -80,7 +129,7 @@ def test_pointwise_conv_matches_lax_values_and_gradients(size, stride, c_in, c_o
         np.testing.assert_allclose(a.astype(float), b.astype(float), rtol=tol, atol=tol * 4)
     # A matrix product, forward and backward: no convolution left.
     jaxpr = jax.make_jaxpr(jax.grad(lambda x, w: ours(x, w).astype(float).sum(), (0, 1)))(x, w)
-    names = {e.primitive.name for e in _all_eqns(jaxpr.jaxpr)}
+    names = {e.primitive.name for e in all_eqns(jaxpr.jaxpr)}
     assert 'dot_general' in names and 'conv_general_dilated' not in names
     # Anything but an unpadded 1x1 NHWC kernel goes to lax unchanged.
     w3 = jnp.ones((3, 3, c_in, c_out), dtype)
@@ -100,7 +149,7 @@ def test_dot_1x1_computes_the_same_model(name, overrides):
     assert jax.tree_util.tree_structure(variables) == jax.tree_util.tree_structure(same)
     np.testing.assert_allclose(convs.apply(variables, x), dots.apply(variables, x),
                                rtol=1e-4, atol=1e-4)
-    count = lambda m: sum(e.primitive.name == 'conv_general_dilated' for e in _all_eqns(
+    count = lambda m: sum(e.primitive.name == 'conv_general_dilated' for e in all_eqns(
         jax.make_jaxpr(lambda v: m.apply(v, x))(variables).jaxpr))
     assert count(dots) < count(convs)  # the 1x1 convolutions became matrix products
     assert convs.clone(dot_1x1=None).uses_dot_1x1() == (jax.default_backend() == 'cpu')
@@ -182,7 +231,7 @@ def test_scanned_program_does_not_grow_with_depth():
         step = jax.grad(lambda v: model.apply(v, x, train=True,
                                               mutable=['batch_stats'])[0].sum())
         return sum(e.primitive.name == 'conv_general_dilated'
-                   for e in _all_eqns(jax.make_jaxpr(step)(variables).jaxpr))
+                   for e in all_eqns(jax.make_jaxpr(step)(variables).jaxpr))
     assert convs('cifar_resnet1202') == convs('cifar_resnet56') < 60
 
 

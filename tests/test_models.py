@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jaxprs import all_eqns
 
 import resnet_jax
 from resnet_jax import layers, models
@@ -253,7 +254,7 @@ def test_bfloat16_compute_keeps_float32_params_and_logits():
     logits = model.apply(variables, x, train=False)
     assert logits.dtype == jnp.float32
     jaxpr = jax.make_jaxpr(lambda v: model.apply(v, x))(variables)
-    convs = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == 'conv_general_dilated']
+    convs = [e for e in all_eqns(jaxpr.jaxpr) if e.primitive.name == 'conv_general_dilated']
     assert convs and all(e.outvars[0].aval.dtype == jnp.bfloat16 for e in convs)
 
 
