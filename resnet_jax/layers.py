@@ -77,7 +77,93 @@ def pointwise_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dil
             feature_group_count, precision=precision)
     sh, sw = window_strides
     x = lhs[:, ::sh, ::sw, :] if (sh, sw) != (1, 1) else lhs
-    return lax.dot_general(x, rhs[0, 0], (((3,), (0,)), ((), ())), precision=precision)
+    return _pixels_dot(x, rhs[0, 0], precision)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _pixels_dot(x, w, precision):
+    """[N, H, W, C] x [C, O] -> [N, H, W, O]."""
+    return lax.dot_general(x, w, (((3,), (0,)), ((), ())), precision=precision)
+
+
+def _pixels_dot_fwd(x, w, precision):
+    return _pixels_dot(x, w, precision), (x, w)
+
+
+def _pixels_dot_bwd(precision, residuals, g):
+    x, w = residuals
+    dx = lax.dot_general(g, w, (((3,), (1,)), ((), ())), precision=precision)
+    # The weight gradient contracts over every pixel; XLA:CPU copies the product's first
+    # operand transposed to do that, so the one with fewer channels goes first (a
+    # 256 -> 64 bottleneck reduction at 56x56, batch 16: 31 vs 55 ms).
+    pixels = ((0, 1, 2), (0, 1, 2))
+    if x.shape[-1] <= g.shape[-1]:
+        dw = lax.dot_general(x, g, (pixels, ((), ())), precision=precision)
+    else:
+        dw = lax.dot_general(g, x, (pixels, ((), ())), precision=precision).T
+    return dx.astype(x.dtype), dw.astype(w.dtype)
+
+
+_pixels_dot.defvjp(_pixels_dot_fwd, _pixels_dot_bwd)
+
+
+def max_pool(x: jax.Array, window: int, stride: int, padding: int,
+             sliced: bool = False) -> jax.Array:
+    """A ``window`` x ``window`` max pool of an NHWC batch with symmetric ``padding``.
+
+    ``sliced=False`` is ``flax.linen.max_pool``. ``sliced=True`` computes the same
+    values as the maximum of the window's strided slices, and the gradient as
+    ``max_pool``'s (each output's gradient to the first maximum of its window) by
+    padding the slices' shares back into place: XLA:CPU runs ResNet's 3x3/2 stem pool
+    forward and backward ~3.5x faster that way than its select-and-scatter.
+    """
+    if not sliced:
+        pad = ((padding, padding), (padding, padding))
+        return nn.max_pool(x, (window, window), strides=(stride, stride), padding=pad)
+    return _sliced_max_pool(x, window, stride, padding)
+
+
+def _window_slices(xp, window, stride, out_h, out_w):
+    n, _, _, c = xp.shape
+    for i in range(window):
+        for j in range(window):
+            yield (i, j), lax.slice(xp, (0, i, j, 0),
+                                    (n, i + stride * (out_h - 1) + 1,
+                                     j + stride * (out_w - 1) + 1, c), (1, stride, stride, 1))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def _sliced_max_pool(x, window, stride, padding):
+    return _sliced_max_pool_fwd(x, window, stride, padding)[0]
+
+
+def _sliced_max_pool_fwd(x, window, stride, padding):
+    pad = ((0, 0), (padding, padding), (padding, padding), (0, 0))
+    xp = jnp.pad(x, pad, constant_values=-jnp.inf)
+    out_h = (xp.shape[1] - window) // stride + 1
+    out_w = (xp.shape[2] - window) // stride + 1
+    y = functools.reduce(jnp.maximum, (s for _, s in _window_slices(
+        xp, window, stride, out_h, out_w)))
+    return y, (xp, y)
+
+
+def _sliced_max_pool_bwd(window, stride, padding, residuals, g):
+    xp, y = residuals
+    out_h, out_w = y.shape[1:3]
+    taken = jnp.zeros(y.shape, bool)
+    dxp = jnp.zeros(xp.shape, g.dtype)
+    for (i, j), s in _window_slices(xp, window, stride, out_h, out_w):
+        first = (s == y) & ~taken  # the window's first maximum, in row-major order
+        taken = taken | first
+        share = jnp.where(first, g, jnp.zeros_like(g))
+        dxp = dxp + lax.pad(share, jnp.zeros((), g.dtype), (
+            (0, 0, 0), (i, xp.shape[1] - i - stride * (out_h - 1) - 1, stride - 1),
+            (j, xp.shape[2] - j - stride * (out_w - 1) - 1, stride - 1), (0, 0, 0)))
+    h, w = xp.shape[1] - 2 * padding, xp.shape[2] - 2 * padding
+    return (dxp[:, padding:padding + h, padding:padding + w, :],)
+
+
+_sliced_max_pool.defvjp(_sliced_max_pool_fwd, _sliced_max_pool_bwd)
 
 
 def canonical_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,

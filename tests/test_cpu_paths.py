@@ -77,12 +77,14 @@ def test_weight_gradient_chunks_fit_a_cache_and_stay_few():
     assert layers.weight_grad_chunk((4, 8, 8, 3)) == 4  # small: one piece
 
 
-def test_canonical_grads_compute_the_same_model():
-    plain = models.create_model('cifar_resnet20', scan_blocks=False, canonical_grads=False)
+@pytest.mark.parametrize('name, overrides, size', [
+    ('cifar_resnet20', {}, 16), ('resnet50', dict(width=4, num_classes=7), 32)])
+def test_canonical_grads_compute_the_same_model(name, overrides, size):
+    plain = models.create_model(name, scan_blocks=False, canonical_grads=False, **overrides)
     canonical = plain.clone(canonical_grads=True)
     assert plain.clone(canonical_grads=None).uses_canonical_grads() == (
         jax.default_backend() == 'cpu')
-    x = jax.random.normal(jax.random.key(0), (4, 16, 16, 3))
+    x = jax.random.normal(jax.random.key(0), (4, size, size, 3))
     variables = plain.init(jax.random.key(1), x)
 
     def grads(model):
@@ -110,7 +112,7 @@ def test_cpu_compiler_options_keep_convolutions_in_xla():
 
 @pytest.mark.parametrize('size, stride, c_in, c_out, dtype', [
     (8, 1, 4, 6, jnp.float32), (9, 2, 4, 8, jnp.float32), (7, 2, 3, 5, jnp.float32),
-    (8, 1, 4, 6, jnp.bfloat16)])
+    (8, 1, 4, 6, jnp.bfloat16), (8, 1, 6, 4, jnp.float32), (9, 2, 8, 3, jnp.bfloat16)])
 def test_pointwise_conv_matches_lax_values_and_gradients(size, stride, c_in, c_out, dtype):
     x = jax.random.normal(jax.random.key(0), (2, size, size + 1, c_in), dtype)
     w = jax.random.normal(jax.random.key(1), (1, 1, c_in, c_out), dtype)
@@ -136,6 +138,24 @@ def test_pointwise_conv_matches_lax_values_and_gradients(size, stride, c_in, c_o
     np.testing.assert_array_equal(
         layers.pointwise_conv(x, w3, (1, 1), ((1, 1), (1, 1)), dimension_numbers=dn),
         jax.lax.conv_general_dilated(x, w3, (1, 1), ((1, 1), (1, 1)), dimension_numbers=dn))
+
+
+@pytest.mark.parametrize('shape', [(2, 9, 8, 3), (3, 10, 11, 4), (1, 4, 4, 2)])
+def test_sliced_max_pool_matches_max_pool_values_and_gradients(shape):
+    """Same values, and each window's gradient to its first maximum as XLA's
+    select-and-scatter, ties included (ReLU zeros and repeated positives)."""
+    x = jax.nn.relu(jax.random.normal(jax.random.key(0), shape))
+    x = x.at[0, :3, :3, 0].set(1.0)
+    ref = lambda x: layers.max_pool(x, 3, 2, 1)
+    ours = lambda x: layers.max_pool(x, 3, 2, 1, sliced=True)
+    y, ref_vjp = jax.vjp(ref, x)
+    y2, our_vjp = jax.vjp(ours, x)
+    np.testing.assert_array_equal(y, y2)
+    g = jax.random.normal(jax.random.key(1), y.shape)
+    np.testing.assert_allclose(ref_vjp(g)[0], our_vjp(g)[0], rtol=1e-6, atol=1e-6)
+    names = {e.primitive.name for e in all_eqns(jax.make_jaxpr(
+        jax.grad(lambda x: ours(x).sum()))(x).jaxpr)}
+    assert not names & {'reduce_window_max', 'select_and_scatter_add'}
 
 
 @pytest.mark.parametrize('name, overrides', [
