@@ -52,7 +52,7 @@ def test_canonical_conv_passes_other_convolutions_to_lax():
 @pytest.mark.parametrize('stride', [1, 2])
 def test_weight_gradient_summed_over_batch_chunks(monkeypatch, stride):
     """The weight gradient as a sum over chunks of the batch, the last one shorter."""
-    monkeypatch.setattr(layers, '_CHUNK_ELEMENTS', 2 * 9 * 9 * 4)  # 2 examples per chunk
+    monkeypatch.setattr(layers, '_CHUNK_EXAMPLES', 2)
     x = jax.random.normal(jax.random.key(0), (5, 9, 9, 4))
     w = jax.random.normal(jax.random.key(1), (3, 3, 4, 6))
     dn, pad = ('NHWC', 'HWIO', 'NHWC'), ((1, 1), (1, 1))
@@ -68,13 +68,13 @@ def test_weight_gradient_summed_over_batch_chunks(monkeypatch, stride):
     assert convs == (1 + 1 + 3 if jax.default_backend() == 'cpu' else 3)  # fwd, dx, 3 dw
 
 
-def test_weight_gradient_chunks_fit_a_cache_and_stay_few():
+def test_weight_gradient_chunks_are_16_examples_and_few():
     if jax.default_backend() != 'cpu':
         pytest.skip('chunks are a CPU path')
-    assert layers.weight_grad_chunk((128, 32, 32, 16)) == 16  # CIFAR stage 1: 8 chunks
-    assert layers.weight_grad_chunk((16, 56, 56, 64)) == 1  # ImageNet conv2_x: 16 chunks
+    assert layers.weight_grad_chunk((128, 32, 32, 16)) == 16  # CIFAR batch: 8 chunks
+    assert layers.weight_grad_chunk((16, 56, 56, 64)) == 16  # ImageNet batch: one piece
     assert layers.weight_grad_chunk((1024, 8, 8, 64)) == 64  # at most 16 chunks
-    assert layers.weight_grad_chunk((4, 8, 8, 3)) == 4  # small: one piece
+    assert layers.weight_grad_chunk((4, 8, 8, 3)) == 4
 
 
 @pytest.mark.parametrize('name, overrides, size', [
