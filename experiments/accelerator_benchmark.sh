@@ -20,6 +20,6 @@ bench=(-m resnet_jax.benchmark --model resnet50 --batch-size 256 --dtype bfloat1
 $PY "${bench[@]}" | tee "$out/resnet50_bf16_b256.txt" || exit 1
 $PY "${bench[@]}" | tee "$out/resnet50_bf16_b256_relaunch.txt"
 if $PY -c 'import torch' 2>/dev/null; then
-  $PY experiments/benchmark_vs_pytorch.py --dtype bfloat16 --steps 20 \
+  $PY experiments/benchmark_vs_pytorch.py --dtype bfloat16 --steps 20 --rounds 1 \
     --nets resnet50:256 cifar_resnet56:128 | tee "$out/vs_pytorch_bf16.txt"
 fi

@@ -1,11 +1,12 @@
 """Training throughput of resnet_jax beside the same networks in PyTorch, in one run.
 
     pip install -e '.[bench]'
-    python experiments/benchmark_vs_pytorch.py [--steps 5] [--nets cifar_resnet20:128 ...]
-        [--dtype bfloat16]
+    python experiments/benchmark_vs_pytorch.py [--steps 5] [--rounds 3]
+        [--nets cifar_resnet20:128 ...] [--dtype bfloat16]
 
 Both sides: the same batch on synthetic data, SGD with momentum 0.9 and weight decay 1e-4,
-one train step timed after warm-up (median over --steps), on the device JAX uses (the
+one train step timed after warm-up (median over --steps; the two frameworks alternate
+--rounds times and each reports its median round), on the device JAX uses (the
 CPU, or the GPU where JAX's backend is one and torch sees CUDA). PyTorch runs with
 channels_last, as many CPU threads as this process may use, cuDNN autotuning on a GPU,
 and ``torch.autocast`` for bfloat16 (parameters float32, as in resnet_jax). Prints a
@@ -66,6 +67,8 @@ def main() -> int:
     parser.add_argument('--nets', nargs='+', default=list(DEFAULT_NETS), metavar='NAME:BATCH')
     parser.add_argument('--steps', type=int, default=5)
     parser.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'])
+    parser.add_argument('--rounds', type=int, default=3,
+                        help='alternate the two frameworks this many times per network')
     args = parser.parse_args()
     try:
         import torch
@@ -79,18 +82,25 @@ def main() -> int:
     where = (f'{jax.devices()[0].device_kind}' if device == 'cuda'
              else f'{len(os.sched_getaffinity(0))} CPU cores')
     print(f'{where}, jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__} '
-          f'({device}), {args.dtype}, median of {args.steps} steps')
+          f'({device}), {args.dtype}, median of {args.rounds} alternating rounds of '
+          f'{args.steps} steps each')
     print('| network, batch | PyTorch images/s | resnet_jax images/s | ratio | '
           'resnet_jax compile s |')
     print('|---|---|---|---|---|')
     for spec in args.nets:
         name, batch = spec.split(':')
-        ours = benchmark.run(name, int(batch), steps=args.steps, dtype=args.dtype)
-        theirs = torch_images_per_sec(name, int(batch), args.steps, device=device,
-                                      dtype=args.dtype)
-        print(f"| {name}, {batch} | {theirs:.1f} | {ours['train_images_per_sec']:.1f} | "
-              f"{ours['train_images_per_sec'] / theirs:.2f} | {ours['compile_seconds']:.1f} |",
-              flush=True)
+        # A shared machine's speed drifts: the two alternate, and each reports the median
+        # of its rounds (each round itself the median of --steps steps).
+        ours, theirs = [], []
+        for _ in range(args.rounds):
+            ours.append(benchmark.run(name, int(batch), steps=args.steps, dtype=args.dtype))
+            theirs.append(torch_images_per_sec(name, int(batch), args.steps, device=device,
+                                               dtype=args.dtype))
+        jax_rate = statistics.median(r['train_images_per_sec'] for r in ours)
+        torch_rate = statistics.median(theirs)
+        compile_seconds = statistics.median(r['compile_seconds'] for r in ours)
+        print(f"| {name}, {batch} | {torch_rate:.1f} | {jax_rate:.1f} | "
+              f"{jax_rate / torch_rate:.2f} | {compile_seconds:.1f} |", flush=True)
     return 0
 
 

@@ -66,7 +66,7 @@ def test_benchmark_unknown_model_is_one_line_error():
 def test_benchmark_vs_pytorch_table():
     pytest.importorskip('torch')
     proc = _run(str(REPO / 'experiments' / 'benchmark_vs_pytorch.py'), '--nets',
-                'cifar_resnet20:8', '--steps', '1', '--dtype', 'bfloat16')
+                'cifar_resnet20:8', '--steps', '1', '--rounds', '2', '--dtype', 'bfloat16')
     assert proc.returncode == 0, proc.stderr[-3000:]
     row = proc.stdout.strip().splitlines()[-1].strip('|').split('|')
     assert row[0].strip() == 'cifar_resnet20, 8'
