@@ -125,10 +125,9 @@ class ResNet(nn.Module):
         (ResNet-1202 compiles in seconds) and XLA cannot fuse across blocks. Same
         parameters, same tree, same values. ``None`` (default): on when JAX's default
         backend is the CPU, where the unrolled train step's elementwise fusions grow with
-        depth, off on GPU/TPU. The scanned blocks' gradients use ``layers.canonical_conv``,
-        a ``custom_vjp``: forward-mode AD (``jax.jvp``) needs ``scan_blocks=False``, as
-        do ``capture_intermediates`` views of the scanned blocks (``summary``, ``analysis``
-        and ``complexity`` turn it off themselves). ``apply`` also takes the variables
+        depth, off on GPU/TPU. ``capture_intermediates`` views of the scanned blocks need
+        ``scan_blocks=False`` (``summary``, ``analysis`` and ``complexity`` turn it off
+        themselves). ``apply`` also takes the variables
         with each scanned group stacked (``pack``), the layout the train state keeps.
       canonical_grads: compute the k x k convolutions' gradients with
         ``layers.canonical_conv`` (the forward's layout, the weight gradient summed over
@@ -140,6 +139,12 @@ class ResNet(nn.Module):
         products (``layers.pointwise_conv``): same parameters, same values. ``None``
         (default): on for the CPU backend, where XLA's matrix products run 1.5-3x faster
         than its 1x1 convolutions; off on GPU/TPU.
+
+    ``scan_blocks``, ``canonical_grads`` and ``dot_1x1`` write their gradients as
+    ``jax.custom_vjp`` rules, which reverse-mode AD (``jax.grad``) uses and forward-mode
+    AD cannot: for ``jax.jvp``, ``jax.jacfwd`` or ``jax.hessian`` set all three to
+    ``False`` (the defaults on GPU/TPU), e.g. ``model.clone(scan_blocks=False,
+    canonical_grads=False, dot_1x1=False)``.
     """
 
     stage_sizes: Sequence[int]

@@ -260,3 +260,13 @@ def test_scan_blocks_default_follows_the_backend():
     assert model.scan_blocks is None
     assert model.uses_scan() == (jax.default_backend() == 'cpu')
     assert not model.clone(scan_blocks=False).uses_scan()
+
+
+def test_forward_mode_ad_with_the_cpu_paths_off():
+    """The CPU paths' gradients are custom VJPs; with them off, ``jax.jvp`` works."""
+    model = models.create_model('resnet50', width=4, num_classes=7).clone(
+        scan_blocks=False, canonical_grads=False, dot_1x1=False)
+    x = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
+    variables = model.init(jax.random.key(1), x)
+    y, dy = jax.jvp(lambda x: model.apply(variables, x), (x,), (jnp.ones_like(x),))
+    assert y.shape == dy.shape == (2, 7) and bool(jnp.isfinite(dy).all())
