@@ -114,7 +114,7 @@ def max_pool(x: jax.Array, window: int, stride: int, padding: int,
     values as the maximum of the window's strided slices, and the gradient as
     ``max_pool``'s (each output's gradient to the first maximum of its window) by
     padding the slices' shares back into place: XLA:CPU runs ResNet's 3x3/2 stem pool
-    forward and backward ~3.5x faster that way than its select-and-scatter.
+    forward and backward ~4x faster that way than its select-and-scatter.
     """
     if not sliced:
         pad = ((padding, padding), (padding, padding))
