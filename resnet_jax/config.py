@@ -33,7 +33,7 @@ def base_config() -> ml_collections.ConfigDict:
     #                                     time independent of depth); None: on CPU only
     c.model.canonical_grads = ml_collections.FieldReference(None, field_type=bool)  # conv
     #                                     gradients in XLA:CPU's fast forms (same values,
-    #                                     layers.canonical_conv); None: on CPU only
+    #                                     cpu_paths.canonical_conv); None: on CPU only
     c.model.dot_1x1 = ml_collections.FieldReference(None, field_type=bool)  # 1x1 convs as
     #                                     matrix products (same values); None: on CPU only
 

@@ -38,8 +38,8 @@ class BasicBlock(nn.Module):
     stride_in_1x1: bool = True  # unused: a basic block has no 1x1 conv
     zero_init_residual: bool = False
     dtype: Dtype = jnp.float32
-    canonical_grads: bool = False  # see layers.canonical_conv
-    dot_1x1: bool = False  # see layers.pointwise_conv
+    canonical_grads: bool = False  # see cpu_paths.canonical_conv
+    dot_1x1: bool = False  # see cpu_paths.pointwise_conv
     expansion = 1
 
     @nn.compact
@@ -68,8 +68,8 @@ class BottleneckBlock(nn.Module):
     stride_in_1x1: bool = True
     zero_init_residual: bool = False
     dtype: Dtype = jnp.float32
-    canonical_grads: bool = False  # see layers.canonical_conv
-    dot_1x1: bool = False  # see layers.pointwise_conv
+    canonical_grads: bool = False  # see cpu_paths.canonical_conv
+    dot_1x1: bool = False  # see cpu_paths.pointwise_conv
     expansion = 4
 
     @nn.compact
@@ -130,13 +130,13 @@ class ResNet(nn.Module):
         themselves). ``apply`` also takes the variables
         with each scanned group stacked (``pack``), the layout the train state keeps.
       canonical_grads: compute the k x k convolutions' gradients with
-        ``layers.canonical_conv`` (the forward's layout, the weight gradient summed over
+        ``cpu_paths.canonical_conv`` (the forward's layout, the weight gradient summed over
         chunks of the batch) and the stem's max pool with ``layers.max_pool(sliced=True)``:
         same parameters, same values and gradients. ``None`` (default): on for the CPU
         backend, where XLA runs those forms 1.2-4x faster; off on GPU/TPU. The scanned
         blocks use canonical convolutions whatever this says (XLA:CPU needs them in loops).
       dot_1x1: compute the 1x1 convolutions (bottlenecks, projection shortcuts) as matrix
-        products (``layers.pointwise_conv``): same parameters, same values. ``None``
+        products (``cpu_paths.pointwise_conv``): same parameters, same values. ``None``
         (default): on for the CPU backend, where XLA's matrix products run 1.5-3x faster
         than its 1x1 convolutions; off on GPU/TPU.
 

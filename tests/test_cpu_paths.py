@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from jaxprs import all_eqns
 
-from resnet_jax import layers, models, parallel
+from resnet_jax import cpu_paths, layers, models, parallel
 
 # --- scanned blocks and the canonical convolution gradients --------------------------------
 
@@ -27,7 +27,7 @@ def test_canonical_conv_matches_lax_values_and_gradients(size, kernel, stride, c
     dn = ('NHWC', 'HWIO', 'NHWC')
     ref = lambda x, w: jax.lax.conv_general_dilated(x, w, (stride,) * 2, (pad, pad),
                                                     dimension_numbers=dn)
-    ours = lambda x, w: layers.canonical_conv(x, w, (stride,) * 2, (pad, pad),
+    ours = lambda x, w: cpu_paths.canonical_conv(x, w, (stride,) * 2, (pad, pad),
                                               dimension_numbers=dn)
     y, ref_vjp = jax.vjp(ref, x, w)
     y2, our_vjp = jax.vjp(ours, x, w)
@@ -44,7 +44,7 @@ def test_canonical_conv_matches_lax_values_and_gradients(size, kernel, stride, c
 
 def test_canonical_conv_passes_other_convolutions_to_lax():
     x, w = jnp.ones((1, 6, 6, 4)), jnp.ones((3, 3, 2, 4))
-    y = layers.canonical_conv(x, w, (1, 1), 'SAME', feature_group_count=2,
+    y = cpu_paths.canonical_conv(x, w, (1, 1), 'SAME', feature_group_count=2,
                               dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
     assert y.shape == (1, 6, 6, 4)
 
@@ -52,14 +52,14 @@ def test_canonical_conv_passes_other_convolutions_to_lax():
 @pytest.mark.parametrize('stride', [1, 2])
 def test_weight_gradient_summed_over_batch_chunks(monkeypatch, stride):
     """The weight gradient as a sum over chunks of the batch, the last one shorter."""
-    monkeypatch.setattr(layers, '_CHUNK_EXAMPLES', 2)
+    monkeypatch.setattr(cpu_paths, '_CHUNK_EXAMPLES', 2)
     x = jax.random.normal(jax.random.key(0), (5, 9, 9, 4))
     w = jax.random.normal(jax.random.key(1), (3, 3, 4, 6))
     dn, pad = ('NHWC', 'HWIO', 'NHWC'), ((1, 1), (1, 1))
-    assert layers.weight_grad_chunk(x.shape) == (2 if jax.default_backend() == 'cpu' else 5)
+    assert cpu_paths.weight_grad_chunk(x.shape) == (2 if jax.default_backend() == 'cpu' else 5)
     ref = lambda x, w: jax.lax.conv_general_dilated(x, w, (stride,) * 2, pad,
                                                     dimension_numbers=dn)
-    ours = lambda x, w: layers.canonical_conv(x, w, (stride,) * 2, pad, dimension_numbers=dn)
+    ours = lambda x, w: cpu_paths.canonical_conv(x, w, (stride,) * 2, pad, dimension_numbers=dn)
     g = jax.random.normal(jax.random.key(2), ref(x, w).shape)
     for a, b in zip(jax.vjp(ref, x, w)[1](g), jax.vjp(ours, x, w)[1](g)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
@@ -71,10 +71,10 @@ def test_weight_gradient_summed_over_batch_chunks(monkeypatch, stride):
 def test_weight_gradient_chunks_are_16_examples_and_few():
     if jax.default_backend() != 'cpu':
         pytest.skip('chunks are a CPU path')
-    assert layers.weight_grad_chunk((128, 32, 32, 16)) == 16  # CIFAR batch: 8 chunks
-    assert layers.weight_grad_chunk((16, 56, 56, 64)) == 16  # ImageNet batch: one piece
-    assert layers.weight_grad_chunk((1024, 8, 8, 64)) == 64  # at most 16 chunks
-    assert layers.weight_grad_chunk((4, 8, 8, 3)) == 4
+    assert cpu_paths.weight_grad_chunk((128, 32, 32, 16)) == 16  # CIFAR batch: 8 chunks
+    assert cpu_paths.weight_grad_chunk((16, 56, 56, 64)) == 16  # ImageNet batch: one piece
+    assert cpu_paths.weight_grad_chunk((1024, 8, 8, 64)) == 64  # at most 16 chunks
+    assert cpu_paths.weight_grad_chunk((4, 8, 8, 3)) == 4
 
 
 @pytest.mark.parametrize('name, overrides, size', [
@@ -119,7 +119,7 @@ def test_pointwise_conv_matches_lax_values_and_gradients(size, stride, c_in, c_o
     dn = ('NHWC', 'HWIO', 'NHWC')
     ref = lambda x, w: jax.lax.conv_general_dilated(x, w, (stride,) * 2, ((0, 0), (0, 0)),
                                                     dimension_numbers=dn)
-    ours = lambda x, w: layers.pointwise_conv(x, w, (stride,) * 2, ((0, 0), (0, 0)),
+    ours = lambda x, w: cpu_paths.pointwise_conv(x, w, (stride,) * 2, ((0, 0), (0, 0)),
                                               dimension_numbers=dn)
     y, ref_vjp = jax.vjp(ref, x, w)
     y2, our_vjp = jax.vjp(ours, x, w)
@@ -136,7 +136,7 @@ def test_pointwise_conv_matches_lax_values_and_gradients(size, stride, c_in, c_o
     # Anything but an unpadded 1x1 NHWC kernel goes to lax unchanged.
     w3 = jnp.ones((3, 3, c_in, c_out), dtype)
     np.testing.assert_array_equal(
-        layers.pointwise_conv(x, w3, (1, 1), ((1, 1), (1, 1)), dimension_numbers=dn),
+        cpu_paths.pointwise_conv(x, w3, (1, 1), ((1, 1), (1, 1)), dimension_numbers=dn),
         jax.lax.conv_general_dilated(x, w3, (1, 1), ((1, 1), (1, 1)), dimension_numbers=dn))
 
 
