@@ -89,18 +89,16 @@ def main() -> int:
     print('|---|---|---|---|---|')
     for spec in args.nets:
         name, batch = spec.split(':')
-        # A shared machine's speed drifts: the two alternate, and each reports the median
-        # of its rounds (each round itself the median of --steps steps).
-        ours, theirs = [], []
-        for _ in range(args.rounds):
-            ours.append(benchmark.run(name, int(batch), steps=args.steps, dtype=args.dtype))
-            theirs.append(torch_images_per_sec(name, int(batch), args.steps, device=device,
-                                               dtype=args.dtype))
-        jax_rate = statistics.median(r['train_images_per_sec'] for r in ours)
-        torch_rate = statistics.median(theirs)
-        compile_seconds = statistics.median(r['compile_seconds'] for r in ours)
+        # A shared machine's speed drifts: the two alternate (one compile for resnet_jax),
+        # and each reports the median of its rounds (each the median of --steps steps).
+        theirs = []
+        ours = benchmark.run(
+            name, int(batch), steps=args.steps, dtype=args.dtype, rounds=args.rounds,
+            between_rounds=lambda: theirs.append(torch_images_per_sec(
+                name, int(batch), args.steps, device=device, dtype=args.dtype)))
+        jax_rate, torch_rate = ours['train_images_per_sec'], statistics.median(theirs)
         print(f"| {name}, {batch} | {torch_rate:.1f} | {jax_rate:.1f} | "
-              f"{jax_rate / torch_rate:.2f} | {compile_seconds:.1f} |", flush=True)
+              f"{jax_rate / torch_rate:.2f} | {ours['compile_seconds']:.1f} |", flush=True)
     return 0
 
 

@@ -18,6 +18,7 @@ import resource
 import statistics
 import sys
 import time
+from typing import Callable
 
 
 def matmul_flops_per_sec(dtype: str = 'float32', n: int | None = None,
@@ -40,7 +41,14 @@ def matmul_flops_per_sec(dtype: str = 'float32', n: int | None = None,
 
 def run(model_name: str, batch_size: int, image_size: int | None = None, steps: int = 10,
         dtype: str = 'float32', warmup: int = 2, scan_blocks: bool | None = None,
-        dot_1x1: bool | None = None) -> dict:
+        dot_1x1: bool | None = None, rounds: int = 1,
+        between_rounds: Callable[[], None] | None = None) -> dict:
+    """Compiles the model's train and eval steps once and times them on synthetic data.
+
+    The train step is timed in ``rounds`` rounds of ``steps`` steps, ``between_rounds``
+    called after each (e.g. another framework's timing, so both see the same drift of a
+    shared machine); its figures are the median round's, each round the median step.
+    """
     import jax
     import numpy as np
 
@@ -89,10 +97,14 @@ def run(model_name: str, batch_size: int, image_size: int | None = None, steps: 
         state, m = compiled(state, batch)
         return state.params
     timed(train_once, warmup)
-    train_times = timed(train_once, steps)
+    round_steps = []
+    for _ in range(rounds):
+        round_steps.append(statistics.median(timed(train_once, steps)))
+        if between_rounds is not None:
+            between_rounds()
+    train_step = statistics.median(round_steps)
     eval_fn(state, batch)  # compile
     eval_times = timed(lambda: eval_fn(state, batch), steps)
-    train_step = statistics.median(train_times)
     machine = matmul_flops_per_sec(dtype)
     return {
         'model': model_name, 'batch_size': batch_size, 'image_size': size, 'dtype': dtype,

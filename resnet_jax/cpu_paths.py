@@ -115,7 +115,7 @@ def _sliced_max_pool_bwd(window, stride, padding, residuals, g):
     for (i, j), s in _window_slices(xp, window, stride, out_h, out_w):
         first = (s == y) & ~taken  # the window's first maximum, in row-major order
         taken = taken | first
-        share = jnp.where(first, g, jnp.zeros_like(g))
+        share = jnp.where(first, g, 0)
         dxp = dxp + lax.pad(share, jnp.zeros((), g.dtype), (
             (0, 0, 0), (i, xp.shape[1] - i - stride * (out_h - 1) - 1, stride - 1),
             (j, xp.shape[2] - j - stride * (out_w - 1) - 1, stride - 1), (0, 0, 0)))
@@ -194,6 +194,9 @@ def _conv_nhwc_bwd(stride, padding, precision, residuals, g):
     return dx.astype(x.dtype), dw.transpose(1, 2, 0, 3).astype(w.dtype)
 
 
+_conv_nhwc.defvjp(_conv_nhwc_fwd, _conv_nhwc_bwd)
+
+
 # Weight-gradient chunks: this many examples each, and at most this many chunks per
 # convolution (the program grows with their number).
 _CHUNK_EXAMPLES = 16
@@ -214,6 +217,3 @@ def weight_grad_chunk(input_shape: tuple[int, ...]) -> int:
     if jax.default_backend() != 'cpu':
         return n
     return min(n, max(_CHUNK_EXAMPLES, -(-n // _MAX_CHUNKS)))
-
-
-_conv_nhwc.defvjp(_conv_nhwc_fwd, _conv_nhwc_bwd)
