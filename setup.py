@@ -37,10 +37,14 @@ setup(
     ],
     extras_require={
         'test': ['pytest>=8,<10'],
-        # torchvision-layout tests and reading .pth files; <2.14 keeps pip on the CPU build
-        # where one is on disk (a newer torch pulls several GB of CUDA wheels).
-        'interop': ['torch>=2.1,<2.14'],
-        'bench': ['torch>=2.1,<2.14'],  # experiments/benchmark_vs_pytorch.py
+        # Reading .pth files and the tests against torchvision's own ResNets. torchvision
+        # pins one torch release; PyPI's torchvision 0.28 does not import beside the CPU
+        # build of torch 2.13 ("operator torchvision::nms does not exist"), 0.29 with 2.14
+        # does (its CPU kernels; the wheel is PyPI's CUDA build).
+        'interop': ['torch>=2.14,<2.15', 'torchvision>=0.29,<0.30'],
+        # experiments/benchmark_vs_pytorch.py; <2.14 keeps pip on the CPU build where one is
+        # on disk (a newer torch pulls several GB of CUDA wheels).
+        'bench': ['torch>=2.1,<2.14'],
     },
     entry_points={'console_scripts': ['resnet-jax=resnet_jax.main:run']},
 )

@@ -10,26 +10,24 @@ Recipe: batch 128 (the paper's 2 GPUs x 64, so BatchNorm groups of 64), SGD mome
 ResNet-110 and deeper start at lr 0.01 for 400 iterations. Augmentation: 4-pixel padding,
 random 32x32 crop and flip, per-pixel mean subtraction. Test: the single 32x32 view.
 
-Paper (Table 6, test error %): ResNet-20 8.75, 32 7.51, 44 7.17, 56 6.97,
-110 6.43 (best; mean of 5 runs 6.61 +- 0.16), 1202 7.93. Plain nets (Fig. 6): deeper is
-worse (plain-56 trains and tests worse than plain-20).
+Paper (Table 6, test error %, ``resnet_jax.paper.CIFAR10``): ResNet-20 8.75, 32 7.51,
+44 7.17, 56 6.97, 110 6.43 (best; mean of 5 runs 6.61 +- 0.16), 1202 7.93. Plain nets
+(Fig. 6): deeper is worse (plain-56 trains and tests worse than plain-20).
 """
 
-import re
-
+from resnet_jax import models
 from resnet_jax.config import base_config
-
-PAPER_TEST_ERROR = {20: 8.75, 32: 7.51, 44: 7.17, 56: 6.97, 110: 6.43, 1202: 7.93}
 
 
 def get_config(arg: str = 'resnet20'):
-    match = re.fullmatch(r'(resnet|plain)(\d+)', arg)
-    if not match:
+    name = f'cifar_{arg}'
+    parsed = models.parse_cifar_name(name)  # ValueError for a depth that is not 6n+2
+    if parsed is None:
         raise ValueError(f'cifar10 config argument must be resnetN or plainN (N = 6n+2), '
                          f'e.g. cifar10.py:resnet110; got {arg!r}')
-    kind, depth = match.group(1), int(match.group(2))
+    _, depth = parsed
     config = base_config()
-    config.model.name = f'cifar_{kind}{depth}'
+    config.model.name = name
     config.model.bn_group_size = 64
     config.dataset.name = 'cifar10'
     config.batch_size = 128

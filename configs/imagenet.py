@@ -13,7 +13,7 @@ weight decay 1e-4, lr 0.1 divided by 10 when the validation error plateaus, at m
 60x10^4 iterations; scale augmentation [256, 480], 224 crops, flips, per-pixel mean,
 PCA lighting. The ImageNet input pipeline is resnet_jax's tfds ``imagenet2012`` reader.
 
-Paper (top-1 / top-5 error %, 10-crop, Tables 2-3): plain-18 27.94, plain-34 28.54/10.02,
+Paper (top-1 / top-5 error %, 10-crop, Tables 2-3; ``resnet_jax.paper``): plain-18 27.94, plain-34 28.54/10.02,
 ResNet-18 27.88, ResNet-34 A 25.03/7.76, B 24.52/7.46, C 24.19/7.40, ResNet-50 22.85/6.71,
 ResNet-101 21.75/6.05, ResNet-152 21.43/5.71. Multi-scale (Table 4): ResNet-34 B
 21.84/5.71, C 21.53/5.60, ResNet-50 20.74/5.25, ResNet-101 19.87/4.60, ResNet-152 19.38/4.49.
@@ -23,17 +23,17 @@ from resnet_jax.config import base_config
 
 STEPS_PER_EPOCH = 5005  # 1,281,167 training images / 256, rounded up
 
-# name -> (model, shortcut, paper top-1 / top-5 10-crop error)
+# name -> (model, shortcut); the paper's errors of each: resnet_jax.paper.TEN_CROP
 VARIANTS = {
-    'plain18': ('plain18', 'A', (27.94, None)),
-    'plain34': ('plain34', 'A', (28.54, 10.02)),
-    'resnet18': ('resnet18', 'A', (27.88, None)),
-    'resnet34a': ('resnet34', 'A', (25.03, 7.76)),
-    'resnet34b': ('resnet34', 'B', (24.52, 7.46)),
-    'resnet34c': ('resnet34', 'C', (24.19, 7.40)),
-    'resnet50': ('resnet50', 'B', (22.85, 6.71)),
-    'resnet101': ('resnet101', 'B', (21.75, 6.05)),
-    'resnet152': ('resnet152', 'B', (21.43, 5.71)),
+    'plain18': ('plain18', 'A'),
+    'plain34': ('plain34', 'A'),
+    'resnet18': ('resnet18', 'A'),
+    'resnet34a': ('resnet34', 'A'),
+    'resnet34b': ('resnet34', 'B'),
+    'resnet34c': ('resnet34', 'C'),
+    'resnet50': ('resnet50', 'B'),
+    'resnet101': ('resnet101', 'B'),
+    'resnet152': ('resnet152', 'B'),
 }
 
 
@@ -41,7 +41,7 @@ def get_config(arg: str = 'resnet50'):
     if arg not in VARIANTS:
         raise ValueError(f'imagenet config argument must be one of {", ".join(VARIANTS)}; '
                          f'got {arg!r}')
-    model, shortcut, _ = VARIANTS[arg]
+    model, shortcut = VARIANTS[arg]
     config = base_config()
     config.model.name = model
     config.model.shortcut = shortcut

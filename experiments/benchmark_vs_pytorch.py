@@ -4,7 +4,8 @@
     python experiments/benchmark_vs_pytorch.py [--steps 5] [--rounds 3]
         [--nets cifar_resnet20:128 ...] [--dtype bfloat16]
 
-Both sides: the same batch on synthetic data, SGD with momentum 0.9 and weight decay 1e-4,
+Both sides: the same network (the PyTorch one built by ``torch_nets.torch_net`` from
+resnet_jax's model), the same batch on synthetic data, SGD with momentum 0.9 and weight decay 1e-4,
 one train step timed after warm-up (median over --steps; the two frameworks alternate
 --rounds times and each reports its median round), on the device JAX uses (the
 CPU, or the GPU where JAX's backend is one and torch sees CUDA). PyTorch runs with
@@ -17,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import statistics
 import sys
 import time
@@ -29,18 +29,15 @@ DEFAULT_NETS = ('cifar_resnet20:128', 'cifar_resnet56:128', 'cifar_resnet110:128
 def torch_images_per_sec(name: str, batch: int, steps: int, warmup: int = 3,
                          device: str = 'cpu', dtype: str = 'float32') -> float:
     import torch
+    import torch_nets
 
-    from resnet_jax import torch_reference
+    from resnet_jax import models
 
     torch.set_num_threads(len(os.sched_getaffinity(0)))
     torch.backends.cudnn.benchmark = True
-    cifar = re.fullmatch(r'cifar_(resnet|plain)(\d+)', name)
-    if cifar:
-        net = torch_reference.cifar_resnet(int(cifar.group(2)), cifar.group(1) == 'resnet')
-        size, classes = 32, 10
-    else:
-        net, size, classes = torch_reference.imagenet_resnet(name, stride_in_1x1=True), 224, 1000
-    net = net.to(device, memory_format=torch.channels_last).train()
+    model = models.create_model(name)
+    size, classes = (32 if model.stem == 'cifar' else 224), model.num_classes
+    net = torch_nets.torch_net(model).to(device, memory_format=torch.channels_last).train()
     opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
     x = torch.randn(batch, 3, size, size, device=device).to(memory_format=torch.channels_last)
     y = torch.randint(0, classes, (batch,), device=device)

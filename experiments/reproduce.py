@@ -25,6 +25,9 @@ import subprocess
 import sys
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # resnet_jax, also when not installed
+
+from resnet_jax import models, paper  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,11 +48,16 @@ class Experiment:
     figure: str | None = None     # 'curves' (Fig. 4/6), 'responses' (Fig. 7)
 
 
-def _imagenet(name, protocol, top1, top5=None, panel=''):
+def _imagenet(name, protocol, panel=''):
+    """An ImageNet run with the paper's error for ``protocol`` (none for 'center')."""
+    top1, top5 = {'ten_crop': paper.TEN_CROP, 'multiscale': paper.MULTISCALE}.get(
+        protocol, {}).get(name, (None, None))
     return Run(name, f'configs/imagenet.py:{name}', (), protocol, top1, top5, panel)
 
 
-def _cifar(name, top1=None, panel='', overrides=()):
+def _cifar(name, panel='', overrides=()):
+    parsed = models.parse_cifar_name(f'cifar_{name}')
+    top1 = paper.CIFAR10.get(parsed[1]) if parsed and parsed[0] else None
     return Run(name, f'configs/cifar10.py:{name}', tuple(overrides), 'center', top1, None,
                panel)
 
@@ -67,36 +75,24 @@ def _cpu(net, seed):
 
 
 EXPERIMENTS = {
-    'table2': Experiment('ImageNet, plain vs residual 18/34 (option A), 10-crop top-1 error', (
-        _imagenet('plain18', 'ten_crop', 27.94), _imagenet('plain34', 'ten_crop', 28.54),
-        _imagenet('resnet18', 'ten_crop', 27.88), _imagenet('resnet34a', 'ten_crop', 25.03))),
-    'table3': Experiment('ImageNet, shortcut options and depth, 10-crop error', (
-        _imagenet('plain34', 'ten_crop', 28.54, 10.02),
-        _imagenet('resnet34a', 'ten_crop', 25.03, 7.76),
-        _imagenet('resnet34b', 'ten_crop', 24.52, 7.46),
-        _imagenet('resnet34c', 'ten_crop', 24.19, 7.40),
-        _imagenet('resnet50', 'ten_crop', 22.85, 6.71),
-        _imagenet('resnet101', 'ten_crop', 21.75, 6.05),
-        _imagenet('resnet152', 'ten_crop', 21.43, 5.71))),
-    'table4': Experiment('ImageNet, single models, multi-scale fully-convolutional error', (
-        _imagenet('resnet34b', 'multiscale', 21.84, 5.71),
-        _imagenet('resnet34c', 'multiscale', 21.53, 5.60),
-        _imagenet('resnet50', 'multiscale', 20.74, 5.25),
-        _imagenet('resnet101', 'multiscale', 19.87, 4.60),
-        _imagenet('resnet152', 'multiscale', 19.38, 4.49))),
+    'table2': Experiment('ImageNet, plain vs residual 18/34 (option A), 10-crop top-1 error',
+                         tuple(_imagenet(n, 'ten_crop') for n in
+                               ('plain18', 'plain34', 'resnet18', 'resnet34a'))),
+    'table3': Experiment('ImageNet, shortcut options and depth, 10-crop error', tuple(
+        _imagenet(n, 'ten_crop') for n in ('plain34', 'resnet34a', 'resnet34b', 'resnet34c',
+                                           'resnet50', 'resnet101', 'resnet152'))),
+    'table4': Experiment('ImageNet, single models, multi-scale fully-convolutional error',
+                         tuple(_imagenet(n, 'multiscale') for n in paper.MULTISCALE)),
     'table6': Experiment('CIFAR-10 test error of the residual nets', tuple(
-        _cifar(f'resnet{d}', e) for d, e in ((20, 8.75), (32, 7.51), (44, 7.17), (56, 6.97),
-                                             (110, 6.43), (1202, 7.93))), 'curves'),
+        _cifar(f'resnet{d}') for d in paper.CIFAR10), 'curves'),
     'fig4': Experiment('ImageNet training curves: plain-18/34 (degradation) vs ResNet-18/34', (
-        _imagenet('plain18', 'center', None, panel='plain'),
-        _imagenet('plain34', 'center', None, panel='plain'),
-        _imagenet('resnet18', 'center', None, panel='residual'),
-        _imagenet('resnet34a', 'center', None, panel='residual')), 'curves'),
+        _imagenet('plain18', 'center', panel='plain'),
+        _imagenet('plain34', 'center', panel='plain'),
+        _imagenet('resnet18', 'center', panel='residual'),
+        _imagenet('resnet34a', 'center', panel='residual')), 'curves'),
     'fig6': Experiment('CIFAR-10 curves: plain-20..56 (deeper is worse) vs ResNet-20..110', tuple(
         [_cifar(f'plain{d}', panel='plain') for d in (20, 32, 44, 56)] +
-        [_cifar(f'resnet{d}', e, panel='residual')
-         for d, e in ((20, 8.75), (32, 7.51), (44, 7.17), (56, 6.97), (110, 6.43))]),
-        'curves'),
+        [_cifar(f'resnet{d}', panel='residual') for d in (20, 32, 44, 56, 110)]), 'curves'),
     'fig7': Experiment('CIFAR-10 std of 3x3 layer responses: plain-20/56, ResNet-20/56/110', (
         _cifar('plain20'), _cifar('plain56'), _cifar('resnet20'), _cifar('resnet56'),
         _cifar('resnet110')), 'responses'),
@@ -200,9 +196,10 @@ def layer_response_stds(workdir: pathlib.Path, num_images: int = 256):
     """Fig. 7's per-layer stds of a trained run, on its test images."""
     import numpy as np
 
-    from resnet_jax import analysis, evaluate, input_pipeline
+    import resnet_jax
+    from resnet_jax import analysis, input_pipeline
 
-    config, model, variables, _ = evaluate.load_run(workdir)
+    model, variables, config, _ = resnet_jax.load(workdir)
     pipeline = input_pipeline.Pipeline(config.dataset, config.seed)
     n = min(num_images, len(pipeline.eval))
     images = np.stack([pipeline.center_view(im) for im, _ in

@@ -1,4 +1,12 @@
-"""resnet_jax: the plain and residual networks of He et al. (2015) in JAX/Flax."""
+"""resnet_jax: the plain and residual networks of He et al. (2015) in JAX/Flax.
+
+    model = resnet_jax.create_model('resnet50')               # the paper's network
+    model, variables, config, step = resnet_jax.load(workdir)  # a trained run
+
+``resnet_jax.models`` (the networks), ``resnet_jax.execution`` (how they run fastest on a
+backend), ``resnet_jax.train`` (the paper's recipe), ``resnet_jax.evaluate`` (the test
+protocols), ``resnet_jax.convert`` (torchvision and Keras weights).
+"""
 
 from resnet_jax import models
 from resnet_jax.complexity import count_macs, count_params
@@ -6,5 +14,13 @@ from resnet_jax.models import create_model, list_models
 
 __version__ = '0.1.0'
 
-__all__ = ['models', 'create_model', 'list_models', 'count_params', 'count_macs',
+
+def load(workdir, step=None, config=None):
+    """``model, variables, config, step`` of a trained run's latest (or given) checkpoint;
+    see ``resnet_jax.checkpointing.load``."""
+    from resnet_jax import checkpointing  # orbax: imported when a run is loaded
+    return checkpointing.load(workdir, step, config)
+
+
+__all__ = ['models', 'create_model', 'list_models', 'load', 'count_params', 'count_macs',
            '__version__']

@@ -28,7 +28,6 @@ def layer_responses(model: models.ResNet, variables, images) -> np.ndarray:
     addition; its std is taken over every element (images, positions and channels) of
     ``images`` with the network in eval mode.
     """
-    model = model.clone(scan_blocks=False)  # every layer's output, by name
     _, state = model.apply(variables, images, train=False, mutable=['intermediates'],
                            capture_intermediates=lambda mdl, method: isinstance(
                                mdl, layers.BatchNorm) and method == '__call__')

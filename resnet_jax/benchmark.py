@@ -40,12 +40,12 @@ def matmul_flops_per_sec(dtype: str = 'float32', n: int | None = None,
 
 
 def run(model_name: str, batch_size: int, image_size: int | None = None, steps: int = 10,
-        dtype: str = 'float32', warmup: int = 2, scan_blocks: bool | None = None,
-        dot_1x1: bool | None = None, rounds: int = 1,
+        dtype: str = 'float32', warmup: int = 2, execution: str = 'auto', rounds: int = 1,
         between_rounds: Callable[[], None] | None = None) -> dict:
     """Compiles the model's train and eval steps once and times them on synthetic data.
 
-    The train step is timed in ``rounds`` rounds of ``steps`` steps, ``between_rounds``
+    The model runs by the execution plan ``execution`` of the devices' platform. The
+    train step is timed in ``rounds`` rounds of ``steps`` steps, ``between_rounds``
     called after each (e.g. another framework's timing, so both see the same drift of a
     shared machine); its figures are the median round's, each round the median step.
     """
@@ -53,28 +53,30 @@ def run(model_name: str, batch_size: int, image_size: int | None = None, steps: 
     import numpy as np
 
     from resnet_jax import complexity, optim, parallel
+    from resnet_jax import execution as execution_plans
     from resnet_jax import steps as train_steps
     from resnet_jax.config import base_config
 
     config = base_config()
     config.model.name = model_name
     config.model.dtype = dtype
-    config.model.scan_blocks = scan_blocks
-    config.model.dot_1x1 = dot_1x1
+    config.execution = execution
     config.model.bn_group_size = 0
     config.batch_size = batch_size
     model = train_steps.create_model(config, 10 if model_name.startswith('cifar') else 1000)
     size = image_size or (32 if model.stem == 'cifar' else 224)
     mesh = parallel.create_mesh()
+    plan = execution_plans.plan_for_mesh(mesh, execution)
     lr_fn = optim.create_learning_rate_fn(config)
     tx = optim.create_optimizer(config, lr_fn)
-    state = train_steps.init_train_state(model, tx, jax.random.key(0), (size, size, 3), mesh)
+    state = train_steps.init_train_state(model, tx, jax.random.key(0), (size, size, 3), mesh,
+                                         plan)
     rng = np.random.default_rng(0)
     batch = parallel.shard_batch(mesh, {
         'image': rng.normal(size=(batch_size, size, size, 3)).astype(np.float32),
         'label': rng.integers(0, model.num_classes, batch_size).astype(np.int32),
         'mask': np.ones(batch_size, bool)})
-    train_fn, eval_fn = train_steps.compile_steps(model, tx, lr_fn, config, mesh)
+    train_fn, eval_fn = train_steps.compile_steps(model, tx, lr_fn, config, mesh, plan)
 
     start = time.perf_counter()
     compiled = train_fn.lower(state, batch).compile()
@@ -108,7 +110,7 @@ def run(model_name: str, batch_size: int, image_size: int | None = None, steps: 
     machine = matmul_flops_per_sec(dtype)
     return {
         'model': model_name, 'batch_size': batch_size, 'image_size': size, 'dtype': dtype,
-        'scan_blocks': model.uses_scan(), 'dot_1x1': model.uses_dot_1x1(),
+        'execution': plan.name, 'scanned_blocks': sum(map(len, plan.scan_groups(model))),
         'backend': jax.default_backend(), 'devices': jax.device_count(),
         'device_kind': jax.devices()[0].device_kind,
         'train_images_per_sec': batch_size / train_step,
@@ -131,10 +133,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('--image-size', type=int, default=None)
     parser.add_argument('--steps', type=int, default=10)
     parser.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'])
-    parser.add_argument('--scan-blocks', choices=['auto', 'on', 'off'], default='auto',
-                        help="ResNet.scan_blocks (auto: on for CPU)")
-    parser.add_argument('--dot-1x1', choices=['auto', 'on', 'off'], default='auto',
-                        help="ResNet.dot_1x1 (auto: on for CPU)")
+    parser.add_argument('--execution', choices=['auto', 'xla', 'cpu'], default='auto',
+                        help='the execution plan (resnet_jax.execution; auto: the XLA:CPU '
+                             'plan on CPU)')
     parser.add_argument('--compilation-cache-dir', default='',
                         help="JAX's persistent compilation cache (run twice: the second "
                              "launch's compile_seconds is a cache load)")
@@ -146,16 +147,14 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f'error: {e}', file=sys.stderr)
         return 2
-    choice = {'auto': None, 'on': True, 'off': False}
     if args.compilation_cache_dir:
         from resnet_jax import parallel
         parallel.enable_compilation_cache(args.compilation_cache_dir)
     r = run(args.model, args.batch_size, args.image_size, args.steps, args.dtype,
-            scan_blocks=choice[args.scan_blocks], dot_1x1=choice[args.dot_1x1])
+            execution=args.execution)
     print(f"{r['model']} batch {r['batch_size']} at {r['image_size']}px, {r['dtype']}, "
           f"{r['devices']} x {r['device_kind']} ({r['backend']}), "
-          f"{'scanned' if r['scan_blocks'] else 'unrolled'} blocks, 1x1 convs as "
-          f"{'matrix products' if r['dot_1x1'] else 'convolutions'}")
+          f"execution plan {r['execution']!r} ({r['scanned_blocks']} blocks scanned)")
     print(f"  train: {r['train_images_per_sec']:.1f} images/s "
           f"({r['train_step_seconds'] * 1e3:.0f} ms/step), eval: "
           f"{r['eval_images_per_sec']:.1f} images/s")

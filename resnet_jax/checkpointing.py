@@ -17,7 +17,7 @@ import json
 import logging
 import os
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import ml_collections
@@ -142,6 +142,35 @@ def load_variables(workdir, step: int | None = None) -> tuple[dict, int]:
     finally:
         manager.close()
     return {'params': state['params'], 'batch_stats': state['batch_stats']}, step
+
+
+class LoadedRun(NamedTuple):
+    """What ``load`` returns: ``model, variables, config, step = resnet_jax.load(workdir)``."""
+    model: Any
+    variables: dict
+    config: ml_collections.ConfigDict
+    step: int
+
+
+def load(workdir, step: int | None = None,
+         config: ml_collections.ConfigDict | None = None) -> LoadedRun:
+    """A trained run (or the output of ``python -m resnet_jax.convert``) as the model, its
+    variables (``{'params', 'batch_stats'}``, the model's own tree), its config and the
+    checkpoint step: the latest checkpoint, or ``step``. ``model.apply(variables, images)``
+    is ready to run. ``config`` replaces the run's own ``config.json``.
+    """
+    from resnet_jax import steps
+    from resnet_jax.config import from_dict
+
+    workdir = epath.Path(workdir)
+    if config is None:
+        if not (workdir / 'config.json').exists():
+            raise ConfigError(f'{workdir} has no config.json: not a resnet_jax run; pass '
+                              'its config')
+        config = from_dict(json.loads((workdir / 'config.json').read_text()))
+    variables, step = load_variables(workdir, step)
+    num_classes = int(np.shape(variables['params']['fc']['bias'])[0])
+    return LoadedRun(steps.create_model(config, num_classes), variables, config, step)
 
 
 def merge_pretrained(fresh: Any, pretrained: Any) -> tuple[Any, list[str]]:

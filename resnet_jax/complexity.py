@@ -60,8 +60,6 @@ def _walk(jaxpr, scope: str, times: int, out: dict[str, int]) -> None:
 def macs_by_scope(model, input_shape: Sequence[int], train: bool = False) -> Mapping[str, int]:
     """Multiply-adds per module path (e.g. ``'ResNet/conv2_1/conv1'``), for one forward pass."""
     x = jax.ShapeDtypeStruct(tuple(input_shape), jnp.float32)
-    if getattr(model, 'scan_blocks', False) is not False:
-        model = model.clone(scan_blocks=False)  # every block under its own name
     variables = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(x.shape),
                                                   train=False))
 

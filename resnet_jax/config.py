@@ -28,14 +28,6 @@ def base_config() -> ml_collections.ConfigDict:
     #                                     0 = synchronised over the whole global batch
     c.model.dtype = 'float32'           # compute dtype; 'bfloat16' for mixed precision
     c.model.bn_epsilon = 1e-5           # (Keras-converted ResNets use 1.001e-5)
-    c.model.scan_blocks = ml_collections.FieldReference(None, field_type=bool)  # run each
-    #                                     stage's identical blocks as one lax.scan (compile
-    #                                     time independent of depth); None: on CPU only
-    c.model.canonical_grads = ml_collections.FieldReference(None, field_type=bool)  # conv
-    #                                     gradients in XLA:CPU's fast forms (same values,
-    #                                     cpu_paths.canonical_conv); None: on CPU only
-    c.model.dot_1x1 = ml_collections.FieldReference(None, field_type=bool)  # 1x1 convs as
-    #                                     matrix products (same values); None: on CPU only
 
     # --- data ----------------------------------------------------------------------------
     c.dataset = ml_collections.ConfigDict()
@@ -84,10 +76,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.keep_checkpoints = 3              # the last K checkpoints are kept
     c.seed = 0
     c.profile = False                   # capture a jax.profiler trace of a few steps
-    c.cpu_train_step_fusion = False     # XLA:CPU, unrolled model (scan_blocks=False) only:
-    #                                     keep XLA's elementwise fusion in the train step (off:
-    #                                     it makes residual nets O(depth^2); see
-    #                                     steps.train_step_compiler_options)
+    c.execution = 'auto'                # how the model is run: 'auto' (the XLA:CPU plan on
+    #                                     CPU, XLA's defaults elsewhere), 'cpu', 'xla'; the
+    #                                     same function either way (resnet_jax.execution)
     c.init_from = ml_collections.FieldReference(None, field_type=str)  # fine-tune: a workdir
     #                                     (a run or `python -m resnet_jax.convert` output)
     #                                     whose latest params start this run; an fc of
@@ -97,13 +88,15 @@ def base_config() -> ml_collections.ConfigDict:
 
 def from_dict(values: dict) -> ml_collections.ConfigDict:
     """``base_config()`` overlaid with ``values`` (e.g. a run's saved ``config.json``), so
-    fields added since that run was saved keep their defaults."""
+    fields it lacks keep their defaults and fields this version does not have (e.g. a
+    run's ``model.scan_blocks``) are left out."""
     config = base_config()
 
     def overlay(target, source):
         for key, value in source.items():
-            if isinstance(value, dict) and key in target and isinstance(
-                    target[key], ml_collections.ConfigDict):
+            if key not in target:
+                continue
+            if isinstance(value, dict) and isinstance(target[key], ml_collections.ConfigDict):
                 overlay(target[key], value)
             else:
                 if isinstance(value, list) and isinstance(target.get(key), tuple):

@@ -17,6 +17,7 @@ which has none, computes the same function.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import pathlib
@@ -34,7 +35,7 @@ PREPROCESSING = {
     'torchvision': 'torchvision',  # RGB / 255, minus ImageNet mean, divided by its std
     'keras': 'caffe',              # BGR, minus the per-channel ImageNet mean, 0..255
 }
-IMAGENET_DEPTHS = ('resnet18', 'resnet34', 'resnet50', 'resnet101', 'resnet152')
+IMAGENET_DEPTHS = tuple(models.TABLE1)
 
 
 def _check_name(name: str) -> None:
@@ -44,6 +45,7 @@ def _check_name(name: str) -> None:
 
 def _layer_names(model: models.ResNet, style: str) -> Iterator[tuple[tuple[str, ...], str, str]]:
     """(flax module path, kind 'conv'|'bn'|'fc', the other framework's layer name)."""
+    params = _expected_variables(model)['params']
     yield ('conv1',), 'conv', 'conv1' if style == 'torch' else 'conv1_conv'
     yield ('bn1',), 'bn', 'bn1' if style == 'torch' else 'conv1_bn'
     convs = 3 if model.block_cls is models.BottleneckBlock else 2
@@ -57,7 +59,7 @@ def _layer_names(model: models.ResNet, style: str) -> Iterator[tuple[tuple[str, 
                 else:
                     yield (block, f'conv{k}'), 'conv', f'{prefix}_{k}_conv'
                     yield (block, f'bn{k}'), 'bn', f'{prefix}_{k}_bn'
-            if j == 0 and (i > 0 or convs == 3):  # option B: where dimensions increase
+            if 'shortcut' in params[block]:  # a projection (option B: where dims increase)
                 if style == 'torch':
                     yield (block, 'shortcut', 'proj_conv'), 'conv', f'{prefix}.downsample.0'
                     yield (block, 'shortcut', 'proj_bn'), 'bn', f'{prefix}.downsample.1'
@@ -79,7 +81,9 @@ def _get(tree: Mapping, path: tuple[str, ...], key: str) -> np.ndarray:
     return np.asarray(tree[key])
 
 
+@functools.lru_cache(maxsize=16)
 def _expected_variables(model: models.ResNet) -> Any:
+    """The model's variables as shapes (no computation)."""
     return jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 224, 224, 3))))
 
 

@@ -1,11 +1,13 @@
-"""The XLA:CPU execution paths: the same functions in the forms XLA:CPU runs fastest.
+"""The operations of the XLA:CPU execution plan: the same functions in the forms XLA:CPU
+runs fastest.
 
-Each is selected by backend through the model (``ResNet.canonical_grads``,
-``ResNet.dot_1x1``, ``ResNet.scan_blocks``; on for the CPU backend, off on GPU/TPU),
-takes the same parameters and computes the same values and gradients as the
-straightforward form (``tests/test_cpu_paths.py``). Their gradients are
-``jax.custom_vjp`` rules, so forward-mode AD needs them off.
+Each takes the arguments of the operation it replaces and computes the same values and
+gradients (``tests/test_cpu_paths.py``); ``resnet_jax.execution`` hands them to the model
+on the CPU backend. Their gradients are ``jax.custom_vjp`` rules, which reverse-mode AD
+uses and forward-mode AD cannot: under ``jax.jvp`` / ``jax.jacfwd`` / ``jax.hessian`` they
+raise ``TypeError`` naming how to run without them.
 
+* ``conv_general_dilated``: ``pointwise_conv`` for 1x1 kernels, else ``canonical_conv``.
 * ``canonical_conv``: a k x k convolution whose gradients are convolutions in the
   forward's layout, the weight gradient summed over chunks of the batch.
 * ``pointwise_conv``: a 1x1 convolution as a matrix product.
@@ -23,6 +25,35 @@ from jax import lax
 
 
 _NHWC = ('NHWC', 'HWIO', 'NHWC')
+
+FORWARD_MODE_MESSAGE = (
+    "forward-mode AD (jax.jvp, jax.jacfwd, jax.hessian) cannot go through resnet_jax's "
+    "XLA:CPU execution plan, whose gradients are custom VJPs: use the model without the "
+    "plan (models.create_model(...) as it is, or execution.get_plan('xla')), or "
+    "--config.execution=xla")
+
+
+def _reverse_mode_only(fn):
+    """``fn`` with JAX's forward-mode error replaced by one that says what to do."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except TypeError as e:
+            if 'forward-mode' in str(e):
+                raise TypeError(FORWARD_MODE_MESSAGE) from None
+            raise
+    return wrapper
+
+
+def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
+                         rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
+                         precision=None):
+    """``lax.conv_general_dilated`` in XLA:CPU's fast forms: a 1x1 kernel as a matrix
+    product (``pointwise_conv``), any other with canonical gradients (``canonical_conv``)."""
+    impl = pointwise_conv if rhs.shape[:2] == (1, 1) else canonical_conv
+    return impl(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+                dimension_numbers, feature_group_count, precision)
 
 
 def _is_nhwc(lhs, rhs, dimension_numbers) -> bool:
@@ -50,7 +81,7 @@ def pointwise_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dil
             feature_group_count, precision=precision)
     sh, sw = window_strides
     x = lhs[:, ::sh, ::sw, :] if (sh, sw) != (1, 1) else lhs
-    return _pixels_dot(x, rhs[0, 0], precision)
+    return _reverse_mode_only(_pixels_dot)(x, rhs[0, 0], precision)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -89,11 +120,16 @@ def _window_slices(xp, window, stride, out_h, out_w):
                                      j + stride * (out_w - 1) + 1, c), (1, stride, stride, 1))
 
 
+def sliced_max_pool(x, window: int, stride: int, padding: int):
+    """``layers.max_pool`` (NHWC, square window, symmetric padding) as the maximum of the
+    window's strided slices; the gradient goes to each window's first maximum, as XLA's
+    select-and-scatter, by padding the slices' shares back into place. XLA:CPU runs it
+    ~4x faster, forward and backward, for ResNet's 3x3/2 stem pool."""
+    return _reverse_mode_only(_sliced_max_pool)(x, window, stride, padding)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
-def sliced_max_pool(x, window, stride, padding):
-    """``flax.linen.max_pool`` (NHWC, square window, symmetric padding) as the maximum of
-    the window's strided slices; the gradient goes to each window's first maximum, as
-    XLA's select-and-scatter, by padding the slices' shares back into place."""
+def _sliced_max_pool(x, window, stride, padding):
     return _sliced_max_pool_fwd(x, window, stride, padding)[0]
 
 
@@ -123,7 +159,7 @@ def _sliced_max_pool_bwd(window, stride, padding, residuals, g):
     return (dxp[:, padding:padding + h, padding:padding + w, :],)
 
 
-sliced_max_pool.defvjp(_sliced_max_pool_fwd, _sliced_max_pool_bwd)
+_sliced_max_pool.defvjp(_sliced_max_pool_fwd, _sliced_max_pool_bwd)
 
 
 def canonical_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
@@ -134,7 +170,7 @@ def canonical_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dil
     gradient a (feature, spatial, batch) input layout. XLA:CPU rewrites such convolutions
     into its one fast form (NHWC x HWIO -> NHWC, plus transposes) in a program's main
     computation but not inside loops, where they fall back to a naive loop nest that is
-    ~50x slower; the blocks of a stage run in a loop on CPU (``ResNet.scan_blocks``).
+    ~50x slower; the plan runs a stage's blocks in a loop (``execution.scanned_stage``).
     This function writes both gradients in that form itself: the input gradient as the
     convolution of the dilated output gradient with the flipped, in/out-swapped kernel;
     the weight gradient as a convolution over the input's channels-as-batch with the
@@ -153,7 +189,8 @@ def canonical_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dil
         return lax.conv_general_dilated(
             lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
             feature_group_count, precision=precision)
-    return _conv_nhwc(lhs, rhs, window_strides[0], tuple(map(tuple, padding)), precision)
+    return _reverse_mode_only(_conv_nhwc)(lhs, rhs, window_strides[0],
+                                          tuple(map(tuple, padding)), precision)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
@@ -210,10 +247,7 @@ def weight_grad_chunk(input_shape: tuple[int, ...]) -> int:
     output gradient and whose contracted features are the examples. XLA:CPU's (Eigen)
     kernel ran it fastest with 16 examples at a time: at batch 128, 1.4-1.7x faster on
     the CIFAR shapes as a sum over 8 chunks than in one piece, and at ImageNet's batch
-    16 one piece was fastest (2-3x faster than one example at a time). Other backends:
-    the whole batch in one piece.
+    16 one piece was fastest (2-3x faster than one example at a time).
     """
     n = input_shape[0]
-    if jax.default_backend() != 'cpu':
-        return n
     return min(n, max(_CHUNK_EXAMPLES, -(-n // _MAX_CHUNKS)))

@@ -24,11 +24,10 @@ import time
 from typing import Any, Callable
 
 import jax
-import ml_collections
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from resnet_jax import augment, input_pipeline, parallel
+from resnet_jax import augment, execution, input_pipeline
 
 PROTOCOLS = ('center', 'ten_crop', 'multiscale')
 
@@ -77,18 +76,22 @@ def average_scores(predict: Callable[[np.ndarray], np.ndarray],
 
 
 def evaluate_protocol(model, variables: Any, pipeline: input_pipeline.Pipeline, protocol: str,
-                      batch_size: int = 64, mesh: Mesh | None = None) -> dict[str, float]:
+                      batch_size: int = 64, mesh: Mesh | None = None,
+                      execution_plan: str = 'auto') -> dict[str, float]:
     """Top-1/top-5 error of ``protocol`` over every image of the eval split, and images/s.
 
     Views of the same shape from ``batch_size`` images at a time are run together, the
-    batch split over ``mesh`` (default: all local devices) and padded to fit it.
+    batch split over ``mesh`` (default: all local devices) and padded to fit it, the model
+    run by the execution plan ``execution_plan`` of the mesh's platform.
     """
     mesh = mesh or Mesh(np.asarray(jax.local_devices()), ('data',))
+    plan = execution.plan_for_mesh(mesh, execution_plan)
+    model = plan.apply_to(model)
     split = NamedSharding(mesh, P('data'))
     variables = jax.device_put(variables, NamedSharding(mesh, P()))
     forward = jax.jit(lambda v, x: jax.nn.softmax(model.apply(v, x, train=False)),
                       in_shardings=(None, split),
-                      compiler_options=parallel.cpu_compiler_options() or None)
+                      compiler_options=dict(plan.compiler_options) or None)
     views_of = protocol_views(pipeline, protocol)
     predict = lambda x: np.asarray(forward(variables, _padded(x, mesh.size)))[:len(x)]
     n = len(pipeline.eval)
@@ -107,23 +110,6 @@ def evaluate_protocol(model, variables: Any, pipeline: input_pipeline.Pipeline, 
             'images_per_sec': n / seconds, 'seconds': seconds}
 
 
-def load_run(workdir: str | os.PathLike, config: ml_collections.ConfigDict | None = None,
-             step: int | None = None):
-    """(config, model, variables, step) of the latest (or given) checkpoint in ``workdir``."""
-    from resnet_jax import checkpointing, steps
-    from resnet_jax.config import ConfigError, from_dict
-
-    workdir = pathlib.Path(workdir)
-    if config is None:
-        if not (workdir / 'config.json').exists():
-            raise ConfigError(f'{workdir} has no config.json: not a resnet_jax run; pass '
-                              '--config')
-        config = from_dict(json.loads((workdir / 'config.json').read_text()))
-    variables, step = checkpointing.load_variables(workdir, step)
-    num_classes = int(np.shape(variables['params']['fc']['bias'])[0])
-    return config, steps.create_model(config, num_classes), variables, step
-
-
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
@@ -131,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
     from absl import logging
 
+    from resnet_jax import checkpointing
     from resnet_jax.config import ConfigError
     logging.set_verbosity(logging.WARNING)
 
@@ -151,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
             path, _, arg = args.config.partition(':')
             module = config_flags.config_flags._LoadConfigModule('eval_config', path)
             config = module.get_config(arg) if arg else module.get_config()
-        config, model, variables, step = load_run(args.workdir, config, args.step)
+        model, variables, config, step = checkpointing.load(args.workdir, args.step, config)
         if args.data_dir:
             config.dataset.data_dir = args.data_dir
         input_pipeline.check_dataset(config.dataset.name, config.dataset.data_dir)
@@ -159,7 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ValueError, OSError) as e:
         print(f'error: {str(e).splitlines()[0]}', file=sys.stderr)
         return 2
-    result = evaluate_protocol(model, variables, pipeline, args.protocol, args.batch_size)
+    result = evaluate_protocol(model, variables, pipeline, args.protocol, args.batch_size,
+                               execution_plan=config.execution)
     print(f'{config.model.name} step {step}, {args.protocol}: top-1 error '
           f'{100 * result["top1_error"]:.2f}%, top-5 error {100 * result["top5_error"]:.2f}% '
           f'on {result["num_images"]} images ({result["images_per_sec"]:.1f} images/s)')

@@ -1,6 +1,7 @@
-"""The building blocks shared by every network: conv, BatchNorm and the shortcuts.
+"""The building blocks shared by every network: conv, BatchNorm, the shortcuts and the stem's
+max pool.
 
-One conv factory (`conv`) and one BatchNorm (`BatchNorm`) serve every layer of every net,
+One conv factory (``conv``) and one BatchNorm (``BatchNorm``) serve every layer of every net,
 so the paper's layer conventions live in one place (sec. 3.4):
 
 * convolutions have no bias and He initialisation [He et al. 2015, "Delving deep"];
@@ -18,8 +19,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from resnet_jax import cpu_paths
-
 Dtype = Any
 Initializer = Callable[..., jax.Array]
 
@@ -28,37 +27,26 @@ he_normal = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 
 
 def conv(features: int, kernel_size: int, strides: int = 1, *, dtype: Dtype = jnp.float32,
-         canonical_grads: bool = False, dot_1x1: bool = False,
-         name: str | None = None) -> nn.Conv:
+         name: str | None = None,
+         conv_general_dilated: Callable[..., jax.Array] | None = None) -> nn.Conv:
     """A bias-free k x k convolution with symmetric padding and He initialisation.
 
-    ``canonical_grads=True`` computes the gradients with ``cpu_paths.canonical_conv``,
-    and ``dot_1x1=True`` a 1x1 convolution as a matrix product
-    (``cpu_paths.pointwise_conv``); both give the same values and take the same parameters.
+    ``conv_general_dilated`` is the function ``flax.linen.Conv`` computes with (default
+    ``jax.lax.conv_general_dilated``); another implementation of the same function can be
+    handed in (see ``resnet_jax.execution``).
     """
     pad = (kernel_size - 1) // 2
-    if dot_1x1 and kernel_size == 1:
-        impl = cpu_paths.pointwise_conv
-    else:
-        impl = cpu_paths.canonical_conv if canonical_grads else None
     return nn.Conv(features, (kernel_size, kernel_size), strides=(strides, strides),
                    padding=((pad, pad), (pad, pad)), use_bias=False, kernel_init=he_normal,
                    dtype=dtype, param_dtype=jnp.float32, name=name,
-                   conv_general_dilated=impl)
+                   conv_general_dilated=conv_general_dilated)
 
 
-def max_pool(x: jax.Array, window: int, stride: int, padding: int,
-             sliced: bool = False) -> jax.Array:
-    """A ``window`` x ``window`` max pool of an NHWC batch with symmetric ``padding``.
-
-    ``sliced=False`` is ``flax.linen.max_pool``; ``sliced=True`` is
-    ``cpu_paths.sliced_max_pool``, the same values and gradients, which XLA:CPU runs
-    ~4x faster forward and backward for ResNet's 3x3/2 stem pool.
-    """
-    if not sliced:
-        pad = ((padding, padding), (padding, padding))
-        return nn.max_pool(x, (window, window), strides=(stride, stride), padding=pad)
-    return cpu_paths.sliced_max_pool(x, window, stride, padding)
+def max_pool(x: jax.Array, window: int, stride: int, padding: int) -> jax.Array:
+    """A ``window`` x ``window`` max pool of an NHWC batch with symmetric ``padding``
+    (the stem's 3x3/2 pool of Table 1)."""
+    pad = ((padding, padding), (padding, padding))
+    return nn.max_pool(x, (window, window), strides=(stride, stride), padding=pad)
 
 
 class BatchNorm(nn.Module):
@@ -126,6 +114,12 @@ def check_shortcut(option: str) -> None:
                          'C projects everywhere).')
 
 
+def projects(option: str, strides: int, in_features: int, features: int) -> bool:
+    """Whether a shortcut is a projection (eq. 2) under ``option``: C always, B where the
+    dimensions change (stride or width), A never."""
+    return option == 'C' or (option == 'B' and (strides != 1 or in_features != features))
+
+
 class Shortcut(nn.Module):
     """The identity / projection shortcut of eq. (1) and (2), by the options of Table 3.
 
@@ -139,17 +133,13 @@ class Shortcut(nn.Module):
     strides: int
     option: str
     norm: Callable[..., nn.Module]
+    conv: Callable[..., nn.Module] = conv
     dtype: Dtype = jnp.float32
-    canonical_grads: bool = False
-    dot_1x1: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        changes = self.strides != 1 or x.shape[-1] != self.features
-        if self.option == 'C' or (self.option == 'B' and changes):
-            x = conv(self.features, 1, self.strides, dtype=self.dtype,
-                     canonical_grads=self.canonical_grads, dot_1x1=self.dot_1x1,
-                     name='proj_conv')(x)
+        if projects(self.option, self.strides, x.shape[-1], self.features):
+            x = self.conv(self.features, 1, self.strides, dtype=self.dtype, name='proj_conv')(x)
             return self.norm(name='proj_bn')(x)
         if self.strides != 1:
             x = x[:, ::self.strides, ::self.strides, :]

@@ -5,17 +5,31 @@ Where each part of the paper lives:
 * ``BasicBlock`` / ``BottleneckBlock``: the building blocks of Fig. 5 (sec. 3.2, 3.3),
   with ``residual=False`` giving the plain counterpart layer for layer.
 * ``ResNet``: the stacks of Table 1 (ImageNet stem) and sec. 4.2 (CIFAR stem).
-* ``_IMAGENET``: the rows of Table 1; ``cifar(n)`` the 6n+2 nets of sec. 4.2.
+* ``TABLE1``: the rows of Table 1; ``cifar(n)`` the 6n+2 nets of sec. 4.2.
 * ``create_model`` / ``list_models``: the one place that maps names to models.
 
-Every model is called as ``model.apply(variables, images_nhwc, train=...)``.
+Every model is called as ``model.apply(variables, images_nhwc, train=...)`` and computes
+the same program on every backend: plain ``lax`` convolutions and pooling, each block its
+own submodule, so every JAX transformation (``jax.grad``, ``jax.jvp``, ``jax.hessian``,
+``capture_intermediates``, ``nn.tabulate``) applies. The parts are handed in (``conv``,
+``norm``, ``max_pool``, ``stage``, ``block_cls``), as in flax's ImageNet example: a faster
+implementation of the same function is a different part (``resnet_jax.execution``), a
+different norm layer is another ``norm``.
+
+What a block receives (the fields ``ResNet`` sets; a block of your own takes the same):
+``filters`` (base width of the stage), ``strides`` (2 in the first block of conv3_x ...
+conv5_x, else 1), ``conv`` (the conv factory, called ``conv(features, kernel_size,
+strides, name=...)``), ``norm`` (the norm factory, called ``norm(name=..., [scale_init=...])``),
+``residual``, ``shortcut``, ``zero_init_residual``, ``dtype``, and ``stride_in_1x1`` if the
+block declares that field.
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
 import re
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -25,6 +39,7 @@ from resnet_jax import layers
 from resnet_jax.layers import BatchNorm, Shortcut, check_shortcut
 
 Dtype = Any
+ModuleDef = Any
 
 
 class BasicBlock(nn.Module):
@@ -32,22 +47,18 @@ class BasicBlock(nn.Module):
 
     filters: int
     strides: int
-    norm: Callable[..., nn.Module]
+    conv: ModuleDef
+    norm: ModuleDef
     residual: bool = True
     shortcut: str = 'B'
-    stride_in_1x1: bool = True  # unused: a basic block has no 1x1 conv
     zero_init_residual: bool = False
     dtype: Dtype = jnp.float32
-    canonical_grads: bool = False  # see cpu_paths.canonical_conv
-    dot_1x1: bool = False  # see cpu_paths.pointwise_conv
-    expansion = 1
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        conv = _conv_factory(self)
-        y = conv(self.filters, 3, self.strides, name='conv1')(x)
+        y = self.conv(self.filters, 3, self.strides, name='conv1')(x)
         y = nn.relu(self.norm(name='bn1')(y))
-        y = conv(self.filters, 3, name='conv2')(y)
+        y = self.conv(self.filters, 3, name='conv2')(y)
         y = self.norm(name='bn2', scale_init=_last_scale_init(self.zero_init_residual))(y)
         return _merge(self, x, y, self.filters)
 
@@ -62,32 +73,24 @@ class BottleneckBlock(nn.Module):
 
     filters: int
     strides: int
-    norm: Callable[..., nn.Module]
+    conv: ModuleDef
+    norm: ModuleDef
     residual: bool = True
     shortcut: str = 'B'
     stride_in_1x1: bool = True
     zero_init_residual: bool = False
     dtype: Dtype = jnp.float32
-    canonical_grads: bool = False  # see cpu_paths.canonical_conv
-    dot_1x1: bool = False  # see cpu_paths.pointwise_conv
-    expansion = 4
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         s1, s3 = (self.strides, 1) if self.stride_in_1x1 else (1, self.strides)
-        conv = _conv_factory(self)
-        y = conv(self.filters, 1, s1, name='conv1')(x)
+        y = self.conv(self.filters, 1, s1, name='conv1')(x)
         y = nn.relu(self.norm(name='bn1')(y))
-        y = conv(self.filters, 3, s3, name='conv2')(y)
+        y = self.conv(self.filters, 3, s3, name='conv2')(y)
         y = nn.relu(self.norm(name='bn2')(y))
-        y = conv(self.filters * 4, 1, name='conv3')(y)
+        y = self.conv(self.filters * 4, 1, name='conv3')(y)
         y = self.norm(name='bn3', scale_init=_last_scale_init(self.zero_init_residual))(y)
         return _merge(self, x, y, self.filters * 4)
-
-
-def _conv_factory(module) -> Callable[..., nn.Conv]:
-    return functools.partial(layers.conv, dtype=module.dtype,
-                             canonical_grads=module.canonical_grads, dot_1x1=module.dot_1x1)
 
 
 def _last_scale_init(zero_init: bool):
@@ -97,11 +100,26 @@ def _last_scale_init(zero_init: bool):
 def _merge(block, x: jax.Array, y: jax.Array, features: int) -> jax.Array:
     """The addition of eq. (1)/(2) followed by the ReLU; plain nets skip the addition."""
     if block.residual:
-        y = y + Shortcut(features, block.strides, block.shortcut, block.norm,
-                         dtype=block.dtype, canonical_grads=block.canonical_grads,
-                         dot_1x1=block.dot_1x1,
-                         name='shortcut')(x)
+        y = y + Shortcut(features, block.strides, block.shortcut, block.norm, block.conv,
+                         dtype=block.dtype, name='shortcut')(x)
     return nn.relu(y)
+
+
+def unrolled_stage(parent: nn.Module, make_block: Callable[..., nn.Module],
+                   names: Sequence[str], x: jax.Array) -> jax.Array:
+    """Applies the identical blocks ``names`` of a stage in turn, each its own submodule of
+    ``parent`` (the default ``ResNet.stage``). ``make_block(name=...)`` builds one."""
+    del parent  # the blocks are created in the calling module's scope
+    for name in names:
+        x = make_block(name=name)(x)
+    return x
+
+
+def _accepts(factory: Callable[..., Any], argument: str) -> bool:
+    try:
+        return argument in inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 class ResNet(nn.Module):
@@ -109,8 +127,10 @@ class ResNet(nn.Module):
 
     Attributes:
       stage_sizes: blocks per stage (Table 1 rows; ``(n, n, n)`` for CIFAR).
-      block_cls: ``BasicBlock`` or ``BottleneckBlock``.
-      num_classes: outputs of the final fc layer.
+      block_cls: ``BasicBlock``, ``BottleneckBlock`` or a block of your own taking the
+        fields listed in the module docstring.
+      num_classes: outputs of the final fc layer; ``0``: no fc, the model returns the
+        globally pooled features (``(batch, width * 2**(stages - 1) * expansion)``).
       stem: ``'imagenet'`` (7x7/2 conv 64 + 3x3/2 max pool) or ``'cifar'`` (3x3 conv 16).
       width: filters of the first stage (64 ImageNet, 16 CIFAR); doubled each stage.
       residual: False gives the plain net, the same stack without shortcuts.
@@ -119,32 +139,21 @@ class ResNet(nn.Module):
       zero_init_residual: start the last BN scale of each residual branch at 0.
       bn_group_size: examples per BatchNorm group in training (0: the whole batch).
       bn_momentum, bn_epsilon: BatchNorm running-average momentum and epsilon.
-      dtype: compute dtype (e.g. ``jnp.bfloat16``); parameters stay float32.
-      scan_blocks: run the identical blocks of each stage (all but its first) as one
-        ``lax.scan`` instead of unrolled: the compiled program no longer grows with depth
-        (ResNet-1202 compiles in seconds) and XLA cannot fuse across blocks. Same
-        parameters, same tree, same values. ``None`` (default): on when JAX's default
-        backend is the CPU, where the unrolled train step's elementwise fusions grow with
-        depth, off on GPU/TPU. ``capture_intermediates`` views of the scanned blocks need
-        ``scan_blocks=False`` (``summary``, ``analysis`` and ``complexity`` turn it off
-        themselves). ``apply`` also takes the variables
-        with each scanned group stacked (``pack``), the layout the train state keeps.
-      canonical_grads: compute the k x k convolutions' gradients with
-        ``cpu_paths.canonical_conv`` (the forward's layout, the weight gradient summed over
-        chunks of the batch) and the stem's max pool with ``layers.max_pool(sliced=True)``:
-        same parameters, same values and gradients. ``None`` (default): on for the CPU
-        backend, where XLA runs those forms 1.2-4x faster; off on GPU/TPU. The scanned
-        blocks use canonical convolutions whatever this says (XLA:CPU needs them in loops).
-      dot_1x1: compute the 1x1 convolutions (bottlenecks, projection shortcuts) as matrix
-        products (``cpu_paths.pointwise_conv``): same parameters, same values. ``None``
-        (default): on for the CPU backend, where XLA's matrix products run 1.5-3x faster
-        than its 1x1 convolutions; off on GPU/TPU.
+      dtype: compute dtype (e.g. ``jnp.bfloat16`` or ``'bfloat16'``); parameters stay
+        float32 and the logits are float32.
+      conv: the conv factory, ``conv(features, kernel_size, strides, dtype=, name=)``
+        (default ``layers.conv``: bias-free, symmetric padding, He init).
+      norm: the norm factory; ``None`` is the paper's BatchNorm (``layers.BatchNorm``
+        with ``bn_group_size``, ``bn_momentum``, ``bn_epsilon``). Any flax norm works,
+        e.g. ``functools.partial(nn.GroupNorm, num_groups=8)``; it gets ``dtype`` and,
+        where it has the argument, ``use_running_average=not train``.
+      max_pool: the stem's pool, ``max_pool(x, window, stride, padding)``.
+      stage: how a stage's identical blocks (all but its first) are run,
+        ``stage(parent, make_block, names, x)`` (default ``unrolled_stage``).
 
-    ``scan_blocks``, ``canonical_grads`` and ``dot_1x1`` write their gradients as
-    ``jax.custom_vjp`` rules, which reverse-mode AD (``jax.grad``) uses and forward-mode
-    AD cannot: for ``jax.jvp``, ``jax.jacfwd`` or ``jax.hessian`` set all three to
-    ``False`` (the defaults on GPU/TPU), e.g. ``model.clone(scan_blocks=False,
-    canonical_grads=False, dot_1x1=False)``.
+    Inputs are NHWC images with 1 to 4 channels, at least ``min_input_size()`` pixels on
+    each side (32 for the ImageNet nets, 4 for the CIFAR nets: every stage then sees at
+    least one pixel); anything else raises ``ValueError``.
     """
 
     stage_sizes: Sequence[int]
@@ -160,132 +169,80 @@ class ResNet(nn.Module):
     bn_momentum: float = 0.9
     bn_epsilon: float = 1e-5
     dtype: Dtype = jnp.float32
-    scan_blocks: bool | None = None
-    canonical_grads: bool | None = None
-    dot_1x1: bool | None = None
+    conv: ModuleDef = layers.conv
+    norm: ModuleDef | None = None
+    max_pool: Callable[..., jax.Array] = layers.max_pool
+    stage: Callable[..., jax.Array] = unrolled_stage
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         check_shortcut(self.shortcut)
-        scanned = [] if self.is_initializing() else self.scan_groups()  # init: unrolled
-        conv = functools.partial(layers.conv, dtype=self.dtype,
-                                 canonical_grads=self.uses_canonical_grads())
-        norm = functools.partial(BatchNorm, use_running_average=not train,
-                                 group_size=self.bn_group_size, momentum=self.bn_momentum,
-                                 epsilon=self.bn_epsilon, dtype=self.dtype)
-        x = jnp.asarray(x, self.dtype)
+        dtype = canonical_dtype(self.dtype)
+        self._check_input(x)
+        conv = functools.partial(self.conv, dtype=dtype)
+        norm = self._norm(train, dtype)
+        x = jnp.asarray(x, dtype)
         if self.stem == 'imagenet':  # conv1 and the max pool of Table 1
             x = conv(self.width, 7, 2, name='conv1')(x)
             x = nn.relu(norm(name='bn1')(x))
-            x = layers.max_pool(x, 3, 2, 1, sliced=self.uses_canonical_grads())
-        elif self.stem == 'cifar':  # the first 3x3 conv of sec. 4.2
+            x = self.max_pool(x, 3, 2, 1)
+        else:  # the first 3x3 conv of sec. 4.2
             x = conv(self.width, 3, name='conv1')(x)
             x = nn.relu(norm(name='bn1')(x))
-        else:
-            raise ValueError(f"unknown stem {self.stem!r}; allowed: 'imagenet', 'cifar'")
 
+        extra = ({'stride_in_1x1': self.stride_in_1x1}
+                 if _accepts(self.block_cls, 'stride_in_1x1') else {})
         for i, num_blocks in enumerate(self.stage_sizes):
             block = functools.partial(
-                self.block_cls, filters=self.width * 2**i, norm=norm, residual=self.residual,
-                shortcut=self.shortcut, stride_in_1x1=self.stride_in_1x1,
-                zero_init_residual=self.zero_init_residual, dtype=self.dtype,
-                canonical_grads=self.uses_canonical_grads(), dot_1x1=self.uses_dot_1x1())
+                self.block_cls, filters=self.width * 2**i, conv=conv, norm=norm,
+                residual=self.residual, shortcut=self.shortcut,
+                zero_init_residual=self.zero_init_residual, dtype=dtype, **extra)
             names = block_names(i, num_blocks)
-            x = block(strides=2 if i > 0 else 1, name=names[0])(x)
-            if names[1:] in scanned:
-                x = self._scan(block(strides=1, canonical_grads=True, parent=None),
-                               names[1:], x, train)
-            else:
-                for name in names[1:]:
-                    x = block(strides=1, name=name)(x)
+            x = block(strides=stage_strides(i), name=names[0])(x)
+            if names[1:]:
+                x = self.stage(self, functools.partial(block, strides=1), names[1:], x)
 
         x = jnp.mean(x, axis=(1, 2))
-        x = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=jnp.float32, name='fc')(x)
+        if not self.num_classes:
+            return x.astype(jnp.float32)
+        x = nn.Dense(self.num_classes, dtype=dtype, param_dtype=jnp.float32, name='fc')(x)
         return x.astype(jnp.float32)
 
-    def uses_scan(self) -> bool:
-        """Whether ``scan_blocks`` (resolved for the default backend) is on."""
-        return _on_cpu_by_default(self.scan_blocks)
+    def min_input_size(self) -> int:
+        """The smallest input side: the net's total downsampling (every stage then sees at
+        least one pixel)."""
+        return (4 if self.stem == 'imagenet' else 1) * 2 ** (len(self.stage_sizes) - 1)
 
-    def uses_canonical_grads(self) -> bool:
-        """Whether ``canonical_grads`` (resolved for the default backend) is on."""
-        return _on_cpu_by_default(self.canonical_grads)
+    def _check_input(self, x: jax.Array) -> None:
+        if self.stem not in ('imagenet', 'cifar'):
+            raise ValueError(f"unknown stem {self.stem!r}; allowed: 'imagenet', 'cifar'")
+        shape = tuple(x.shape)
+        if len(shape) != 4 or not 1 <= shape[-1] <= 4:
+            hint = (' (NCHW? use x.transpose(0, 2, 3, 1))'
+                    if len(shape) == 4 and 1 <= shape[1] <= 4 else '')
+            raise ValueError(f'ResNet expects NHWC images (batch, height, width, channels) '
+                             f'with 1-4 channels; got shape {shape}{hint}')
+        smallest = self.min_input_size()
+        if min(shape[1:3]) < smallest:
+            raise ValueError(f'ResNet ({self.stem} stem, {len(self.stage_sizes)} stages) '
+                             f'needs inputs of at least {smallest}x{smallest} pixels; got '
+                             f'{shape[1]}x{shape[2]}')
 
-    def uses_dot_1x1(self) -> bool:
-        """Whether ``dot_1x1`` (resolved for the default backend) is on."""
-        return _on_cpu_by_default(self.dot_1x1)
-
-    def scan_groups(self) -> list[list[str]]:
-        """The blocks run together as one ``lax.scan`` when ``uses_scan()``: in each stage
-        of more than two blocks, all but its first."""
-        if not self.uses_scan():
-            return []
-        return [block_names(i, n)[1:] for i, n in enumerate(self.stage_sizes) if n > 2]
-
-    def pack(self, layers: Mapping[str, Any]) -> dict[str, Any]:
-        """``layers`` with each scan group's blocks stacked under one key, ``packed_name``.
-
-        ``layers`` is one collection of variables (``params``, ``batch_stats``) or any
-        tree keyed like it (SGD's momentum). ``apply`` takes the packed layout as it is,
-        so a train state kept packed runs a step with no stacking and no per-block
-        write-back, and with a few stacked leaves where the model's tree has thousands
-        (ResNet-1202: 3,605), which is what its compile and relaunch time grow with.
-        ``unpack`` restores the model's own tree; without scanned groups both return
-        ``layers`` unchanged.
-        """
-        out = dict(layers)
-        for names in self.scan_groups():
-            if names[0] in out:
-                out[packed_name(names)] = _stack([out.pop(n) for n in names])
-        return out
-
-    def unpack(self, layers: Mapping[str, Any]) -> dict[str, Any]:
-        """The inverse of ``pack``: every block under its own name again."""
-        out = dict(layers)
-        for names in self.scan_groups():
-            stacked = out.pop(packed_name(names), None)
-            if stacked is not None:
-                out.update(zip(names, _unstack(stacked, len(names))))
-        return out
-
-    def _scan(self, block: nn.Module, names: Sequence[str], x: jax.Array,
-              train: bool) -> jax.Array:
-        """Applies the blocks ``names`` (same shapes) in turn, as one ``lax.scan``.
-
-        Their variables are where the unrolled net keeps them (``params/conv2_2``, ...),
-        stacked here for the scan, with the updated BatchNorm statistics written back
-        block by block; or already stacked under ``packed_name(names)`` (``pack``), used
-        and updated as they are. ``block`` is an unbound module of the blocks' config.
-        """
-        stored, key = self.variables, packed_name(names)
-        stacked = {col: stored[col][key] if key in stored[col] else
-                   _stack([stored[col][n] for n in names])
-                   for col in ('params', 'batch_stats')}
-
-        def body(carry, variables):
-            if not train:
-                return block.apply(variables, carry), None
-            y, updates = block.apply(variables, carry, mutable=['batch_stats'])
-            return y, updates['batch_stats']
-
-        # The backward pass keeps the convolutions' outputs and recomputes the cheap
-        # BatchNorm / ReLU / addition from them: stacking every intermediate for the loop
-        # cost more memory traffic than the recomputation (CIFAR ResNet-110 on CPU: 16%
-        # faster, 40% less peak memory).
-        body = jax.checkpoint(body, policy=jax.checkpoint_policies.dots_saveable,
-                              prevent_cse=False)
-        x, stats = jax.lax.scan(body, x, stacked)
-        if train and key in stored['batch_stats']:
-            self.put_variable('batch_stats', key, stats)
-        elif train:
-            for name, block_stats in zip(names, _unstack(stats, len(names))):
-                self.put_variable('batch_stats', name, block_stats)
-        return x
+    def _norm(self, train: bool, dtype) -> Callable[..., nn.Module]:
+        if self.norm is None:
+            return functools.partial(BatchNorm, use_running_average=not train,
+                                     group_size=self.bn_group_size, momentum=self.bn_momentum,
+                                     epsilon=self.bn_epsilon, dtype=dtype)
+        kwargs = {'dtype': dtype} if _accepts(self.norm, 'dtype') else {}
+        if _accepts(self.norm, 'use_running_average'):
+            kwargs['use_running_average'] = not train
+        return functools.partial(self.norm, **kwargs)
 
 
-def _on_cpu_by_default(flag: bool | None) -> bool:
-    """A backend-selected option: ``None`` means on for the CPU backend only."""
-    return jax.default_backend() == 'cpu' if flag is None else bool(flag)
+def stage_strides(stage: int) -> int:
+    """The stride of a stage's first block: conv3_1, conv4_1, conv5_1 (and the CIFAR nets'
+    second and third stages) downsample by 2 (Table 1, sec. 4.2)."""
+    return 2 if stage > 0 else 1
 
 
 def block_names(stage: int, num_blocks: int) -> list[str]:
@@ -293,32 +250,32 @@ def block_names(stage: int, num_blocks: int) -> list[str]:
     return [f'conv{stage + 2}_{j + 1}' for j in range(num_blocks)]
 
 
-def _stack(trees: Sequence[Any]) -> Any:
-    """Same-shaped trees as one tree of arrays with a leading axis."""
-    return jax.tree_util.tree_map(lambda *v: jnp.stack(v), *trees)
+DTYPES = ('float32', 'bfloat16', 'float16')
 
 
-def _unstack(tree: Any, n: int) -> list[Any]:
-    """The inverse of ``_stack`` for ``n`` trees."""
-    return [jax.tree_util.tree_map(lambda v: v[k], tree) for k in range(n)]
+def canonical_dtype(dtype: Any) -> jnp.dtype:
+    """A compute dtype given as a name or a dtype; ``ValueError`` for anything else."""
+    try:
+        resolved = jnp.dtype(dtype)
+    except TypeError:
+        resolved = None
+    if resolved is None or resolved.name not in DTYPES:
+        raise ValueError(f'unknown dtype {dtype!r}; allowed: {", ".join(DTYPES)}')
+    return resolved
 
 
-def packed_name(names: Sequence[str]) -> str:
-    """The key of blocks ``names`` stacked by ``ResNet.pack``: 'conv2_2..conv2_200'."""
-    return f'{names[0]}..{names[-1]}'
-
-
-# Table 1: the ImageNet networks.
+# Table 1: blocks per stage of the ImageNet networks.
+TABLE1: dict[str, tuple[type[nn.Module], tuple[int, ...]]] = {
+    'resnet18': (BasicBlock, (2, 2, 2, 2)),
+    'resnet34': (BasicBlock, (3, 4, 6, 3)),
+    'resnet50': (BottleneckBlock, (3, 4, 6, 3)),
+    'resnet101': (BottleneckBlock, (3, 4, 23, 3)),
+    'resnet152': (BottleneckBlock, (3, 8, 36, 3)),
+}
 _ImageNet = functools.partial(ResNet, stem='imagenet', width=64, num_classes=1000)
 _IMAGENET: dict[str, Callable[..., ResNet]] = {
-    'resnet18': functools.partial(_ImageNet, stage_sizes=(2, 2, 2, 2), block_cls=BasicBlock),
-    'resnet34': functools.partial(_ImageNet, stage_sizes=(3, 4, 6, 3), block_cls=BasicBlock),
-    'resnet50': functools.partial(_ImageNet, stage_sizes=(3, 4, 6, 3), block_cls=BottleneckBlock),
-    'resnet101': functools.partial(_ImageNet, stage_sizes=(3, 4, 23, 3),
-                                   block_cls=BottleneckBlock),
-    'resnet152': functools.partial(_ImageNet, stage_sizes=(3, 8, 36, 3),
-                                   block_cls=BottleneckBlock),
-}
+    name: functools.partial(_ImageNet, block_cls=block, stage_sizes=sizes)
+    for name, (block, sizes) in TABLE1.items()}
 # The plain counterparts (Table 2 has plain-18/34; the bottleneck ones are offered too).
 _IMAGENET.update({name.replace('resnet', 'plain'): functools.partial(make, residual=False)
                   for name, make in list(_IMAGENET.items())})
@@ -328,11 +285,22 @@ CIFAR_DEPTHS = (20, 32, 44, 56, 110, 1202)
 _CIFAR_NAME = re.compile(r'^cifar_(resnet|plain)(\d+)$')
 
 
-def cifar(depth: int, residual: bool = True, **overrides: Any) -> ResNet:
-    """The CIFAR-10 net of sec. 4.2 with ``depth = 6n + 2`` layers."""
+def parse_cifar_name(name: str) -> tuple[bool, int] | None:
+    """``(residual, depth)`` of a CIFAR net's name (``cifar_resnet110``), ``None`` for
+    another name; ``ValueError`` for a depth that is not 6n+2."""
+    match = _CIFAR_NAME.match(name)
+    if not match:
+        return None
+    depth = int(match.group(2))
     if depth < 8 or (depth - 2) % 6:
         raise ValueError(f'CIFAR depth must be 6n+2 with n >= 1 (8, 14, 20, 32, 44, 56, 110, '
                          f'1202, ...); got {depth}.')
+    return match.group(1) == 'resnet', depth
+
+
+def cifar(depth: int, residual: bool = True, **overrides: Any) -> ResNet:
+    """The CIFAR-10 net of sec. 4.2 with ``depth = 6n + 2`` layers."""
+    parse_cifar_name(f'cifar_resnet{depth}')
     n = (depth - 2) // 6
     kwargs = dict(stage_sizes=(n, n, n), block_cls=BasicBlock, stem='cifar', width=16,
                   num_classes=10, shortcut='A', residual=residual)
@@ -346,24 +314,30 @@ def list_models() -> list[str]:
     return sorted(_IMAGENET) + cifar_names
 
 
-def create_model(name: str, **overrides: Any) -> ResNet:
+_OPTIONS = tuple(f for f in ResNet.__dataclass_fields__ if f not in ('parent', 'name'))
+
+
+def create_model(model_name: str, /, **overrides: Any) -> ResNet:
     """Builds a model by name, e.g. ``create_model('resnet50', stride_in_1x1=False)``.
 
     Any ``ResNet`` attribute can be overridden (``num_classes``, ``shortcut``,
-    ``dtype``, ``bn_group_size``, ...). ``dtype`` may be given as a string.
+    ``dtype``, ``bn_group_size``, ``norm``, ...), and the module's own ``name`` and
+    ``parent`` (``create_model('resnet50', name='backbone')`` inside another module).
+    ``dtype`` may be given as a string.
     """
-    if isinstance(overrides.get('dtype'), str):
-        overrides['dtype'] = jnp.dtype(overrides['dtype'])
+    if 'dtype' in overrides:
+        overrides['dtype'] = canonical_dtype(overrides['dtype'])
     if 'shortcut' in overrides:
         check_shortcut(overrides['shortcut'])
-    unknown = set(overrides) - set(ResNet.__dataclass_fields__) - {'parent', 'name'}
+    unknown = set(overrides) - set(_OPTIONS) - {'parent', 'name'}
     if unknown:
         raise ValueError(f'unknown model option(s) {sorted(unknown)}; allowed: '
-                         f'{sorted(f for f in ResNet.__dataclass_fields__ if f not in ("parent", "name"))}')
-    if name in _IMAGENET:
-        return _IMAGENET[name](**overrides)
-    match = _CIFAR_NAME.match(name)
-    if match:
-        return cifar(int(match.group(2)), residual=match.group(1) == 'resnet', **overrides)
-    raise ValueError(f'unknown model {name!r}; allowed: {", ".join(sorted(_IMAGENET))}, '
+                         f'{sorted(_OPTIONS)}')
+    if model_name in _IMAGENET:
+        return _IMAGENET[model_name](**overrides)
+    parsed = parse_cifar_name(model_name)
+    if parsed:
+        residual, depth = parsed
+        return cifar(depth, residual=residual, **overrides)
+    raise ValueError(f'unknown model {model_name!r}; allowed: {", ".join(sorted(_IMAGENET))}, '
                      'cifar_resnetN and cifar_plainN with N = 6n+2 (e.g. cifar_resnet20).')

@@ -1,40 +1,16 @@
-"""Placement over a mesh of every device of every host, the compilation cache and the
-XLA:CPU options of every compiled step.
+"""Data parallelism: placement over a mesh of every device of every host, and the
+compilation cache.
 
 One 1-D ``Mesh`` over every device of every process: batches are split along it
 (``P('data')``), the train state is replicated (``P()``).
 """
 
-import functools
 import os
 
 import jax
 import numpy as np
 from clu import metrics
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-
-
-# XLA:CPU (jax 0.10) hands convolutions, matrix products and reductions to YNNPACK, which
-# ran each convolution on one thread here, where XLA's own (Eigen) convolutions use every
-# core: 3x3 convolutions of CIFAR ResNets at batch 128 on 2 cores ran at 215-235 GFLOP/s
-# with YNNPACK and 340-400 without. Its reductions stay (BatchNorm's statistics, 30%
-# slower without), so only those are handed to it.
-_CPU_OPTIONS = {'xla_cpu_experimental_ynn_fusion_type': 'LIBRARY_FUSION_TYPE_REDUCE'}
-
-
-@functools.cache
-def cpu_compiler_options() -> dict:
-    """XLA options for every program the library compiles on the CPU backend (train and
-    eval steps, ``evaluate``); ``{}`` on other backends or where this XLA lacks them.
-    Research code jitting ``model.apply`` itself can pass them as
-    ``jax.jit(..., compiler_options=cpu_compiler_options())``."""
-    if jax.default_backend() != 'cpu':
-        return {}
-    try:
-        jax.jit(lambda x: x + 1, compiler_options=_CPU_OPTIONS).lower(1.0).compile()
-    except jax.errors.JaxRuntimeError:  # an XLA without the option: its defaults
-        return {}
-    return dict(_CPU_OPTIONS)
 
 
 def enable_compilation_cache(path: str, min_compile_seconds: float = 1.0) -> None:

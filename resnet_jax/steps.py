@@ -8,7 +8,7 @@ or imports TensorFlow; the loop around these is ``resnet_jax.train``.
 """
 
 import functools
-from typing import Any, Mapping
+from typing import Any
 
 import flax.struct
 import jax
@@ -19,15 +19,16 @@ import optax
 from clu import metrics
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from resnet_jax import models, optim, parallel
+from resnet_jax import execution, models, optim, parallel
 
 
 @flax.struct.dataclass
 class TrainState:
-    """What a train step updates. ``params``, ``batch_stats`` and the optimiser's
-    parameter-shaped state hold each scan group's blocks stacked (``ResNet.pack``, the
-    layout the step runs fastest on); ``unpack_state`` gives the model's own tree, which
-    is what checkpoints store. Without scanned blocks both layouts are the same."""
+    """What a train step updates. In the train loop the layers of ``params``,
+    ``batch_stats`` and the optimiser's parameter-shaped state are laid out by the
+    execution plan (``ExecutionPlan.pack_state``: each scanned group's blocks stacked on
+    the CPU plan); ``ExecutionPlan.unpack_state`` gives the model's own tree, which is
+    what checkpoints store."""
     step: jax.Array
     params: Any
     batch_stats: Any
@@ -54,51 +55,33 @@ class EvalMetrics(metrics.Collection):
 # --- model and state --------------------------------------------------------------------------
 
 def create_model(config: ml_collections.ConfigDict, num_classes: int) -> models.ResNet:
-    """The model of ``config.model`` with ``num_classes`` outputs."""
+    """The model of ``config.model`` with ``num_classes`` outputs (the paper's network,
+    the same program on every backend; see ``resnet_jax.execution`` for how it is run)."""
     overrides = {k: v for k, v in config.model.items() if k != 'name' and v is not None}
     return models.create_model(config.model.name, num_classes=num_classes, **overrides)
 
 
 def create_train_state(model: models.ResNet, tx: optax.GradientTransformation,
                        rng: jax.Array, image_shape: tuple[int, ...]) -> TrainState:
-    """A fresh state (packed, see ``TrainState``) of ``model.init``'s variables."""
+    """A fresh state of ``model.init``'s variables, in the model's own tree."""
     variables = model.init(rng, jnp.zeros((1, *image_shape), jnp.float32), train=False)
-    params = model.pack(variables['params'])
+    params = variables['params']
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      batch_stats=model.pack(variables['batch_stats']),
+                      batch_stats=variables.get('batch_stats', {}),
                       opt_state=tx.init(params), plateau_metric=jnp.ones((), jnp.float32))
 
 
-def _map_layer_dicts(fn, tree, marker: str):
-    """``fn`` applied to every mapping in ``tree`` that holds the key ``marker``."""
-    def found(x):
-        return isinstance(x, Mapping) and marker in x
-    return jax.tree_util.tree_map(lambda x: fn(x) if found(x) else x, tree, is_leaf=found)
-
-
-def pack_state(model: models.ResNet, state: TrainState) -> TrainState:
-    """A state in the model's own tree (e.g. restored from a checkpoint), packed."""
-    groups = model.scan_groups()
-    return _map_layer_dicts(model.pack, state, groups[0][0]) if groups else state
-
-
-def unpack_state(model: models.ResNet, state: TrainState) -> TrainState:
-    """The state in the model's own tree: params, BatchNorm statistics and momentum
-    keyed by block (``params/conv2_2/...``), as checkpoints store it."""
-    groups = model.scan_groups()
-    return (_map_layer_dicts(model.unpack, state, models.packed_name(groups[0])) if groups
-            else state)
-
-
 def init_train_state(model: models.ResNet, tx: optax.GradientTransformation, rng: jax.Array,
-                     image_shape: tuple[int, ...], mesh: Mesh) -> TrainState:
-    """``create_train_state``, replicated over ``mesh`` (all processes compute the same).
+                     image_shape: tuple[int, ...], mesh: Mesh,
+                     plan: execution.ExecutionPlan = execution.XLA) -> TrainState:
+    """``create_train_state``, laid out by ``plan`` and replicated over ``mesh`` (all
+    processes compute the same).
 
     The state is built op by op, not as one jitted program: XLA:CPU takes minutes to
     compile the unrolled init of a very deep net (over 3 for ResNet-1202), op by op it
     takes seconds, and the values are the same.
     """
-    state = create_train_state(model, tx, rng, image_shape)
+    state = plan.pack_state(model, create_train_state(model, tx, rng, image_shape))
     return jax.tree_util.tree_map(lambda x: parallel.replicate(mesh, np.asarray(x)), state)
 
 
@@ -120,11 +103,13 @@ def train_step(model: models.ResNet, tx: optax.GradientTransformationExtraArgs,
                batch: dict[str, jax.Array]) -> tuple[TrainState, TrainMetrics]:
     """One SGD step on a global batch."""
 
+    mutable = ['batch_stats'] if state.batch_stats else []  # none with e.g. GroupNorm
+
     def loss_fn(params):
         logits, updates = model.apply({'params': params, 'batch_stats': state.batch_stats},
-                                      batch['image'], train=True, mutable=['batch_stats'])
+                                      batch['image'], train=True, mutable=mutable)
         per_example = classification_metrics(logits, batch['label'], label_smoothing)
-        return per_example['loss'].mean(), (per_example, updates['batch_stats'])
+        return per_example['loss'].mean(), (per_example, updates.get('batch_stats', {}))
 
     grads, (per_example, batch_stats) = jax.grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params,
@@ -148,35 +133,17 @@ def eval_step(model: models.ResNet, state: TrainState,
 
 # --- compiled steps -------------------------------------------------------------------------
 
-def train_step_compiler_options(config: ml_collections.ConfigDict,
-                                model: models.ResNet) -> dict | None:
-    """XLA options for the train step, chosen by backend and model.
-
-    On XLA:CPU the elementwise-fusion pass duplicates an unrolled net's un-materialised
-    residual stream (each block's BN + addition + ReLU) into the backward pass's
-    consumers, so the gradient of an unrolled residual net costs O(depth^2) (per layer,
-    ResNet-110's step was 3x ResNet-20's; plain nets stayed linear). The default CPU
-    model scans its blocks (``ResNet.scan_blocks``), which fusion cannot cross; for an
-    unrolled model on CPU the train step is compiled without that pass instead.
-    ``config.cpu_train_step_fusion=True`` keeps XLA's default. On CPU, also
-    ``parallel.cpu_compiler_options()``. Other backends: untouched.
-    """
-    options = dict(parallel.cpu_compiler_options())
-    if (jax.default_backend() == 'cpu' and not model.uses_scan()
-            and not config.get('cpu_train_step_fusion', False)):
-        options['xla_disable_hlo_passes'] = 'fusion'
-    return options or None
-
-
-def compile_steps(model, tx, learning_rate_fn, config, mesh: Mesh):
-    """The jitted train and eval steps, with the state replicated and the batch split."""
+def compile_steps(model, tx, learning_rate_fn, config, mesh: Mesh,
+                  plan: execution.ExecutionPlan = execution.XLA):
+    """The jitted train and eval steps of ``model`` run by ``plan`` (on a state laid out
+    by ``plan.pack_state``), with the state replicated and the batch split."""
     replicated, split = NamedSharding(mesh, P()), NamedSharding(mesh, P('data'))
+    model, options = plan.apply_to(model), dict(plan.compiler_options) or None
     train = jax.jit(functools.partial(train_step, model, tx, learning_rate_fn,
                                       config.label_smoothing),
                     in_shardings=(replicated, split), out_shardings=(replicated, replicated),
-                    donate_argnums=0,
-                    compiler_options=train_step_compiler_options(config, model))
+                    donate_argnums=0, compiler_options=options)
     evaluate = jax.jit(functools.partial(eval_step, model),
                        in_shardings=(replicated, split), out_shardings=replicated,
-                       compiler_options=parallel.cpu_compiler_options() or None)
+                       compiler_options=options)
     return train, evaluate

@@ -36,7 +36,6 @@ def _block_spec(model: models.ResNet, stage: int, num_blocks: int) -> str:
 def summarize(model: models.ResNet, image_size: int | tuple[int, int] = 224) -> list[dict[str, Any]]:
     """Rows ``{layer, output, blocks, params, macs}`` for the stem, each stage and the fc."""
     h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
-    model = model.clone(scan_blocks=False)  # every block's output, by name
     x = jnp.zeros((1, h, w, 3))
     variables = jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False))
     _, state = jax.eval_shape(lambda v: model.apply(

@@ -23,8 +23,8 @@ from clu import metric_writers, periodic_actions
 from etils import epath
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from resnet_jax import (augment, checkpointing, faults, input_pipeline, optim, parallel,
-                        plot, steps)
+from resnet_jax import (augment, checkpointing, execution, faults, input_pipeline, optim,
+                        parallel, plot, steps)
 from resnet_jax.config import ConfigError
 from resnet_jax.steps import TrainMetrics, TrainState
 
@@ -84,6 +84,9 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
     if config.init_from and not os.path.isdir(os.path.join(config.init_from, 'checkpoints')):
         raise ConfigError(f'init_from {config.init_from} holds no checkpoints (a training '
                           'workdir or the output of python -m resnet_jax.convert)')
+    if config.execution not in execution.PLANS:
+        raise ConfigError(f'unknown execution {config.execution!r}; allowed: '
+                          f'{", ".join(execution.PLANS)}')
     if config.dataset.preprocessing not in augment.PREPROCESSING:
         raise ConfigError(f'unknown dataset.preprocessing {config.dataset.preprocessing!r}; '
                           f'allowed: {", ".join(augment.PREPROCESSING)}')
@@ -121,25 +124,26 @@ def _train(config, workdir: epath.Path, mesh: Mesh, ckpt: checkpointing.Checkpoi
     # Data.
     pipeline = input_pipeline.Pipeline(config.dataset, config.seed)
 
-    # Model, optimiser, state.
+    # Model, optimiser, state; the execution plan of the mesh's platform runs them.
     model = steps.create_model(config, pipeline.num_classes)
+    plan = execution.plan_for_mesh(mesh, config.execution)
     learning_rate_fn = optim.create_learning_rate_fn(config)
     tx = optim.create_optimizer(config, learning_rate_fn)
     replicated = NamedSharding(mesh, P())
     state = steps.init_train_state(model, tx, jax.random.key(config.seed),
-                                   pipeline.image_shape(), mesh)
+                                   pipeline.image_shape(), mesh, plan)
     empty_metrics = jax.device_put(TrainMetrics.empty(), replicated)
 
     # Checkpoints: the latest readable one, with the metrics of its unfinished log window.
-    # They hold the model's own tree; the state runs packed (see steps.TrainState).
+    # They hold the model's own tree; the state runs in the plan's layout.
     def packed(canonical_state):
-        return jax.device_put(steps.pack_state(model, canonical_state), replicated)
+        return jax.device_put(plan.pack_state(model, canonical_state), replicated)
 
     def save(step, state, train_metrics):
-        ckpt.save(step, steps.unpack_state(model, state), train_metrics, history)
+        ckpt.save(step, plan.unpack_state(model, state), train_metrics, history)
 
     train_metrics, history = empty_metrics, {'train': [], 'eval': []}
-    restored = ckpt.restore_latest(steps.unpack_state(model, state), empty_metrics)
+    restored = ckpt.restore_latest(plan.unpack_state(model, state), empty_metrics)
     if restored is not None:
         canonical, train_metrics, history = restored
         state = packed(canonical)
@@ -147,7 +151,7 @@ def _train(config, workdir: epath.Path, mesh: Mesh, ckpt: checkpointing.Checkpoi
             print(f'resumed from step {int(state.step)}', flush=True)
     elif config.init_from:
         pretrained, from_step = checkpointing.load_variables(config.init_from)
-        canonical = steps.unpack_state(model, state)
+        canonical = plan.unpack_state(model, state)
         variables, fresh = checkpointing.merge_pretrained(
             {'params': canonical.params, 'batch_stats': canonical.batch_stats}, pretrained)
         state = packed(canonical.replace(params=variables['params'],
@@ -156,7 +160,7 @@ def _train(config, workdir: epath.Path, mesh: Mesh, ckpt: checkpointing.Checkpoi
             print(f'initialised from {config.init_from} (step {from_step}); kept fresh: '
                   f'{", ".join(fresh) or "nothing"}', flush=True)
 
-    train_fn, eval_fn = steps.compile_steps(model, tx, learning_rate_fn, config, mesh)
+    train_fn, eval_fn = steps.compile_steps(model, tx, learning_rate_fn, config, mesh, plan)
     writer = create_writer(workdir)
     hooks = [periodic_actions.ReportProgress(num_train_steps=config.num_train_steps,
                                              writer=writer, every_secs=30)]

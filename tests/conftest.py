@@ -13,6 +13,12 @@ import sys  # noqa: E402
 
 import pytest  # noqa: E402
 
+try:  # torch before TensorFlow: the other order crashes the process when torch loads
+    import torch  # noqa: E402, F401
+    import torchvision  # noqa: E402, F401
+except ImportError:  # the interop extra is not installed: those tests skip
+    pass
+
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
 

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import resnet_jax
 from resnet_jax import checkpointing, convert, evaluate, models
 from conftest import REPO
 
@@ -98,7 +99,7 @@ def test_keras_cli_writes_a_checkpoint_that_evaluate_and_init_from_accept(
                           cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads((out / 'converted.json').read_text())['preprocessing'] == 'caffe'
-    config, model, variables, step = evaluate.load_run(out)
+    model, variables, config, step = resnet_jax.load(out)
     assert config.dataset.preprocessing == 'caffe' and step == 0
     assert model.stride_in_1x1 and model.bn_epsilon == 1.001e-5
     x = np.random.default_rng(3).normal(0, 50, (1, 224, 224, 3)).astype(np.float32)
@@ -144,12 +145,15 @@ def test_mismatched_state_dicts_name_the_first_mismatch():
         convert.from_torchvision(state_dict, 'cifar_resnet20')
 
 
-@pytest.mark.parametrize('name', DEPTHS)
-def test_torchvision_layout_names_shapes_and_logits(name, tmp_path):
-    torch = pytest.importorskip('torch')
-    from resnet_jax import torch_reference
+@pytest.fixture(scope='module')
+def torchvision():
+    pytest.importorskip('torch')
+    return pytest.importorskip('torchvision')
+
+
+def _randomise_batchnorm(net):
+    import torch
     torch.manual_seed(0)
-    net = torch_reference.imagenet_resnet(name).eval()
     with torch.no_grad():
         for module in net.modules():
             if isinstance(module, torch.nn.BatchNorm2d):
@@ -157,6 +161,16 @@ def test_torchvision_layout_names_shapes_and_logits(name, tmp_path):
                 module.running_var.uniform_(0.5, 1.5)
                 module.weight.uniform_(0.5, 1.5)
                 module.bias.normal_(0, 0.1)
+    return net
+
+
+@pytest.mark.parametrize('name', DEPTHS)
+def test_torchvision_resnets_convert_to_the_same_logits(name, torchvision, tmp_path):
+    """torchvision's own resnet18..152 (random weights, randomised BatchNorm statistics),
+    saved as a .pth, converted, compute the same logits; ours convert back to its exact
+    state-dict names, order and shapes."""
+    import torch
+    net = _randomise_batchnorm(getattr(torchvision.models, name)(weights=None)).eval()
     state_dict = net.state_dict()
     assert sum(v.numel() for v in net.parameters()) == TORCHVISION_PARAMS[name]
     ours = convert.to_torchvision(random_variables(name, stride_in_1x1=False)[1], name)
@@ -167,19 +181,32 @@ def test_torchvision_layout_names_shapes_and_logits(name, tmp_path):
     x = np.random.default_rng(0).normal(0, 1, (1, 3, 128, 160)).astype(np.float32)
     with torch.no_grad():
         ref = net(torch.from_numpy(x)).numpy()
-    logits = model.apply(variables, x.transpose(0, 2, 3, 1), train=False)
+    logits = jax.jit(model.apply)(variables, x.transpose(0, 2, 3, 1))
     _close(logits, ref)
 
 
-@pytest.mark.parametrize('depth', [20, 56])
-def test_torch_reference_cifar_nets_match_ours(depth):
-    """The PyTorch side of the benchmarks is the same network: same parameter count."""
-    pytest.importorskip('torch')
-    from resnet_jax import torch_reference
-    for residual in (True, False):
-        net = torch_reference.cifar_resnet(depth, residual)
-        kind = 'resnet' if residual else 'plain'
-        ours = jax.eval_shape(lambda: models.create_model(f'cifar_{kind}{depth}').init(
-            jax.random.key(0), jnp.zeros((1, 32, 32, 3))))
-        assert sum(p.numel() for p in net.parameters()) == sum(
-            x.size for x in jax.tree_util.tree_leaves(ours['params']))
+@pytest.mark.parametrize('name, overrides', [
+    ('cifar_resnet20', {}), ('cifar_plain20', {}), ('resnet18', dict(shortcut='C', width=8)),
+    ('resnet34', dict(shortcut='A', width=8)), ('resnet50', dict(width=8))])
+def test_benchmark_torch_nets_are_the_same_networks(name, overrides):
+    """The PyTorch side of benchmark_vs_pytorch.py (torch_nets, built from the model's
+    fields) computes the same function: same parameter count, same logits."""
+    torch = pytest.importorskip('torch')
+    sys.path.insert(0, str(REPO / 'experiments'))
+    try:
+        import torch_nets
+    finally:
+        sys.path.pop(0)
+    model = models.create_model(name, **overrides)
+    size = 32 if model.stem == 'cifar' else 64
+    x = np.random.default_rng(0).normal(0, 1, (2, size, size, 3)).astype(np.float32)
+    variables = jax.tree_util.tree_map(
+        lambda v: np.random.default_rng(1).uniform(0.5, 1.5, v.shape).astype(np.float32)
+        if v.ndim == 1 else np.asarray(v), model.init(jax.random.key(0), x))
+    net = torch_nets.torch_net(model).eval()
+    assert sum(p.numel() for p in net.parameters()) == sum(
+        v.size for v in jax.tree_util.tree_leaves(variables['params']))
+    torch_nets.load_flax_variables(net, variables)
+    with torch.no_grad():
+        ref = net(torch.from_numpy(x.transpose(0, 3, 1, 2))).numpy()
+    _close(jax.jit(model.apply)(variables, x), ref)

@@ -1,6 +1,7 @@
 """The networks of Table 1 and sec. 4.2: counts, shapes, blocks, shortcuts and BatchNorm."""
 
 import functools
+import re
 
 import flax.linen as nn
 import jax
@@ -111,7 +112,7 @@ def test_fully_convolutional_forward_on_small_non_square_inputs():
 
 
 def test_stage_output_sizes_follow_table1():
-    model = models.create_model('resnet34', scan_blocks=False)  # every block's output
+    model = models.create_model('resnet34')
     variables = abstract_variables('resnet34')
     _, state = jax.eval_shape(lambda v: model.apply(
         v, jnp.zeros((1, 224, 224, 3)), capture_intermediates=True,
@@ -124,7 +125,7 @@ def test_stage_output_sizes_follow_table1():
 
 
 def test_cifar_stage_sizes_follow_section_4_2():
-    model = models.create_model('cifar_resnet20', scan_blocks=False)
+    model = models.create_model('cifar_resnet20')
     _, state = jax.eval_shape(lambda v: model.apply(
         v, jnp.zeros((1, 32, 32, 3)), capture_intermediates=True,
         mutable=['intermediates']), abstract_variables('cifar_resnet20', 32))
@@ -176,6 +177,7 @@ def test_plain_net_is_the_same_stack_without_shortcuts():
 def test_zero_residual_branch_gives_relu_of_input():
     """Eq. (1): with F = 0 (last BN scale 0), a stride-1 block computes relu(x)."""
     block = models.BasicBlock(filters=4, strides=1, shortcut='A', zero_init_residual=True,
+                              conv=layers.conv,
                               norm=functools.partial(layers.BatchNorm, use_running_average=True))
     x = jax.random.normal(jax.random.key(0), (2, 8, 8, 4))
     variables = block.init(jax.random.key(1), x)
@@ -186,7 +188,7 @@ def test_zero_residual_branch_gives_relu_of_input():
 
 @pytest.mark.parametrize('stride_in_1x1, halved', [(True, 'conv1'), (False, 'conv2')])
 def test_bottleneck_stride_placement(stride_in_1x1, halved):
-    model = models.create_model('resnet50', stride_in_1x1=stride_in_1x1, scan_blocks=False)
+    model = models.create_model('resnet50', stride_in_1x1=stride_in_1x1)
     _, state = jax.eval_shape(lambda v: model.apply(
         v, jnp.zeros((1, 224, 224, 3)), capture_intermediates=True,
         mutable=['intermediates']), abstract_variables('resnet50'))
@@ -279,6 +281,7 @@ def test_registry_names():
     ('cifar_resnet2', {}, '6n\\+2'),
     ('resnet50', {'shortcut': 'D'}, 'allowed: A, B, C'),
     ('resnet50', {'widht': 3}, 'unknown model option'),
+    ('resnet50', {'scan_blocks': True}, 'unknown model option'),
 ])
 def test_bad_names_and_options_raise_value_error(name, overrides, message):
     with pytest.raises(ValueError, match=message):
@@ -287,3 +290,120 @@ def test_bad_names_and_options_raise_value_error(name, overrides, message):
 
 def test_models_are_linen_modules():
     assert isinstance(models.create_model('resnet18'), nn.Module)
+
+
+# --- the model API research code relies on (default options, any backend) -----------------
+
+AD_CASES = [('cifar_resnet20', {}, 16), ('resnet50', dict(width=4, num_classes=7), 32)]
+
+
+@pytest.mark.parametrize('name, overrides, size', AD_CASES)
+def test_forward_mode_ad_and_hessian_vector_products(name, overrides, size):
+    """jax.jvp and a Hessian-vector product (forward over reverse) through the model as
+    created, on whatever backend JAX runs."""
+    model = models.create_model(name, **overrides)
+    x = jax.random.normal(jax.random.key(0), (2, size, size, 3))
+    variables = jax.jit(model.init)(jax.random.key(1), x)
+    y, dy = jax.jit(lambda x, t: jax.jvp(lambda x: model.apply(variables, x), (x,), (t,)))(
+        x, jnp.ones_like(x))
+    assert dy.shape == y.shape and bool(jnp.isfinite(dy).all()) and float(jnp.abs(dy).max()) > 0
+
+    def loss(params):
+        return jnp.sum(model.apply({**variables, 'params': params}, x) ** 2)
+
+    params = variables['params']
+    tangent = jax.tree_util.tree_map(jnp.ones_like, params)
+    hvp = jax.jit(lambda p, t: jax.jvp(jax.grad(loss), (p,), (t,))[1])(params, tangent)
+    assert jax.tree_util.tree_structure(hvp) == jax.tree_util.tree_structure(params)
+    assert all(bool(jnp.isfinite(h).all()) for h in jax.tree_util.tree_leaves(hvp))
+
+
+def test_jacfwd_and_hessian_of_a_cifar_net():
+    model = models.create_model('cifar_resnet8')
+    x = jax.random.normal(jax.random.key(0), (1, 4, 4, 3))
+    variables = model.init(jax.random.key(1), x)
+    jac = jax.jacfwd(lambda x: model.apply(variables, x))(x)
+    assert jac.shape == (1, 10, 1, 4, 4, 3)
+    hess = jax.hessian(lambda x: model.apply(variables, x)[0, 0])(x)
+    assert hess.shape == (1, 4, 4, 3, 1, 4, 4, 3) and bool(jnp.isfinite(hess).all())
+
+
+@pytest.mark.parametrize('name, overrides, size, blocks', [
+    ('cifar_resnet20', {}, 16, 9), ('resnet50', dict(width=4, num_classes=7), 32, 16)])
+def test_capture_intermediates_sees_every_block(name, overrides, size, blocks):
+    model = models.create_model(name, **overrides)
+    x = jnp.ones((1, size, size, 3))
+    variables = abstract_variables(name, size, **overrides)
+    _, state = jax.eval_shape(lambda v: model.apply(
+        v, x, capture_intermediates=True, mutable=['intermediates']), variables)
+    names = [k for k in state['intermediates'] if re.fullmatch(r'conv\d_\d+', k)]
+    expected = [n for i, k in enumerate(model.stage_sizes) for n in models.block_names(i, k)]
+    assert len(expected) == blocks and sorted(names) == sorted(expected)
+
+
+def test_tabulate_lists_every_block():
+    model = models.create_model('cifar_resnet20')
+    table = nn.tabulate(model, jax.random.key(0), compute_flops=False)(jnp.ones((1, 8, 8, 3)))
+    for name in models.block_names(2, 3):
+        assert name in table
+    assert '269,722' in table
+
+
+def test_the_model_can_be_named_as_a_submodule():
+    class Classifier(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            features = models.create_model('cifar_resnet8', num_classes=0, name='backbone')(x)
+            return nn.Dense(3, name='head')(features)
+
+    variables = Classifier().init(jax.random.key(0), jnp.ones((2, 8, 8, 3)))
+    assert set(variables['params']) == {'backbone', 'head'}
+    assert variables['params']['head']['kernel'].shape == (64, 3)
+
+
+@pytest.mark.parametrize('name, size, features', [
+    ('cifar_resnet20', 16, 64), ('resnet50', 32, 2048), ('resnet18', 32, 512)])
+def test_num_classes_zero_gives_the_pooled_features(name, size, features):
+    full = models.create_model(name)
+    headless = models.create_model(name, num_classes=0)
+    x = jax.random.normal(jax.random.key(0), (2, size, size, 3))
+    variables = jax.eval_shape(lambda: full.init(jax.random.key(1), x))
+    out = jax.eval_shape(lambda v: headless.apply(v, x), {
+        **variables, 'params': {k: v for k, v in variables['params'].items() if k != 'fc'}})
+    assert out.shape == (2, features) and out.dtype == jnp.float32
+    # The features are what the fc layer sees: fc(features) == the full model's logits.
+    if name == 'cifar_resnet20':
+        concrete = full.init(jax.random.key(1), x)
+        pooled = headless.apply({**concrete, 'params': {
+            k: v for k, v in concrete['params'].items() if k != 'fc'}}, x)
+        fc = concrete['params']['fc']
+        np.testing.assert_allclose(pooled @ fc['kernel'] + fc['bias'],
+                                   full.apply(concrete, x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('name, shape, message', [
+    ('resnet50', (1, 16, 16, 3), 'at least 32x32 pixels; got 16x16'),
+    ('resnet50', (1, 31, 64, 3), 'at least 32x32 pixels; got 31x64'),
+    ('cifar_resnet20', (1, 2, 2, 3), 'at least 4x4 pixels'),
+    ('cifar_resnet20', (2, 3, 32, 32), 'NCHW\\? use x.transpose\\(0, 2, 3, 1\\)'),
+    ('cifar_resnet20', (32, 32, 3), 'NHWC images'),
+])
+def test_inputs_the_net_cannot_take_raise_value_error(name, shape, message):
+    model = models.create_model(name)
+    with pytest.raises(ValueError, match=message):
+        jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(shape)))
+
+
+def test_smallest_inputs_run():
+    for name, size in (('resnet18', 32), ('cifar_resnet8', 4)):
+        model = models.create_model(name)
+        assert model.min_input_size() == size
+        x = jnp.zeros((1, size, size, 3))
+        logits = jax.eval_shape(lambda: model.init_with_output(jax.random.key(0), x)[0])
+        assert logits.shape == (1, model.num_classes)
+
+
+@pytest.mark.parametrize('dtype', ['bf16', 'float64', 'int8', 'nonsense'])
+def test_unknown_dtype_strings_raise_value_error(dtype):
+    with pytest.raises(ValueError, match='unknown dtype .*allowed: float32, bfloat16, float16'):
+        models.create_model('cifar_resnet20', dtype=dtype)

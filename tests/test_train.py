@@ -13,7 +13,8 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 
-from resnet_jax import checkpointing, input_pipeline, optim, parallel, steps, train
+from resnet_jax import (checkpointing, execution, input_pipeline, models, optim, parallel,
+                        steps, train)
 from resnet_jax.config import ConfigError, base_config
 from conftest import REPO, run_main
 
@@ -123,8 +124,9 @@ def test_step_on_four_devices_equals_step_on_one(data_dir, bn_group_size):
     results = []
     for devices in (jax.devices()[:1], jax.devices()):
         mesh = parallel.create_mesh(devices)
-        state = steps.create_train_state(model, tx, jax.random.key(0), (32, 32, 3))
-        step, _ = steps.compile_steps(model, tx, lr_fn, config, mesh)
+        plan = execution.plan_for_mesh(mesh)  # what the train loop runs
+        state = steps.init_train_state(model, tx, jax.random.key(0), (32, 32, 3), mesh, plan)
+        step, _ = steps.compile_steps(model, tx, lr_fn, config, mesh, plan)
         for _ in range(2):
             state, metrics = step(state, parallel.shard_batch(mesh, batch))
         assert len(state.params['fc']['kernel'].sharding.device_set) == len(devices)
@@ -140,19 +142,63 @@ def test_train_state_packs_every_parameter_shaped_tree(data_dir):
     config = tiny_config(data_dir, momentum=0.9)
     config.model.name = 'cifar_resnet20'
     model = steps.create_model(config, 10)
+    plan = execution.get_plan('cpu')
     tx = optim.create_optimizer(config, optim.create_learning_rate_fn(config))
-    state = steps.create_train_state(model, tx, jax.random.key(0), (32, 32, 3))
+    canonical = steps.create_train_state(model, tx, jax.random.key(0), (32, 32, 3))
+    state = plan.pack_state(model, canonical)
     blocks = {'conv2_2', 'conv2_3', 'conv3_2', 'conv3_3', 'conv4_2', 'conv4_3'}
-    canonical = steps.unpack_state(model, state)
     # Params, BN statistics and the momentum: packed in the state, block by block unpacked.
     for packed_tree, own_tree in ((state.params, canonical.params),
                                   (state.batch_stats, canonical.batch_stats),
                                   (state.opt_state[1][0].trace, canonical.opt_state[1][0].trace)):
         assert not blocks & set(packed_tree) and 'conv2_2..conv2_3' in packed_tree
         assert blocks <= set(own_tree) and not any('..' in k for k in own_tree)
-    again = steps.pack_state(model, canonical)
-    assert jax.tree_util.tree_structure(again) == jax.tree_util.tree_structure(state)
-    jax.tree_util.tree_map(np.testing.assert_array_equal, again, state)
+    again = plan.unpack_state(model, state)
+    assert jax.tree_util.tree_structure(again) == jax.tree_util.tree_structure(canonical)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, again, canonical)
+
+
+def test_checkpoints_of_the_earlier_layout_restore(tmp_path):
+    """tests/data/legacy_checkpoint was written by resnet_jax at commit 14da4f7 (the
+    model's own tree, unpacked from the CPU-scanned state) after one train step of a
+    width-2 cifar_resnet20: today's code restores it into its state and computes the
+    logits recorded then."""
+    import shutil
+    from etils import epath
+
+    legacy = REPO / 'tests' / 'data' / 'legacy_checkpoint'
+    shutil.copytree(legacy / 'checkpoints', tmp_path / 'checkpoints')
+    config = base_config()
+    config.batch_size, config.model.bn_group_size = 8, 4
+    model = models.create_model('cifar_resnet20', width=2, bn_group_size=4)
+    tx = optim.create_optimizer(config, optim.create_learning_rate_fn(config))
+    mesh = parallel.create_mesh(jax.devices()[:1])
+    for plan in (execution.XLA, execution.get_plan('cpu')):
+        template = steps.init_train_state(model, tx, jax.random.key(1), (16, 16, 3), mesh, plan)
+        ckpt = checkpointing.Checkpointer(epath.Path(tmp_path / 'checkpoints'), config)
+        restored = ckpt.restore_latest(plan.unpack_state(model, template),
+                                       jax.device_put(steps.TrainMetrics.empty()))
+        ckpt.close()
+        assert restored is not None
+        state = plan.pack_state(model, restored[0])
+        assert int(state.step) == 1
+        expected = np.load(legacy / 'expected.npz')
+        logits = plan.apply_to(model).apply(
+            {'params': state.params, 'batch_stats': state.batch_stats}, expected['x'])
+        np.testing.assert_allclose(logits, expected['logits'], rtol=1e-5, atol=1e-6)
+    # The standalone loader reads the same variables.
+    variables, step = checkpointing.load_variables(tmp_path)
+    assert step == 1 and set(variables['params']) == set(restored[0].params)
+
+
+def test_config_json_of_an_earlier_version_loads():
+    from resnet_jax.config import from_dict
+    saved = base_config().to_dict()
+    saved['model'].update(scan_blocks=None, canonical_grads=True, dot_1x1=None)
+    saved['cpu_train_step_fusion'] = False
+    config = from_dict(json.loads(json.dumps(saved)))
+    assert 'scan_blocks' not in config.model and 'cpu_train_step_fusion' not in config
+    assert steps.create_model(config, 10).num_classes == 10
 
 
 def test_batch_that_does_not_divide_across_devices_is_a_config_error(data_dir):
