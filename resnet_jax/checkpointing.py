@@ -126,19 +126,25 @@ class Checkpointer:
 
 
 def load_variables(workdir, step: int | None = None) -> tuple[dict, int]:
-    """``({'params', 'batch_stats'}, step)`` of a run's latest (or given) checkpoint; the
-    workdir of a training run or of ``python -m resnet_jax.convert``."""
+    """``({'params', 'batch_stats'}, step)`` of a run's latest (or given) checkpoint, as
+    numpy arrays; the workdir of a training run or of ``python -m resnet_jax.convert``."""
     directory = epath.Path(workdir).absolute() / 'checkpoints'
     if not directory.exists():
         raise ConfigError(f'no checkpoints in {workdir}')
     manager = ocp.CheckpointManager(directory, item_names=('state',),
+                                    item_handlers={'state': ocp.PyTreeCheckpointHandler()},
                                     options=ocp.CheckpointManagerOptions(create=False))
     try:
         step = manager.latest_step() if step is None else step
         if step is None:
             raise ConfigError(f'no checkpoint in {directory}')
+        # As host (numpy) arrays: valid in every process of a multi-process run, whatever
+        # devices the checkpoint was written from.
+        tree = manager.item_metadata(step)['state']
+        as_numpy = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
+                                          getattr(tree, 'tree', tree))
         state = manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore()))['state']
+            state=ocp.args.PyTreeRestore(restore_args=as_numpy)))['state']
     finally:
         manager.close()
     return {'params': state['params'], 'batch_stats': state['batch_stats']}, step

@@ -1,7 +1,8 @@
 """What long runs meet: preemption signals, diverging losses, shared workdirs.
 
 * ``StopRequest``: SIGTERM / SIGINT ask the loop to finish its step, checkpoint and exit;
-  on several hosts the request is agreed on so that all stop at the same step.
+  on several hosts JAX's preemption service agrees on the step in the background, so
+  that all stop at the same step without a per-step exchange.
 * ``NonFiniteGuard``: finds the first step whose loss is not finite, one step behind the
   device (no pipeline stall), and always before a checkpoint is written.
 * ``WorkdirLock``: one run per workdir, so two runs never interleave checkpoints.
@@ -15,6 +16,7 @@ import fcntl
 import os
 import pathlib
 import signal
+import tempfile
 import threading
 
 import jax
@@ -35,15 +37,24 @@ class NonFiniteLossError(RuntimeError):
 
 
 def check_workdir(workdir: pathlib.Path) -> None:
-    """Raises ConfigError unless ``workdir`` exists writable or can be created."""
+    """Creates ``workdir`` if needed and checks that files can be written in it; raises
+    ConfigError (one line) if not, whatever the reason (a file in the way, permissions,
+    a read-only or virtual file system)."""
     path = pathlib.Path(workdir).absolute()
     existing = path
     while not existing.exists():
         existing = existing.parent
     if not existing.is_dir():
         raise ConfigError(f'workdir {workdir} cannot be created: {existing} is not a directory')
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(f'workdir {workdir} is not writable ({existing})')
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f'workdir {workdir} cannot be created: {e.strerror or e}') from None
+    try:
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        raise ConfigError(f'workdir {workdir} is not writable: {e.strerror or e}') from None
 
 
 class WorkdirLock(contextlib.AbstractContextManager):
@@ -85,10 +96,16 @@ class WorkdirLock(contextlib.AbstractContextManager):
 
 
 class StopRequest(contextlib.AbstractContextManager):
-    """Catches SIGTERM and SIGINT while the loop runs (the previous handlers come back after).
+    """SIGTERM / SIGINT ask the loop to stop at a step that every process reaches, while the
+    loop runs (the previous handlers come back after).
 
-    ``requested()`` is True once a signal arrived on any process; with several processes
-    it is a collective, so every process must call it at the same steps.
+    One process: a signal handler sets a flag. Several processes: JAX's preemption service
+    (``multihost_utils.reached_preemption_sync_point``, what orbax uses) takes SIGTERM in
+    any process, agrees in the background on the next step every process has yet to reach,
+    and ``requested`` is true at that step on all of them: no step waits on another host.
+    SIGINT is handed to it as a SIGTERM. Where the service is off, the processes agree with
+    one all-gather at the steps ``requested`` is told are boundaries (log and checkpoint
+    steps).
     """
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -96,14 +113,22 @@ class StopRequest(contextlib.AbstractContextManager):
     def __init__(self):
         self.signal_name: str | None = None
         self._previous = {}
+        self._service = None
 
     def _handle(self, signum, frame):
         del frame
         self.signal_name = signal.Signals(signum).name
+        if self._service is not None and signum != signal.SIGTERM:
+            signal.raise_signal(signal.SIGTERM)  # to the preemption service's handler
 
     def __enter__(self):
+        if jax.process_count() > 1:
+            from jax._src import distributed
+            self._service = distributed.global_state.preemption_sync_manager
+        # With the service, SIGTERM stays with its (C++) handler.
+        signals = (signal.SIGINT,) if self._service is not None else self.SIGNALS
         if threading.current_thread() is threading.main_thread():
-            for sig in self.SIGNALS:
+            for sig in signals:
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
@@ -112,11 +137,18 @@ class StopRequest(contextlib.AbstractContextManager):
             signal.signal(sig, handler)
         return False
 
-    def requested(self) -> bool:
+    def requested(self, step: int, boundary: bool = True) -> bool:
+        """Whether to stop after ``step``: the same answer on every process. Every process
+        calls it after every step; ``boundary`` marks the steps at which processes without
+        the preemption service may exchange their flags."""
         local = self.signal_name is not None
         if jax.process_count() == 1:
             return local
         from jax.experimental import multihost_utils
+        if self._service is not None:
+            return multihost_utils.reached_preemption_sync_point(step)
+        if not boundary:
+            return False
         return bool(np.max(multihost_utils.process_allgather(np.int32(local))))
 
 

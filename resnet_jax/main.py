@@ -79,31 +79,11 @@ def _parse_flags(argv: list[str]) -> list[str]:
         _fail(_one_line(e))
 
 
-def _cluster_launch() -> str | None:
-    """The kind of multi-process launch this process is part of, if any."""
-    if os.environ.get('JAX_COORDINATOR_ADDRESS'):
-        return 'JAX_COORDINATOR_ADDRESS'
-    if int(os.environ.get('SLURM_NTASKS', '1') or 1) > 1:
-        return 'SLURM'
-    if int(os.environ.get('OMPI_COMM_WORLD_SIZE', '1') or 1) > 1:
-        return 'Open MPI'
-    if ',' in os.environ.get('TPU_WORKER_HOSTNAMES', ''):
-        return 'TPU pod'
-    return None
-
-
 def _initialize_distributed() -> None:
     """Joins the processes of a multi-process run (explicit flags or a detected cluster)."""
-    import jax
-
-    if _FLAGS['coordinator'].value is None and _cluster_launch() is None:
-        return
-    # CPU processes exchange gradients over gloo (this setting only concerns the CPU backend).
-    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
-    jax.distributed.initialize(
-        coordinator_address=_FLAGS['coordinator'].value,
-        num_processes=_FLAGS['num_processes'].value, process_id=_FLAGS['process_id'].value,
-        heartbeat_timeout_seconds=_FLAGS['heartbeat'].value)
+    from resnet_jax import parallel
+    parallel.initialize_distributed(_FLAGS['coordinator'].value, _FLAGS['num_processes'].value,
+                                    _FLAGS['process_id'].value, _FLAGS['heartbeat'].value)
 
 
 def main(argv: list[str]) -> None:
@@ -137,10 +117,10 @@ def main(argv: list[str]) -> None:
     except faults.NonFiniteLossError as e:
         print(f'error: {e}', file=sys.stderr)
         sys.exit(1)
-    if 'stopped_by' in results:
-        if jax.process_index() == 0:
-            print(f"stopped by {results['stopped_by']} at step {results['step']}; checkpoint "
-                  'saved. Relaunch the same command to resume.', flush=True)
+    if 'stopped_by' in results:  # every process says where it stopped
+        who = f'[process {jax.process_index()}] ' if jax.process_index() else ''
+        print(f"{who}stopped by {results['stopped_by']} at step {results['step']}; checkpoint "
+              'saved. Relaunch the same command to resume.', flush=True)
         return
     if jax.process_index() == 0:
         print(f"step {results['step']}: test top-1 error {100 * results['eval_top1_error']:.2f}%,"

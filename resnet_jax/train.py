@@ -201,12 +201,14 @@ def _train(config, workdir: epath.Path, mesh: Mesh, ckpt: checkpointing.Checkpoi
             history['eval'].append(eval_result)
             state = state.replace(plateau_metric=parallel.replicated_scalar(
                 mesh, eval_result['eval_top1_error']))
-        stop_now = stop.requested()
-        if step % config.checkpoint_every_steps == 0 or last or stop_now:
+        checkpoint_now = step % config.checkpoint_every_steps == 0 or last
+        stop_now = stop.requested(step, boundary=checkpoint_now or
+                                  step % config.log_every_steps == 0)
+        if checkpoint_now or stop_now:
             guard.check_all()  # never checkpoint a diverged state
             save(step, state, train_metrics)
         if stop_now:
-            stopped_by = stop.signal_name or 'a signal to another process'
+            stopped_by = stop.signal_name or 'a preemption notice (SIGTERM to a process)'
             break
     guard.check_all()
     save(step, state, train_metrics)  # no-op when this step is saved already

@@ -198,3 +198,138 @@ def test_a_dead_process_takes_the_other_down_with_a_message(data_dir, tmp_path):
         for proc in procs:
             if proc.poll() is None:
                 proc.kill()
+
+
+def _two_processes(command, devices=2):
+    """Two processes of ``python <command>`` (``{i}`` in an argument: the process index)
+    joined on 127.0.0.1, with ``devices`` CPU devices each."""
+    port = _free_port()
+    return [subprocess.Popen(
+        [sys.executable, *(arg.replace('{i}', str(i)) for arg in command),
+         f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2', f'--process_id={i}',
+         '--heartbeat_timeout_seconds=20'], cwd=REPO, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True,
+        env=dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}'))
+        for i in range(2)]
+
+
+def _finish_all(procs, timeout=300):
+    try:
+        return [finish(proc, timeout) for proc in procs]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+
+
+def test_steady_state_steps_make_no_cross_host_call(data_dir, tmp_path):
+    """Between log steps nothing crosses hosts outside the compiled step: runs of 4 and of
+    12 steps (logging, evaluating and checkpointing at the last step only) make exactly
+    the same cross-host calls on each process; only the preemption check runs each step,
+    and it is local (JAX's preemption service agrees on a stop step in the background)."""
+    counts = {}
+    for steps in (4, 12):
+        args = [f'--workdir={tmp_path / str(steps)}', f'--config.dataset.data_dir={data_dir}',
+                *TINY, f'--config.num_train_steps={steps}', '--config.lr_boundaries=(100,)',
+                *(f'--config.{k}_every_steps={steps}' for k in ('log', 'eval', 'checkpoint'))]
+        command = [str(REPO / 'tests' / 'host_calls.py'),
+                   str(tmp_path / f'calls{steps}_{{i}}.json'), *args]
+        for code, out, err in _finish_all(_two_processes(command)):
+            assert code == 0, err[-3000:]
+        counts[steps] = [json.loads((tmp_path / f'calls{steps}_{i}.json').read_text())
+                         for i in range(2)]
+    for short, long in zip(counts[4], counts[12]):
+        # One preemption check per step (orbax's checkpoint saves check it too).
+        checks = long.pop('reached_preemption_sync_point') - short.pop(
+            'reached_preemption_sync_point')
+        assert checks == 12 - 4
+        assert short == long and sum(short.values()) > 0, (short, long)  # set-up, final save
+
+
+def test_sigterm_to_one_process_stops_both_at_the_same_step(data_dir, tmp_path):
+    args = tiny_args(tmp_path, data_dir, 100_000)
+    procs = _two_processes(['-m', 'resnet_jax.main', *args])
+    try:
+        wait_for_checkpoint(tmp_path, procs[0], timeout=240)
+        procs[1].send_signal(signal.SIGTERM)
+        results = _finish_all(procs, timeout=120)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+    stopped = []
+    for code, out, err in results:
+        assert code == 0, err[-3000:]
+        line = [x for x in out.splitlines() if 'stopped by' in x][0]
+        stopped.append(int(line.split(' at step ')[1].split(';')[0]))
+        assert 'checkpoint saved' in line
+    assert stopped[0] == stopped[1] and steps_in(tmp_path)[-1] == stopped[0]
+    assert not (tmp_path / 'results.json').exists()
+
+
+def _evaluate(workdir, protocol, processes):
+    args = ['-m', 'resnet_jax.evaluate', f'--workdir={workdir}', f'--protocol={protocol}',
+            '--batch_size=128']
+    if processes == 1:
+        procs = [subprocess.Popen([sys.executable, *args], cwd=REPO, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True, env=dict(
+                                      os.environ,
+                                      XLA_FLAGS='--xla_force_host_platform_device_count=4'))]
+    else:
+        procs = _two_processes(args)
+    results = _finish_all(procs)
+    for code, out, err in results:
+        assert code == 0, err[-3000:]
+    for _, out, _ in results[1:]:  # process 0 alone reports
+        assert 'top-1 error' not in out and '"protocol"' not in out
+    record = json.loads(results[0][1].strip().splitlines()[-1])
+    assert (record['processes'], record['devices']) == (processes, 4)
+    return record
+
+
+@pytest.mark.parametrize('protocol', ['center', 'ten_crop', 'multiscale'])
+def test_two_processes_evaluate_every_protocol_as_one_process(protocol, uninterrupted):
+    one = _evaluate(uninterrupted, protocol, 1)
+    two = _evaluate(uninterrupted, protocol, 2)
+    assert one['num_images'] == two['num_images'] == 360
+    assert two['top1_error'] == pytest.approx(one['top1_error'], abs=1e-9)
+    assert two['top5_error'] == pytest.approx(one['top5_error'], abs=1e-9)
+    if protocol == 'center':  # what the training loop measured on the same split
+        final = json.loads((uninterrupted / 'results.json').read_text())
+        assert one['top1_error'] == pytest.approx(final['eval_top1_error'], abs=1e-9)
+
+
+def test_processes_agree_on_view_shapes_they_do_not_share(monkeypatch):
+    """Multi-scale views have per-image shapes: every process runs every shape any process
+    has (padded rows where it has none), in one order, with each shape's largest count."""
+    from jax.experimental import multihost_utils
+    from resnet_jax import evaluate
+    mine = {(224, 288, 3): 6, (224, 224, 3): 2}
+    theirs = {(224, 224, 3): 4, (288, 224, 3): 2, (256, 320, 3): 2}
+
+    def allgather(x):  # this process and one other
+        x = np.asarray(x)
+        if x.ndim == 0:
+            return np.stack([x, np.int32(len(theirs))])
+        other = np.zeros_like(x)
+        for i, (shape, count) in enumerate(sorted(theirs.items())):
+            other[i] = (*shape, count)
+        return np.stack([x, other])
+
+    monkeypatch.setattr(jax, 'process_count', lambda: 2)
+    monkeypatch.setattr(multihost_utils, 'process_allgather', allgather)
+    assert evaluate.agree_on_shapes(mine, multiple=4) == [
+        ((224, 224, 3), 4), ((224, 288, 3), 8), ((256, 320, 3), 4), ((288, 224, 3), 4)]
+    calls = []
+
+    def predict(views, rows):
+        calls.append((views.shape, rows))
+        return np.full((len(views), 2), 0.5)
+
+    images = [np.zeros((1, 1, 3))]
+    views_of = lambda image: [np.zeros((2, 224, 288, 3), np.float32)]
+    scores = evaluate.average_scores(predict, views_of, images, 2,
+                                     lambda local: evaluate.agree_on_shapes(local, 4))
+    assert [rows for _, rows in calls] == [4, 4, 4, 4]  # every agreed shape, in order
+    assert calls[1][0] == (2, 224, 288, 3) and calls[0][0] == (0, 224, 224, 3)
+    np.testing.assert_allclose(scores, 0.5)

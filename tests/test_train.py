@@ -321,6 +321,19 @@ def test_unwritable_workdir_is_refused(tmp_path):
     assert blocker.read_text() == 'keep'
 
 
+@pytest.mark.parametrize('workdir, message', [
+    ('/proc/resnet_jax_run', 'cannot be created: No such file or directory'),  # virtual fs
+    ('/sys/kernel/resnet_jax_run', 'cannot be created: Operation not permitted'),
+    ('/sys/kernel', 'is not writable: Permission denied'),  # exists, read-only (even for root)
+])
+def test_workdir_that_cannot_be_created_or_written_is_refused(data_dir, workdir, message):
+    proc = run_main(f'--workdir={workdir}', f'--config.dataset.data_dir={data_dir}')
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert lines == [f'error: workdir {workdir} {message}'], proc.stderr[-2000:]
+    assert 'Traceback' not in proc.stdout
+
+
 @pytest.mark.slow
 def test_default_run_reaches_below_3_percent_and_resumes(data_dir, tmp_path):
     proc = run_main(f'--workdir={tmp_path}', f'--config.dataset.data_dir={data_dir}')

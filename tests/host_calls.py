@@ -1,0 +1,54 @@
+"""``python tests/host_calls.py OUT.json <resnet_jax.main flags>``: runs the launcher and
+writes, per process, how often it called anything that crosses hosts outside a compiled
+step: JAX's multihost helpers and every method of the distributed runtime client (the
+key-value store and barriers that orbax and JAX use).
+"""
+
+import atexit
+import collections
+import functools
+import json
+import sys
+
+from jax.experimental import multihost_utils
+
+from resnet_jax import main, train
+
+COUNTS: collections.Counter = collections.Counter()
+
+
+def counted(name, fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        COUNTS[name] += 1
+        return fn(*args, **kwargs)
+    return wrapper
+
+
+class CountingClient:
+    """The distributed runtime client, every method call counted."""
+
+    def __init__(self, client):
+        self._client = client
+
+    def __getattr__(self, name):
+        value = getattr(self._client, name)
+        return counted(f'client.{name}', value) if callable(value) else value
+
+
+for name in ('process_allgather', 'sync_global_devices', 'broadcast_one_to_all',
+             'reached_preemption_sync_point'):
+    setattr(multihost_utils, name, counted(name, getattr(multihost_utils, name)))
+
+
+def train_counting(*args, **kwargs):
+    from jax._src import distributed  # the backend holds the real client by now
+    if distributed.global_state.client is not None:
+        distributed.global_state.client = CountingClient(distributed.global_state.client)
+    return original(*args, **kwargs)
+
+
+original, train.train_and_evaluate = train.train_and_evaluate, train_counting
+out = sys.argv.pop(1)
+atexit.register(lambda: open(out, 'w').write(json.dumps(COUNTS)))
+main.run()
