@@ -214,9 +214,13 @@ def test_plan_is_chosen_from_the_platform_and_named():
                                                   else 'xla')
     with pytest.raises(ValueError, match='allowed: auto, xla, cpu'):
         execution.get_plan('fast')
-    # The XLA plan leaves the model as it is.
-    model = models.create_model('cifar_resnet20')
-    assert execution.XLA.apply_to(model) is model and execution.XLA.scan_groups(model) == []
+    # The XLA plan leaves the model as it is, but for stages too deep to compile unrolled.
+    for name in ('cifar_resnet20', 'cifar_resnet110', 'resnet152'):
+        model = models.create_model(name)
+        assert execution.XLA.apply_to(model) is model and execution.XLA.scan_groups(model) == []
+    deep = models.create_model('cifar_resnet1202')
+    assert [len(g) for g in execution.XLA.scan_groups(deep)] == [199, 199, 199]
+    assert execution.XLA.apply_to(deep).conv is layers.conv  # XLA's own convolutions
 
 
 def test_forward_mode_ad_through_the_cpu_plan_says_how_to_turn_it_off():
