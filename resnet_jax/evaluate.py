@@ -16,6 +16,8 @@ views of ``multiscale`` subtract its per-channel mean.
 from __future__ import annotations
 
 import collections
+import functools
+import itertools
 import json
 import os
 import pathlib
@@ -36,18 +38,35 @@ PROTOCOLS = ('center', 'ten_crop', 'multiscale')
 def protocol_views(pipeline: input_pipeline.Pipeline,
                    protocol: str) -> Callable[[np.ndarray], list[np.ndarray]]:
     """image -> the protocol's views, as a list of (V, H, W, C) float arrays (one per shape)."""
-    size, resize_size = pipeline.image_size, pipeline.resize_size
     if protocol == 'center':
-        return lambda image: [pipeline.center_view(image)[None]]
+        return functools.partial(_center_views, pipeline)
     if protocol == 'ten_crop':
-        return lambda image: [pipeline.normalize(
-            augment.ten_crop_views(image, resize_size, size))]
+        return functools.partial(_ten_crop_views, pipeline)
     if protocol == 'multiscale':
-        scales = [round(s * size / 224) for s in augment.MULTISCALE_SIZES]
-        multiple = max(1, round(32 * size / 224))
-        return lambda image: [pipeline.normalize(augment.multiscale_view(image, s, multiple),
-                                                 channel_mean=True) for s in scales]
+        return functools.partial(_multiscale_views, pipeline, tuple(protocol_sizes(
+            pipeline, protocol)), max(1, round(32 * pipeline.image_size / 224)))
     raise ValueError(f'unknown protocol {protocol!r}; allowed: {", ".join(PROTOCOLS)}')
+
+
+def protocol_sizes(pipeline: input_pipeline.Pipeline, protocol: str) -> list[int]:
+    """The shorter sides the protocol resizes each image to."""
+    if protocol == 'multiscale':
+        return [round(s * pipeline.image_size / 224) for s in augment.MULTISCALE_SIZES]
+    return [pipeline.resize_size]
+
+
+def _center_views(pipeline, image):
+    return [pipeline.center_view(image)[None]]
+
+
+def _ten_crop_views(pipeline, image):
+    return [pipeline.normalize(augment.ten_crop_views(image, pipeline.resize_size,
+                                                      pipeline.image_size))]
+
+
+def _multiscale_views(pipeline, scales, multiple, image):
+    return [pipeline.normalize(augment.multiscale_view(image, s, multiple), channel_mean=True)
+            for s in scales]
 
 
 def _padded(x: np.ndarray, multiple: int) -> np.ndarray:
@@ -94,14 +113,18 @@ def evaluate_protocol(model, variables: Any, pipeline: input_pipeline.Pipeline, 
     n = len(pipeline.eval)
     top1 = top5 = 0
     start = time.perf_counter()
+    # Each image's views are computed where it is decoded (worker processes for encoded
+    # images, at the reduced scale its largest view allows).
+    items = pipeline.eval_images(range(n), views_of,
+                                 shorter_side=max(protocol_sizes(pipeline, protocol)))
     for chunk_start in range(0, n, batch_size):
-        images, labels = zip(*pipeline.eval_images(range(chunk_start,
-                                                         min(n, chunk_start + batch_size))))
-        scores = average_scores(predict, views_of, images, model.num_classes)
+        views, labels = zip(*itertools.islice(items, min(batch_size, n - chunk_start)))
+        scores = average_scores(predict, lambda v: v, views, model.num_classes)
         top = np.argsort(-scores, axis=1)[:, :5]
         labels = np.asarray(labels)
         top1 += int((top[:, 0] == labels).sum())
         top5 += int((top == labels[:, None]).any(1).sum())
+    items.close()
     seconds = time.perf_counter() - start
     return {'top1_error': 1 - top1 / n, 'top5_error': 1 - top5 / n, 'num_images': n,
             'images_per_sec': n / seconds, 'seconds': seconds}
@@ -154,7 +177,8 @@ def main(argv: list[str] | None = None) -> int:
         config, model, variables, step = load_run(args.workdir, config, args.step)
         if args.data_dir:
             config.dataset.data_dir = args.data_dir
-        input_pipeline.check_dataset(config.dataset.name, config.dataset.data_dir)
+        input_pipeline.check_config(config.dataset, input_pipeline.print_progress(
+            f'preparing {config.dataset.name}'))
         pipeline = input_pipeline.Pipeline(config.dataset, config.seed)
     except (ConfigError, ValueError, OSError) as e:
         print(f'error: {str(e).splitlines()[0]}', file=sys.stderr)
