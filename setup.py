@@ -38,7 +38,9 @@ setup(
         'scikit-learn>=1.3,<2',  # ships the embedded handwritten-digits set
     ],
     extras_require={
-        'test': ['pytest>=8,<10'],
+        # scikit-image: real photographs (and a grayscale one, a transparent PNG) for the
+        # folder-dataset tests, shipped inside the package
+        'test': ['pytest>=8,<10', 'scikit-image>=0.22,<1'],
         # torchvision-layout tests and reading .pth files; <2.14 keeps pip on the CPU build
         # where one is on disk (a newer torch pulls several GB of CUDA wheels).
         'interop': ['torch>=2.1,<2.14'],

@@ -5,8 +5,9 @@ The folder holds one subfolder per class, its images at any depth inside it. Whe
 subfolders; otherwise (or without ``val/``) ``HELD_OUT_FRACTION`` of each class's files,
 drawn with a fixed seed, are held out for evaluation. Every file inside a class folder is
 a record (hidden ones aside): images in any format PIL reads (grayscale, CMYK and
-transparent images are read as RGB), and files that are not readable images, which the
-pipeline skips and counts like corrupt records.
+transparent images are read as RGB; EXIF orientation is applied), and files that are not
+readable images, which the pipeline skips and counts like corrupt records. A class needs
+at least one file named as an image (``IMAGE_EXTENSIONS``).
 
 Prepared once, on first use: the sorted list of files with their labels and splits, a
 check that every file decodes, and the training split's mean image (as for ImageNet:
@@ -36,6 +37,10 @@ INDEX_VERSION = 1
 _STORE = '.resnet_jax'
 _ARRAYS = ('paths', 'offsets', 'labels', 'splits')
 TRAIN, VAL = 0, 1
+# Names that say "image": a class needs at least one. Every file is a record, though: the
+# others are skipped (and counted) like corrupt records if they do not decode.
+IMAGE_EXTENSIONS = frozenset(('.jpg', '.jpeg', '.jpe', '.jfif', '.png', '.bmp', '.gif',
+                              '.webp', '.tif', '.tiff', '.ppm', '.pgm', '.pbm', '.pnm'))
 
 
 def is_folder(name: str) -> bool:
@@ -80,7 +85,7 @@ def list_folder(root: str) -> dict:
     files, labels, splits = [], [], []
     for label, name in enumerate(classes):
         found = _files(os.path.join(class_root, name), root, dirs)
-        if not found:
+        if not any(os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS for f in found):
             raise ConfigError(f"class '{name}' in {class_root} has no images")
         files += found
         labels += [label] * len(found)
