@@ -22,6 +22,7 @@ slices of batches, which come back in order.
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 import os
 import queue
@@ -159,7 +160,7 @@ IMAGES_PER_TASK = 256  # a worker builds at most this many images of a batch as 
 
 def _concat(parts: list[dict]) -> dict:
     """The chunks of one host batch, built by different workers, as one batch."""
-    return {k: (sum(int(p[k]) for p in parts) if k == 'corrupt_records'
+    return {k: (sum((p[k] for p in parts), []) if k == 'skipped'
                 else np.concatenate([p[k] for p in parts])) for k in parts[0]}
 
 
@@ -230,21 +231,37 @@ class Pipeline:
 
     def _first_readable(self, source, i: int, fn: Callable) -> tuple:
         """``(fn(encoded image), label, skipped)`` of item ``i``, or of the next readable
-        item when it is corrupt (``skipped`` of them were)."""
+        item when it is corrupt (``skipped`` describes the corrupt ones)."""
+        skipped = []
         for attempt in range(MAX_CORRUPT_IN_A_ROW):
             j = (int(i) + attempt) % len(source)
             try:
                 record = source.record(j)
-                return fn(record['image']), int(record['label']), attempt
+                return fn(record['image']), int(record['label']), skipped
             except CorruptImage as e:
-                logging.warning('skipping corrupt record %d: %s', j, e)
-        raise CorruptImage(f'{MAX_CORRUPT_IN_A_ROW} corrupt records in a row from index {i}')
+                where = source.path(j) if hasattr(source, 'path') else f'record {j}'
+                skipped.append(f'{where}: {e}')
+        raise CorruptImage(f'{MAX_CORRUPT_IN_A_ROW} corrupt records in a row from index {i}: '
+                           + '; '.join(skipped))
+
+    def _count(self, skipped: list[str]) -> None:
+        """Counts (and logs) the corrupt records skipped here or in a worker."""
+        for what in skipped:
+            self.corrupt_records += 1
+            logging.warning('skipped corrupt record (%d so far): %s', self.corrupt_records,
+                            what)
+
+    def _received(self, batch: dict) -> dict:
+        """A batch from a worker: its skipped records counted, its arrays moved out of
+        shared memory (released at once, whatever the caller keeps)."""
+        self._count(batch.pop('skipped'))
+        return workers.to_local(batch)
 
     def _read(self, source, i: int, shorter_side: int | None = None) -> tuple[np.ndarray, int]:
         """Image and label of item i; a corrupt record is skipped (the next one is used)."""
         image, label, skipped = self._first_readable(
             source, i, functools.partial(decode_array, min_shorter_side=shorter_side))
-        self.corrupt_records += skipped
+        self._count(skipped)
         return image, label
 
     # --- training batches -----------------------------------------------------------------
@@ -254,9 +271,7 @@ class Pipeline:
         """This host's slice of global training batch ``step``, augmented and normalised
         (built in this process; ``train_iterator`` builds them in worker processes)."""
         mine = host_slice(batch_size, process_index, process_count)
-        batch = self._train_images(step, batch_size, mine.start, mine.stop)
-        self.corrupt_records += batch.pop('corrupt_records')
-        return batch
+        return self._received(self._train_images(step, batch_size, mine.start, mine.stop))
 
     def _train_images(self, step: int, batch_size: int, start: int, stop: int) -> dict:
         """Examples ``start:stop`` of global batch ``step``, with the number of corrupt
@@ -269,14 +284,14 @@ class Pipeline:
             if self.cfg.augment:
                 images = pad_crop_flip(images, offsets[start:stop], flips[start:stop])
             return {'image': self.normalize(images), 'label': self.train.labels[idx],
-                    'corrupt_records': 0}
+                    'skipped': []}
         cfg, size = self.cfg, self.image_size
         params = augment.draw_params(rng, batch_size, min_scale=cfg.min_scale,
                                      max_scale=cfg.max_scale, lighting_std=cfg.lighting_std)
         params = {k: v[start:stop] for k, v in params.items()}
         crops = np.empty((stop - start, size, size, 3), np.uint8)
         labels = np.empty(stop - start, np.int32)
-        skipped = 0
+        skipped = []
         for k, i in enumerate(idx):
             if cfg.augment:
                 crop_fn = functools.partial(self._train_crop, augment.params_at(params, k))
@@ -287,7 +302,7 @@ class Pipeline:
         images = (augment.train_batch(crops, params, self.mean, lighting_std=cfg.lighting_std,
                                       preprocessing=cfg.preprocessing)
                   if cfg.augment else self.normalize(crops))
-        return {'image': images, 'label': labels, 'corrupt_records': skipped}
+        return {'image': images, 'label': labels, 'skipped': skipped}
 
     def _train_crop(self, p: dict, data: bytes) -> np.ndarray:
         size, style = self.image_size, self.cfg.crop
@@ -324,11 +339,12 @@ class Pipeline:
                 yield (view(image) if view else image), self.eval.label(i)
             return
         task = functools.partial(_eval_image_task, self, view, shorter_side)
-        items = workers.map_in_workers(task, list(indices), self.num_workers)
-        try:
-            for out, label, skipped in items:
-                self.corrupt_records += int(skipped)
-                yield out, int(label)
+        indices = list(indices)
+        items = workers.map_in_workers(task, indices, self.num_workers)
+        try:  # exactly len(indices) items: the workers stop at close(), not by exhaustion
+            for out, label, skipped in itertools.islice(items, len(indices)):
+                self._count(skipped)
+                yield workers.to_local(out), int(label)
         finally:
             items.close()
 
@@ -349,10 +365,9 @@ class Pipeline:
             batches = (build(b, 0, mine.stop - mine.start) for b in range(num_batches))
         else:
             batches = self._host_batches(build, 0, num_batches, mine.stop - mine.start)
-        try:
-            for batch in batches:
-                self.corrupt_records += int(batch.pop('corrupt_records'))
-                yield batch
+        try:  # (see eval_images)
+            for batch in itertools.islice(batches, num_batches):
+                yield self._received(batch)
         finally:
             batches.close()
 
@@ -365,13 +380,13 @@ class Pipeline:
             images = self.eval.images[idx]
             return {'image': np.stack([view(im) for im in images]) if view
                     else self.normalize(images), 'label': self.eval.labels[idx],
-                    'mask': mask, 'corrupt_records': 0}
+                    'mask': mask, 'skipped': []}
         fn = functools.partial(_decoded_view, view) if view else self._center_crop
         outs, labels, skipped = zip(*(self._first_readable(self.eval, i, fn) for i in idx))
         images = np.stack(outs)
         return {'image': images if view else self.normalize(images),
                 'label': np.asarray(labels, np.int32), 'mask': mask,
-                'corrupt_records': sum(skipped)}
+                'skipped': sum(skipped, [])}
 
 
 # Tasks run in worker processes: module-level functions of picklable arguments.
@@ -487,8 +502,7 @@ def train_iterator(pipeline: Pipeline, start_step: int, batch_size: int, process
         batches = pipeline._host_batches(build, start_step, 1 << 62, mine.stop - mine.start)
     try:
         for batch in batches:
-            pipeline.corrupt_records += int(batch.pop('corrupt_records'))
-            yield batch
+            yield pipeline._received(batch)
     finally:
         batches.close()
 

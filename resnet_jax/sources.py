@@ -72,6 +72,8 @@ def decode(data: bytes, min_shorter_side: Callable[[tuple[int, int]], int | None
         image = _to_rgb(image)
         if orientation != 1:
             image = ImageOps.exif_transpose(image)
+    except Image.UnidentifiedImageError:
+        raise CorruptImage('not an image PIL can read') from None
     except Exception as e:  # PIL raises many types on bad data
         raise CorruptImage(str(e) or type(e).__name__) from None
     return image, factor, shape
