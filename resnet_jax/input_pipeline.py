@@ -218,11 +218,12 @@ class Pipeline:
     def channel_mean(self) -> np.ndarray:
         return self.mean.reshape(-1, self.mean.shape[-1]).mean(0)
 
-    def normalize(self, images: np.ndarray, channel_mean: bool = False) -> np.ndarray:
+    def normalize(self, images: np.ndarray, channel_mean: bool = False,
+                  out: np.ndarray | None = None) -> np.ndarray:
         """uint8 views (one or a batch) to network inputs, by ``dataset.preprocessing``;
         ``channel_mean`` for views whose size differs from the mean image's."""
         mean = self.channel_mean if channel_mean else self.mean
-        return augment.normalize(images, mean, self.cfg.preprocessing)
+        return augment.normalize(images, mean, self.cfg.preprocessing, out=out)
 
     def image_shape(self) -> tuple[int, int, int]:
         return (self.image_size, self.image_size, 3)
@@ -273,9 +274,10 @@ class Pipeline:
         mine = host_slice(batch_size, process_index, process_count)
         return self._received(self._train_images(step, batch_size, mine.start, mine.stop))
 
-    def _train_images(self, step: int, batch_size: int, start: int, stop: int) -> dict:
-        """Examples ``start:stop`` of global batch ``step``, with the number of corrupt
-        records skipped to build them."""
+    def _train_images(self, step: int, batch_size: int, start: int, stop: int,
+                      alloc: Callable = np.empty) -> dict:
+        """Examples ``start:stop`` of global batch ``step``, with the corrupt records
+        skipped to build them; the images in an array from ``alloc(shape, dtype)``."""
         idx = batch_indices(self.seed, step, batch_size, len(self.train))[start:stop]
         rng = np.random.default_rng([self.seed, 1 << 20, step])
         if self.small:
@@ -299,9 +301,10 @@ class Pipeline:
                 crop_fn = self._center_crop
             crops[k], labels[k], s = self._first_readable(self.train, i, crop_fn)
             skipped += s
+        out = alloc(crops.shape, np.float32)
         images = (augment.train_batch(crops, params, self.mean, lighting_std=cfg.lighting_std,
-                                      preprocessing=cfg.preprocessing)
-                  if cfg.augment else self.normalize(crops))
+                                      preprocessing=cfg.preprocessing, out=out)
+                  if cfg.augment else self.normalize(crops, out=out))
         return {'image': images, 'label': labels, 'skipped': skipped}
 
     def _train_crop(self, p: dict, data: bytes) -> np.ndarray:
@@ -398,7 +401,8 @@ def _chunk_task(build: Callable, chunks: int, per_chunk: int, host_batch: int, k
 
 def _train_task(pipeline: Pipeline, batch_size: int, offset: int, step: int, start: int,
                 stop: int) -> dict:
-    return pipeline._train_images(step, batch_size, offset + start, offset + stop)
+    return pipeline._train_images(step, batch_size, offset + start, offset + stop,
+                                  alloc=workers.shared_array)
 
 
 def _eval_task(pipeline: Pipeline, batch_size: int, view, offset: int, b: int, start: int,
