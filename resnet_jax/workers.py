@@ -91,21 +91,19 @@ def map_in_workers(fn: Callable, keys: range | Sequence[int], num_workers: int,
 
 
 def to_local(value):
-    """A worker's result (an array, or a list or dict of them) copied out of shared memory,
-    whose blocks are unlinked at once rather than whenever the garbage collector frees the
-    last reference (the parent keeps no shared memory alive, even at exit)."""
+    """A worker's result (an array, or a list or dict of them) with its shared-memory
+    blocks unlinked now: the arrays stay valid and their memory is freed with them, rather
+    than whenever the garbage collector frees the last reference, so nothing is left in
+    /dev/shm even at exit."""
     if isinstance(value, dict):
         return {k: to_local(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return type(value)(to_local(v) for v in value)
     shm = getattr(value, 'shm', None)
-    if shm is None or not isinstance(value, np.ndarray):
-        return value
-    local = np.array(value)
-    if getattr(value, '_unlink_on_del', False):
+    if shm is not None and getattr(value, '_unlink_on_del', False):
         value._unlink_on_del = False
         try:
             shm.unlink()
         except FileNotFoundError:
             pass
-    return local
+    return value
