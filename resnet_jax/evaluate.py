@@ -30,7 +30,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from resnet_jax import augment, input_pipeline, parallel
+from resnet_jax import augment, input_pipeline, parallel, prepare
 
 PROTOCOLS = ('center', 'ten_crop', 'multiscale')
 
@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         config, model, variables, step = load_run(args.workdir, config, args.step)
         if args.data_dir:
             config.dataset.data_dir = args.data_dir
-        input_pipeline.check_config(config.dataset, input_pipeline.print_progress(
+        input_pipeline.check_config(config.dataset, prepare.print_progress(
             f'preparing {config.dataset.name}'))
         pipeline = input_pipeline.Pipeline(config.dataset, config.seed)
     except (ConfigError, ValueError, OSError) as e:
