@@ -17,10 +17,10 @@ flip, lighting, mean) with 1 and 2 worker processes, and beside it:
 * the in-memory digits pipeline (CIFAR-style, batch 128) built in the training process
   and in 1 and 2 worker processes.
 
-The machine is shared, so the configurations are measured in alternating rounds (each
-round: the buffers drained, then ``--batches`` batches timed) and each figure is the
-median over rounds; ratios are medians of the per-round ratios. With ``--json`` the last
-line is one JSON object.
+The machine may be shared, so the configurations are measured in alternating rounds
+(each: ``--settle`` seconds for every worker to go idle, the ready batches drained, then
+``--batches`` batches timed) and each figure is the median over rounds; ratios are
+medians of the per-round ratios. With ``--json`` the last line is one JSON object.
 """
 
 import argparse
@@ -155,15 +155,20 @@ def pil_batches(paths: list[str], workers: int, batch_size: int):
         yield worker_processes.to_local(batch)
 
 
-def measure(configs: dict, batch_size: int, batches: int, rounds: int,
-            drain: dict) -> dict[str, list[float]]:
-    """Images/s of each configuration in each round, the configurations alternating."""
+def measure(configs: dict, batch_size: int, batches: int, rounds: int, drain: dict,
+            settle: float) -> dict[str, list[float]]:
+    """Images/s of each configuration in each round, the configurations alternating.
+
+    Workers refill their buffers after being measured; ``settle`` seconds before each
+    measurement let them finish, so that no configuration is timed while another one's
+    workers are still busy."""
     rates = {name: [] for name in configs}
     for name, it in configs.items():  # start the workers, warm up
         for _ in range(drain[name] + 1):
             next(it)
     for _ in range(rounds):
         for name, it in configs.items():
+            time.sleep(settle)
             for _ in range(drain[name]):  # what was prepared while others were measured
                 next(it)
             start = time.perf_counter()
@@ -183,6 +188,8 @@ def main() -> int:
     parser.add_argument('--batches', type=int, default=8, help='timed batches per round')
     parser.add_argument('--rounds', type=int, default=5)
     parser.add_argument('--batch-size', type=int, default=32)
+    parser.add_argument('--settle', type=float, default=3.0,
+                        help='seconds of quiet before each measurement')
     parser.add_argument('--json', action='store_true', help='end with one JSON line')
     args = parser.parse_args()
     bs = args.batch_size
@@ -198,7 +205,7 @@ def main() -> int:
         # Up to 3 batches a worker wait ready (its buffer, its queue, grain's interleave).
         drain = {'workers_1': 3, 'workers_2': 6, 'threads_1': 0, 'threads_2': 0,
                  'pil_1': 3, 'pil_2': 6}
-        rates = measure(configs, bs, args.batches, args.rounds, drain)
+        rates = measure(configs, bs, args.batches, args.rounds, drain, args.settle)
         for it in configs.values():
             getattr(it, 'close', lambda: None)()
         # In-memory digits (CIFAR-style 32x32, batch 128): here vs in worker processes.
@@ -207,7 +214,7 @@ def main() -> int:
                  'workers_1': worker_batches(tfds_dir, 1, 128, 'digits'),
                  'workers_2': worker_batches(tfds_dir, 2, 128, 'digits')}
         small_rates = measure(small, 128, 20, args.rounds,
-                              {'in_process': 0, 'workers_1': 3, 'workers_2': 6})
+                              {'in_process': 0, 'workers_1': 3, 'workers_2': 6}, args.settle)
         for it in small.values():
             getattr(it, 'close', lambda: None)()
     med = {k: statistics.median(v) for k, v in rates.items()}

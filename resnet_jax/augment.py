@@ -4,6 +4,11 @@ Images are HWC numpy arrays: uint8 until ``normalize``, float32 in [0, 1] units 
 mean after it. Random choices are *parameters* drawn by ``draw_params`` from a seeded
 generator, so every function here is deterministic and separately testable, and the
 pipeline can draw the parameters of a whole global batch from ``(seed, step)``.
+
+The training crop of each image (``train_crop``) is cut straight from the decoded PIL
+image, possibly a JPEG decoded at 1/2, 1/4 or 1/8 scale (``sources.decode``), and flipped
+by PIL; the colour operations (``train_batch``: PCA lighting, mean subtraction) run over
+the whole batch of crops at once.
 """
 
 from __future__ import annotations

@@ -13,8 +13,9 @@ returns travel through shared memory; an array allocated as grain's
 ``SharedMemoryArray`` in the worker (see ``shared_array``) reaches the parent without a
 copy. Each worker keeps ``buffer_size`` results ready.
 
-Workers ignore SIGINT (a Ctrl-C reaches the whole process group; the parent stops them)
-and exit when their parent dies, even by ``kill -9``.
+Workers run in a process group of their own (a Ctrl-C or a SIGTERM to the job's group
+reaches only the parent, which stops them when it is done) and exit when their parent
+dies, even by ``kill -9``.
 """
 
 from __future__ import annotations
@@ -45,6 +46,9 @@ def _exit_with_parent() -> None:
 
 def _init_worker(index: int, count: int) -> None:
     del index, count
+    # A process group of its own: a Ctrl-C or a scheduler's SIGTERM to the job's group
+    # reaches only the parent, which finishes its step, checkpoints and stops the workers.
+    os.setpgrp()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     threading.Thread(target=_exit_with_parent, daemon=True).start()
 
