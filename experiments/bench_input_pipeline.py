@@ -155,8 +155,26 @@ def pil_batches(paths: list[str], workers: int, batch_size: int):
         yield worker_processes.to_local(batch)
 
 
+def cpu_seconds() -> float:
+    """CPU time (user + system) of this process and all its descendants so far (Linux)."""
+    parents = {}
+    for entry in os.listdir('/proc'):
+        if entry.isdigit():
+            try:
+                with open(f'/proc/{entry}/stat') as f:
+                    fields = f.read().rsplit(')', 1)[1].split()
+            except OSError:
+                continue
+            parents[int(entry)] = (int(fields[1]), int(fields[11]) + int(fields[12]))
+    mine, total = {os.getpid()}, 0
+    for _ in range(8):  # descendants, generation by generation
+        mine |= {pid for pid, (ppid, _) in parents.items() if ppid in mine}
+    total = sum(parents[pid][1] for pid in mine if pid in parents)
+    return total / os.sysconf('SC_CLK_TCK')
+
+
 def measure(configs: dict, batch_size: int, batches: int, rounds: int, drain: dict,
-            settle: float) -> dict[str, list[float]]:
+            settle: float, cpu: dict | None = None) -> dict[str, list[float]]:
     """Images/s of each configuration in each round, the configurations alternating.
 
     Workers refill their buffers after being measured; ``settle`` seconds before each
@@ -171,10 +189,13 @@ def measure(configs: dict, batch_size: int, batches: int, rounds: int, drain: di
             time.sleep(settle)
             for _ in range(drain[name]):  # what was prepared while others were measured
                 next(it)
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), cpu_seconds()
             for _ in range(batches):
                 next(it)
             rates[name].append(batches * batch_size / (time.perf_counter() - start))
+            if cpu is not None:
+                cpu.setdefault(name, []).append(
+                    1e3 * (cpu_seconds() - start_cpu) / (batches * batch_size))
     return rates
 
 
@@ -205,7 +226,8 @@ def main() -> int:
         # Up to 3 batches a worker wait ready (its buffer, its queue, grain's interleave).
         drain = {'workers_1': 3, 'workers_2': 6, 'threads_1': 0, 'threads_2': 0,
                  'pil_1': 3, 'pil_2': 6}
-        rates = measure(configs, bs, args.batches, args.rounds, drain, args.settle)
+        cpu_ms: dict[str, list[float]] = {}
+        rates = measure(configs, bs, args.batches, args.rounds, drain, args.settle, cpu_ms)
         for it in configs.values():
             getattr(it, 'close', lambda: None)()
         # In-memory digits (CIFAR-style 32x32, batch 128): here vs in worker processes.
@@ -221,15 +243,18 @@ def main() -> int:
     cores = os.cpu_count()
     print(f'ImageNet training pipeline on ~400x600 JPEGs, batch {bs}, {cores} cores, '
           f'images/s (median of {args.rounds} alternating rounds of {args.batches} batches):')
-    print('| pipeline | 1 worker | 2 workers | per core, 2 workers | 2 / 1 |')
-    print('|---|---|---|---|---|')
+    print('| pipeline | 1 worker | 2 workers | per core, 2 workers | 2 / 1 | CPU ms an image '
+          '(1 / 2) |')
+    print('|---|---|---|---|---|---|')
     rows = (('resnet_jax, worker processes (grain)', 'workers'),
             ('resnet_jax per-image work, threads of one process', 'threads'),
             ('torchvision-style PIL, worker processes', 'pil'))
     for label, key in rows:
         one, two = med[f'{key}_1'], med[f'{key}_2']
         print(f'| {label} | {one:.1f} | {two:.1f} | {two / 2:.1f} | '
-              f'{median_ratio(rates[f"{key}_2"], rates[f"{key}_1"]):.2f}x |')
+              f'{median_ratio(rates[f"{key}_2"], rates[f"{key}_1"]):.2f}x | '
+              f'{statistics.median(cpu_ms[f"{key}_1"]):.2f} / '
+              f'{statistics.median(cpu_ms[f"{key}_2"]):.2f} |')
     print(f'1 worker / 1 thread: {median_ratio(rates["workers_1"], rates["threads_1"]):.2f}; '
           f'workers / PIL: {median_ratio(rates["workers_1"], rates["pil_1"]):.2f} (1), '
           f'{median_ratio(rates["workers_2"], rates["pil_2"]):.2f} (2)')
@@ -246,6 +271,7 @@ def main() -> int:
             'images_per_sec_2_threads': round(med['threads_2'], 1),
             'worker_vs_thread_1': round(median_ratio(rates['workers_1'],
                                                      rates['threads_1']), 3),
+            'cpu_ms_per_image': {k: round(statistics.median(v), 3) for k, v in cpu_ms.items()},
             'pil_images_per_sec_1_worker': round(med['pil_1'], 1),
             'pil_images_per_sec_2_workers': round(med['pil_2'], 1),
             'in_memory_images_per_sec': {k: round(v, 1) for k, v in small_med.items()},
