@@ -178,8 +178,9 @@ class FolderSource:
                             for k in _ARRAYS}
         if 'records' not in self._arrays:
             splits = np.asarray(self._arrays['splits'])
-            self._arrays['records'] = (np.arange(len(splits)) if self.split is None
-                                       else np.flatnonzero(splits == self.split))
+            self._arrays = {**self._arrays, 'records': (
+                np.arange(len(splits)) if self.split is None
+                else np.flatnonzero(splits == self.split))}
         return self._arrays
 
     @property
@@ -261,8 +262,8 @@ def prepare(name: str, image_size: int = 224, num_workers: int = 1,
                                   'training')
     os.makedirs(store, exist_ok=True)
     if fresh:
-        for key, array in arrays.items():
-            _save_array(os.path.join(store, f'{key}.npy'), array)
+        for key in _ARRAYS:
+            _save_array(os.path.join(store, f'{key}.npy'), arrays[key])
         if unreadable:
             logging.warning('%d files in %s are not readable images; training skips them '
                             'and counts them as corrupt records: %s', len(unreadable), root,

@@ -160,6 +160,8 @@ def test_folder_classes_splits_index_and_mean(tmp_path):
     root = make_photo_folder(tmp_path / 'flat')
     store = folder.prepare(f'folder:{root}', image_size=64, num_workers=2)
     assert store == str(root / '.resnet_jax')
+    assert sorted(os.listdir(store)) == ['info.json', 'labels.npy', 'mean_image_64.npy',
+                                         'offsets.npy', 'paths.npy', 'splits.npy']
     info = json.loads((root / '.resnet_jax' / 'info.json').read_text())
     assert info['classes'] == ['cat', 'coffee', 'space']
     assert info['num_files'] == 15 and info['num_val'] == 3  # one held out per class
