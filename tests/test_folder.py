@@ -321,3 +321,34 @@ def test_unknown_folder_error_mentions_folder_datasets(tmp_path):
         input_pipeline.check_dataset('no_such_dataset', str(tmp_path))
     with pytest.raises(ConfigError, match='validation_split is for tfds datasets'):
         input_pipeline.check_dataset('folder:/x', None, validation_split=True)
+
+
+@pytest.mark.slow
+def test_stopped_folder_run_resumes_to_exactly_the_uninterrupted_result(tmp_path):
+    """Exact resume through worker processes: 2 steps, then a relaunch to 4, ends with the
+    results and history of 4 uninterrupted steps."""
+    photos = make_photo_folder(tmp_path / 'photos')
+    common = ['--config.model.name=cifar_resnet8', f'--config.dataset.name=folder:{photos}',
+              '--config.dataset.image_size=32', '--config.dataset.min_scale=36',
+              '--config.dataset.max_scale=64', '--config.dataset.num_workers=2',
+              '--config.batch_size=8', '--config.eval_batch_size=4',
+              '--config.model.bn_group_size=4', '--config.log_every_steps=1',
+              '--config.eval_every_steps=2', '--config.checkpoint_every_steps=2']
+    full = run_main(f'--workdir={tmp_path / "full"}', *common, '--config.num_train_steps=4')
+    assert full.returncode == 0, full.stderr[-3000:]
+    first = run_main(f'--workdir={tmp_path / "resumed"}', *common, '--config.num_train_steps=2')
+    assert first.returncode == 0, first.stderr[-3000:]
+    again = run_main(f'--workdir={tmp_path / "resumed"}', *common, '--config.num_train_steps=4')
+    assert again.returncode == 0 and 'resumed from step 2' in again.stdout, again.stderr[-3000:]
+    for name in ('results.json', 'history.json'):
+        a = json.loads((tmp_path / 'full' / name).read_text())
+        b = json.loads((tmp_path / 'resumed' / name).read_text())
+        if name == 'results.json':  # the corrupt-record count is the last process's
+            a.pop('wall_seconds'), b.pop('wall_seconds')
+            assert a.pop('corrupt_records_skipped') > 0
+            b.pop('corrupt_records_skipped')
+        else:  # the resumed run logged the first run's end (step 2) once more
+            b['train'] = [r for r in b['train'] if r['step'] != 2] + [
+                r for r in a['train'] if r['step'] == 2]
+            b['train'].sort(key=lambda r: r['step'])
+        assert a == b, name
