@@ -23,6 +23,8 @@ setup(
         'optax>=0.2.4,<0.3',
         'orbax-checkpoint>=0.11,<0.13',
         'tensorflow-datasets>=4.9.6,<5',
+        # the input pipeline's worker processes (MapDataset, mp_prefetch, shared memory)
+        'grain>=0.2.10,<0.3',
         # tf.data for the input pipelines; the CPU build is all the pipeline needs.
         'tensorflow-cpu>=2.17,<3',
         'ml-collections>=0.1.1,<2',
@@ -31,12 +33,14 @@ setup(
         'tensorboard>=2.17,<3',  # clu's summary writers
         'importlib_resources>=6',  # tfds' builders need it; not declared by tfds
         'numpy>=1.26,<3',
-        'pillow>=10',  # resizing the embedded digits
+        'pillow>=10',  # JPEG decoding (draft mode), crops, resizing the embedded digits
         'matplotlib>=3.7,<4',  # training curves
         'scikit-learn>=1.3,<2',  # ships the embedded handwritten-digits set
     ],
     extras_require={
-        'test': ['pytest>=8,<10'],
+        # scikit-image: real photographs (and a grayscale one, a transparent PNG) for the
+        # folder-dataset tests, shipped inside the package
+        'test': ['pytest>=8,<10', 'scikit-image>=0.22,<1'],
         # Reading .pth files and the tests against torchvision's own ResNets. torchvision
         # pins one torch release; PyPI's torchvision 0.28 does not import beside the CPU
         # build of torch 2.13 ("operator torchvision::nms does not exist"), 0.29 with 2.14

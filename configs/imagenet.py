@@ -11,7 +11,9 @@ use option B, stride in the first 1x1 as the paper's models).
 Recipe: batch 256 (8 GPUs x 32, BatchNorm statistics per 32 images), SGD momentum 0.9,
 weight decay 1e-4, lr 0.1 divided by 10 when the validation error plateaus, at most
 60x10^4 iterations; scale augmentation [256, 480], 224 crops, flips, per-pixel mean,
-PCA lighting. The ImageNet input pipeline is resnet_jax's tfds ``imagenet2012`` reader.
+PCA lighting. The ImageNet input pipeline is resnet_jax's tfds ``imagenet2012`` reader;
+the same recipe trains on a folder of your own images with
+``--config.dataset.name=folder:/path/to/images`` (one subfolder per class).
 
 Paper (top-1 / top-5 error %, 10-crop, Tables 2-3; ``resnet_jax.paper``): plain-18 27.94, plain-34 28.54/10.02,
 ResNet-18 27.88, ResNet-34 A 25.03/7.76, B 24.52/7.46, C 24.19/7.40, ResNet-50 22.85/6.71,

@@ -1,19 +1,33 @@
-"""Images/s per core of the ImageNet training pipeline on real-size JPEGs, beside PIL.
+"""Images/s of the ImageNet training pipeline on real-size JPEGs, by workers and per core.
 
-    python experiments/bench_input_pipeline.py [--images 64] [--batches 8]
+    python experiments/bench_input_pipeline.py [--images 64] [--rounds 5] [--json]
 
 Builds an ArrayRecord tfds dataset of real photographs at ImageNet size (scikit-learn's
 two 427x640 sample photos, re-encoded as JPEGs with flips and crops so the records differ)
-in a temp dir, then times ``Pipeline.train_batch`` (read, decode, scale augmentation,
-crop, flip, mean, lighting) with 1 worker thread and with one per core. The same JPEG
-bytes are also written as files and run through a torchvision-style PIL pipeline (read
-file, ``Image.open``, shorter side to a random 256..480 with bilinear resampling, random
-224 crop, flip, float32, mean, PCA lighting: what ``torchvision.transforms`` would do
-with the paper's augmentation), with the same threads. Prints medians.
+in a temp dir, then measures ``train_iterator`` (read, decode, scale augmentation, crop,
+flip, lighting, mean) with 1 and 2 worker processes, and beside it:
+
+* the same per-image work run by 1 and 2 threads of one process (the batch split between
+  them), i.e. a thread-pool pipeline;
+* a torchvision-style PIL pipeline on the same JPEG bytes written as files (read file,
+  ``Image.open``, shorter side to a random 256..480 with bilinear resampling, random 224
+  crop, flip, float32, mean, PCA lighting: what ``torchvision.transforms`` does with the
+  paper's augmentation), its batches built by 1 and 2 worker processes through the same
+  grain machinery (so only the per-image work differs);
+* the in-memory digits pipeline (CIFAR-style, batch 128) built in the training process
+  and in 1 and 2 worker processes.
+
+The machine may be shared, so the configurations are measured in alternating rounds
+(each: ``--settle`` seconds for every worker to go idle, the ready batches drained, then
+``--batches`` batches timed) and each figure is the median over rounds; ratios are
+medians of the per-round ratios. With ``--json`` the last line is one JSON object.
 """
 
 import argparse
 import concurrent.futures
+import functools
+import itertools
+import json
 import os
 import statistics
 import sys
@@ -90,59 +104,179 @@ def pil_train_view(path: str, rng: np.random.Generator, mean: np.ndarray) -> np.
     return x + eigvec @ (rng.normal(0, 0.1, 3).astype(np.float32) * eigval)
 
 
-def measure_pil(paths: list[str], workers: int, batches: int, batch_size: int) -> float:
+def pil_batch(paths: list[str], batch_size: int, step: int) -> np.ndarray:
     mean = np.array([123.68, 116.78, 103.94], np.float32)
-    times = []
-    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-        for step in range(batches + 1):
-            rngs = [np.random.default_rng([step, i]) for i in range(batch_size)]
-            files = [paths[(step * batch_size + i) % len(paths)] for i in range(batch_size)]
-            start = time.perf_counter()
-            np.stack(list(pool.map(lambda a: pil_train_view(a[0], a[1], mean),
-                                   zip(files, rngs))))
-            if step:  # the first batch is the warm-up
-                times.append(time.perf_counter() - start)
-    return batch_size / statistics.median(times)
+    return np.stack([pil_train_view(paths[(step * batch_size + i) % len(paths)],
+                                    np.random.default_rng([step, i]), mean)
+                     for i in range(batch_size)])
 
 
-def measure(data_dir: str, workers: int, batches: int, batch_size: int) -> float:
+# --- the configurations: each yields batches of batch_size images, forever -----------------
+
+def dataset_config(name: str, data_dir: str, workers: int):
     cfg = base_config().dataset
-    cfg.name, cfg.data_dir, cfg.num_workers = 'bench_photos', data_dir, workers
-    pipeline = input_pipeline.Pipeline(cfg, seed=0)
-    pipeline.train_batch(0, batch_size)  # warm-up
-    times = []
-    for step in range(1, batches + 1):
-        start = time.perf_counter()
-        pipeline.train_batch(step, batch_size)
-        times.append(time.perf_counter() - start)
-    return batch_size / statistics.median(times)
+    cfg.name, cfg.data_dir, cfg.num_workers = name, data_dir, workers
+    return cfg
+
+
+def worker_batches(data_dir: str, workers: int, batch_size: int, name='bench_photos'):
+    """``train_iterator``: batches built in ``workers`` processes (grain)."""
+    pipeline = input_pipeline.Pipeline(dataset_config(name, data_dir, workers), seed=0)
+    if pipeline.small:  # forced through workers, to compare with building them here
+        build = lambda step, start, stop: pipeline._train_images(  # noqa: E731
+            step, batch_size, start, stop)
+        return pipeline._host_batches(build, 0, 1 << 62, batch_size)
+    return input_pipeline.train_iterator(pipeline, 0, batch_size, 0, 1)
+
+
+def inprocess_batches(data_dir: str, batch_size: int, name: str):
+    pipeline = input_pipeline.Pipeline(dataset_config(name, data_dir, 1), seed=0)
+    return (pipeline.train_batch(step, batch_size) for step in itertools.count())
+
+
+def thread_batches(data_dir: str, threads: int, batch_size: int):
+    """The same per-image work, the batch split between ``threads`` threads."""
+    pipeline = input_pipeline.Pipeline(dataset_config('bench_photos', data_dir, 1), seed=0)
+    pool = concurrent.futures.ThreadPoolExecutor(threads)
+    bounds = np.linspace(0, batch_size, threads + 1).astype(int)
+    for step in itertools.count():
+        parts = list(pool.map(lambda a: pipeline._train_images(step, batch_size, *a),
+                              zip(bounds[:-1], bounds[1:])))
+        yield {k: np.concatenate([p[k] for p in parts]) for k in ('image', 'label')}
+
+
+def pil_batches(paths: list[str], workers: int, batch_size: int):
+    """torchvision-style batches built in ``workers`` processes (grain, as ours)."""
+    from resnet_jax import workers as worker_processes
+
+    batches = worker_processes.map_in_workers(
+        functools.partial(pil_batch, paths, batch_size), range(1 << 62), workers)
+    for batch in batches:
+        yield worker_processes.to_local(batch)
+
+
+def cpu_seconds() -> float:
+    """CPU time (user + system) of this process and all its descendants so far (Linux)."""
+    parents = {}
+    for entry in os.listdir('/proc'):
+        if entry.isdigit():
+            try:
+                with open(f'/proc/{entry}/stat') as f:
+                    fields = f.read().rsplit(')', 1)[1].split()
+            except OSError:
+                continue
+            parents[int(entry)] = (int(fields[1]), int(fields[11]) + int(fields[12]))
+    mine, total = {os.getpid()}, 0
+    for _ in range(8):  # descendants, generation by generation
+        mine |= {pid for pid, (ppid, _) in parents.items() if ppid in mine}
+    total = sum(parents[pid][1] for pid in mine if pid in parents)
+    return total / os.sysconf('SC_CLK_TCK')
+
+
+def measure(configs: dict, batch_size: int, batches: int, rounds: int, drain: dict,
+            settle: float, cpu: dict | None = None) -> dict[str, list[float]]:
+    """Images/s of each configuration in each round, the configurations alternating.
+
+    Workers refill their buffers after being measured; ``settle`` seconds before each
+    measurement let them finish, so that no configuration is timed while another one's
+    workers are still busy."""
+    rates = {name: [] for name in configs}
+    for name, it in configs.items():  # start the workers, warm up
+        for _ in range(drain[name] + 1):
+            next(it)
+    for _ in range(rounds):
+        for name, it in configs.items():
+            time.sleep(settle)
+            for _ in range(drain[name]):  # what was prepared while others were measured
+                next(it)
+            start, start_cpu = time.perf_counter(), cpu_seconds()
+            for _ in range(batches):
+                next(it)
+            rates[name].append(batches * batch_size / (time.perf_counter() - start))
+            if cpu is not None:
+                cpu.setdefault(name, []).append(
+                    1e3 * (cpu_seconds() - start_cpu) / (batches * batch_size))
+    return rates
+
+
+def median_ratio(a: list[float], b: list[float]) -> float:
+    return statistics.median(x / y for x, y in zip(a, b))
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--images', type=int, default=64)
-    parser.add_argument('--batches', type=int, default=8)
+    parser.add_argument('--batches', type=int, default=8, help='timed batches per round')
+    parser.add_argument('--rounds', type=int, default=5)
     parser.add_argument('--batch-size', type=int, default=32)
+    parser.add_argument('--settle', type=float, default=3.0,
+                        help='seconds of quiet before each measurement')
+    parser.add_argument('--json', action='store_true', help='end with one JSON line')
     args = parser.parse_args()
-    cores = os.cpu_count()
-    with tempfile.TemporaryDirectory() as data_dir:
+    bs = args.batch_size
+    with tempfile.TemporaryDirectory() as data_dir, \
+            tempfile.TemporaryDirectory() as jpeg_dir:
         build(data_dir, args.images)
-        one = measure(data_dir, 1, args.batches, args.batch_size)
-        many = measure(data_dir, cores, args.batches, args.batch_size)
-        with tempfile.TemporaryDirectory() as jpeg_dir:
-            paths = write_jpeg_files(data_dir, jpeg_dir)
-            pil_one = measure_pil(paths, 1, args.batches, args.batch_size)
-            pil_many = measure_pil(paths, cores, args.batches, args.batch_size)
-    print(f'ImageNet train pipeline on ~400x600 JPEGs, batch {args.batch_size}, '
-          f'median of {args.batches} batches ({cores} cores), images/s:')
-    print('| pipeline | 1 thread | per core, 1 thread | '
-          f'{cores} threads | per core, {cores} threads |')
-    print('|---|---|---|---|---|')
-    for name, a, b in (('resnet_jax (tfds ArrayRecord, PIL decode)', one, many),
-                       ('torchvision-style PIL, JPEG files', pil_one, pil_many)):
-        print(f'| {name} | {a:.1f} | {a:.1f} | {b:.1f} | {b / cores:.1f} |')
-    print(f'resnet_jax / PIL: {one / pil_one:.2f} (1 thread), {many / pil_many:.2f} '
-          f'({cores} threads)')
+        paths = write_jpeg_files(data_dir, jpeg_dir)
+        configs = {'workers_1': worker_batches(data_dir, 1, bs),
+                   'workers_2': worker_batches(data_dir, 2, bs),
+                   'threads_1': thread_batches(data_dir, 1, bs),
+                   'threads_2': thread_batches(data_dir, 2, bs),
+                   'pil_1': pil_batches(paths, 1, bs), 'pil_2': pil_batches(paths, 2, bs)}
+        # Up to 3 batches a worker wait ready (its buffer, its queue, grain's interleave).
+        drain = {'workers_1': 3, 'workers_2': 6, 'threads_1': 0, 'threads_2': 0,
+                 'pil_1': 3, 'pil_2': 6}
+        cpu_ms: dict[str, list[float]] = {}
+        rates = measure(configs, bs, args.batches, args.rounds, drain, args.settle, cpu_ms)
+        for it in configs.values():
+            getattr(it, 'close', lambda: None)()
+        # In-memory digits (CIFAR-style 32x32, batch 128): here vs in worker processes.
+        tfds_dir = os.path.join(data_dir, 'digits')
+        small = {'in_process': inprocess_batches(tfds_dir, 128, 'digits'),
+                 'workers_1': worker_batches(tfds_dir, 1, 128, 'digits'),
+                 'workers_2': worker_batches(tfds_dir, 2, 128, 'digits')}
+        small_rates = measure(small, 128, 20, args.rounds,
+                              {'in_process': 0, 'workers_1': 3, 'workers_2': 6}, args.settle)
+        for it in small.values():
+            getattr(it, 'close', lambda: None)()
+    med = {k: statistics.median(v) for k, v in rates.items()}
+    cores = os.cpu_count()
+    print(f'ImageNet training pipeline on ~400x600 JPEGs, batch {bs}, {cores} cores, '
+          f'images/s (median of {args.rounds} alternating rounds of {args.batches} batches):')
+    print('| pipeline | 1 worker | 2 workers | per core, 2 workers | 2 / 1 | CPU ms an image '
+          '(1 / 2) |')
+    print('|---|---|---|---|---|---|')
+    rows = (('resnet_jax, worker processes (grain)', 'workers'),
+            ('resnet_jax per-image work, threads of one process', 'threads'),
+            ('torchvision-style PIL, worker processes', 'pil'))
+    for label, key in rows:
+        one, two = med[f'{key}_1'], med[f'{key}_2']
+        print(f'| {label} | {one:.1f} | {two:.1f} | {two / 2:.1f} | '
+              f'{median_ratio(rates[f"{key}_2"], rates[f"{key}_1"]):.2f}x | '
+              f'{statistics.median(cpu_ms[f"{key}_1"]):.2f} / '
+              f'{statistics.median(cpu_ms[f"{key}_2"]):.2f} |')
+    print(f'1 worker / 1 thread: {median_ratio(rates["workers_1"], rates["threads_1"]):.2f}; '
+          f'workers / PIL: {median_ratio(rates["workers_1"], rates["pil_1"]):.2f} (1), '
+          f'{median_ratio(rates["workers_2"], rates["pil_2"]):.2f} (2)')
+    small_med = {k: statistics.median(v) for k, v in small_rates.items()}
+    print('in-memory digits, batch 128, images/s: ' + ', '.join(
+        f'{k.replace("_", " ")} {v:.0f}' for k, v in small_med.items()))
+    if args.json:
+        print(json.dumps({
+            'images_per_sec_1_worker': round(med['workers_1'], 1),
+            'images_per_sec_2_workers': round(med['workers_2'], 1),
+            'images_per_sec_per_core_2_workers': round(med['workers_2'] / 2, 1),
+            'scaling_2_workers': round(median_ratio(rates['workers_2'], rates['workers_1']), 3),
+            'images_per_sec_1_thread': round(med['threads_1'], 1),
+            'images_per_sec_2_threads': round(med['threads_2'], 1),
+            'worker_vs_thread_1': round(median_ratio(rates['workers_1'],
+                                                     rates['threads_1']), 3),
+            'cpu_ms_per_image': {k: round(statistics.median(v), 3) for k, v in cpu_ms.items()},
+            'pil_images_per_sec_1_worker': round(med['pil_1'], 1),
+            'pil_images_per_sec_2_workers': round(med['pil_2'], 1),
+            'in_memory_images_per_sec': {k: round(v, 1) for k, v in small_med.items()},
+            'batch_size': bs, 'cores': cores, 'rounds': args.rounds,
+        }))
     return 0
 
 

@@ -31,7 +31,8 @@ def base_config() -> ml_collections.ConfigDict:
 
     # --- data ----------------------------------------------------------------------------
     c.dataset = ml_collections.ConfigDict()
-    c.dataset.name = 'digits'           # 'digits' (embedded), 'cifar10', ...
+    c.dataset.name = 'digits'           # 'digits' (embedded), 'cifar10', 'imagenet2012',
+    #                                     'folder:/path/to/images', any tfds dataset
     c.dataset.data_dir = ml_collections.FieldReference(None, field_type=str)  # tfds data_dir
     c.dataset.validation_split = False  # True: hold out part of train (CIFAR: 45k/5k)
     c.dataset.augment = True            # the paper's training augmentation
@@ -41,7 +42,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.dataset.max_scale = 480           #   [min_scale, max_scale] (sec. 3.4)
     c.dataset.crop = 'scale'            # 'scale' (paper) or 'inception' (random-resized crop)
     c.dataset.lighting_std = 0.1        # AlexNet PCA lighting noise std (0 disables)
-    c.dataset.num_workers = 0           # decode/augment threads per host (0: one per core)
+    c.dataset.num_workers = 0           # decode/augment worker processes per host (0: one
+    #                                     per core); in-memory datasets need none
     c.dataset.preprocessing = 'mean'    # 'mean' (paper: minus the mean image); converted
     #                                     weights: 'torchvision' or 'caffe' (Keras)
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import itertools
 import json
 import os
 import pathlib
@@ -33,7 +34,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from resnet_jax import augment, execution, input_pipeline, parallel
+from resnet_jax import augment, execution, input_pipeline, parallel, prepare
 
 PROTOCOLS = ('center', 'ten_crop', 'multiscale')
 
@@ -41,18 +42,35 @@ PROTOCOLS = ('center', 'ten_crop', 'multiscale')
 def protocol_views(pipeline: input_pipeline.Pipeline,
                    protocol: str) -> Callable[[np.ndarray], list[np.ndarray]]:
     """image -> the protocol's views, as a list of (V, H, W, C) float arrays (one per shape)."""
-    size, resize_size = pipeline.image_size, pipeline.resize_size
     if protocol == 'center':
-        return lambda image: [pipeline.center_view(image)[None]]
+        return functools.partial(_center_views, pipeline)
     if protocol == 'ten_crop':
-        return lambda image: [pipeline.normalize(
-            augment.ten_crop_views(image, resize_size, size))]
+        return functools.partial(_ten_crop_views, pipeline)
     if protocol == 'multiscale':
-        scales = [round(s * size / 224) for s in augment.MULTISCALE_SIZES]
-        multiple = max(1, round(32 * size / 224))
-        return lambda image: [pipeline.normalize(augment.multiscale_view(image, s, multiple),
-                                                 channel_mean=True) for s in scales]
+        return functools.partial(_multiscale_views, pipeline, tuple(protocol_sizes(
+            pipeline, protocol)), max(1, round(32 * pipeline.image_size / 224)))
     raise ValueError(f'unknown protocol {protocol!r}; allowed: {", ".join(PROTOCOLS)}')
+
+
+def protocol_sizes(pipeline: input_pipeline.Pipeline, protocol: str) -> list[int]:
+    """The shorter sides the protocol resizes each image to."""
+    if protocol == 'multiscale':
+        return [round(s * pipeline.image_size / 224) for s in augment.MULTISCALE_SIZES]
+    return [pipeline.resize_size]
+
+
+def _center_views(pipeline, image):
+    return [pipeline.center_view(image)[None]]
+
+
+def _ten_crop_views(pipeline, image):
+    return [pipeline.normalize(augment.ten_crop_views(image, pipeline.resize_size,
+                                                      pipeline.image_size))]
+
+
+def _multiscale_views(pipeline, scales, multiple, image):
+    return [pipeline.normalize(augment.multiscale_view(image, s, multiple), channel_mean=True)
+            for s in scales]
 
 
 def average_scores(predict: Callable[..., np.ndarray],
@@ -143,15 +161,25 @@ def evaluate_protocol(model, variables: Any, pipeline: input_pipeline.Pipeline, 
     per_process = -(-batch_size // processes)
     hits = np.zeros(2, np.int64)  # top-1, top-5
     start = time.perf_counter()
-    for chunk in range(0, n, per_process * processes):
-        mine = input_pipeline.host_slice(per_process * processes, jax.process_index(),
-                                         processes)
-        indices = range(chunk + mine.start, min(n, chunk + mine.stop))
-        images, labels = zip(*pipeline.eval_images(indices)) if len(indices) else ((), ())
-        scores = average_scores(predict, views_of, images, model.num_classes, agree)
-        top = np.argsort(-scores, axis=1)[:, :5]
-        labels = np.asarray(labels, np.int64)
-        hits += [int((top[:, 0] == labels).sum()), int((top == labels[:, None]).any(1).sum())]
+    # This process's share of each chunk of the split, read in one stream: each image's
+    # views are computed where it is decoded (worker processes for encoded images, at the
+    # reduced scale its largest view allows).
+    step = per_process * processes
+    mine = input_pipeline.host_slice(step, jax.process_index(), processes)
+    chunks = [range(c + mine.start, min(n, c + mine.stop)) for c in range(0, n, step)]
+    items = pipeline.eval_images([i for chunk in chunks for i in chunk], views_of,
+                                 shorter_side=max(protocol_sizes(pipeline, protocol)))
+    try:
+        for chunk in chunks:
+            views, labels = (zip(*itertools.islice(items, len(chunk))) if len(chunk)
+                             else ((), ()))
+            scores = average_scores(predict, lambda v: v, views, model.num_classes, agree)
+            top = np.argsort(-scores, axis=1)[:, :5]
+            labels = np.asarray(labels, np.int64)
+            hits += [int((top[:, 0] == labels).sum()),
+                     int((top == labels[:, None]).any(1).sum())]
+    finally:
+        items.close()
     if processes > 1:
         from jax.experimental import multihost_utils
         hits = np.asarray(multihost_utils.process_allgather(hits)).sum(0)
@@ -207,7 +235,8 @@ def main(argv: list[str] | None = None) -> int:
         model, variables, config, step = checkpointing.load(args.workdir, args.step, config)
         if args.data_dir:
             config.dataset.data_dir = args.data_dir
-        input_pipeline.check_dataset(config.dataset.name, config.dataset.data_dir)
+        input_pipeline.check_config(config.dataset, prepare.print_progress(
+            f'preparing {config.dataset.name}'))
         pipeline = input_pipeline.Pipeline(config.dataset, config.seed)
     except (ConfigError, ValueError, OSError) as e:
         print(f'error: {str(e).splitlines()[0]}', file=sys.stderr)

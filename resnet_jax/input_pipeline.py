@@ -1,134 +1,42 @@
-"""Input pipelines from tensorflow-datasets, deterministic at any scale.
+"""Input pipelines, deterministic at any scale: tfds datasets and folders of images.
 
 Determinism: the contents and augmentation of global batch ``k`` are a function of
 ``(seed, k)`` only. Example ``p = k * batch_size + i`` of the stream is item ``p mod N`` of
 epoch ``p // N``'s permutation (drawn from ``(seed, epoch)``), and the augmentation
 parameters of the whole global batch are drawn from ``(seed, k)`` (a few numbers per
-image), so the number of hosts or devices and restarts change nothing. Each host then
-reads, decodes and augments only its own slice of the batch. No example is dropped:
-batches run across epoch boundaries.
+image), so the number of hosts, devices or worker processes and restarts change nothing.
+Each host then reads, decodes and augments only its own slice of the batch. No example is
+dropped: batches run across epoch boundaries.
 
 Why random access (and not a shuffled tf.data stream): a stream's order depends on its
 shuffle buffer and on how it was sharded over hosts, and resuming it at step ``k`` means
 replaying it. With random access, reading item ``i`` costs the same wherever it is, so
 any host can build any slice of any batch directly. Small datasets (the digits, CIFAR-10)
-are read into memory once; the others (ImageNet, imagenette, ...) are read through
-``tfds.data_source`` over ArrayRecord files, JPEGs decoded and augmented in a thread pool
-(PIL and numpy release the GIL), in order, so the result is deterministic.
+are read into memory once and augmented in the training process, vectorised over the
+batch; the others (ImageNet, imagenette, a folder of images) are read through
+``tfds.data_source`` over ArrayRecord files or from the folder's files, and decoded and
+augmented in worker processes (``resnet_jax.workers``, grain), each building whole
+slices of batches, which come back in order.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
-import dataclasses
-import io
+import functools
+import itertools
 import logging
-import os
 import queue
 import threading
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import tensorflow_datasets as tfds
-from PIL import Image
 
-from resnet_jax import augment
-from resnet_jax import datasets as _registered_datasets  # noqa: F401  (registers 'digits')
-from resnet_jax.config import ConfigError
+from resnet_jax import augment, folder, workers
+from resnet_jax.prepare import (IN_MEMORY_DATASETS, check_config, check_dataset,  # noqa: F401
+                                compute_mean, load_arrays, main, mean_path, stored_mean)
+from resnet_jax.sources import CorruptImage, TfdsSource, decode, decode_array
 
-# Small datasets read into memory: name -> (train, test) and the held-out-validation splits.
-IN_MEMORY_DATASETS = {
-    'digits': (('train', 'test'), ('train[:90%]', 'train[90%:]')),
-    'cifar10': (('train', 'test'), ('train[:45000]', 'train[45000:]')),  # sec. 4.2's 45k/5k
-}
 CIFAR_PAD = 4  # sec. 4.2: 4 pixels padded on each side, then a random 32x32 crop
-MANUAL_DATASETS = {'imagenet2012'}
-
-
-def _prepare_hint(name: str, data_dir: str | None) -> str:
-    where = data_dir or '~/tensorflow_datasets'
-    manual = (f'put ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar in '
-              f'{where}/downloads/manual, then ' if name in MANUAL_DATASETS else '')
-    return (f'{manual}run: tfds build {name} --data_dir={where} --file_format=array_record '
-            f'&& python -m resnet_jax.input_pipeline mean --dataset={name} '
-            f'--data_dir={where}')
-
-
-def check_dataset(name: str, data_dir: str | None) -> None:
-    """Raises ConfigError unless ``name`` can be read (in memory, or prepared ArrayRecord)."""
-    if data_dir is not None and not os.path.isdir(data_dir):
-        raise ConfigError(f'dataset.data_dir {data_dir} does not exist')
-    if name in IN_MEMORY_DATASETS:
-        return  # built (digits) or downloaded (CIFAR-10) by tfds on first use
-    try:
-        builder = tfds.builder(name, data_dir=data_dir)
-    except Exception:  # tfds raises DatasetNotFoundError and friends
-        raise ConfigError(f'unknown dataset {name!r}; allowed: digits, cifar10, imagenet2012 '
-                          'or any tfds image classification dataset') from None
-    if not builder.is_prepared():
-        raise ConfigError(f'{name} is not prepared in {data_dir or "~/tensorflow_datasets"}; '
-                          + _prepare_hint(name, data_dir))
-    if builder.info.file_format.value != 'array_record':
-        raise ConfigError(f'{name} in {builder.data_dir} is stored as '
-                          f'{builder.info.file_format.value}; random access needs ArrayRecord: '
-                          + _prepare_hint(name, data_dir))
-
-
-# --- random-access sources -------------------------------------------------------------------
-
-class CorruptImage(ValueError):
-    pass
-
-
-@dataclasses.dataclass(frozen=True)
-class ArraySource:
-    """Decoded images (N, H, W, C) uint8 and labels (N,) in host memory."""
-    images: np.ndarray
-    labels: np.ndarray
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def image(self, i: int) -> np.ndarray:
-        return self.images[i]
-
-    def label(self, i: int) -> int:
-        return int(self.labels[i])
-
-
-class TfdsSource:
-    """Encoded images from ``tfds.data_source`` (ArrayRecord), decoded on access."""
-
-    def __init__(self, name: str, split: str, data_dir: str | None):
-        self.source = tfds.data_source(name, split=split, data_dir=data_dir, download=False,
-                                       decoders={'image': tfds.decode.SkipDecoding()})
-
-    def __len__(self) -> int:
-        return len(self.source)
-
-    def record(self, i: int) -> dict:
-        return self.source[int(i)]
-
-    def image(self, i: int) -> np.ndarray:
-        data = self.record(i)['image']
-        try:
-            with Image.open(io.BytesIO(data)) as pil:
-                return np.asarray(pil.convert('RGB'))
-        except Exception as e:  # PIL raises many types on bad data
-            raise CorruptImage(f'record {i}: {e}') from None
-
-    def label(self, i: int) -> int:
-        return int(self.record(i)['label'])
-
-
-def load_arrays(name: str, split: str, data_dir: str | None) -> tuple[ArraySource, int]:
-    """Reads a whole split into memory (building the embedded dataset if needed)."""
-    builder = tfds.builder(name, data_dir=data_dir)
-    builder.download_and_prepare()
-    images, labels = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1,
-                                                      as_supervised=True))
-    return (ArraySource(np.asarray(images, np.uint8), np.asarray(labels, np.int32)),
-            builder.info.features['label'].num_classes)
 
 
 # --- the paper's CIFAR augmentation (sec. 4.2), vectorised over a batch ----------------------
@@ -156,15 +64,21 @@ def pad_crop_flip(images: np.ndarray, offsets: np.ndarray, flips: np.ndarray,
 
 # --- deterministic global batches ------------------------------------------------------------
 
+def _permutation(seed: int, epoch: int, n: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+_epoch_permutation = functools.lru_cache(maxsize=4)(_permutation)  # ImageNet's: ~20 ms
+
+
 def batch_indices(seed: int, step: int, batch_size: int, n: int) -> np.ndarray:
     """Dataset indices of global batch ``step``: a function of (seed, step) only."""
     positions = step * batch_size + np.arange(batch_size)
     epochs, within = np.divmod(positions, n)
     out = np.empty(batch_size, np.int64)
     for epoch in np.unique(epochs):
-        perm = np.random.default_rng([seed, int(epoch)]).permutation(n)
         sel = epochs == epoch
-        out[sel] = perm[within[sel]]
+        out[sel] = _epoch_permutation(seed, int(epoch), n)[within[sel]]
     return out
 
 
@@ -173,21 +87,35 @@ def host_slice(batch_size: int, process_index: int, process_count: int) -> slice
     return slice(process_index * per_host, (process_index + 1) * per_host)
 
 
+MAX_CORRUPT_IN_A_ROW = 16
+IMAGES_PER_TASK = 256  # a worker builds at most this many images of a batch as one task
+
+
+def _concat(parts: list[dict]) -> dict:
+    """The chunks of one host batch, built by different workers, as one batch."""
+    return {k: (sum((p[k] for p in parts), []) if k == 'skipped'
+                else np.concatenate([p[k] for p in parts])) for k in parts[0]}
+
+
 class Pipeline:
     """Training batches and evaluation images of one dataset (see the module docstring).
 
     Args:
       dataset: the ``config.dataset`` fields (name, data_dir, validation_split, augment,
-        image_size, min_scale, max_scale, crop, lighting_std, num_workers).
+        image_size, min_scale, max_scale, crop, lighting_std, num_workers, preprocessing).
       seed: the data seed.
+
+    ``corrupt_records`` counts the records skipped because they could not be read (each
+    is replaced by the next record, up to ``MAX_CORRUPT_IN_A_ROW`` in a row), in worker
+    processes too: their counts come back with the batches.
     """
 
     def __init__(self, dataset, seed: int):
         self.seed = seed
         self.cfg = dataset
         self.corrupt_records = 0
-        self._lock = threading.Lock()
         name, data_dir = dataset.name, dataset.data_dir
+        self.num_workers = dataset.num_workers or workers.default_num_workers()
         if name in IN_MEMORY_DATASETS:
             train_split, eval_split = IN_MEMORY_DATASETS[name][int(dataset.validation_split)]
             self.train, self.num_classes = load_arrays(name, train_split, data_dir)
@@ -195,6 +123,15 @@ class Pipeline:
             self.small = True  # CIFAR-style: fixed-size images, pad-and-crop augmentation
             self.image_size = self.train.images.shape[1]
             self.mean = mean_image(self.train.images)
+        elif folder.is_folder(name):
+            info, store = folder.load(name)
+            root = folder.folder_path(name)
+            self.train = folder.FolderSource(root, store, folder.TRAIN)
+            self.eval = folder.FolderSource(root, store, folder.VAL)
+            self.num_classes = len(info['classes'])
+            self.small = False
+            self.image_size = dataset.image_size
+            self.mean = stored_mean(store, self.image_size)
         else:
             check_dataset(name, data_dir)
             builder = tfds.builder(name, data_dir=data_dir)
@@ -209,65 +146,143 @@ class Pipeline:
             self.image_size = dataset.image_size
             self.mean = stored_mean(builder.data_dir, self.image_size)
         self.resize_size = round(self.image_size * 256 / 224)
-        self._pool = concurrent.futures.ThreadPoolExecutor(dataset.num_workers or os.cpu_count())
 
     @property
     def channel_mean(self) -> np.ndarray:
         return self.mean.reshape(-1, self.mean.shape[-1]).mean(0)
 
-    def normalize(self, images: np.ndarray, channel_mean: bool = False) -> np.ndarray:
-        """uint8 views to network inputs, by ``dataset.preprocessing``; ``channel_mean``
-        for views whose size differs from the mean image's."""
+    def normalize(self, images: np.ndarray, channel_mean: bool = False,
+                  out: np.ndarray | None = None) -> np.ndarray:
+        """uint8 views (one or a batch) to network inputs, by ``dataset.preprocessing``;
+        ``channel_mean`` for views whose size differs from the mean image's."""
         mean = self.channel_mean if channel_mean else self.mean
-        return augment.normalize(images, mean, self.cfg.preprocessing)
+        return augment.normalize(images, mean, self.cfg.preprocessing, out=out)
 
     def image_shape(self) -> tuple[int, int, int]:
         return (self.image_size, self.image_size, 3)
 
-    def _read(self, source, i: int) -> tuple[np.ndarray, int]:
-        """Image and label of item i; a corrupt record is skipped (the next one is used)."""
-        for attempt in range(16):
+    # --- reading records ------------------------------------------------------------------
+
+    def _first_readable(self, source, i: int, fn: Callable) -> tuple:
+        """``(fn(encoded image), label, skipped)`` of item ``i``, or of the next readable
+        item when it is corrupt (``skipped`` describes the corrupt ones)."""
+        skipped = []
+        for attempt in range(MAX_CORRUPT_IN_A_ROW):
             j = (int(i) + attempt) % len(source)
             try:
-                return source.image(j), source.label(j)
+                record = source.record(j)
+                return fn(record['image']), int(record['label']), skipped
             except CorruptImage as e:
-                with self._lock:
-                    self.corrupt_records += 1
-                logging.warning('skipping corrupt record (%d so far): %s',
-                                self.corrupt_records, e)
-        raise CorruptImage(f'16 corrupt records in a row from index {i}')
+                where = source.path(j) if hasattr(source, 'path') else f'record {j}'
+                skipped.append(f'{where}: {e}')
+        raise CorruptImage(f'{MAX_CORRUPT_IN_A_ROW} corrupt records in a row from index {i}: '
+                           + '; '.join(skipped))
+
+    def _count(self, skipped: list[str]) -> None:
+        """Counts (and logs) the corrupt records skipped here or in a worker."""
+        for what in skipped:
+            self.corrupt_records += 1
+            logging.warning('skipped corrupt record (%d so far): %s', self.corrupt_records,
+                            what)
+
+    def _received(self, batch: dict) -> dict:
+        """A batch from a worker: its skipped records counted, its arrays moved out of
+        shared memory (released at once, whatever the caller keeps)."""
+        self._count(batch.pop('skipped'))
+        return workers.to_local(batch)
+
+    def _read(self, source, i: int, shorter_side: int | None = None) -> tuple[np.ndarray, int]:
+        """Image and label of item i; a corrupt record is skipped (the next one is used)."""
+        image, label, skipped = self._first_readable(
+            source, i, functools.partial(decode_array, min_shorter_side=shorter_side))
+        self._count(skipped)
+        return image, label
+
+    # --- training batches -----------------------------------------------------------------
 
     def train_batch(self, step: int, batch_size: int, process_index: int = 0,
                     process_count: int = 1) -> dict[str, np.ndarray]:
-        """This host's slice of global training batch ``step``, augmented and normalised."""
-        idx = batch_indices(self.seed, step, batch_size, len(self.train))
-        rng = np.random.default_rng([self.seed, 1 << 20, step])
+        """This host's slice of global training batch ``step``, augmented and normalised
+        (built in this process; ``train_iterator`` builds them in worker processes)."""
         mine = host_slice(batch_size, process_index, process_count)
+        return self._received(self._train_images(step, batch_size, mine.start, mine.stop))
+
+    def _train_images(self, step: int, batch_size: int, start: int, stop: int,
+                      alloc: Callable = np.empty) -> dict:
+        """Examples ``start:stop`` of global batch ``step``, with the corrupt records
+        skipped to build them; the images in an array from ``alloc(shape, dtype)``."""
+        idx = batch_indices(self.seed, step, batch_size, len(self.train))[start:stop]
+        rng = np.random.default_rng([self.seed, 1 << 20, step])
         if self.small:
             offsets, flips = crop_flip_params(rng, batch_size)
-            images = self.train.images[idx[mine]]
+            images = self.train.images[idx]
             if self.cfg.augment:
-                images = pad_crop_flip(images, offsets[mine], flips[mine])
-            return {'image': self.normalize(images), 'label': self.train.labels[idx[mine]]}
-        params = augment.draw_params(rng, batch_size, min_scale=self.cfg.min_scale,
-                                     max_scale=self.cfg.max_scale,
-                                     lighting_std=self.cfg.lighting_std)
+                images = pad_crop_flip(images, offsets[start:stop], flips[start:stop])
+            return {'image': self.normalize(images), 'label': self.train.labels[idx],
+                    'skipped': []}
+        cfg, size = self.cfg, self.image_size
+        params = augment.draw_params(rng, batch_size, min_scale=cfg.min_scale,
+                                     max_scale=cfg.max_scale, lighting_std=cfg.lighting_std)
+        params = {k: v[start:stop] for k, v in params.items()}
+        crops = np.empty((stop - start, size, size, 3), np.uint8)
+        labels = np.empty(stop - start, np.int32)
+        skipped = []
+        for k, i in enumerate(idx):
+            if cfg.augment:
+                crop_fn = functools.partial(self._train_crop, augment.params_at(params, k))
+            else:
+                crop_fn = self._center_crop
+            crops[k], labels[k], s = self._first_readable(self.train, i, crop_fn)
+            skipped += s
+        out = alloc(crops.shape, np.float32)
+        images = (augment.train_batch(crops, params, self.mean, lighting_std=cfg.lighting_std,
+                                      preprocessing=cfg.preprocessing, out=out)
+                  if cfg.augment else self.normalize(crops, out=out))
+        return {'image': images, 'label': labels, 'skipped': skipped}
 
-        def one(i):
-            image, label = self._read(self.train, idx[i])
-            if not self.cfg.augment:
-                return self.center_view(image), label
-            return augment.train_view(image, augment.params_at(params, i), self.mean,
-                                      size=self.image_size, crop_style=self.cfg.crop,
-                                      lighting_std=self.cfg.lighting_std,
-                                      preprocessing=self.cfg.preprocessing), label
+    def _train_crop(self, p: dict, data: bytes) -> np.ndarray:
+        size, style = self.image_size, self.cfg.crop
+        image, factor, shape = decode(data, functools.partial(
+            augment.train_crop_shorter_side, p=p, size=size, crop_style=style))
+        return augment.train_crop(image, p, size=size, crop_style=style, full_shape=shape,
+                                  factor=factor)
 
-        images, labels = zip(*self._pool.map(one, range(mine.start, mine.stop)))
-        return {'image': np.stack(images), 'label': np.asarray(labels, np.int32)}
+    def _center_crop(self, data: bytes) -> np.ndarray:
+        return augment.center_view(decode_array(data, self.resize_size), self.resize_size,
+                                   self.image_size)
 
-    def eval_images(self, indices) -> Iterator[tuple[np.ndarray, int]]:
-        """Decoded (image, label) of the eval split, in order, decoded in parallel."""
-        return self._pool.map(lambda i: self._read(self.eval, i), indices)
+    def _host_batches(self, build: Callable, first: int, stop: int,
+                      host_batch: int) -> Iterator[dict]:
+        """``build(b, start, stop)`` (examples start:stop of this host's slice of batch b)
+        for batches ``first, first + 1, ...`` below ``stop``, in worker processes: tasks of
+        at most ``IMAGES_PER_TASK`` images, joined back into host batches here."""
+        chunks = -(-host_batch // IMAGES_PER_TASK)
+        per_chunk = -(-host_batch // chunks)
+        task = functools.partial(_chunk_task, build, chunks, per_chunk, host_batch)
+        return workers.map_in_workers(task, range(first * chunks, stop * chunks),
+                                      self.num_workers, group=chunks, combine=_concat)
+
+    # --- evaluation -----------------------------------------------------------------------
+
+    def eval_images(self, indices, view: Callable | None = None,
+                    shorter_side: int | None = None) -> Iterator[tuple]:
+        """(image, label) of the eval split's items ``indices``, in order, or
+        ``(view(image), label)``; encoded images are decoded (at a reduced scale that
+        keeps ``shorter_side``, if given) in worker processes."""
+        if self.small:
+            for i in indices:
+                image = self.eval.image(i)
+                yield (view(image) if view else image), self.eval.label(i)
+            return
+        task = functools.partial(_eval_image_task, self, view, shorter_side)
+        indices = list(indices)
+        items = workers.map_in_workers(task, indices, self.num_workers)
+        try:  # exactly len(indices) items: the workers stop at close(), not by exhaustion
+            for out, label, skipped in itertools.islice(items, len(indices)):
+                self._count(skipped)
+                yield workers.to_local(out), int(label)
+        finally:
+            items.close()
 
     def center_view(self, image: np.ndarray) -> np.ndarray:
         """The ``center`` protocol's single view (CIFAR-style data: the image itself)."""
@@ -279,101 +294,126 @@ class Pipeline:
                      view=None) -> Iterator[dict[str, np.ndarray]]:
         """The whole eval split in order, one view per image (default: the centre view);
         the last batch is padded and its padding masked out (``mask``)."""
-        view = view or self.center_view
         mine = host_slice(batch_size, process_index, process_count)
-        for start in range(0, len(self.eval), batch_size):
-            idx = np.arange(start, start + batch_size)
-            mask = idx < len(self.eval)
-            idx = np.where(mask, idx, 0)[mine]
-            images, labels = zip(*self.eval_images(idx))
-            yield {'image': np.stack([view(im) for im in images]),
-                   'label': np.asarray(labels, np.int32), 'mask': mask[mine]}
+        num_batches = -(-len(self.eval) // batch_size)
+        build = functools.partial(_eval_task, self, batch_size, view, mine.start)
+        if self.small:
+            batches = (build(b, 0, mine.stop - mine.start) for b in range(num_batches))
+        else:
+            batches = self._host_batches(build, 0, num_batches, mine.stop - mine.start)
+        try:  # (see eval_images)
+            for batch in itertools.islice(batches, num_batches):
+                yield self._received(batch)
+        finally:
+            batches.close()
+
+    def _eval_images(self, batch_size: int, view, b: int, start: int, stop: int) -> dict:
+        """Examples ``start:stop`` of eval batch ``b`` (past the end: item 0, masked)."""
+        idx = b * batch_size + np.arange(start, stop)
+        mask = idx < len(self.eval)
+        idx = np.where(mask, idx, 0)
+        if self.small:
+            images = self.eval.images[idx]
+            return {'image': np.stack([view(im) for im in images]) if view
+                    else self.normalize(images), 'label': self.eval.labels[idx],
+                    'mask': mask, 'skipped': []}
+        fn = functools.partial(_decoded_view, view) if view else self._center_crop
+        outs, labels, skipped = zip(*(self._first_readable(self.eval, i, fn) for i in idx))
+        images = np.stack(outs)
+        return {'image': images if view else self.normalize(images),
+                'label': np.asarray(labels, np.int32), 'mask': mask,
+                'skipped': sum(skipped, [])}
 
 
-def mean_path(dataset_dir, size: int) -> str:
-    return os.path.join(str(dataset_dir), f'mean_image_{size}.npy')
+# Tasks run in worker processes: module-level functions of picklable arguments.
+
+def _chunk_task(build: Callable, chunks: int, per_chunk: int, host_batch: int, key: int):
+    b, c = divmod(key, chunks)
+    return build(b, c * per_chunk, min(host_batch, (c + 1) * per_chunk))
 
 
-def stored_mean(dataset_dir, size: int) -> np.ndarray:
-    """The training set's mean image stored beside the data, else ImageNet's channel mean."""
-    path = mean_path(dataset_dir, size)
-    if os.path.exists(path):
-        return np.load(path).astype(np.float32)
-    logging.warning('no mean image at %s (compute it with `python -m resnet_jax.input_pipeline '
-                    'mean`); subtracting the per-channel mean instead', path)
-    return augment.IMAGENET_CHANNEL_MEAN
+def _train_task(pipeline: Pipeline, batch_size: int, offset: int, step: int, start: int,
+                stop: int) -> dict:
+    return pipeline._train_images(step, batch_size, offset + start, offset + stop,
+                                  alloc=workers.shared_array)
 
 
-def compute_mean(name: str, data_dir: str | None, size: int = 224,
-                 max_images: int | None = None, num_workers: int | None = None) -> str:
-    """Averages the centre views of the training images and stores the mean image."""
-    source = TfdsSource(name, 'train', data_dir)
-    n = len(source) if max_images is None else min(max_images, len(source))
-    resize_size = round(size * 256 / 224)
-    total = np.zeros((size, size, 3), np.float64)
-    with concurrent.futures.ThreadPoolExecutor(num_workers or os.cpu_count()) as pool:
-        for view in pool.map(lambda i: augment.center_view(source.image(i), resize_size, size),
-                             range(n)):
-            total += view
-    mean = (total / n / 255.0).astype(np.float32)
-    path = mean_path(tfds.builder(name, data_dir=data_dir).data_dir, size)
-    np.save(path, mean)
-    return path
+def _eval_task(pipeline: Pipeline, batch_size: int, view, offset: int, b: int, start: int,
+               stop: int) -> dict:
+    return pipeline._eval_images(batch_size, view, b, offset + start, offset + stop)
+
+
+def _decoded_view(view: Callable, data: bytes):
+    return view(decode_array(data))
+
+
+def _eval_image_task(pipeline: Pipeline, view, shorter_side, i: int):
+    image, label, skipped = pipeline._first_readable(
+        pipeline.eval, i, functools.partial(decode_array, min_shorter_side=shorter_side))
+    return (view(image) if view else image), label, skipped
 
 
 # --- feeding the devices -------------------------------------------------------------------
 
 def prefetch(iterator: Iterator, put, size: int = 2) -> Iterator:
-    """Runs ``put(next(iterator))`` (e.g. a host-to-device copy) ``size`` batches ahead."""
+    """Runs ``put(next(iterator))`` (e.g. a host-to-device copy) ``size`` batches ahead in
+    a thread; closing the result stops the thread and closes ``iterator``."""
     q: queue.Queue = queue.Queue(maxsize=size)
+    stop = threading.Event()
     sentinel = object()
+
+    def offer(item) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                pass
+        return False
 
     def worker():
         try:
             for item in iterator:
-                q.put(put(item))
+                if not offer(put(item)):
+                    break
+            else:
+                offer(sentinel)
         except BaseException as e:  # surfaced in the consumer
-            q.put(e)
-        q.put(sentinel)
+            offer(e)
+        finally:
+            getattr(iterator, 'close', lambda: None)()
 
-    threading.Thread(target=worker, daemon=True).start()
-    while True:
-        item = q.get()
-        if item is sentinel:
-            return
-        if isinstance(item, BaseException):
-            raise item
-        yield item
+    thread = threading.Thread(target=worker, daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = q.get()
+            if item is sentinel:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join(timeout=30)
 
 
 def train_iterator(pipeline: Pipeline, start_step: int, batch_size: int, process_index: int,
                    process_count: int) -> Iterator[dict[str, np.ndarray]]:
-    """This host's slices of the global batches ``start_step, start_step + 1, ...``."""
-    step = start_step
-    while True:
-        yield pipeline.train_batch(step, batch_size, process_index, process_count)
-        step += 1
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m resnet_jax.input_pipeline mean --dataset=imagenet2012 --data_dir=DIR``."""
-    import argparse
-    import sys
-
-    parser = argparse.ArgumentParser(description='Compute and store a dataset\'s mean image.')
-    parser.add_argument('command', choices=['mean'])
-    parser.add_argument('--dataset', required=True)
-    parser.add_argument('--data_dir', default=None)
-    parser.add_argument('--image_size', type=int, default=224)
-    parser.add_argument('--max_images', type=int, default=None)
-    args = parser.parse_args(argv)
+    """This host's slices of the global batches ``start_step, start_step + 1, ...``: built
+    in this process for in-memory datasets (vectorised numpy), in worker processes for
+    encoded images. Closing it stops the workers."""
+    mine = host_slice(batch_size, process_index, process_count)
+    build = functools.partial(_train_task, pipeline, batch_size, mine.start)
+    if pipeline.small:
+        batches = (build(step, 0, mine.stop - mine.start) for step in range(start_step, 1 << 62))
+    else:
+        batches = pipeline._host_batches(build, start_step, 1 << 62, mine.stop - mine.start)
     try:
-        check_dataset(args.dataset, args.data_dir)
-    except ConfigError as e:
-        print(f'error: {e}', file=sys.stderr)
-        return 2
-    print('wrote', compute_mean(args.dataset, args.data_dir, args.image_size, args.max_images))
-    return 0
+        for batch in batches:
+            yield pipeline._received(batch)
+    finally:
+        batches.close()
 
 
 if __name__ == '__main__':

@@ -90,7 +90,7 @@ def main(argv: list[str]) -> None:
     del argv
     import jax
 
-    from resnet_jax import faults, parallel, train
+    from resnet_jax import faults, parallel, prepare, train
     from resnet_jax.config import ConfigError
 
     try:
@@ -103,7 +103,8 @@ def main(argv: list[str]) -> None:
     logging.set_verbosity(logging.ERROR)  # the libraries' chatter; results are printed
     config, workdir = _FLAGS['config'].value, pathlib.Path(_FLAGS['workdir'].value)
     try:
-        train.validate_config(config, jax.device_count())
+        train.validate_config(config, jax.device_count(), progress=prepare.print_progress(
+            f'preparing {config.dataset.name}') if jax.process_index() == 0 else None)
     except ConfigError as e:
         _fail(str(e))
     if jax.process_index() == 0:

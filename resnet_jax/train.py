@@ -57,9 +57,11 @@ def evaluate(eval_fn, mesh: Mesh, state: TrainState, pipeline: input_pipeline.Pi
 
 # --- the loop --------------------------------------------------------------------------------
 
-def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
-    """Raises ConfigError on a config that cannot run, before anything is built."""
-    input_pipeline.check_dataset(config.dataset.name, config.dataset.data_dir)
+def validate_config(config: ml_collections.ConfigDict, num_devices: int,
+                    progress=None) -> None:
+    """Raises ConfigError on a config that cannot run, before anything is built (a
+    folder dataset is prepared here on first use, reporting ``progress(done, total)``)."""
+    input_pipeline.check_config(config.dataset, progress)
     try:
         steps.create_model(config, num_classes=10)
     except ValueError as e:
@@ -210,6 +212,7 @@ def _train(config, workdir: epath.Path, mesh: Mesh, ckpt: checkpointing.Checkpoi
         if stop_now:
             stopped_by = stop.signal_name or 'a preemption notice (SIGTERM to a process)'
             break
+    batches.close()  # stops the input pipeline's workers
     guard.check_all()
     save(step, state, train_metrics)  # no-op when this step is saved already
     writer.close()

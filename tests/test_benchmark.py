@@ -74,3 +74,24 @@ def test_benchmark_vs_pytorch_table():
     # The table rounds images/s to 0.1 and the ratio to 0.01: compare relatively.
     assert theirs > 0 and ours > 0 and ratio == pytest.approx(ours / theirs, rel=0.02)
     assert 'bfloat16' in proc.stdout
+
+
+@pytest.mark.slow
+def test_accelerator_readiness_script_runs_at_toy_size(tmp_path):
+    """experiments/accelerator_readiness.py, as run on a GPU host, at CPU size: real JPEGs
+    through the input pipeline beside synthetic data, and two depths ready to train."""
+    log = tmp_path / 'readiness.log'
+    proc = _run(str(REPO / 'experiments' / 'accelerator_readiness.py'), '--toy',
+                f'--log={log}', timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    real = r['real_jpeg']
+    assert real['real_images_per_sec'] > 0 and real['synthetic_images_per_sec'] > 0
+    assert real['real_over_synthetic'] == pytest.approx(
+        real['real_images_per_sec'] / real['synthetic_images_per_sec'])
+    depth = r['depth']
+    for name in ('cifar_resnet20', 'cifar_resnet8'):
+        assert depth[name]['ready_seconds'] >= depth[name]['compile_seconds'] > 0
+    plan = depth['cifar_resnet20']['execution']
+    assert depth['cifar_resnet20']['scanned_blocks'] == (6 if plan == 'cpu' else 0)
+    assert log.read_text().strip().splitlines()[-1] == proc.stdout.strip().splitlines()[-1]

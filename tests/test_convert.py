@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import resnet_jax
-from resnet_jax import checkpointing, convert, evaluate, models
+from resnet_jax import checkpointing, convert, models
 from conftest import REPO
 
 DEPTHS = ('resnet18', 'resnet34', 'resnet50', 'resnet101', 'resnet152')

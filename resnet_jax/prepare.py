@@ -1,0 +1,157 @@
+"""Which datasets can be read, and preparing them once: the checks that run before
+anything is built, the in-memory datasets, mean images, a folder's index, and
+
+    python -m resnet_jax.input_pipeline mean --dataset=imagenet2012 [--data_dir=DIR]
+    python -m resnet_jax.input_pipeline mean --dataset=folder:/path/to/images
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Callable
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from resnet_jax import augment, folder, sources, workers
+from resnet_jax import datasets as _registered_datasets  # noqa: F401  (registers 'digits')
+from resnet_jax.config import ConfigError
+from resnet_jax.sources import ArraySource, TfdsSource
+
+# Small datasets read into memory: name -> (train, test) and the held-out-validation splits.
+IN_MEMORY_DATASETS = {
+    'digits': (('train', 'test'), ('train[:90%]', 'train[90%:]')),
+    'cifar10': (('train', 'test'), ('train[:45000]', 'train[45000:]')),  # sec. 4.2's 45k/5k
+}
+MANUAL_DATASETS = {'imagenet2012'}
+
+
+def _prepare_hint(name: str, data_dir: str | None) -> str:
+    where = data_dir or '~/tensorflow_datasets'
+    manual = (f'put ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar in '
+              f'{where}/downloads/manual, then ' if name in MANUAL_DATASETS else '')
+    return (f'{manual}run: tfds build {name} --data_dir={where} --file_format=array_record '
+            f'&& python -m resnet_jax.input_pipeline mean --dataset={name} '
+            f'--data_dir={where}')
+
+
+def check_dataset(name: str, data_dir: str | None, *, image_size: int = 224,
+                  num_workers: int = 0, validation_split: bool = False,
+                  progress: Callable[[int, int], None] | None = None) -> None:
+    """Raises ConfigError unless ``name`` can be read: in memory, prepared ArrayRecord, or
+    a folder of images (``folder:PATH``, prepared here on first use: see
+    ``resnet_jax.folder``, ``progress(done, total)`` reports it)."""
+    if folder.is_folder(name):
+        if validation_split:
+            raise ConfigError('dataset.validation_split is for tfds datasets; a folder\'s '
+                              'evaluation split is its val/ subfolder or a held-out '
+                              f'{folder.HELD_OUT_FRACTION:.0%} of each class')
+        folder.prepare(name, image_size, num_workers or workers.default_num_workers(),
+                       progress)
+        return
+    if data_dir is not None and not os.path.isdir(data_dir):
+        raise ConfigError(f'dataset.data_dir {data_dir} does not exist')
+    if name in IN_MEMORY_DATASETS:
+        return  # built (digits) or downloaded (CIFAR-10) by tfds on first use
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+    except Exception:  # tfds raises DatasetNotFoundError and friends
+        raise ConfigError(f'unknown dataset {name!r}; allowed: digits, cifar10, imagenet2012, '
+                          'folder:/path/to/images or any tfds image classification '
+                          'dataset') from None
+    if not builder.is_prepared():
+        raise ConfigError(f'{name} is not prepared in {data_dir or "~/tensorflow_datasets"}; '
+                          + _prepare_hint(name, data_dir))
+    if builder.info.file_format.value != 'array_record':
+        raise ConfigError(f'{name} in {builder.data_dir} is stored as '
+                          f'{builder.info.file_format.value}; random access needs ArrayRecord: '
+                          + _prepare_hint(name, data_dir))
+
+
+def check_config(dataset, progress: Callable[[int, int], None] | None = None) -> None:
+    """``check_dataset`` for the ``config.dataset`` fields."""
+    check_dataset(dataset.name, dataset.data_dir, image_size=dataset.image_size,
+                  num_workers=dataset.num_workers, validation_split=dataset.validation_split,
+                  progress=progress)
+
+
+def load_arrays(name: str, split: str, data_dir: str | None) -> tuple[ArraySource, int]:
+    """Reads a whole split into memory (building the embedded dataset if needed)."""
+    builder = tfds.builder(name, data_dir=data_dir)
+    builder.download_and_prepare()
+    images, labels = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1,
+                                                      as_supervised=True))
+    return (ArraySource(np.asarray(images, np.uint8), np.asarray(labels, np.int32)),
+            builder.info.features['label'].num_classes)
+
+
+
+def mean_path(dataset_dir, size: int) -> str:
+    return os.path.join(str(dataset_dir), f'mean_image_{size}.npy')
+
+
+def stored_mean(dataset_dir, size: int) -> np.ndarray:
+    """The training set's mean image stored beside the data, else ImageNet's channel mean."""
+    path = mean_path(dataset_dir, size)
+    if os.path.exists(path):
+        return np.load(path).astype(np.float32)
+    logging.warning('no mean image at %s (compute it with `python -m resnet_jax.input_pipeline '
+                    'mean`); subtracting the per-channel mean instead', path)
+    return augment.IMAGENET_CHANNEL_MEAN
+
+
+def compute_mean(name: str, data_dir: str | None, size: int = 224,
+                 max_images: int | None = None, num_workers: int | None = None,
+                 progress: Callable[[int, int], None] | None = None) -> str:
+    """Averages the centre views of the training images and stores the mean image."""
+    source = TfdsSource(name, 'train', data_dir)
+    n = len(source) if max_images is None else min(max_images, len(source))
+    scan = sources.scan(source, np.arange(n), size,
+                        num_workers or workers.default_num_workers(), progress)
+    mean = (scan.total / max(1, scan.count) / 255.0).astype(np.float32)
+    path = mean_path(tfds.builder(name, data_dir=data_dir).data_dir, size)
+    np.save(path, mean)
+    return path
+
+
+def print_progress(label: str, stream=None) -> Callable[[int, int], None]:
+    """A ``progress(done, total)`` that draws ``label: done/total images`` on one line of
+    ``stream`` (default stderr), for the command-line tools."""
+    def progress(done: int, total: int) -> None:
+        end = '\n' if done >= total else ''
+        print(f'\r{label}: {done}/{total} images ({100 * done // max(1, total)}%)', end=end,
+              file=stream or sys.stderr, flush=True)
+    return progress
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m resnet_jax.input_pipeline mean --dataset=imagenet2012 --data_dir=DIR``
+    (or ``--dataset=folder:DIR``: prepares the folder's index and mean image)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description='Compute and store a dataset\'s mean image '
+                                     '(a folder of images: its index and mean image).')
+    parser.add_argument('command', choices=['mean'])
+    parser.add_argument('--dataset', required=True)
+    parser.add_argument('--data_dir', default=None)
+    parser.add_argument('--image_size', type=int, default=224)
+    parser.add_argument('--max_images', type=int, default=None)
+    parser.add_argument('--num_workers', type=int, default=0)
+    args = parser.parse_args(argv)
+    progress = print_progress(f'reading {args.dataset}')
+    try:
+        check_dataset(args.dataset, args.data_dir, image_size=args.image_size,
+                      num_workers=args.num_workers, progress=progress)
+    except ConfigError as e:
+        print(f'error: {e}', file=sys.stderr)
+        return 2
+    if folder.is_folder(args.dataset):
+        print('prepared', folder.store_dir(folder.folder_path(args.dataset)))
+        return 0
+    print('wrote', compute_mean(args.dataset, args.data_dir, args.image_size, args.max_images,
+                                args.num_workers, progress))
+    return 0
+
+
