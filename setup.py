@@ -15,32 +15,38 @@ setup(
     description='Deep Residual Learning for Image Recognition (He et al., 2015) in JAX/Flax',
     long_description=(HERE / 'README.md').read_text(),
     long_description_content_type='text/markdown',
-    python_requires='>=3.10',
+    # Tested (CI) on Python 3.11 with jax 0.10 and on Python 3.13 with jax 0.12.
+    python_requires='>=3.11',
     packages=find_packages(include=['resnet_jax', 'resnet_jax.*']),
+    # Lower bounds are the releases the code was written against; there are no upper
+    # bounds but where a known incompatibility is named. pip takes the newest jax a
+    # Python supports (0.10.x on 3.11; 0.11 and later need 3.12).
     install_requires=[
-        'jax>=0.6,<0.11',
-        'flax>=0.10,<0.13',
-        'optax>=0.2.4,<0.3',
-        'orbax-checkpoint>=0.11,<0.13',
-        'tensorflow-datasets>=4.9.6,<5',
-        # the input pipeline's worker processes (MapDataset, mp_prefetch, shared memory)
+        'jax>=0.10',
+        'flax>=0.12',
+        'optax>=0.2.4',
+        'orbax-checkpoint>=0.11',
+        'tensorflow-datasets>=4.9.6',
+        # the input pipeline's worker processes (MapDataset, mp_prefetch, shared memory);
+        # <0.3: resnet_jax/workers.py reads grain 0.2's shared-memory arrays' own fields
+        # (`shm`, `_unlink_on_del`) to hand batches over without a copy
         'grain>=0.2.10,<0.3',
-        # tf.data for the input pipelines; the CPU build is all the pipeline needs.
-        'tensorflow-cpu>=2.17,<3',
-        'ml-collections>=0.1.1,<2',
-        'clu>=0.0.12,<0.1',
-        'absl-py>=2.1,<3',
-        'tensorboard>=2.17,<3',  # clu's summary writers
+        # tfds builds and reads its datasets with TensorFlow; the CPU build is enough.
+        'tensorflow-cpu>=2.17',
+        'ml-collections>=0.1.1',
+        'clu>=0.0.12',
+        'absl-py>=2.1',
+        'tensorboard>=2.17',  # clu's summary writers
         'importlib_resources>=6',  # tfds' builders need it; not declared by tfds
-        'numpy>=1.26,<3',
+        'numpy>=1.26',
         'pillow>=10',  # JPEG decoding (draft mode), crops, resizing the embedded digits
-        'matplotlib>=3.7,<4',  # training curves
-        'scikit-learn>=1.3,<2',  # ships the embedded handwritten-digits set
+        'matplotlib>=3.7',  # training curves
+        'scikit-learn>=1.3',  # ships the embedded handwritten-digits set
     ],
     extras_require={
         # scikit-image: real photographs (and a grayscale one, a transparent PNG) for the
         # folder-dataset tests, shipped inside the package
-        'test': ['pytest>=8,<10', 'scikit-image>=0.22,<1'],
+        'test': ['pytest>=8', 'scikit-image>=0.22'],
         # Reading .pth files and the tests against torchvision's own ResNets. torchvision
         # pins one torch release; PyPI's torchvision 0.28 does not import beside the CPU
         # build of torch 2.13 ("operator torchvision::nms does not exist"), 0.29 with 2.14

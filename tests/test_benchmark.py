@@ -63,6 +63,7 @@ def test_benchmark_unknown_model_is_one_line_error():
     assert len(proc.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.interop
 def test_benchmark_vs_pytorch_table():
     pytest.importorskip('torch')
     proc = _run(str(REPO / 'experiments' / 'benchmark_vs_pytorch.py'), '--nets',

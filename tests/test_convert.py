@@ -164,6 +164,7 @@ def _randomise_batchnorm(net):
     return net
 
 
+@pytest.mark.interop
 @pytest.mark.parametrize('name', DEPTHS)
 def test_torchvision_resnets_convert_to_the_same_logits(name, torchvision, tmp_path):
     """torchvision's own resnet18..152 (random weights, randomised BatchNorm statistics),
@@ -185,6 +186,7 @@ def test_torchvision_resnets_convert_to_the_same_logits(name, torchvision, tmp_p
     _close(logits, ref)
 
 
+@pytest.mark.interop
 @pytest.mark.parametrize('name, overrides', [
     ('cifar_resnet20', {}), ('cifar_plain20', {}), ('resnet18', dict(shortcut='C', width=8)),
     ('resnet34', dict(shortcut='A', width=8)), ('resnet50', dict(width=8))])
