@@ -1,6 +1,7 @@
 """The paper's test protocols (sec. 3.4, 4.2), over the complete eval split.
 
-    python -m resnet_jax.evaluate --workdir=<dir> --protocol=center|ten_crop|multiscale
+    python -m resnet_jax.evaluate --workdir=<dir> --protocol=center|ten_crop|multiscale \
+        [--weights=raw|ema]
 
 * ``center``: shorter side 256, the centre 224 crop (CIFAR-style data: the 32x32 image).
 * ``ten_crop``: the 4 corners and the centre at 224 and their flips, softmax averaged
@@ -130,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('--data_dir', default=None, help='override dataset.data_dir')
     parser.add_argument('--batch_size', type=int, default=64, help='images per batch')
     parser.add_argument('--step', type=int, default=None, help='checkpoint step (latest)')
+    parser.add_argument('--weights', default='raw', choices=checkpointing.WEIGHTS,
+                        help='the trained weights, or their moving average (ema_decay > 0)')
     args = parser.parse_args(argv)
     try:
         config = None
@@ -138,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
             path, _, arg = args.config.partition(':')
             module = config_flags.config_flags._LoadConfigModule('eval_config', path)
             config = module.get_config(arg) if arg else module.get_config()
-        model, variables, config, step = checkpointing.load(args.workdir, args.step, config)
+        model, variables, config, step = checkpointing.load(args.workdir, args.step, config,
+                                                            args.weights)
         if args.data_dir:
             config.dataset.data_dir = args.data_dir
         input_pipeline.check_dataset(config.dataset.name, config.dataset.data_dir)
@@ -151,9 +155,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f'{config.model.name} step {step}, {args.protocol}: top-1 error '
           f'{100 * result["top1_error"]:.2f}%, top-5 error {100 * result["top5_error"]:.2f}% '
           f'on {result["num_images"]} images ({result["images_per_sec"]:.1f} images/s)')
-    record = {'protocol': args.protocol, 'step': step, **result}
+    record = {'protocol': args.protocol, 'step': step, 'weights': args.weights, **result}
+    suffix = '_ema' if args.weights == 'ema' else ''
     if jax.process_index() == 0:  # kept with the run, for reports
-        (pathlib.Path(args.workdir) / f'eval_{args.protocol}.json').write_text(
+        (pathlib.Path(args.workdir) / f'eval_{args.protocol}{suffix}.json').write_text(
             json.dumps(record, indent=2))
     print(json.dumps(record))
     return 0
