@@ -59,7 +59,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.optimizer = 'sgd'                 # 'sgd' (paper) or 'lars' (You et al. 2017: each
     #                                     kernel's step scaled by trust_coefficient *
     #                                     |w| / |g + wd w|; BN parameters and biases
-    #                                     take plain momentum steps, without weight decay)
+    #                                     take plain momentum steps, without weight decay).
+    #                                     LARS's learning_rate is on another scale than
+    #                                     SGD's: 34 at batch 32k, ~2 on the digits
     c.lars_trust_coefficient = 1e-3     # 'lars': eta of You et al.
     c.grad_accum_steps = 1              # the global batch runs as this many micro-batches
     #                                     of batch_size / grad_accum_steps (whole BN groups)
