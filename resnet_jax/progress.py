@@ -10,11 +10,19 @@ touches the device: the loss it shows is one the loop already has on the host.
 
 from __future__ import annotations
 
+import sys
 import time
 from typing import Callable
 
 # The scalars written for TensorBoard; the console shows them as the progress line.
 SCALARS = ('steps_per_sec', 'images_per_sec', 'images_per_sec_per_device', 'eta_seconds')
+
+
+def print_line(line: str) -> None:
+    """Prints ``line`` with one write, so that lines printed by other threads (the metric
+    writer's) never cut into it."""
+    sys.stdout.write(line + '\n')
+    sys.stdout.flush()
 
 
 def format_duration(seconds: float) -> str:

@@ -36,8 +36,8 @@ class ConsoleWriter(metric_writers.LoggingWriter):
     def write_scalars(self, step, scalars):
         scalars = {k: v for k, v in scalars.items() if k not in progress.SCALARS}
         if scalars:
-            print(f'[{step}] ' + ', '.join(f'{k}={float(v):.6g}' for k, v in scalars.items()),
-                  flush=True)
+            progress.print_line(f'[{step}] ' + ', '.join(f'{k}={float(v):.6g}'
+                                                         for k, v in scalars.items()))
 
 
 def create_writer(workdir: epath.Path) -> metric_writers.MetricWriter:
@@ -200,8 +200,7 @@ def _train(config, workdir: epath.Path, mesh: Mesh, ckpt: checkpointing.Checkpoi
     train_fn, eval_fn = steps.compile_steps(model, tx, learning_rate_fn, config, mesh, plan)
     writer = create_writer(workdir)
     report = progress.Progress(config.num_train_steps, config.batch_size, mesh.size, start_time,
-                               writer.write_scalars,
-                               functools.partial(print, flush=True) if lead else None)
+                               writer.write_scalars, progress.print_line if lead else None)
     hooks = []
     if config.profile and lead:
         hooks.append(periodic_actions.Profile(logdir=str(workdir), num_profile_steps=5))
