@@ -87,6 +87,9 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
     if config.optimizer not in optim.OPTIMIZERS:
         raise ConfigError(f'unknown optimizer {config.optimizer!r}; allowed: '
                           f'{", ".join(optim.OPTIMIZERS)}')
+    if config.optimizer == 'lars' and config.lars_trust_coefficient <= 0:
+        raise ConfigError('lars_trust_coefficient must be positive; got '
+                          f'{config.lars_trust_coefficient}')
     if not 0 <= config.ema_decay < 1:
         raise ConfigError(f'ema_decay must be in [0, 1); got {config.ema_decay}')
     check_grad_accum(config, num_devices)

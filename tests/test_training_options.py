@@ -264,7 +264,7 @@ def test_lars_trains_the_default_run_below_5_percent(data_dir, tmp_path):
     lr * 0.001 * |w| (|w| / |g| is 4-35 here at the start), so SGD's 0.1 barely moves the
     kernels (33% test error at step 200); 2 is about SGD's step size at the start."""
     proc = run_main(f'--workdir={tmp_path}', f'--config.dataset.data_dir={data_dir}',
-                    '--config.optimizer=lars', '--config.learning_rate=2')
+                    '--config.optimizer=lars', '--config.learning_rate=2', timeout=1500)
     assert proc.returncode == 0, proc.stderr[-2000:]
     r = results(tmp_path)
     assert r['step'] == 400 and r['eval_top1_error'] < 0.05
@@ -394,6 +394,8 @@ def test_progress_before_any_speed_is_known():
     (['--config.ema_decay=1.0'], r'ema_decay must be in \[0, 1\); got 1.0'),
     (['--config.ema_decay=-0.5'], r'ema_decay must be in \[0, 1\); got -0.5'),
     (['--config.optimizer=adam'], "unknown optimizer 'adam'; allowed: sgd, lars"),
+    (['--config.optimizer=lars', '--config.lars_trust_coefficient=0'],
+     'lars_trust_coefficient must be positive; got 0'),
 ])
 def test_bad_options_get_one_line_and_exit_code_2(tmp_path, args, message):
     workdir = tmp_path / 'work'
