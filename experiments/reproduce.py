@@ -10,7 +10,9 @@
 draws the figure like the paper's: Fig. 4/6 training error dashed and test error bold
 against iterations, plain nets left and residual nets right; Fig. 7 the std of each 3x3
 layer's response in layer order (top) and sorted (bottom). ``cpu_fig6`` is the CPU-size
-version of Fig. 6/7 on the embedded digits set (see experiments/results/).
+version of Fig. 6/7 on the embedded digits set (see experiments/results/). ``large_batch``
+runs the large-batch ImageNet recipes that pod users start from (Goyal et al. 2017 at batch
+8192, LARS at 32k), set beside their own papers' errors.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ class Run:
     paper_top1: float | None = None
     paper_top5: float | None = None
     panel: str = ''               # 'plain' or 'residual' for the curve figures
+    source: str = 'paper'         # where the target comes from, when not He et al.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +56,13 @@ def _imagenet(name, protocol, panel=''):
     top1, top5 = {'ten_crop': paper.TEN_CROP, 'multiscale': paper.MULTISCALE}.get(
         protocol, {}).get(name, (None, None))
     return Run(name, f'configs/imagenet.py:{name}', (), protocol, top1, top5, panel)
+
+
+def _large_batch(name):
+    """A large-batch ImageNet recipe with its own paper's single-crop error."""
+    top1, top5 = paper.LARGE_BATCH[name]
+    return Run(name, f'configs/imagenet.py:{name}', (), 'center', top1, top5,
+               source=paper.LARGE_BATCH_SOURCES[name])
 
 
 def _cifar(name, panel='', overrides=()):
@@ -101,6 +111,11 @@ EXPERIMENTS = {
                                _cpu(net, seed) for net in ('plain20', 'plain56', 'resnet20',
                                                            'resnet56') for seed in (0, 1)),
                            'curves+responses'),
+    'large_batch': Experiment(
+        'ImageNet ResNet-50 large-batch recipes, centre-crop top-1 error: Goyal et al. 2017 '
+        f'batch 8192 {paper.LARGE_BATCH["resnet50_goyal8k"][0]}%, LARS batch 32k (You et '
+        f'al. 2018) {paper.LARGE_BATCH["resnet50_lars32k"][0]}%',
+        tuple(_large_batch(n) for n in paper.LARGE_BATCH), 'curves'),
 }
 PAPER_EXPERIMENTS = ('table2', 'table3', 'table4', 'table6', 'fig4', 'fig6', 'fig7')
 
@@ -119,7 +134,7 @@ def _target(run: Run) -> str:
     if run.paper_top1 is None:
         return 'paper: curve only'
     top5 = f', top-5 {run.paper_top5}%' if run.paper_top5 is not None else ''
-    return f'paper: top-1 {run.paper_top1}%{top5} ({run.protocol})'
+    return f'{run.source}: top-1 {run.paper_top1}%{top5} ({run.protocol})'
 
 
 # --- reports ---------------------------------------------------------------------------------
@@ -274,8 +289,8 @@ def main(argv: list[str] | None = None) -> int:
                         help='report directory (default: <root>/<experiment>/report)')
     args = parser.parse_args(argv)
     if args.list:
-        for name in PAPER_EXPERIMENTS + ('cpu_fig6',):
-            print(f'{name:9} {EXPERIMENTS[name].description}')
+        for name in PAPER_EXPERIMENTS + ('cpu_fig6', 'large_batch'):
+            print(f'{name:11} {EXPERIMENTS[name].description}')
         return 0
     if not args.experiment:
         parser.error('name an experiment (or --list)')

@@ -28,9 +28,16 @@ from etils import epath
 from resnet_jax.config import ConfigError
 
 
-def identity(config: ml_collections.ConfigDict) -> dict[str, str]:
-    """What a checkpoint must match to be resumed by ``config``."""
-    return {'model': config.model.name, 'dataset': config.dataset.name}
+def identity(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """What a checkpoint must match to be resumed by ``config``: the model, the dataset and
+    whether the state holds an EMA of the weights (``config.ema_decay > 0``)."""
+    return {'model': config.model.name, 'dataset': config.dataset.name,
+            'ema': config.ema_decay > 0}
+
+
+# What a checkpoint's meta lacks was not recorded then: checkpoints written before the EMA
+# existed have none.
+_META_DEFAULTS = {'ema': False}
 
 
 def check_identity(directory: epath.Path, config: ml_collections.ConfigDict) -> None:
@@ -66,9 +73,16 @@ class Checkpointer:
     @staticmethod
     def check_meta(directory, meta: dict, expected: dict) -> None:
         for key, value in expected.items():
-            if meta.get(key) != value:
-                raise ConfigError(f'the checkpoint in {directory} is of {key} '
-                                  f'{meta.get(key)!r}, not {value!r}; use another --workdir')
+            found = meta.get(key, _META_DEFAULTS.get(key))
+            if found == value:
+                continue
+            if key == 'ema':
+                raise ConfigError(
+                    f'the checkpoint in {directory} was written '
+                    f'{"with" if found else "without"} an EMA of the weights; resume it '
+                    f'with ema_decay {"> 0" if found else "= 0"} or use another --workdir')
+            raise ConfigError(f'the checkpoint in {directory} is of {key} '
+                              f'{found!r}, not {value!r}; use another --workdir')
 
     def _meta(self, step: int) -> dict:
         return self.manager.restore(step, args=ocp.args.Composite(
@@ -125,9 +139,17 @@ class Checkpointer:
         self.manager.close()
 
 
-def load_variables(workdir, step: int | None = None) -> tuple[dict, int]:
+WEIGHTS = ('raw', 'ema')
+
+
+def load_variables(workdir, step: int | None = None,
+                   weights: str = 'raw') -> tuple[dict, int]:
     """``({'params', 'batch_stats'}, step)`` of a run's latest (or given) checkpoint, as
-    numpy arrays; the workdir of a training run or of ``python -m resnet_jax.convert``."""
+    numpy arrays; the workdir of a training run or of ``python -m resnet_jax.convert``.
+    ``weights='ema'``: the exponential moving average of a run trained with
+    ``ema_decay > 0``."""
+    if weights not in WEIGHTS:
+        raise ConfigError(f'unknown weights {weights!r}; allowed: {", ".join(WEIGHTS)}')
     directory = epath.Path(workdir).absolute() / 'checkpoints'
     if not directory.exists():
         raise ConfigError(f'no checkpoints in {workdir}')
@@ -147,6 +169,11 @@ def load_variables(workdir, step: int | None = None) -> tuple[dict, int]:
             state=ocp.args.PyTreeRestore(restore_args=as_numpy)))['state']
     finally:
         manager.close()
+    if weights == 'ema':
+        if not state.get('ema'):
+            raise ConfigError(f'{workdir} has no EMA of the weights (its run had '
+                              "ema_decay=0); use weights='raw'")
+        state = state['ema']
     return {'params': state['params'], 'batch_stats': state['batch_stats']}, step
 
 
@@ -159,11 +186,13 @@ class LoadedRun(NamedTuple):
 
 
 def load(workdir, step: int | None = None,
-         config: ml_collections.ConfigDict | None = None) -> LoadedRun:
+         config: ml_collections.ConfigDict | None = None, weights: str = 'raw') -> LoadedRun:
     """A trained run (or the output of ``python -m resnet_jax.convert``) as the model, its
     variables (``{'params', 'batch_stats'}``, the model's own tree), its config and the
     checkpoint step: the latest checkpoint, or ``step``. ``model.apply(variables, images)``
-    is ready to run. ``config`` replaces the run's own ``config.json``.
+    is ready to run. ``config`` replaces the run's own ``config.json``. ``weights='ema'``
+    gives the exponential moving average of the weights (runs with ``ema_decay > 0``;
+    ``ConfigError``, a ``ValueError``, for others).
     """
     from resnet_jax import steps
     from resnet_jax.config import from_dict
@@ -174,7 +203,7 @@ def load(workdir, step: int | None = None,
             raise ConfigError(f'{workdir} has no config.json: not a resnet_jax run; pass '
                               'its config')
         config = from_dict(json.loads((workdir / 'config.json').read_text()))
-    variables, step = load_variables(workdir, step)
+    variables, step = load_variables(workdir, step, weights)
     num_classes = int(np.shape(variables['params']['fc']['bias'])[0])
     return LoadedRun(steps.create_model(config, num_classes), variables, config, step)
 

@@ -58,17 +58,35 @@ def base_config() -> ml_collections.ConfigDict:
     c.weight_decay = 1e-4               # the paper's L2 term, added to the gradient
     c.weight_decay_on = 'kernels'       # 'kernels' (conv + fc kernels) or 'all' parameters
     c.label_smoothing = 0.0             # modern option
+    c.optimizer = 'sgd'                 # 'sgd' (paper) or 'lars' (You et al. 2017: each
+    #                                     kernel's step scaled by trust_coefficient *
+    #                                     |w| / |g + wd w|; BN parameters and biases
+    #                                     take plain momentum steps, without weight decay).
+    #                                     LARS's learning_rate is on another scale than
+    #                                     SGD's: 34 at batch 32k, ~2 on the digits
+    c.lars_trust_coefficient = 1e-3     # 'lars': eta of You et al.
+    c.grad_accum_steps = 1              # the global batch runs as this many micro-batches
+    #                                     of batch_size / grad_accum_steps (whole BN groups)
+    #                                     in one step: the same step, less memory
+    c.ema_decay = 0.0                   # > 0: an exponential moving average of the weights
+    #                                     and BN statistics (ema = d * ema + (1 - d) * new,
+    #                                     every step), evaluated beside them (eval_ema_*)
 
     # --- schedule --------------------------------------------------------------------------
     c.schedule = 'step'                 # 'step', 'plateau' (÷factor when eval error stalls),
-    #                                     'cosine' (modern option)
+    #                                     'cosine' (modern option), 'poly' (to 0 at the last
+    #                                     step, as (1 - t)^lr_poly_power: the LARS recipes)
     c.lr_boundaries = (32_000, 48_000)  # 'step': iterations at which lr is divided
     c.lr_decay_factor = 0.1
     c.plateau_patience = 3              # 'plateau': evaluations without improvement
     c.plateau_min_scale = 1e-3          # 'plateau': lr never falls below base * this
+    c.lr_poly_power = 2.0               # 'poly': the power of the decay
     c.warmup_steps = 0                  # iterations of warm-up before the schedule
     c.warmup_learning_rate = 0.01       # base lr during warm-up (scaled like learning_rate)
     c.warmup_type = 'constant'          # 'constant' (paper, ResNet-110) or 'linear' from 0
+    #                                     to the base lr; 'gradual' (Goyal et al.) linearly
+    #                                     from learning_rate as given (the lr of
+    #                                     reference_batch_size) to it scaled to batch_size
 
     # --- loop ------------------------------------------------------------------------------
     c.num_train_steps = 64_000

@@ -1,6 +1,7 @@
 """The paper's test protocols (sec. 3.4, 4.2), over the complete eval split.
 
-    python -m resnet_jax.evaluate --workdir=<dir> --protocol=center|ten_crop|multiscale
+    python -m resnet_jax.evaluate --workdir=<dir> --protocol=center|ten_crop|multiscale \
+        [--weights=raw|ema]
     # several hosts: the flags of resnet_jax.main (clusters are detected without them)
     ... --coordinator_address=HOST:PORT --num_processes=N --process_id=I
 
@@ -208,6 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('--data_dir', default=None, help='override dataset.data_dir')
     parser.add_argument('--batch_size', type=int, default=64, help='images per batch')
     parser.add_argument('--step', type=int, default=None, help='checkpoint step (latest)')
+    parser.add_argument('--weights', default='raw', choices=checkpointing.WEIGHTS,
+                        help='the trained weights, or their moving average (ema_decay > 0)')
     # A multi-process evaluation, as resnet_jax.main joins one (clusters are detected).
     parser.add_argument('--coordinator_address', default=None,
                         help='host:port of process 0, for a multi-process evaluation')
@@ -232,7 +235,8 @@ def main(argv: list[str] | None = None) -> int:
             path, _, arg = args.config.partition(':')
             module = config_flags.config_flags._LoadConfigModule('eval_config', path)
             config = module.get_config(arg) if arg else module.get_config()
-        model, variables, config, step = checkpointing.load(args.workdir, args.step, config)
+        model, variables, config, step = checkpointing.load(args.workdir, args.step, config,
+                                                            args.weights)
         if args.data_dir:
             config.dataset.data_dir = args.data_dir
         input_pipeline.check_config(config.dataset, prepare.print_progress(
@@ -243,14 +247,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     result = evaluate_protocol(model, variables, pipeline, args.protocol, args.batch_size,
                                execution_plan=config.execution)
-    record = {'protocol': args.protocol, 'step': step, 'processes': jax.process_count(),
-              'devices': jax.device_count(), **result}
+    record = {'protocol': args.protocol, 'step': step, 'weights': args.weights,
+              'processes': jax.process_count(), 'devices': jax.device_count(), **result}
+    suffix = '_ema' if args.weights == 'ema' else ''
     if jax.process_index() == 0:  # one report, kept with the run
-        print(f'{config.model.name} step {step}, {args.protocol}: top-1 error '
-              f'{100 * result["top1_error"]:.2f}%, top-5 error '
+        print(f'{config.model.name} step {step} ({args.weights} weights), {args.protocol}: '
+              f'top-1 error {100 * result["top1_error"]:.2f}%, top-5 error '
               f'{100 * result["top5_error"]:.2f}% on {result["num_images"]} images '
               f'({result["images_per_sec"]:.1f} images/s on {jax.device_count()} devices)')
-        (pathlib.Path(args.workdir) / f'eval_{args.protocol}.json').write_text(
+        (pathlib.Path(args.workdir) / f'eval_{args.protocol}{suffix}.json').write_text(
             json.dumps(record, indent=2))
         print(json.dumps(record))
     return 0

@@ -1,7 +1,8 @@
 """The paper's optimiser: SGD with momentum, L2 weight decay, and the learning-rate schedules.
 
-Step decay at absolute iterations (sec. 3.4, 4.2), reduce-on-plateau and cosine, with
-warm-up (the ResNet-110 recipe), all read from ``config`` (see ``resnet_jax.config``).
+Step decay at absolute iterations (sec. 3.4, 4.2), reduce-on-plateau, cosine and polynomial
+decay, with warm-up (the ResNet-110 recipe; Goyal et al.'s gradual warm-up), and LARS for
+large batches (You et al. 2017), all read from ``config`` (see ``resnet_jax.config``).
 """
 
 from typing import Any, Callable
@@ -13,6 +14,10 @@ import optax
 
 from resnet_jax.config import ConfigError
 
+OPTIMIZERS = ('sgd', 'lars')
+SCHEDULES = ('step', 'plateau', 'cosine', 'poly')
+WARMUP_TYPES = ('constant', 'linear', 'gradual')
+
 
 def base_learning_rate(config: ml_collections.ConfigDict, value: float) -> float:
     """Scales a learning rate linearly with the batch (Goyal et al.) when configured."""
@@ -22,7 +27,8 @@ def base_learning_rate(config: ml_collections.ConfigDict, value: float) -> float
 
 
 def create_learning_rate_fn(config: ml_collections.ConfigDict) -> optax.Schedule:
-    """The lr at each iteration: warm-up, then step decay / constant (plateau) / cosine.
+    """The lr at each iteration: warm-up, then step decay / constant (plateau) / cosine /
+    polynomial decay to 0 at ``num_train_steps``.
 
     Step boundaries are absolute iterations (the paper's 32k and 48k), warm-up included.
     """
@@ -35,30 +41,63 @@ def create_learning_rate_fn(config: ml_collections.ConfigDict) -> optax.Schedule
         main = optax.constant_schedule(base)  # scaled down by reduce_on_plateau
     elif config.schedule == 'cosine':
         main = optax.cosine_decay_schedule(base, max(config.num_train_steps - warmup, 1))
+    elif config.schedule == 'poly':
+        main = optax.polynomial_schedule(base, 0.0, config.lr_poly_power,
+                                         max(config.num_train_steps - warmup, 1))
     else:
-        raise ConfigError(f"unknown schedule {config.schedule!r}; allowed: 'step', "
-                          "'plateau', 'cosine'")
+        raise ConfigError(f'unknown schedule {config.schedule!r}; allowed: '
+                          f'{", ".join(SCHEDULES)}')
     if not warmup:
         return main
     if config.warmup_type == 'constant':
         warm = optax.constant_schedule(base_learning_rate(config, config.warmup_learning_rate))
-    else:
+    elif config.warmup_type == 'linear':
         warm = optax.linear_schedule(0.0, base, warmup)
+    elif config.warmup_type == 'gradual':  # Goyal et al. sec. 2.2: from eta to k * eta
+        warm = optax.linear_schedule(config.learning_rate, base, warmup)
+    else:
+        raise ConfigError(f'unknown warmup_type {config.warmup_type!r}; allowed: '
+                          f'{", ".join(WARMUP_TYPES)}')
     return optax.join_schedules([warm, main], [warmup])
 
 
-def weight_decay_mask(config: ml_collections.ConfigDict) -> Callable[[Any], Any] | None:
-    if config.weight_decay_on == 'all':
-        return None
-    return lambda params: jax.tree_util.tree_map_with_path(
+def kernels(params: Any) -> Any:
+    """True at the conv and fc kernels of ``params``, False at BatchNorm's scale and bias and
+    at the fc bias."""
+    return jax.tree_util.tree_map_with_path(
         lambda path, _: getattr(path[-1], 'key', None) == 'kernel', params)
+
+
+def weight_decay_mask(config: ml_collections.ConfigDict) -> Callable[[Any], Any] | None:
+    """Where weight decay applies: the kernels, or everything (None) with
+    ``weight_decay_on='all'``."""
+    return None if config.weight_decay_on == 'all' else kernels
 
 
 def create_optimizer(config: ml_collections.ConfigDict,
                      learning_rate_fn: optax.Schedule) -> optax.GradientTransformationExtraArgs:
-    """SGD with momentum and the paper's L2 weight decay (added to the gradient)."""
-    parts = [optax.add_decayed_weights(config.weight_decay, mask=weight_decay_mask(config)),
-             optax.sgd(learning_rate_fn, momentum=config.momentum, nesterov=config.nesterov)]
+    """SGD with momentum and the paper's L2 weight decay (added to the gradient), or LARS
+    (``config.optimizer='lars'``); either followed by reduce-on-plateau when scheduled.
+
+    LARS (You et al. 2017, ``optax.lars``) adds the weight decay to the gradient, scales
+    each kernel's update by ``lars_trust_coefficient * |w| / |g + wd w|`` (the trust
+    ratio), then the lr and the momentum. BatchNorm's scale and bias and the fc bias keep
+    a trust ratio of 1 and no weight decay, as the large-batch papers do.
+    """
+    if config.optimizer == 'sgd':
+        parts = [optax.add_decayed_weights(config.weight_decay,
+                                           mask=weight_decay_mask(config)),
+                 optax.sgd(learning_rate_fn, momentum=config.momentum,
+                           nesterov=config.nesterov)]
+    elif config.optimizer == 'lars':
+        parts = [optax.lars(learning_rate_fn, weight_decay=config.weight_decay,
+                            weight_decay_mask=weight_decay_mask(config) or True,
+                            trust_coefficient=config.lars_trust_coefficient,
+                            trust_ratio_mask=kernels, momentum=config.momentum,
+                            nesterov=config.nesterov)]
+    else:
+        raise ConfigError(f'unknown optimizer {config.optimizer!r}; allowed: '
+                          f'{", ".join(OPTIMIZERS)}')
     if config.schedule == 'plateau':
         # Fed the last evaluation's error at every step; averaging it over one evaluation
         # period makes `patience` count evaluations.

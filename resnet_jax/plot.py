@@ -1,4 +1,5 @@
-"""Training curves drawn like the paper's Fig. 4 and 6: train error dashed, test bold.
+"""Training curves drawn like the paper's Fig. 4 and 6: train error dashed, test bold (and
+the EMA's test error dotted).
 
     python -m resnet_jax.plot <workdir>... [--output curves.png]
 """
@@ -17,7 +18,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 
 def draw_history(ax, history: dict, label: str, color: str, with_label: bool = True) -> None:
-    """One run's training error (dashed, thin) and test error (bold), in %."""
+    """One run's training error (dashed, thin) and test error (bold), in %; the test error
+    of its weights' moving average (dotted) when it has one."""
     train, evals = history.get('train', []), history.get('eval', [])
     if train:
         ax.plot([r['step'] for r in train], [100 * r['train_top1_error'] for r in train],
@@ -26,6 +28,10 @@ def draw_history(ax, history: dict, label: str, color: str, with_label: bool = T
     if evals:
         ax.plot([r['step'] for r in evals], [100 * r['eval_top1_error'] for r in evals],
                 '-', color=color, linewidth=2.5, label=f'{label} test' if with_label else None)
+    ema = [r for r in evals if 'eval_ema_top1_error' in r]
+    if ema:
+        ax.plot([r['step'] for r in ema], [100 * r['eval_ema_top1_error'] for r in ema],
+                ':', color=color, linewidth=2, label=f'{label} test (EMA)' if with_label else None)
 
 
 def style_axes(ax, title: str | None = None, xlabel: str = 'iteration',

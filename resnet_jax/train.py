@@ -24,17 +24,20 @@ from etils import epath
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from resnet_jax import (augment, checkpointing, execution, faults, input_pipeline, optim,
-                        parallel, plot, steps)
+                        parallel, plot, progress, steps)
 from resnet_jax.config import ConfigError
 from resnet_jax.steps import TrainMetrics, TrainState
 
 
 class ConsoleWriter(metric_writers.LoggingWriter):
-    """Prints scalars, one line per step (the rest goes to absl logging as in clu)."""
+    """Prints scalars, one line per step (the rest goes to absl logging as in clu); the
+    speed and ETA scalars are on the console as the progress line instead."""
 
     def write_scalars(self, step, scalars):
-        print(f'[{step}] ' + ', '.join(f'{k}={float(v):.6g}' for k, v in scalars.items()),
-              flush=True)
+        scalars = {k: v for k, v in scalars.items() if k not in progress.SCALARS}
+        if scalars:
+            progress.print_line(f'[{step}] ' + ', '.join(f'{k}={float(v):.6g}'
+                                                         for k, v in scalars.items()))
 
 
 def create_writer(workdir: epath.Path) -> metric_writers.MetricWriter:
@@ -83,6 +86,15 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int,
     if config.num_train_steps <= 0:
         raise ConfigError(f'num_train_steps must be positive; got {config.num_train_steps}')
     optim.create_learning_rate_fn(config)
+    if config.optimizer not in optim.OPTIMIZERS:
+        raise ConfigError(f'unknown optimizer {config.optimizer!r}; allowed: '
+                          f'{", ".join(optim.OPTIMIZERS)}')
+    if config.optimizer == 'lars' and config.lars_trust_coefficient <= 0:
+        raise ConfigError('lars_trust_coefficient must be positive; got '
+                          f'{config.lars_trust_coefficient}')
+    if not 0 <= config.ema_decay < 1:
+        raise ConfigError(f'ema_decay must be in [0, 1); got {config.ema_decay}')
+    check_grad_accum(config, num_devices)
     if config.init_from and not os.path.isdir(os.path.join(config.init_from, 'checkpoints')):
         raise ConfigError(f'init_from {config.init_from} holds no checkpoints (a training '
                           'workdir or the output of python -m resnet_jax.convert)')
@@ -92,6 +104,32 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int,
     if config.dataset.preprocessing not in augment.PREPROCESSING:
         raise ConfigError(f'unknown dataset.preprocessing {config.dataset.preprocessing!r}; '
                           f'allowed: {", ".join(augment.PREPROCESSING)}')
+
+
+def check_grad_accum(config: ml_collections.ConfigDict, num_devices: int) -> None:
+    """Raises ConfigError unless ``grad_accum_steps`` splits the global batch into equal
+    micro-batches that divide across the devices and are whole BatchNorm groups (what
+    makes accumulation compute exactly the full batch's step)."""
+    k, batch, group = config.grad_accum_steps, config.batch_size, config.model.bn_group_size
+    if k < 1:
+        raise ConfigError(f'grad_accum_steps must be at least 1; got {k}')
+    if k == 1:
+        return
+    if batch % k:
+        raise ConfigError(f'grad_accum_steps={k} does not split batch_size={batch} into '
+                          'equal micro-batches')
+    micro = batch // k
+    if micro % num_devices or micro % jax.process_count():
+        raise ConfigError(f'micro-batches of {micro} (batch_size={batch} / grad_accum_steps='
+                          f'{k}) do not divide across {num_devices} devices '
+                          f'({jax.process_count()} processes)')
+    if not group:
+        raise ConfigError(f'grad_accum_steps={k} needs model.bn_group_size > 0: statistics '
+                          'over the whole batch cannot be split into micro-batches (set '
+                          f'model.bn_group_size={micro} for statistics per micro-batch)')
+    if micro % group:
+        raise ConfigError(f'micro-batches of {micro} (batch_size={batch} / grad_accum_steps='
+                          f'{k}) are not a multiple of model.bn_group_size={group}')
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
@@ -132,8 +170,9 @@ def _train(config, workdir: epath.Path, mesh: Mesh, ckpt: checkpointing.Checkpoi
     learning_rate_fn = optim.create_learning_rate_fn(config)
     tx = optim.create_optimizer(config, learning_rate_fn)
     replicated = NamedSharding(mesh, P())
+    ema = config.ema_decay > 0
     state = steps.init_train_state(model, tx, jax.random.key(config.seed),
-                                   pipeline.image_shape(), mesh, plan)
+                                   pipeline.image_shape(), mesh, plan, ema=ema)
     empty_metrics = jax.device_put(TrainMetrics.empty(), replicated)
 
     # Checkpoints: the latest readable one, with the metrics of its unfinished log window.
@@ -156,22 +195,29 @@ def _train(config, workdir: epath.Path, mesh: Mesh, ckpt: checkpointing.Checkpoi
         canonical = plan.unpack_state(model, state)
         variables, fresh = checkpointing.merge_pretrained(
             {'params': canonical.params, 'batch_stats': canonical.batch_stats}, pretrained)
-        state = packed(canonical.replace(params=variables['params'],
-                                         batch_stats=variables['batch_stats']))
+        canonical = canonical.replace(params=variables['params'],
+                                      batch_stats=variables['batch_stats'])
+        state = packed(steps.add_ema(canonical) if ema else canonical)
         if lead:
             print(f'initialised from {config.init_from} (step {from_step}); kept fresh: '
                   f'{", ".join(fresh) or "nothing"}', flush=True)
 
     train_fn, eval_fn = steps.compile_steps(model, tx, learning_rate_fn, config, mesh, plan)
     writer = create_writer(workdir)
-    hooks = [periodic_actions.ReportProgress(num_train_steps=config.num_train_steps,
-                                             writer=writer, every_secs=30)]
+    report = progress.Progress(config.num_train_steps, config.batch_size, mesh.size, start_time,
+                               writer.write_scalars, progress.print_line if lead else None)
+    hooks = []
     if config.profile and lead:
         hooks.append(periodic_actions.Profile(logdir=str(workdir), num_profile_steps=5))
 
     def run_eval(step):
         values = evaluate(eval_fn, mesh, state, pipeline, config.eval_batch_size)
-        return {'step': step, **{f'eval_{k}': v for k, v in values.items()}}
+        result = {'step': step, **{f'eval_{k}': v for k, v in values.items()}}
+        if ema:
+            values = evaluate(eval_fn, mesh, steps.with_ema_weights(state), pipeline,
+                              config.eval_batch_size)
+            result.update({f'eval_ema_{k}': v for k, v in values.items()})
+        return result
 
     step = int(state.step)
     batches = input_pipeline.prefetch(
@@ -181,12 +227,14 @@ def _train(config, workdir: epath.Path, mesh: Mesh, ckpt: checkpointing.Checkpoi
     guard = faults.NonFiniteGuard()
     eval_result = history['eval'][-1] if history['eval'] else None
     stopped_by = None
+    previous = None  # the last step's metrics, on the host once the guard checked them
     while step < config.num_train_steps:
         with jax.profiler.StepTraceAnnotation('train', step_num=step):
             state, m = train_fn(state, next(batches))
         step += 1
         guard.add(step, m.loss.total, m.param_norm.total)
         train_metrics = train_metrics.merge(m)
+        report.start(step)
         for hook in hooks:
             hook(step)
         last = step == config.num_train_steps
@@ -197,6 +245,11 @@ def _train(config, workdir: epath.Path, mesh: Mesh, ckpt: checkpointing.Checkpoi
             writer.write_scalars(step, summary)
             history['train'].append({'step': step, **summary})
             train_metrics = empty_metrics
+            report.report(step, summary['train_loss'])
+        elif report.due() and previous is not None:
+            # The loss of step - 1: the guard has fetched it already (no device sync).
+            report.report(step - 1, parallel.host_values(previous)['loss'])
+        previous = m
         if step % config.eval_every_steps == 0 or last:
             eval_result = run_eval(step)
             writer.write_scalars(step, {k: v for k, v in eval_result.items() if k != 'step'})
@@ -229,6 +282,7 @@ def _train(config, workdir: epath.Path, mesh: Mesh, ckpt: checkpointing.Checkpoi
         'eval_loss': eval_result['eval_loss'],
         'eval_top1_error': eval_result['eval_top1_error'],
         'eval_top5_error': eval_result['eval_top5_error'],
+        **{k: v for k, v in eval_result.items() if k.startswith('eval_ema_')},
         'wall_seconds': time.time() - start_time,
         'corrupt_records_skipped': pipeline.corrupt_records,
     }

@@ -344,6 +344,9 @@ def test_default_run_reaches_below_3_percent_and_resumes(data_dir, tmp_path):
     assert results['wall_seconds'] < 300
     for expected in ('checkpoints', 'curves.png', 'configs/cifar10.py', 'configs/imagenet.py'):
         assert expected in proc.stdout
+    import re  # the progress line, with images/s and an ETA
+    assert re.search(r'^\[[\d,]+/400\] [\d.]+% \| [\d,]+ img/s .*\| ETA \w+ \| loss [\d.]+$',
+                     proc.stdout, re.M), proc.stdout[-2000:]
     again = run_main(f'--workdir={tmp_path}', f'--config.dataset.data_dir={data_dir}')
     assert again.returncode == 0 and 'resumed from step 400' in again.stdout
     # The three test protocols on the run's workdir.
