@@ -279,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('experiment', nargs='?', choices=sorted(EXPERIMENTS))
     parser.add_argument('--list', action='store_true', help='name the experiments')
-    parser.add_argument('--dry-run', action='store_true', help='print the runs and targets')
+    parser.add_argument('--dry-run', action='store_true', help='print each run: its target and its launch line')
     parser.add_argument('--print-commands', action='store_true',
                         help='print the launch lines (for a cluster or pod) and exit')
     parser.add_argument('--report', nargs='+', type=pathlib.Path, metavar='WORKDIR')
@@ -303,12 +303,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     for run in experiment.runs:
         workdir = root / run.name
-        if args.dry_run:
-            print(f'{run.name}: config {run.config}, overrides {" ".join(run.overrides) or "-"}'
-                  f', workdir {workdir}; {_target(run)}')
-        elif args.print_commands:
-            print(shlex.join(train_command(run, workdir, 'python')) + ' && ' +
+        launch = (shlex.join(train_command(run, workdir, 'python')) + ' && ' +
                   shlex.join(eval_command(run, workdir, 'python')))
+        if args.dry_run:
+            print(f'{run.name}: {_target(run)}\n  {launch}')
+        elif args.print_commands:
+            print(launch)
         else:
             for cmd in (train_command(run, workdir), eval_command(run, workdir)):
                 print('+', shlex.join(cmd), flush=True)

@@ -2,7 +2,7 @@
 runs fastest.
 
 Each takes the arguments of the operation it replaces and computes the same values and
-gradients (``tests/test_cpu_paths.py``); ``resnet_jax.execution`` hands them to the model
+gradients (``tests/test_execution.py``); ``resnet_jax.execution`` hands them to the model
 on the CPU backend. Their gradients are ``jax.custom_vjp`` rules, which reverse-mode AD
 uses and forward-mode AD cannot: under ``jax.jvp`` / ``jax.jacfwd`` / ``jax.hessian`` they
 raise ``TypeError`` naming how to run without them.

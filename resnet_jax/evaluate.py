@@ -1,7 +1,7 @@
 """The paper's test protocols (sec. 3.4, 4.2), over the complete eval split.
 
-    python -m resnet_jax.evaluate --workdir=<dir> --protocol=center|ten_crop|multiscale \
-        [--weights=raw|ema]
+    python -m resnet_jax.evaluate --workdir=<dir> --protocol=center|ten_crop|multiscale
+        [--weights=raw|ema]  # the moving average of a run trained with ema_decay > 0
     # several hosts: the flags of resnet_jax.main (clusters are detected without them)
     ... --coordinator_address=HOST:PORT --num_processes=N --process_id=I
 

@@ -15,7 +15,7 @@ and gives the compiler options of the programs that run them:
   stem's max pool as strided slices; each stage's identical blocks as one ``lax.scan``
   (the program no longer grows with depth); the train state with those blocks' variables
   stacked; convolutions left to XLA's multi-threaded kernels. Same parameters, same values
-  and gradients (``tests/test_cpu_paths.py``); forward-mode AD cannot go through it.
+  and gradients (``tests/test_execution.py``); forward-mode AD cannot go through it.
 * ``'auto'``: ``'cpu'`` on the CPU backend, ``'xla'`` elsewhere.
 
 The train loop, ``resnet_jax.benchmark`` and ``resnet_jax.evaluate`` choose the plan from

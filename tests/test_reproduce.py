@@ -31,13 +31,17 @@ def test_dry_run_prints_every_run_and_the_paper_targets(name, capsys, tmp_path):
     assert reproduce.main([name, '--dry-run', f'--root={tmp_path}']) == 0
     out = capsys.readouterr().out
     experiment = reproduce.EXPERIMENTS[name]
-    assert len(out.strip().splitlines()) == len(experiment.runs)
-    for run in experiment.runs:
-        assert f'{run.name}: config {run.config}' in out
-        assert str(tmp_path / name / run.name) in out
+    lines = out.strip().splitlines()
+    assert len(lines) == 2 * len(experiment.runs)  # the run and its target, its launch line
+    for run, launch in zip(experiment.runs, lines[1::2]):
+        workdir = tmp_path / name / run.name
+        assert launch.strip() == (f'python -m resnet_jax.main --config={run.config} '
+                                  f'--workdir={workdir} {" ".join(run.overrides)}'.rstrip()
+                                  + f' && python -m resnet_jax.evaluate --workdir={workdir} '
+                                  f'--protocol={run.protocol}')
     assert not list(tmp_path.iterdir())  # nothing ran
     if name == 'table6':
-        assert 'resnet20: config configs/cifar10.py:resnet20' in out and 'top-1 8.75%' in out
+        assert 'resnet20: paper: top-1 8.75% (center)' in out
     if name == 'table3':
         assert 'top-1 22.85%, top-5 6.71% (ten_crop)' in out
 

@@ -326,13 +326,15 @@ def test_reproduce_lists_the_large_batch_recipes_with_their_targets(capsys, tmp_
     assert 'LARS' in listed[0] and '24.6%' in listed[0]
     assert reproduce.main(['large_batch', '--dry-run', f'--root={tmp_path}']) == 0
     out = capsys.readouterr().out.strip().splitlines()
-    assert out == [
-        f'resnet50_goyal8k: config configs/imagenet.py:resnet50_goyal8k, overrides -, workdir '
-        f'{tmp_path}/large_batch/resnet50_goyal8k; Goyal et al. 2017, Table 1 (batch 8k; '
-        '23.60 at 256): top-1 23.74% (center)',
-        f'resnet50_lars32k: config configs/imagenet.py:resnet50_lars32k, overrides -, workdir '
-        f'{tmp_path}/large_batch/resnet50_lars32k; You et al. 2018, 75.4% top-1 accuracy at '
-        'batch 32k, 90 epochs: top-1 24.6% (center)']
+    assert out[0::2] == [
+        'resnet50_goyal8k: Goyal et al. 2017, Table 1 (batch 8k; 23.60 at 256): top-1 23.74% '
+        '(center)',
+        'resnet50_lars32k: You et al. 2018, 75.4% top-1 accuracy at batch 32k, 90 epochs: '
+        'top-1 24.6% (center)']
+    assert out[1].strip() == (
+        f'python -m resnet_jax.main --config=configs/imagenet.py:resnet50_goyal8k '
+        f'--workdir={tmp_path}/large_batch/resnet50_goyal8k && python -m resnet_jax.evaluate '
+        f'--workdir={tmp_path}/large_batch/resnet50_goyal8k --protocol=center')
     assert reproduce.main(['large_batch', '--print-commands']) == 0
     assert capsys.readouterr().out.splitlines()[1] == (
         'python -m resnet_jax.main --config=configs/imagenet.py:resnet50_lars32k '

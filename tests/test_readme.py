@@ -1,0 +1,69 @@
+"""The README's cheap commands, run as written: its model code, the experiment listing
+and the bad-input messages it quotes."""
+
+import re
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, run_main
+
+README = (REPO / 'README.md').read_text()
+
+
+def fenced(language: str) -> list[str]:
+    return re.findall(rf'```{language}\n(.*?)```', README, flags=re.S)
+
+
+def section(title: str) -> str:
+    return README.split(f'\n## {title}\n', 1)[1].split('\n## ', 1)[0]
+
+
+def test_the_models_code_runs_as_written():
+    """The Models section's first two Python blocks: create, init, apply, features, counts,
+    and opting in to the execution plan."""
+    create, plan = fenced('python')[:2]
+    code = create + plan + (
+        "x = jnp.ones((2, 64, 64, 3))\n"
+        "v = model.init(jax.random.key(1), x, train=False)\n"
+        "import numpy as np\n"
+        "np.testing.assert_allclose(step(v, x), model.apply(v, x, train=False),\n"
+        "                           rtol=1e-4, atol=1e-4)\n")
+    proc = subprocess.run([sys.executable, '-c', code], cwd=REPO, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # print(logits.shape, features.shape, parameters, multiply-adds)
+    assert proc.stdout.startswith('(2, 1000) (2, 2048) 25557032 '), proc.stdout
+
+
+@pytest.mark.parametrize('command', [
+    'python -m resnet_jax.summary resnet50',
+    'python experiments/reproduce.py --list',
+    'python experiments/reproduce.py table3 --dry-run',
+    'python experiments/reproduce.py table3 --print-commands',
+])
+def test_listed_commands_run(command):
+    assert command in README
+    proc = subprocess.run([sys.executable, *command.split()[1:]], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip()
+
+
+def bad_input_rows() -> list[tuple[str, str]]:
+    rows = re.findall(r'^\| `(--config[^`]*)`([^|]*)\| `(error: [^`]*)` \|$',
+                      section('Multi-host runs, preemption, bad input'), flags=re.M)
+    return [(args, where.strip(), message) for args, where, message in rows]
+
+
+@pytest.mark.parametrize('args, where, message', bad_input_rows())
+def test_bad_input_rows_print_what_the_readme_says(tmp_path, args, where, message):
+    devices = int(re.search(r'on (\d+) devices', where).group(1)) if 'devices' in where else 1
+    extra = []
+    if 'BN per 32' in where:  # the README's row: batch 128 with BatchNorm per 32
+        extra = ['--config.batch_size=128', '--config.model.bn_group_size=32']
+    proc = run_main(f'--workdir={tmp_path / "work"}', args, *extra, devices=devices)
+    assert proc.returncode == 2
+    pattern = '.*'.join(re.escape(part) for part in message.split('...'))  # '...': elided
+    assert re.fullmatch(pattern, proc.stderr.strip()), proc.stderr[-2000:]
