@@ -19,7 +19,6 @@ import time
 
 import jax
 import ml_collections
-from clu import metric_writers, periodic_actions
 from etils import epath
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -29,19 +28,22 @@ from resnet_jax.config import ConfigError
 from resnet_jax.steps import TrainMetrics, TrainState
 
 
-class ConsoleWriter(metric_writers.LoggingWriter):
-    """Prints scalars, one line per step (the rest goes to absl logging as in clu); the
-    speed and ETA scalars are on the console as the progress line instead."""
+def create_writer(workdir: epath.Path):
+    """clu's metric writer of a run: TensorBoard event files and the console on process 0
+    (one line of scalars per step; the speed and ETA scalars are on the console as the
+    progress line instead); nothing elsewhere.
 
-    def write_scalars(self, step, scalars):
-        scalars = {k: v for k, v in scalars.items() if k not in progress.SCALARS}
-        if scalars:
-            progress.print_line(f'[{step}] ' + ', '.join(f'{k}={float(v):.6g}'
-                                                         for k, v in scalars.items()))
+    clu's writers import TensorFlow (~7 s), so they are imported here, once a run starts:
+    a config that cannot run is refused before that."""
+    from clu import metric_writers
 
+    class ConsoleWriter(metric_writers.LoggingWriter):
+        def write_scalars(self, step, scalars):
+            scalars = {k: v for k, v in scalars.items() if k not in progress.SCALARS}
+            if scalars:
+                progress.print_line(f'[{step}] ' + ', '.join(f'{k}={float(v):.6g}'
+                                                             for k, v in scalars.items()))
 
-def create_writer(workdir: epath.Path) -> metric_writers.MetricWriter:
-    """TensorBoard event files and the console on process 0; nothing elsewhere."""
     if jax.process_index() != 0:
         return metric_writers.MultiWriter([])
     return metric_writers.AsyncMultiWriter([ConsoleWriter(),
@@ -208,6 +210,7 @@ def _train(config, workdir: epath.Path, mesh: Mesh, ckpt: checkpointing.Checkpoi
                                writer.write_scalars, progress.print_line if lead else None)
     hooks = []
     if config.profile and lead:
+        from clu import periodic_actions
         hooks.append(periodic_actions.Profile(logdir=str(workdir), num_profile_steps=5))
 
     def run_eval(step):

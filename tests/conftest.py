@@ -34,7 +34,7 @@ def data_dir(tmp_path_factory) -> str:
     return str(path)
 
 
-def run_main(*args: str, devices: int = 1, timeout: float = 600,
+def run_main(*args: str, devices: int = 1, timeout: float = 1800,
              cwd=REPO) -> subprocess.CompletedProcess:
     """Runs ``python -m resnet_jax.main`` as a user would, on ``devices`` CPU devices."""
     env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
