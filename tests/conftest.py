@@ -7,6 +7,7 @@ os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
 
+import importlib.util  # noqa: E402
 import pathlib  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -20,6 +21,14 @@ except ImportError:  # the interop extra is not installed: those tests skip
     pass
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
+
+
+def load_config(name: str, arg: str | None = None):
+    """``configs/<name>.py``'s ``get_config(arg)``, as ``--config=configs/<name>.py:<arg>``."""
+    spec = importlib.util.spec_from_file_location(name, REPO / 'configs' / f'{name}.py')
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg) if arg else module.get_config()
 
 
 @pytest.fixture(scope='session')

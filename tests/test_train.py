@@ -1,7 +1,6 @@
 """The training system: schedules, optimiser, sharded steps, checkpoints, the launcher."""
 
 import functools
-import importlib.util
 import json
 import subprocess
 import sys
@@ -16,14 +15,7 @@ import pytest
 from resnet_jax import (checkpointing, execution, input_pipeline, models, optim, parallel,
                         steps, train)
 from resnet_jax.config import ConfigError, base_config
-from conftest import REPO, run_main
-
-
-def load_config(name: str, arg: str | None = None):
-    spec = importlib.util.spec_from_file_location(name, REPO / 'configs' / f'{name}.py')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg) if arg else module.get_config()
+from conftest import REPO, load_config, run_main
 
 
 def tiny_config(data_dir, **overrides):

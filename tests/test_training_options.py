@@ -21,15 +21,8 @@ import pytest
 from resnet_jax import (checkpointing, execution, input_pipeline, models, optim, parallel,
                         progress, steps)
 from resnet_jax.config import ConfigError, base_config
-from conftest import REPO, run_main
+from conftest import REPO, load_config, run_main
 from test_faults import finish, launch, results_without_time, tiny_args, wait_for_checkpoint
-
-
-def load_config(name: str, arg: str | None = None):
-    spec = importlib.util.spec_from_file_location(name, REPO / 'configs' / f'{name}.py')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg) if arg else module.get_config()
 
 
 def results(workdir):
