@@ -87,10 +87,7 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int,
         raise ConfigError(f'learning_rate must be positive; got {config.learning_rate}')
     if config.num_train_steps <= 0:
         raise ConfigError(f'num_train_steps must be positive; got {config.num_train_steps}')
-    optim.create_learning_rate_fn(config)
-    if config.optimizer not in optim.OPTIMIZERS:
-        raise ConfigError(f'unknown optimizer {config.optimizer!r}; allowed: '
-                          f'{", ".join(optim.OPTIMIZERS)}')
+    optim.create_optimizer(config, optim.create_learning_rate_fn(config))  # names checked
     if config.optimizer == 'lars' and config.lars_trust_coefficient <= 0:
         raise ConfigError('lars_trust_coefficient must be positive; got '
                           f'{config.lars_trust_coefficient}')
