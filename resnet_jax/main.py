@@ -41,8 +41,11 @@ def _define_flags() -> None:
         'heartbeat_timeout_seconds', 100, 'A process silent this long is declared dead and '
         'the others stop with an error instead of hanging.')
     _FLAGS['cache'] = flags.DEFINE_string(
-        'compilation_cache_dir', os.path.expanduser('~/.cache/resnet_jax/jax'),
-        "JAX's persistent compilation cache ('' disables it): relaunches skip compiling.")
+        'compilation_cache_dir',
+        os.environ.get('JAX_COMPILATION_CACHE_DIR') or os.path.expanduser(
+            '~/.cache/resnet_jax/jax'),
+        "JAX's persistent compilation cache ('' disables it; default: "
+        "$JAX_COMPILATION_CACHE_DIR if set): relaunches skip compiling.")
 
 
 def _fail(message: str) -> None:

@@ -41,9 +41,14 @@ def initialize_distributed(coordinator_address: str | None = None,
                                heartbeat_timeout_seconds=heartbeat_timeout_seconds)
 
 
-def enable_compilation_cache(path: str, min_compile_seconds: float = 1.0) -> None:
+def enable_compilation_cache(path: str, min_compile_seconds: float = 0.0) -> None:
     """JAX's persistent compilation cache in ``path``: a relaunch of the same config
-    loads its compiled steps instead of compiling them."""
+    loads its compiled steps instead of compiling them.
+
+    Every program is kept by default, the small ones too: initialising a CIFAR ResNet
+    op by op compiles ~120 of them (the normal samplers ~1 s each on a 2-core CPU), 12 s
+    on a first launch and 1.5 s from the cache (4.3 s keeping only those over 0.3 s).
+    """
     jax.config.update('jax_compilation_cache_dir', os.path.expanduser(path))
     jax.config.update('jax_persistent_cache_min_compile_time_secs', min_compile_seconds)
 

@@ -25,8 +25,7 @@ from conftest import REPO
 pytestmark = pytest.mark.slow
 
 TINY = ['--config.model.name=cifar_resnet8', '--config.batch_size=16',
-        '--config.model.bn_group_size=4', '--config.eval_batch_size=360',
-        '--compilation_cache_dir=']
+        '--config.model.bn_group_size=4', '--config.eval_batch_size=360']
 
 
 def tiny_args(workdir, data_dir, steps=300, *extra):
