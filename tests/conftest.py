@@ -7,26 +7,29 @@ os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
 
+import importlib.util  # noqa: E402
+import pathlib  # noqa: E402
 import shutil  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
 import tempfile  # noqa: E402
 
 # One compilation cache for the session, shared by the xdist workers (they inherit this
-# process's environment) and every process the tests launch: the many launches of the same
-# small configs compile each program once. Removed at the end of the session.
+# process's environment, so only the first process makes it) and every process the tests
+# launch: the many launches of the same small configs compile each program once.
 _CACHE_DIR = None
-if not os.environ.get('JAX_COMPILATION_CACHE_DIR'):
-    _CACHE_DIR = tempfile.mkdtemp(prefix='resnet_jax_tests_jax_cache_')
-    os.environ['JAX_COMPILATION_CACHE_DIR'] = _CACHE_DIR
+
+
+def pytest_configure(config):  # after the command line is accepted, before any worker
+    global _CACHE_DIR
+    if not os.environ.get('JAX_COMPILATION_CACHE_DIR'):
+        _CACHE_DIR = tempfile.mkdtemp(prefix='resnet_jax_tests_jax_cache_')
+        os.environ['JAX_COMPILATION_CACHE_DIR'] = _CACHE_DIR
 
 
 def pytest_unconfigure(config):
-    if _CACHE_DIR and not hasattr(config, 'workerinput'):  # the process that made it
+    if _CACHE_DIR:  # removed by the process that made it, at the end of the session
         shutil.rmtree(_CACHE_DIR, ignore_errors=True)
-
-import importlib.util  # noqa: E402
-import pathlib  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
 
 import pytest  # noqa: E402
 

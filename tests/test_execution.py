@@ -31,13 +31,9 @@ def flat(tree) -> jax.Array:
 
 # --- scanned blocks and the canonical convolution gradients --------------------------------
 
-@pytest.mark.parametrize('size, kernel, stride, c_in, c_out, batch', [
-    (8, 3, 1, 4, 6, 2), (8, 3, 2, 4, 8, 2), (7, 3, 2, 3, 5, 2), (9, 1, 2, 4, 8, 2),
-    (12, 7, 2, 3, 4, 2), (5, 1, 1, 2, 3, 2),
-    (6, 3, 2, 3, 4, 48),   # the weight gradient summed over 3 chunks of 16
-    (6, 3, 1, 3, 4, 40)])  # 16 + 16 + 8
-def test_canonical_conv_matches_lax_values_and_gradients(size, kernel, stride, c_in, c_out,
-                                                         batch):
+def _canonical_and_lax_gradients(size, kernel, stride, c_in, c_out, batch):
+    """(values, gradients) of lax's convolution and of ``canonical_conv``, and the
+    gradient program of the latter."""
     pad = ((kernel - 1) // 2,) * 2
     x = jax.random.normal(jax.random.key(0), (batch, size, size + 1, c_in))
     w = jax.random.normal(jax.random.key(1), (kernel, kernel, c_in, c_out))
@@ -48,15 +44,36 @@ def test_canonical_conv_matches_lax_values_and_gradients(size, kernel, stride, c
                                               dimension_numbers=dn)
     y, ref_vjp = jax.vjp(ref, x, w)
     y2, our_vjp = jax.vjp(ours, x, w)
-    np.testing.assert_array_equal(y, y2)
     g = jax.random.normal(jax.random.key(2), y.shape)
-    for a, b in zip(ref_vjp(g), our_vjp(g)):  # the same sums, in another order
-        assert rel_diff(a, b) < 1e-6
-    # Its gradients are convolutions in the forward layout only (what XLA:CPU runs fast).
     jaxpr = jax.make_jaxpr(jax.grad(lambda x, w: ours(x, w).sum(), (0, 1)))(x, w)
+    return (y, ref_vjp(g)), (y2, our_vjp(g)), jaxpr
+
+
+@pytest.mark.parametrize('size, kernel, stride, c_in, c_out', [
+    (8, 3, 1, 4, 6), (8, 3, 2, 4, 8), (7, 3, 2, 3, 5), (9, 1, 2, 4, 8), (12, 7, 2, 3, 4),
+    (5, 1, 1, 2, 3)])
+def test_canonical_conv_matches_lax_values_and_gradients(size, kernel, stride, c_in, c_out):
+    (y, ref_grads), (y2, our_grads), jaxpr = _canonical_and_lax_gradients(
+        size, kernel, stride, c_in, c_out, batch=2)
+    np.testing.assert_array_equal(y, y2)
+    for a, b in zip(ref_grads, our_grads):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    # Its gradients are convolutions in the forward layout only (what XLA:CPU runs fast).
     labels = {str(e.params['dimension_numbers']) for e in all_eqns(jaxpr.jaxpr)
               if e.primitive.name == 'conv_general_dilated'}
     assert len(labels) == 1
+
+
+@pytest.mark.parametrize('batch, stride', [
+    (48, 2),   # the weight gradient summed over 3 chunks of 16
+    (40, 1)])  # 16 + 16 + 8
+def test_canonical_conv_weight_gradient_over_chunks_of_the_batch(batch, stride):
+    (y, ref_grads), (y2, our_grads), _ = _canonical_and_lax_gradients(
+        6, 3, stride, 3, 4, batch)
+    assert cpu_paths.weight_grad_chunk((batch, 6, 7, 3)) == 16
+    np.testing.assert_array_equal(y, y2)
+    for a, b in zip(ref_grads, our_grads):  # the same float32 sums, in another order
+        assert rel_diff(a, b) < 1e-6
 
 
 def test_canonical_conv_passes_other_convolutions_to_lax():
