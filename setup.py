@@ -31,12 +31,12 @@ setup(
         # <0.3: resnet_jax/workers.py reads grain 0.2's shared-memory arrays' own fields
         # (`shm`, `_unlink_on_del`) to hand batches over without a copy
         'grain>=0.2.10,<0.3',
-        # tfds builds and reads its datasets with TensorFlow; the CPU build is enough.
+        # tfds builds datasets (and reads TFRecord ones) with TensorFlow; the CPU build is enough.
         'tensorflow-cpu>=2.17',
         'ml-collections>=0.1.1',
         'clu>=0.0.12',
         'absl-py>=2.1',
-        'tensorboard>=2.17',  # clu's summary writers
+        'tensorboard>=2.17',  # the event files' record format and protos (train.RunWriter)
         'importlib_resources>=6',  # tfds' builders need it; not declared by tfds
         'numpy>=1.26',
         'pillow>=10',  # JPEG decoding (draft mode), crops, resizing the embedded digits

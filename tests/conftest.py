@@ -6,6 +6,11 @@ os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                            ' --xla_force_host_platform_device_count=4').strip()
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
+# Most tests compile small programs and run them a few times: XLA's LLVM optimisation costs
+# more than it saves there (JAX's own switch for that case; the same HLO programs, compiled
+# at -O0). Inherited by the workers and every process the tests launch; the end-to-end runs
+# of the default recipe turn it off (``run_main(optimized=True)``). JAX reads it at import.
+os.environ.setdefault('JAX_DISABLE_MOST_OPTIMIZATIONS', '1')
 
 import importlib.util  # noqa: E402
 import pathlib  # noqa: E402
@@ -58,13 +63,17 @@ def data_dir(tmp_path_factory) -> str:
     import resnet_jax.datasets  # noqa: F401  (registers 'digits')
 
     path = tmp_path_factory.mktemp('tfds')
-    tfds.builder('digits', data_dir=str(path)).download_and_prepare()
+    tfds.builder('digits', data_dir=str(path)).download_and_prepare(file_format='array_record')
     return str(path)
 
 
-def run_main(*args: str, devices: int = 1, timeout: float = 1800,
-             cwd=REPO) -> subprocess.CompletedProcess:
-    """Runs ``python -m resnet_jax.main`` as a user would, on ``devices`` CPU devices."""
+def run_main(*args: str, devices: int = 1, timeout: float = 1800, cwd=REPO,
+             optimized: bool = False, python_flags=()) -> subprocess.CompletedProcess:
+    """Runs ``python -m resnet_jax.main`` as a user would, on ``devices`` CPU devices;
+    ``optimized``: with XLA's full optimisation, as users run (for runs of many steps)."""
     env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
-    return subprocess.run([sys.executable, '-m', 'resnet_jax.main', *args], cwd=cwd, env=env,
+    if optimized:
+        env.pop('JAX_DISABLE_MOST_OPTIMIZATIONS', None)
+    return subprocess.run([sys.executable, *python_flags, '-m', 'resnet_jax.main', *args],
+                          cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)

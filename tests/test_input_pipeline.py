@@ -5,7 +5,7 @@ import pytest
 import tensorflow_datasets as tfds
 from sklearn.datasets import load_sample_images
 
-from resnet_jax import augment, evaluate, input_pipeline
+from resnet_jax import augment, evaluate, input_pipeline, prepare
 from resnet_jax.config import ConfigError, base_config
 
 PHOTOS = load_sample_images().images  # two real 427x640 photographs
@@ -30,6 +30,23 @@ class Photos(tfds.core.GeneratorBasedBuilder):
         for i, photo in enumerate(PHOTOS):
             for j, view in enumerate([photo, photo[:, ::-1], np.rot90(photo)]):
                 yield f'{i}-{j}', {'image': np.ascontiguousarray(view), 'label': i}
+
+
+def test_in_memory_dataset_is_built_as_array_record_and_read_as_tfrecord_too(tmp_path):
+    """A first run builds the digits as ArrayRecord (read without TensorFlow); a copy
+    prepared in tfds's default format, TFRecord, reads as the same arrays through tf.data."""
+    built, tfrecord = tmp_path / 'built', tmp_path / 'tfrecord'
+    built.mkdir()
+    tfds.builder('digits', data_dir=str(tfrecord)).download_and_prepare()
+    for split, size in (('test', 360), ('train[90%:]', 144)):
+        arrays, classes = prepare.load_arrays('digits', split, str(built))
+        assert arrays.images.shape == (size, 32, 32, 3) and arrays.images.dtype == np.uint8
+        assert classes == 10 and len(np.unique(arrays.labels)) == 10
+        same, _ = prepare.load_arrays('digits', split, str(tfrecord))
+        np.testing.assert_array_equal(same.images, arrays.images)
+        np.testing.assert_array_equal(same.labels, arrays.labels)
+    for path, fmt in ((built, 'array_record'), (tfrecord, 'tfrecord')):
+        assert tfds.builder('digits', data_dir=str(path)).info.file_format.value == fmt
 
 
 @pytest.fixture(scope='module')

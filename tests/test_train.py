@@ -2,6 +2,7 @@
 
 import functools
 import json
+import re
 import subprocess
 import sys
 
@@ -219,7 +220,14 @@ def test_stopped_run_resumes_from_its_checkpoint(data_dir, tmp_path, capsys):
     for key in ('step', 'train_loss', 'eval_top1_error', 'eval_top5_error', 'wall_seconds'):
         assert key in json.loads((tmp_path / 'full' / 'results.json').read_text())
     assert (tmp_path / 'full' / 'curves.png').stat().st_size > 0
-    assert list((tmp_path / 'full').glob('events.out.tfevents.*'))
+    # TensorBoard reads the run's scalars from its event file
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(tmp_path / 'full')).Reload()
+    assert {'train_loss', 'eval_top1_error', 'images_per_sec'} <= set(events.Tags()['scalars'])
+    last = events.Scalars('eval_top1_error')[-1]
+    assert last.step == 6 and last.value == pytest.approx(full['eval_top1_error'], abs=1e-6)
+    assert [e.step for e in events.Scalars('train_loss')] == list(
+        range(config.log_every_steps, 7, config.log_every_steps))
 
     config.num_train_steps = 3  # "stopped" after the first checkpoint
     train.train_and_evaluate(config, str(tmp_path / 'resumed'))
@@ -260,12 +268,18 @@ def test_command_line_override_reaches_the_model(data_dir, tmp_path):
 
 
 def test_relative_workdir_as_in_the_quickstart(data_dir, tmp_path):
-    """The README's first command uses the default, relative, workdir."""
+    """The README's first command uses the default, relative, workdir. The run never
+    imports TensorFlow (~10 s of start-up): the digits are read from ArrayRecord and the
+    event files written by TensorBoard's numpy-only writer."""
     proc = run_main('--workdir=workdirs/run', '--config.model.name=cifar_resnet8',
                     '--config.num_train_steps=2', '--config.batch_size=16',
                     '--config.checkpoint_every_steps=1', f'--config.dataset.data_dir={data_dir}',
-                    cwd=tmp_path)
+                    cwd=tmp_path, python_flags=('-X', 'importtime'))
     assert proc.returncode == 0, proc.stderr[-2000:]
+    imported = re.findall(r'^import time:.*\| +([\w.]+)$', proc.stderr, re.M)
+    assert 'resnet_jax.train' in imported and 'tensorboard.summary' in imported
+    assert not [m for m in imported if m.split('.')[0] in ('tensorflow', 'keras')]
+    assert list((tmp_path / 'workdirs' / 'run').glob('events.out.tfevents.*'))
     assert (tmp_path / 'workdirs' / 'run' / 'checkpoints' / '2').is_dir()
     again = run_main('--workdir=workdirs/run', '--config.model.name=cifar_resnet8',
                      '--config.num_train_steps=2', '--config.batch_size=16',
@@ -328,14 +342,15 @@ def test_workdir_that_cannot_be_created_or_written_is_refused(data_dir, workdir,
 
 @pytest.mark.slow
 def test_default_run_reaches_below_3_percent_and_resumes(data_dir, tmp_path):
-    proc = run_main(f'--workdir={tmp_path}', f'--config.dataset.data_dir={data_dir}')
+    proc = run_main(f'--workdir={tmp_path}', f'--config.dataset.data_dir={data_dir}',
+                    optimized=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     results = json.loads((tmp_path / 'results.json').read_text())
     assert results['step'] == 400
     assert results['eval_top1_error'] < 0.03
     for expected in ('checkpoints', 'curves.png', 'configs/cifar10.py', 'configs/imagenet.py'):
         assert expected in proc.stdout
-    import re  # the progress line, with images/s and an ETA
+    # the progress line, with images/s and an ETA
     assert re.search(r'^\[[\d,]+/400\] [\d.]+% \| [\d,]+ img/s .*\| ETA \w+ \| loss [\d.]+$',
                      proc.stdout, re.M), proc.stdout[-2000:]
     again = run_main(f'--workdir={tmp_path}', f'--config.dataset.data_dir={data_dir}')

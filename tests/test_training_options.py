@@ -257,7 +257,8 @@ def test_lars_trains_the_default_run_below_5_percent(data_dir, tmp_path):
     lr * 0.001 * |w| (|w| / |g| is 4-35 here at the start), so SGD's 0.1 barely moves the
     kernels (33% test error at step 200); 2 is about SGD's step size at the start."""
     proc = run_main(f'--workdir={tmp_path}', f'--config.dataset.data_dir={data_dir}',
-                    '--config.optimizer=lars', '--config.learning_rate=2', timeout=1500)
+                    '--config.optimizer=lars', '--config.learning_rate=2', timeout=1500,
+                    optimized=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     r = results(tmp_path)
     assert r['step'] == 400 and r['eval_top1_error'] < 0.05
