@@ -346,15 +346,15 @@ def test_default_run_reaches_below_3_percent_and_resumes(data_dir, tmp_path):
                     optimized=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     results = json.loads((tmp_path / 'results.json').read_text())
-    assert results['step'] == 400
+    assert results['step'] == 250
     assert results['eval_top1_error'] < 0.03
     for expected in ('checkpoints', 'curves.png', 'configs/cifar10.py', 'configs/imagenet.py'):
         assert expected in proc.stdout
     # the progress line, with images/s and an ETA
-    assert re.search(r'^\[[\d,]+/400\] [\d.]+% \| [\d,]+ img/s .*\| ETA \w+ \| loss [\d.]+$',
+    assert re.search(r'^\[[\d,]+/250\] [\d.]+% \| [\d,]+ img/s .*\| ETA \w+ \| loss [\d.]+$',
                      proc.stdout, re.M), proc.stdout[-2000:]
     again = run_main(f'--workdir={tmp_path}', f'--config.dataset.data_dir={data_dir}')
-    assert again.returncode == 0 and 'resumed from step 400' in again.stdout
+    assert again.returncode == 0 and 'resumed from step 250' in again.stdout
     # The three test protocols on the run's workdir.
     for protocol in ('center', 'ten_crop', 'multiscale'):
         proc = subprocess.run([sys.executable, '-m', 'resnet_jax.evaluate',

@@ -255,13 +255,14 @@ def test_lars_trust_ratio_leaves_batchnorm_parameters_and_biases_alone():
 def test_lars_trains_the_default_run_below_5_percent(data_dir, tmp_path):
     """The default run with LARS. Its lr is LARS's global lr: a kernel's step is
     lr * 0.001 * |w| (|w| / |g| is 4-35 here at the start), so SGD's 0.1 barely moves the
-    kernels (33% test error at step 200); 2 is about SGD's step size at the start."""
+    kernels (33% test error after 200 steps at 0.1); 2 is about SGD's step size at the start
+    (3.33% test error at step 250 on the AVX2 host, Python 3.11)."""
     proc = run_main(f'--workdir={tmp_path}', f'--config.dataset.data_dir={data_dir}',
                     '--config.optimizer=lars', '--config.learning_rate=2', timeout=1500,
                     optimized=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     r = results(tmp_path)
-    assert r['step'] == 400 and r['eval_top1_error'] < 0.05
+    assert r['step'] == 250 and r['eval_top1_error'] < 0.05
     assert json.loads((tmp_path / 'config.json').read_text())['optimizer'] == 'lars'
 
 
