@@ -7,7 +7,8 @@ chunks of the batch, one convolution each (``cpu_paths.weight_grad_chunk``). Eac
 one more convolution in the compiled program, so fewer, larger chunks compile faster; this
 times the weight gradient alone (jitted, the chunks summed as the plan sums them) for the
 CIFAR nets' 3x3 convolutions at each chunk size that divides the batch, alternating the
-sizes within each round, and prints each one's median milliseconds and its compile time.
+sizes within each round, and prints each one's median milliseconds (``--json``: and the
+compile time of each).
 """
 
 from __future__ import annotations

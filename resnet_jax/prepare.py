@@ -81,9 +81,11 @@ def load_arrays(name: str, split: str, data_dir: str | None) -> tuple[ArraySourc
     """Reads a whole split into memory, building the embedded dataset (or downloading
     CIFAR-10) as ArrayRecord on first use.
 
-    ArrayRecord is read and its PNGs decoded without TensorFlow, whose import costs a run
-    ~10 s of start-up (2 CPU cores); a copy prepared in tfds's default TFRecord format
-    (``tfds build`` without ``--file_format``) is read through ``tf.data``."""
+    Once prepared, ArrayRecord is read and its PNGs decoded without TensorFlow, whose
+    import costs a launch ~10 s of start-up (2 CPU cores; building the dataset the first
+    time imports it: tfds encodes the PNGs with it). A copy prepared in tfds's default
+    TFRecord format (``tfds build`` without ``--file_format``) is read through
+    ``tf.data``."""
     builder = tfds.builder(name, data_dir=data_dir)
     builder.download_and_prepare(file_format='array_record')  # kept as is if prepared
     num_classes = builder.info.features['label'].num_classes
@@ -94,9 +96,13 @@ def load_arrays(name: str, split: str, data_dir: str | None) -> tuple[ArraySourc
                 num_classes)
     source = builder.as_data_source(split=split,
                                     decoders={'image': tfds.decode.SkipDecoding()})
-    records = source.__getitems__(range(len(source)))
-    images = np.stack([sources.decode_array(r['image']) for r in records])
-    labels = np.array([r['label'] for r in records], np.int32)
+    shape = builder.info.features['image'].shape  # RGB: decode_array's output
+    images = np.empty((len(source), *shape), np.uint8)
+    labels = np.empty(len(source), np.int32)
+    for start in range(0, len(source), 4096):  # CIFAR-10: the encoded images a chunk at a time
+        for i, r in enumerate(source.__getitems__(range(start, min(start + 4096,
+                                                                   len(source)))), start):
+            images[i], labels[i] = sources.decode_array(r['image']), r['label']
     return ArraySource(images, labels), num_classes
 
 

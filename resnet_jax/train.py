@@ -14,6 +14,7 @@ replicated, i.e. already identical ("averaged") on every device when evaluating 
 
 import concurrent.futures
 import functools
+import itertools
 import json
 import os
 import socket
@@ -30,12 +31,18 @@ from resnet_jax.config import ConfigError
 from resnet_jax.steps import TrainMetrics, TrainState
 
 
+# Event files of this process: two writers opened in the same second never share a name.
+_EVENT_FILES = itertools.count()
+
+
 class RunWriter:
     """The run's scalars on process 0: a line on the console per step (the speed and ETA
     scalars are on the console as the progress line instead) and a TensorBoard event file
-    in the workdir, both written from one background thread, so the loop never waits on
-    the console or the file system (as clu's ``AsyncMultiWriter``). A failed write is
-    raised by the next ``write_scalars`` or by ``close``.
+    in the workdir. The loop passes numbers already on the host; the console line is
+    printed at once, in order with the progress line, and the file is written from one
+    background thread, so the loop never waits on the file system (as with clu's
+    ``AsyncMultiWriter``). A failed write is raised by the next ``write_scalars`` or by
+    ``close``.
 
     The event file holds TensorBoard's ``Event`` records (scalars as ``simple_value``),
     framed by TensorBoard's own ``RecordWriter``. clu's ``metric_writers`` and
@@ -50,8 +57,8 @@ class RunWriter:
 
             self._event = event_pb2.Event
             name = (f'events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.'
-                    f'{os.getpid()}.0')  # TensorBoard's naming: one file per writer
-            self._records = RecordWriter((epath.Path(workdir) / name).open('wb'))
+                    f'{os.getpid()}.{next(_EVENT_FILES)}')  # TensorBoard's naming
+            self._records = RecordWriter(open(os.path.join(workdir, name), 'xb'))  # noqa: SIM115
             self._append(self._event(wall_time=time.time(), file_version='brain.Event:2'))
         self._thread = concurrent.futures.ThreadPoolExecutor(1, 'resnet_jax_metric_writer')
         self._pending: list[concurrent.futures.Future] = []
@@ -59,13 +66,8 @@ class RunWriter:
     def _append(self, event) -> None:
         self._records.write(event.SerializeToString())
 
-    def _write(self, step: int, scalars: dict) -> None:
-        scalars = {k: float(v) for k, v in scalars.items()}
-        console = {k: v for k, v in scalars.items() if k not in progress.SCALARS}
-        if console:
-            progress.print_line(f'[{step}] ' + ', '.join(f'{k}={v:.6g}'
-                                                         for k, v in console.items()))
-        event = self._event(wall_time=time.time(), step=step)
+    def _write_event(self, step: int, scalars: dict[str, float], wall_time: float) -> None:
+        event = self._event(wall_time=wall_time, step=step)
         for tag, value in scalars.items():
             event.summary.value.add(tag=tag, simple_value=value)
         self._append(event)
@@ -80,16 +82,26 @@ class RunWriter:
     def write_scalars(self, step: int, scalars) -> None:
         if self._records is None:
             return
+        scalars = {k: float(v) for k, v in scalars.items()}
+        console = {k: v for k, v in scalars.items() if k not in progress.SCALARS}
+        if console:
+            progress.print_line(f'[{step}] ' + ', '.join(f'{k}={v:.6g}'
+                                                         for k, v in console.items()))
         self._raise_failures(wait=False)
-        self._pending.append(self._thread.submit(self._write, int(step), dict(scalars)))
+        self._pending.append(self._thread.submit(self._write_event, int(step), scalars,
+                                                 time.time()))
 
-    def close(self) -> None:
+    def close(self, raise_failures: bool = True) -> None:
+        """Waits for the pending writes and closes the file; ``raise_failures=False`` when
+        the run is failing already (its own error is the one to report)."""
         try:
-            self._raise_failures(wait=True)
+            if raise_failures:
+                self._raise_failures(wait=True)
         finally:
             self._thread.shutdown()
             if self._records is not None:
                 self._records.close()
+                self._records = None
 
 
 def create_writer(workdir: epath.Path) -> RunWriter:
@@ -251,71 +263,75 @@ def _train(config, workdir: epath.Path, mesh: Mesh, ckpt: checkpointing.Checkpoi
 
     train_fn, eval_fn = steps.compile_steps(model, tx, learning_rate_fn, config, mesh, plan)
     writer = create_writer(workdir)
-    report = progress.Progress(config.num_train_steps, config.batch_size, mesh.size, start_time,
-                               writer.write_scalars, progress.print_line if lead else None)
-    hooks = []
-    if config.profile and lead:
-        from clu import periodic_actions
-        hooks.append(periodic_actions.Profile(logdir=str(workdir), num_profile_steps=5))
+    try:  # the event file is closed and the writer's thread ended whatever happens
+        report = progress.Progress(config.num_train_steps, config.batch_size, mesh.size, start_time,
+                                   writer.write_scalars, progress.print_line if lead else None)
+        hooks = []
+        if config.profile and lead:
+            from clu import periodic_actions
+            hooks.append(periodic_actions.Profile(logdir=str(workdir), num_profile_steps=5))
 
-    def run_eval(step):
-        values = evaluate(eval_fn, mesh, state, pipeline, config.eval_batch_size)
-        result = {'step': step, **{f'eval_{k}': v for k, v in values.items()}}
-        if ema:
-            values = evaluate(eval_fn, mesh, steps.with_ema_weights(state), pipeline,
-                              config.eval_batch_size)
-            result.update({f'eval_ema_{k}': v for k, v in values.items()})
-        return result
+        def run_eval(step):
+            values = evaluate(eval_fn, mesh, state, pipeline, config.eval_batch_size)
+            result = {'step': step, **{f'eval_{k}': v for k, v in values.items()}}
+            if ema:
+                values = evaluate(eval_fn, mesh, steps.with_ema_weights(state), pipeline,
+                                  config.eval_batch_size)
+                result.update({f'eval_ema_{k}': v for k, v in values.items()})
+            return result
 
-    step = int(state.step)
-    batches = input_pipeline.prefetch(
-        input_pipeline.train_iterator(pipeline, step, config.batch_size, jax.process_index(),
-                                      jax.process_count()),
-        functools.partial(parallel.shard_batch, mesh))
-    guard = faults.NonFiniteGuard()
-    eval_result = history['eval'][-1] if history['eval'] else None
-    stopped_by = None
-    previous = None  # the last step's metrics, on the host once the guard checked them
-    while step < config.num_train_steps:
-        with jax.profiler.StepTraceAnnotation('train', step_num=step):
-            state, m = train_fn(state, next(batches))
-        step += 1
-        guard.add(step, m.loss.total, m.param_norm.total)
-        train_metrics = train_metrics.merge(m)
-        report.start(step)
-        for hook in hooks:
-            hook(step)
-        last = step == config.num_train_steps
-        if step % config.log_every_steps == 0 or last:
-            guard.check_all()
-            summary = {f'train_{k}': v
-                       for k, v in parallel.host_values(train_metrics).items()}
-            writer.write_scalars(step, summary)
-            history['train'].append({'step': step, **summary})
-            train_metrics = empty_metrics
-            report.report(step, summary['train_loss'])
-        elif report.due() and previous is not None:
-            # The loss of step - 1: the guard has fetched it already (no device sync).
-            report.report(step - 1, parallel.host_values(previous)['loss'])
-        previous = m
-        if step % config.eval_every_steps == 0 or last:
-            eval_result = run_eval(step)
-            writer.write_scalars(step, {k: v for k, v in eval_result.items() if k != 'step'})
-            history['eval'].append(eval_result)
-            state = state.replace(plateau_metric=parallel.replicated_scalar(
-                mesh, eval_result['eval_top1_error']))
-        checkpoint_now = step % config.checkpoint_every_steps == 0 or last
-        stop_now = stop.requested(step, boundary=checkpoint_now or
-                                  step % config.log_every_steps == 0)
-        if checkpoint_now or stop_now:
-            guard.check_all()  # never checkpoint a diverged state
-            save(step, state, train_metrics)
-        if stop_now:
-            stopped_by = stop.signal_name or 'a preemption notice (SIGTERM to a process)'
-            break
-    batches.close()  # stops the input pipeline's workers
-    guard.check_all()
-    save(step, state, train_metrics)  # no-op when this step is saved already
+        step = int(state.step)
+        batches = input_pipeline.prefetch(
+            input_pipeline.train_iterator(pipeline, step, config.batch_size, jax.process_index(),
+                                          jax.process_count()),
+            functools.partial(parallel.shard_batch, mesh))
+        guard = faults.NonFiniteGuard()
+        eval_result = history['eval'][-1] if history['eval'] else None
+        stopped_by = None
+        previous = None  # the last step's metrics, on the host once the guard checked them
+        while step < config.num_train_steps:
+            with jax.profiler.StepTraceAnnotation('train', step_num=step):
+                state, m = train_fn(state, next(batches))
+            step += 1
+            guard.add(step, m.loss.total, m.param_norm.total)
+            train_metrics = train_metrics.merge(m)
+            report.start(step)
+            for hook in hooks:
+                hook(step)
+            last = step == config.num_train_steps
+            if step % config.log_every_steps == 0 or last:
+                guard.check_all()
+                summary = {f'train_{k}': v
+                           for k, v in parallel.host_values(train_metrics).items()}
+                writer.write_scalars(step, summary)
+                history['train'].append({'step': step, **summary})
+                train_metrics = empty_metrics
+                report.report(step, summary['train_loss'])
+            elif report.due() and previous is not None:
+                # The loss of step - 1: the guard has fetched it already (no device sync).
+                report.report(step - 1, parallel.host_values(previous)['loss'])
+            previous = m
+            if step % config.eval_every_steps == 0 or last:
+                eval_result = run_eval(step)
+                writer.write_scalars(step, {k: v for k, v in eval_result.items() if k != 'step'})
+                history['eval'].append(eval_result)
+                state = state.replace(plateau_metric=parallel.replicated_scalar(
+                    mesh, eval_result['eval_top1_error']))
+            checkpoint_now = step % config.checkpoint_every_steps == 0 or last
+            stop_now = stop.requested(step, boundary=checkpoint_now or
+                                      step % config.log_every_steps == 0)
+            if checkpoint_now or stop_now:
+                guard.check_all()  # never checkpoint a diverged state
+                save(step, state, train_metrics)
+            if stop_now:
+                stopped_by = stop.signal_name or 'a preemption notice (SIGTERM to a process)'
+                break
+        batches.close()  # stops the input pipeline's workers
+        guard.check_all()
+        save(step, state, train_metrics)  # no-op when this step is saved already
+    except BaseException:
+        writer.close(raise_failures=False)
+        raise
     writer.close()
     if stopped_by:
         return {'step': step, 'stopped_by': stopped_by}

@@ -235,6 +235,10 @@ def test_stopped_run_resumes_from_its_checkpoint(data_dir, tmp_path, capsys):
     capsys.readouterr()
     resumed = train.train_and_evaluate(config, str(tmp_path / 'resumed'))
     assert 'resumed from step 3' in capsys.readouterr().out
+    # one event file per launch (the two launches may start within a second)
+    assert len(list((tmp_path / 'resumed').glob('events.out.tfevents.*'))) == 2
+    events = EventAccumulator(str(tmp_path / 'resumed')).Reload()
+    assert sorted(e.step for e in events.Scalars('train_loss')) == [2, 3, 4, 6]
     for key in ('train_loss', 'eval_loss', 'eval_top1_error', 'eval_top5_error'):
         assert resumed[key] == pytest.approx(full[key], rel=1e-5), key
     history = json.loads((tmp_path / 'resumed' / 'history.json').read_text())
@@ -268,9 +272,9 @@ def test_command_line_override_reaches_the_model(data_dir, tmp_path):
 
 
 def test_relative_workdir_as_in_the_quickstart(data_dir, tmp_path):
-    """The README's first command uses the default, relative, workdir. The run never
-    imports TensorFlow (~10 s of start-up): the digits are read from ArrayRecord and the
-    event files written by TensorBoard's numpy-only writer."""
+    """The README's first command uses the default, relative, workdir. With the digits
+    prepared, the run does not import TensorFlow (~10 s of start-up): they are read from
+    ArrayRecord and the event records are written without TensorFlow's file API."""
     proc = run_main('--workdir=workdirs/run', '--config.model.name=cifar_resnet8',
                     '--config.num_train_steps=2', '--config.batch_size=16',
                     '--config.checkpoint_every_steps=1', f'--config.dataset.data_dir={data_dir}',
