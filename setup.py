@@ -48,7 +48,7 @@ setup(
         # compilation and process start-up, which use one core each.
         # scikit-image: real photographs (and a grayscale one, a transparent PNG) for the
         # folder-dataset tests, shipped inside the package
-        'test': ['pytest>=8', 'pytest-xdist>=3', 'scikit-image>=0.22'],
+        'test': ['pytest>=8', 'pytest-xdist>=3.6', 'scikit-image>=0.22'],
         # Reading .pth files and the tests against torchvision's own ResNets. torchvision
         # pins one torch release; PyPI's torchvision 0.28 does not import beside the CPU
         # build of torch 2.13 ("operator torchvision::nms does not exist"), 0.29 with 2.14

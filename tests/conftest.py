@@ -32,6 +32,26 @@ def pytest_configure(config):  # after the command line is accepted, before any 
         os.environ['JAX_COMPILATION_CACHE_DIR'] = _CACHE_DIR
 
 
+# The longest tests: the default recipe run to the end (~7 min each beside the other worker).
+_LONGEST = ('test_default_run_reaches_below_3_percent_and_resumes',
+            'test_lars_trains_the_default_run_below_5_percent')
+
+
+def pytest_collection_modifyitems(config, items):
+    """Longest first: the modules holding the end-to-end runs start the session (each on
+    its own xdist worker, with its run first), so the short tests fill in around them
+    rather than leaving one worker idle at the end."""
+    first = {item.module.__name__ for item in items
+             if getattr(item, 'originalname', item.name) in _LONGEST}
+
+    def key(item):
+        module = item.module.__name__
+        if module not in first:
+            return (1, '', 1)  # the rest keep their order (the sort is stable)
+        return (0, module, int(getattr(item, 'originalname', item.name) not in _LONGEST))
+    items.sort(key=key)
+
+
 def pytest_unconfigure(config):
     if _CACHE_DIR:  # removed by the process that made it, at the end of the session
         shutil.rmtree(_CACHE_DIR, ignore_errors=True)
