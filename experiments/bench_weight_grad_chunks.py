@@ -16,15 +16,13 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import operator
 import statistics
 import time
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 
-_NHWC = ('NHWC', 'HWIO', 'NHWC')
+from resnet_jax import cpu_paths
 
 # (height, in channels, out channels, stride) of the CIFAR nets' 3x3 convolutions.
 CIFAR_SHAPES = [(32, 3, 16, 1), (32, 16, 16, 1), (32, 16, 32, 2), (16, 32, 32, 1),
@@ -32,16 +30,8 @@ CIFAR_SHAPES = [(32, 3, 16, 1), (32, 16, 16, 1), (32, 16, 32, 2), (16, 32, 32, 1
 
 
 def weight_grad(x, g, stride: int, chunk: int):
-    """The plan's weight gradient (``cpu_paths._conv_nhwc_bwd``) with a given chunk size."""
-    height, out_h = x.shape[1], g.shape[1]
-    pad = (1, 3 + (out_h - 1) * stride - height - 1)
-
-    def one(x, g):
-        return lax.conv_general_dilated(
-            x.transpose(3, 1, 2, 0), g.transpose(1, 2, 0, 3), (1, 1), (pad, pad),
-            rhs_dilation=(stride, stride), dimension_numbers=_NHWC)
-    return functools.reduce(operator.add, (one(x[i:i + chunk], g[i:i + chunk])
-                                           for i in range(0, x.shape[0], chunk)))
+    """The plan's weight gradient of a 3x3 convolution, padding 1, in chunks of ``chunk``."""
+    return cpu_paths.weight_grad(x, g, (3, 3), stride, ((1, 1), (1, 1)), None, chunk)
 
 
 def main() -> None:

@@ -208,7 +208,6 @@ def _conv_nhwc_bwd(stride, padding, precision, residuals, g):
     kh, kw = w.shape[:2]
     (top, bottom), (left, right) = padding
     height, width = x.shape[1:3]
-    out_h, out_w = g.shape[1:3]
     # Input gradient: rows the forward's stride skipped at the end get zero gradient.
     skip_h = (height + top + bottom - kh) % stride
     skip_w = (width + left + right - kw) % stride
@@ -217,18 +216,26 @@ def _conv_nhwc_bwd(stride, padding, precision, residuals, g):
         g, flipped, (1, 1), ((kh - 1 - top, kh - 1 - bottom + skip_h),
                              (kw - 1 - left, kw - 1 - right + skip_w)),
         lhs_dilation=(stride, stride), dimension_numbers=_NHWC, precision=precision)
-    # Weight gradient: [C_in, H, W, N] (*) [out_h, out_w, N, C_out] -> [C_in, kh, kw, C_out],
-    # summed over chunks of the batch (see weight_grad_chunk).
-    def weight_grad(x, g):
+    dw = weight_grad(x, g, (kh, kw), stride, padding, precision, weight_grad_chunk(x.shape))
+    return dx.astype(x.dtype), dw.transpose(1, 2, 0, 3).astype(w.dtype)
+
+
+def weight_grad(x, g, kernel_size, stride, padding, precision, chunk):
+    """``canonical_conv``'s weight gradient, [C_in, kh, kw, C_out]: the convolution
+    [C_in, H, W, N] (*) [out_h, out_w, N, C_out], summed over chunks of ``chunk`` examples
+    (see ``weight_grad_chunk``)."""
+    (kh, kw), ((top, _), (left, _)) = kernel_size, padding
+    height, width = x.shape[1:3]
+    out_h, out_w = g.shape[1:3]
+
+    def one(x, g):
         return lax.conv_general_dilated(
             x.transpose(3, 1, 2, 0), g.transpose(1, 2, 0, 3), (1, 1),
             ((top, kh + (out_h - 1) * stride - height - top),
              (left, kw + (out_w - 1) * stride - width - left)),
             rhs_dilation=(stride, stride), dimension_numbers=_NHWC, precision=precision)
-    n, chunk = x.shape[0], weight_grad_chunk(x.shape)
-    dw = functools.reduce(operator.add, (weight_grad(x[i:i + chunk], g[i:i + chunk])
-                                         for i in range(0, n, chunk)))
-    return dx.astype(x.dtype), dw.transpose(1, 2, 0, 3).astype(w.dtype)
+    return functools.reduce(operator.add, (one(x[i:i + chunk], g[i:i + chunk])
+                                           for i in range(0, x.shape[0], chunk)))
 
 
 _conv_nhwc.defvjp(_conv_nhwc_fwd, _conv_nhwc_bwd)
