@@ -13,6 +13,9 @@ returns travel through shared memory; an array allocated as grain's
 ``SharedMemoryArray`` in the worker (see ``shared_array``) reaches the parent without a
 copy. Each worker keeps ``buffer_size`` results ready.
 
+In this process, a worker's shared-memory block is closed in the thread that drops its
+array (``_close_blocks_where_dropped``), not on grain's background thread.
+
 Workers run in a process group of their own (a Ctrl-C or a SIGTERM to the job's group
 reaches only the parent, which stops them when it is done) and exit when their parent
 dies, even by ``kill -9``.
@@ -61,7 +64,35 @@ def _grain():
 
     if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()
+    _close_blocks_where_dropped()
     return grain
+
+
+class _CloseWhereDropped:
+    """Takes the place of grain's "async del" thread pool: ``apply_async`` closes the
+    block at once, in the calling thread."""
+
+    def apply_async(self, fn, args=(), kwds=None):
+        fn(*args, **(kwds or {}))
+
+
+def _close_blocks_where_dropped() -> None:
+    """Makes grain close a worker's shared-memory block in the thread that drops its array.
+
+    grain 0.2 closes blocks on a background thread ("async del"). When an array is freed
+    by the cycle collector, the collector also finalizes the array's ``SharedMemory``.
+    Both threads then run ``SharedMemory.close()`` at once, and the file descriptor is
+    closed twice, and a thread that reused the number in between loses its file (seen as
+    an orbax save failing with ``OSError: [Errno 22]`` from its event loop). Closed in one
+    thread, the second close finds the block closed and does nothing.
+    It is one munmap and one close per array; grain takes this path whenever its
+    pool is busy."""
+    from grain._src.python.ipc.shared_memory_array import SharedMemoryArray
+
+    with SharedMemoryArray._lock:
+        if not isinstance(SharedMemoryArray._del_thread_pool, _CloseWhereDropped):
+            SharedMemoryArray._del_thread_pool = _CloseWhereDropped()
+            SharedMemoryArray._outstanding_del_requests = threading.Semaphore(1)
 
 
 def shared_array(shape: Sequence[int], dtype) -> np.ndarray:
