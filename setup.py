@@ -29,7 +29,8 @@ setup(
         'tensorflow-datasets>=4.9.6',
         # the input pipeline's worker processes (MapDataset, mp_prefetch, shared memory);
         # <0.3: resnet_jax/workers.py reads grain 0.2's shared-memory arrays' own fields
-        # (`shm`, `_unlink_on_del`) to hand batches over without a copy
+        # (`shm`, `_unlink_on_del`) to hand batches over without a copy, and sets how their
+        # blocks are closed (`SharedMemoryArray._del_thread_pool`)
         'grain>=0.2.10,<0.3',
         # tfds builds datasets (and reads TFRecord ones) with TensorFlow; the CPU build is enough.
         'tensorflow-cpu>=2.17',

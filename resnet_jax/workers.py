@@ -80,13 +80,14 @@ def _close_blocks_where_dropped() -> None:
     """Makes grain close a worker's shared-memory block in the thread that drops its array.
 
     grain 0.2 closes blocks on a background thread ("async del"). When an array is freed
-    by the cycle collector, the collector also finalizes the array's ``SharedMemory``.
-    Both threads then run ``SharedMemory.close()`` at once, and the file descriptor is
-    closed twice, and a thread that reused the number in between loses its file (seen as
-    an orbax save failing with ``OSError: [Errno 22]`` from its event loop). Closed in one
-    thread, the second close finds the block closed and does nothing.
-    It is one munmap and one close per array; grain takes this path whenever its
-    pool is busy."""
+    by the cycle collector (grain's prefetch thread leaves each iterator's last element
+    in a cycle, through a ``StopIteration``'s traceback), the collector also finalizes the
+    array's ``SharedMemory``. Both threads then run ``SharedMemory.close()`` at once: the
+    file descriptor is closed twice, and a thread that reused the number in between loses
+    its file (seen as an orbax save failing with ``OSError: [Errno 22]`` from its event
+    loop). Closed in one thread, the second close finds the block closed and does nothing.
+    It is one munmap and one close per array (32 ms for 256 ImageNet crops), the path
+    grain itself takes whenever its pool is busy."""
     from grain._src.python.ipc.shared_memory_array import SharedMemoryArray
 
     with SharedMemoryArray._lock:
