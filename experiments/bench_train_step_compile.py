@@ -27,31 +27,11 @@ import time
 def measure(model_name: str, steps: int, batch_size: int) -> dict:
     """lower / compile / step seconds of ``model_name``'s train step in this process."""
     import jax
-    import numpy as np
 
-    from resnet_jax import optim, parallel
-    from resnet_jax import execution as execution_plans
-    from resnet_jax import steps as train_steps
-    from resnet_jax.config import base_config
+    from resnet_jax import benchmark
 
-    config = base_config()
-    config.model.name = model_name
-    config.model.bn_group_size = 0
-    config.batch_size = batch_size
-    model = train_steps.create_model(config, 10 if model_name.startswith('cifar') else 1000)
-    size = 32 if model.stem == 'cifar' else 224
-    mesh = parallel.create_mesh()
-    plan = execution_plans.plan_for_mesh(mesh)
-    lr_fn = optim.create_learning_rate_fn(config)
-    tx = optim.create_optimizer(config, lr_fn)
-    state = train_steps.init_train_state(model, tx, jax.random.key(0), (size, size, 3), mesh,
-                                         plan)
-    rng = np.random.default_rng(0)
-    batch = parallel.shard_batch(mesh, {
-        'image': rng.normal(size=(batch_size, size, size, 3)).astype(np.float32),
-        'label': rng.integers(0, model.num_classes, batch_size).astype(np.int32),
-        'mask': np.ones(batch_size, bool)})
-    train_fn, _ = train_steps.compile_steps(model, tx, lr_fn, config, mesh, plan)
+    s = benchmark.setup(model_name, batch_size)
+    state, batch, train_fn = s['state'], s['batch'], s['train_fn']
     start = time.perf_counter()
     lowered = train_fn.lower(state, batch)
     lowered_at = time.perf_counter()

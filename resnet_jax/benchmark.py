@@ -39,20 +39,15 @@ def matmul_flops_per_sec(dtype: str = 'float32', n: int | None = None,
     return 2 * n**3 / statistics.median(times)
 
 
-def run(model_name: str, batch_size: int, image_size: int | None = None, steps: int = 10,
-        dtype: str = 'float32', warmup: int = 2, execution: str = 'auto', rounds: int = 1,
-        between_rounds: Callable[[], None] | None = None) -> dict:
-    """Compiles the model's train and eval steps once and times them on synthetic data.
-
-    The model runs by the execution plan ``execution`` of the devices' platform. The
-    train step is timed in ``rounds`` rounds of ``steps`` steps, ``between_rounds``
-    called after each (e.g. another framework's timing, so both see the same drift of a
-    shared machine); its figures are the median round's, each round the median step.
-    """
+def setup(model_name: str, batch_size: int, image_size: int | None = None,
+          dtype: str = 'float32', execution: str = 'auto') -> dict:
+    """The paper's recipe for ``model_name`` on every device, ready to time: its model,
+    mesh, execution plan, config, train state, a synthetic batch (fixed seed) and the
+    jitted train and eval steps (not yet compiled)."""
     import jax
     import numpy as np
 
-    from resnet_jax import complexity, optim, parallel
+    from resnet_jax import optim, parallel
     from resnet_jax import execution as execution_plans
     from resnet_jax import steps as train_steps
     from resnet_jax.config import base_config
@@ -77,6 +72,27 @@ def run(model_name: str, batch_size: int, image_size: int | None = None, steps: 
         'label': rng.integers(0, model.num_classes, batch_size).astype(np.int32),
         'mask': np.ones(batch_size, bool)})
     train_fn, eval_fn = train_steps.compile_steps(model, tx, lr_fn, config, mesh, plan)
+    return {'model': model, 'mesh': mesh, 'plan': plan, 'config': config, 'size': size,
+            'state': state, 'batch': batch, 'train_fn': train_fn, 'eval_fn': eval_fn}
+
+
+def run(model_name: str, batch_size: int, image_size: int | None = None, steps: int = 10,
+        dtype: str = 'float32', warmup: int = 2, execution: str = 'auto', rounds: int = 1,
+        between_rounds: Callable[[], None] | None = None) -> dict:
+    """Compiles the model's train and eval steps once and times them on synthetic data.
+
+    The model runs by the execution plan ``execution`` of the devices' platform. The
+    train step is timed in ``rounds`` rounds of ``steps`` steps, ``between_rounds``
+    called after each (e.g. another framework's timing, so both see the same drift of a
+    shared machine); its figures are the median round's, each round the median step.
+    """
+    import jax
+
+    from resnet_jax import complexity
+
+    s = setup(model_name, batch_size, image_size, dtype, execution)
+    model, plan, size, state, batch = s['model'], s['plan'], s['size'], s['state'], s['batch']
+    train_fn, eval_fn = s['train_fn'], s['eval_fn']
 
     start = time.perf_counter()
     compiled = train_fn.lower(state, batch).compile()
