@@ -58,6 +58,9 @@ def main() -> None:
     chunks = [c for c in (8, 16, 32, 64, 128, 256) if c <= args.batch and args.batch % c == 0]
     plan_chunk = cpu_paths.weight_grad_chunk((args.batch,))
     variants = {c: functools.partial(weight_grad, chunk=c) for c in chunks}
+    if args.scan and args.batch % plan_chunk:
+        parser.error(f'--scan needs a batch that is a multiple of the plan\'s chunk '
+                     f'({plan_chunk}); got {args.batch}')
     if args.scan:
         variants['scan'] = functools.partial(weight_grad_scanned, chunk=plan_chunk)
     rows = []
