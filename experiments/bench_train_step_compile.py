@@ -1,16 +1,15 @@
 """Where the CPU plan's train-step compile time goes, and what XLA:CPU options trade for it.
 
     python experiments/bench_train_step_compile.py [--model cifar_resnet1202] [--steps 0]
-        [--batch-size 128]
-        [--rounds 2] [--options '' xla_cpu_disable_loop_unrolling ...] [--json]
+        [--batch-size 128] [--rounds 2] [--options '' OPTION[,OPTION...] ...] [--json]
 
 Each variant is one fresh process (no compilation cache) that builds the model's train
-state and train step as ``resnet_jax.benchmark`` does (the plan of the CPU backend; CIFAR
-nets at 32x32, ImageNet nets at 224x224), and times ``lower()``, ``compile()`` and, with ``--steps N``, the median of N
-steps after the first. A variant is a comma-separated list of XLA:CPU backend options
-(``--xla_backend_extra_options``; '' is XLA's defaults). The variants alternate within
-each round, so that a shared machine's drift falls on all of them; the figures printed
-are each variant's medians over the rounds.
+state and train step with ``resnet_jax.benchmark.setup`` (the plan of the CPU backend;
+CIFAR nets at 32x32, ImageNet nets at 224x224), and times ``lower()``, ``compile()`` and,
+with ``--steps N``, the median of N steps after the first. A variant is a comma-separated
+list of XLA:CPU backend options (``--xla_backend_extra_options``; '' is XLA's defaults).
+The variants alternate within each round, so that a shared machine's drift falls on all
+of them; the figures printed are each variant's medians over the rounds.
 """
 
 from __future__ import annotations
@@ -56,7 +55,8 @@ def main() -> int:
     parser.add_argument('--steps', type=int, default=0, help='steps timed after the first')
     parser.add_argument('--rounds', type=int, default=2)
     parser.add_argument('--options', nargs='+', default=[
-        '', 'xla_cpu_disable_loop_unrolling', 'xla_cpu_use_multi_output_fusion'])
+        '', 'xla_cpu_disable_loop_unrolling,xla_cpu_disable_slp_vectorizer',
+        'xla_cpu_use_multi_output_fusion'])
     parser.add_argument('--json', action='store_true')
     parser.add_argument('--child', action='store_true', help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -73,7 +73,8 @@ def main() -> int:
                                     f' --xla_backend_extra_options={options}').strip()
             proc = subprocess.run(
                 [sys.executable, __file__, '--child', f'--model={args.model}',
-                 f'--steps={args.steps}', f'--batch-size={args.batch_size}'], env=env, capture_output=True, text=True)
+                 f'--steps={args.steps}', f'--batch-size={args.batch_size}'],
+                env=env, capture_output=True, text=True)
             if proc.returncode:
                 print(f'{options or "defaults"}: failed\n{proc.stderr[-2000:]}',
                       file=sys.stderr)
