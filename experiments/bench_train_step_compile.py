@@ -1,15 +1,22 @@
 """Where the CPU plan's train-step compile time goes, and what XLA:CPU options trade for it.
 
     python experiments/bench_train_step_compile.py [--model cifar_resnet1202] [--steps 0]
-        [--batch-size 128] [--rounds 2] [--options '' OPTION[,OPTION...] ...] [--json]
+        [--batch-size 128] [--rounds 2] [--options '' OPTION[,OPTION...] ...] [--relaunch]
+        [--json]
 
 Each variant is one fresh process (no compilation cache) that builds the model's train
 state and train step with ``resnet_jax.benchmark.setup`` (the plan of the CPU backend;
 CIFAR nets at 32x32, ImageNet nets at 224x224), and times ``lower()``, ``compile()`` and,
 with ``--steps N``, the median of N steps after the first. A variant is a comma-separated
-list of XLA:CPU backend options (``--xla_backend_extra_options``; '' is XLA's defaults).
-The variants alternate within each round, so that a shared machine's drift falls on all
-of them; the figures printed are each variant's medians over the rounds.
+list of XLA:CPU backend options (``--xla_backend_extra_options``, a process's) and
+``KEY=VALUE`` options of the program (``jax.jit``'s ``compiler_options``, which an
+execution plan carries); '' is the plan's own.
+With ``--relaunch``, each variant is launched twice on a fresh cache and the second
+launch is timed: with JAX's compilation cache alone (``lower()`` and a compile that the
+cache answers) and with the launchers' step cache (``resnet_jax.step_cache``: the stored
+program read and compiled, no tracing). The variants alternate within each round, so
+that a shared machine's drift falls on all of them; the figures printed are each
+variant's medians over the rounds.
 """
 
 from __future__ import annotations
@@ -20,23 +27,54 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 
-def measure(model_name: str, steps: int, batch_size: int) -> dict:
-    """lower / compile / step seconds of ``model_name``'s train step in this process."""
+def program_options(variant: str) -> dict:
+    """The ``KEY=VALUE`` items of a variant: options of the program (``jax.jit``'s
+    ``compiler_options``), with values read as booleans or integers where they are."""
+    options = {}
+    for item in variant.split(','):
+        if '=' in item:
+            key, value = item.split('=', 1)
+            options[key] = {'true': True, 'false': False}.get(
+                value.lower(), int(value) if value.lstrip('-').isdigit() else value)
+    return options
+
+
+def backend_options(variant: str) -> str:
+    """The other items of a variant: XLA:CPU backend options, comma-separated."""
+    return ','.join(item for item in variant.split(',') if item and '=' not in item)
+
+
+def measure(model_name: str, steps: int, batch_size: int, variant: str = '',
+            cache_dir: str = '', step_cache: bool = False) -> dict:
+    """lower / compile / step seconds of ``model_name``'s train step in this process, with
+    the variant's program options added to the plan's; with ``cache_dir``, JAX's
+    compilation cache there, and with ``step_cache`` the launchers' step cache too (its
+    load-or-trace and compile counted as 'compile')."""
     import jax
 
-    from resnet_jax import benchmark
+    from resnet_jax import benchmark, parallel
 
-    s = benchmark.setup(model_name, batch_size)
+    if cache_dir:
+        parallel.enable_compilation_cache(cache_dir)
+    s = benchmark.setup(model_name, batch_size, compiler_options=program_options(variant),
+                        step_cache_dir=parallel.step_cache_dir(cache_dir) if step_cache
+                        else None)
     state, batch, train_fn = s['state'], s['batch'], s['train_fn']
     start = time.perf_counter()
-    lowered = train_fn.lower(state, batch)
-    lowered_at = time.perf_counter()
-    compiled = lowered.compile()
-    result = {'lower_seconds': lowered_at - start,
-              'compile_seconds': time.perf_counter() - lowered_at}
+    if step_cache:
+        compiled = train_fn.compile(state, batch)
+        result = {'lower_seconds': 0.0, 'compile_seconds': time.perf_counter() - start,
+                  'step_cache_loaded': train_fn.loaded}
+    else:
+        lowered = train_fn.lower(state, batch)
+        lowered_at = time.perf_counter()
+        compiled = lowered.compile()
+        result = {'lower_seconds': lowered_at - start,
+                  'compile_seconds': time.perf_counter() - lowered_at}
     times = []
     for _ in range(steps + 1 if steps else 0):
         start = time.perf_counter()
@@ -59,30 +97,54 @@ def main() -> int:
         'xla_cpu_use_multi_output_fusion'])
     parser.add_argument('--json', action='store_true')
     parser.add_argument('--child', action='store_true', help=argparse.SUPPRESS)
+    parser.add_argument('--variant', default='', help=argparse.SUPPRESS)
+    parser.add_argument('--cache-dir', default='', help=argparse.SUPPRESS)
+    parser.add_argument('--step-cache', action='store_true', help=argparse.SUPPRESS)
+    parser.add_argument('--relaunch', action='store_true',
+                        help="time each variant's relaunch on a cache its first launch "
+                             "filled: with JAX's compilation cache alone, and with the "
+                             "launchers' step cache")
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(measure(args.model, args.steps, args.batch_size)))
+        print(json.dumps(measure(args.model, args.steps, args.batch_size, args.variant,
+                                 args.cache_dir, args.step_cache)))
         return 0
-    runs = {o: [] for o in args.options}
+
+    def child(options: str, *flags: str) -> dict | None:
+        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2')
+        env.pop('JAX_COMPILATION_CACHE_DIR', None)
+        if backend_options(options):
+            env['XLA_FLAGS'] = (env.get('XLA_FLAGS', '') + ' --xla_backend_extra_options='
+                                f'{backend_options(options)}').strip()
+        proc = subprocess.run(
+            [sys.executable, __file__, '--child', f'--model={args.model}',
+             f'--steps={args.steps}', f'--batch-size={args.batch_size}',
+             f'--variant={options}', *flags], env=env, capture_output=True, text=True)
+        if proc.returncode:
+            print(f'{options or "defaults"}: failed\n{proc.stderr[-2000:]}', file=sys.stderr)
+            return None
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
+    # (name, options, relaunch with: None, 'jax_cache' or 'step_cache')
+    variants = [(f'{o or "defaults"} {how}' if how else o, o, how) for o in args.options
+                for how in (('jax_cache', 'step_cache') if args.relaunch else (None,))]
+    runs = {name: [] for name, _, _ in variants}
     for _ in range(args.rounds):
-        for options in args.options:
-            env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2')
-            env.pop('JAX_COMPILATION_CACHE_DIR', None)
-            if options:
-                env['XLA_FLAGS'] = (env.get('XLA_FLAGS', '') +
-                                    f' --xla_backend_extra_options={options}').strip()
-            proc = subprocess.run(
-                [sys.executable, __file__, '--child', f'--model={args.model}',
-                 f'--steps={args.steps}', f'--batch-size={args.batch_size}'],
-                env=env, capture_output=True, text=True)
-            if proc.returncode:
-                print(f'{options or "defaults"}: failed\n{proc.stderr[-2000:]}',
-                      file=sys.stderr)
+        for name, options, how in variants:
+            if how:  # a first launch fills a fresh cache; the relaunch is timed
+                flags = ['--step-cache'] if how == 'step_cache' else []
+                with tempfile.TemporaryDirectory() as cache:
+                    result = (child(options, f'--cache-dir={cache}', *flags) and
+                              child(options, f'--cache-dir={cache}', *flags))
+            else:
+                result = child(options)
+            if result is None:
                 return 1
-            runs[options].append(json.loads(proc.stdout.strip().splitlines()[-1]))
-            print(f'{options or "defaults"}: {runs[options][-1]}', flush=True)
+            runs[name].append(result)
+            print(f'{name or "defaults"}: {result}', flush=True)
     summary = {o or 'defaults': {k: round(statistics.median(r[k] for r in rs), 3)
-                                 for k in rs[0]} for o, rs in runs.items()}
+                                 for k in rs[0] if k.endswith('_seconds')}
+               for o, rs in runs.items()}
     for name, figures in summary.items():
         print(f'{args.model} {name:<34} ' + '  '.join(
             f'{k.replace("_seconds", "")} {v:.2f} s' for k, v in figures.items()))

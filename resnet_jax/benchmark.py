@@ -40,10 +40,14 @@ def matmul_flops_per_sec(dtype: str = 'float32', n: int | None = None,
 
 
 def setup(model_name: str, batch_size: int, image_size: int | None = None,
-          dtype: str = 'float32', execution: str = 'auto') -> dict:
+          dtype: str = 'float32', execution: str = 'auto',
+          compiler_options: dict | None = None, step_cache_dir: str | None = None) -> dict:
     """The paper's recipe for ``model_name`` on every device, ready to time: its model,
-    mesh, execution plan, config, train state, a synthetic batch (fixed seed) and the
-    jitted train and eval steps (not yet compiled)."""
+    mesh, execution plan (with ``compiler_options`` added to its own), config, train
+    state, a synthetic batch (fixed seed) and the jitted train and eval steps (not yet
+    compiled; kept in ``step_cache_dir`` if given)."""
+    import dataclasses
+
     import jax
     import numpy as np
 
@@ -62,6 +66,9 @@ def setup(model_name: str, batch_size: int, image_size: int | None = None,
     size = image_size or (32 if model.stem == 'cifar' else 224)
     mesh = parallel.create_mesh()
     plan = execution_plans.plan_for_mesh(mesh, execution)
+    if compiler_options:
+        plan = dataclasses.replace(plan, compiler_options={**plan.compiler_options,
+                                                           **compiler_options})
     lr_fn = optim.create_learning_rate_fn(config)
     tx = optim.create_optimizer(config, lr_fn)
     state = train_steps.init_train_state(model, tx, jax.random.key(0), (size, size, 3), mesh,
@@ -71,14 +78,16 @@ def setup(model_name: str, batch_size: int, image_size: int | None = None,
         'image': rng.normal(size=(batch_size, size, size, 3)).astype(np.float32),
         'label': rng.integers(0, model.num_classes, batch_size).astype(np.int32),
         'mask': np.ones(batch_size, bool)})
-    train_fn, eval_fn = train_steps.compile_steps(model, tx, lr_fn, config, mesh, plan)
+    train_fn, eval_fn = train_steps.compile_steps(model, tx, lr_fn, config, mesh, plan,
+                                                  cache_dir=step_cache_dir)
     return {'model': model, 'mesh': mesh, 'plan': plan, 'config': config, 'size': size,
             'state': state, 'batch': batch, 'train_fn': train_fn, 'eval_fn': eval_fn}
 
 
 def run(model_name: str, batch_size: int, image_size: int | None = None, steps: int = 10,
         dtype: str = 'float32', warmup: int = 2, execution: str = 'auto', rounds: int = 1,
-        between_rounds: Callable[[], None] | None = None) -> dict:
+        between_rounds: Callable[[], None] | None = None,
+        step_cache_dir: str | None = None) -> dict:
     """Compiles the model's train and eval steps once and times them on synthetic data.
 
     The model runs by the execution plan ``execution`` of the devices' platform. The
@@ -90,12 +99,14 @@ def run(model_name: str, batch_size: int, image_size: int | None = None, steps: 
 
     from resnet_jax import complexity
 
-    s = setup(model_name, batch_size, image_size, dtype, execution)
+    s = setup(model_name, batch_size, image_size, dtype, execution,
+              step_cache_dir=step_cache_dir)
     model, plan, size, state, batch = s['model'], s['plan'], s['size'], s['state'], s['batch']
     train_fn, eval_fn = s['train_fn'], s['eval_fn']
 
-    start = time.perf_counter()
-    compiled = train_fn.lower(state, batch).compile()
+    start = time.perf_counter()  # a cached step is loaded, or compiled and stored
+    compiled = (train_fn.compile(state, batch) if step_cache_dir
+                else train_fn.lower(state, batch).compile())
     compile_seconds = time.perf_counter() - start
     # Forward multiply-adds x 2 FLOPs x 3 (forward, input and weight gradients); XLA's own
     # cost analysis counts a loop body once, which undercounts the scanned blocks.
@@ -133,6 +144,7 @@ def run(model_name: str, batch_size: int, image_size: int | None = None, steps: 
         'eval_images_per_sec': batch_size / statistics.median(eval_times),
         'train_step_seconds': train_step,
         'compile_seconds': compile_seconds,
+        'step_loaded_from_cache': bool(step_cache_dir) and train_fn.loaded,
         'peak_rss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         'train_flops_per_sec': step_flops / train_step,
         'matmul_flops_per_sec': machine,
@@ -153,8 +165,8 @@ def main(argv: list[str] | None = None) -> int:
                         help='the execution plan (resnet_jax.execution; auto: the XLA:CPU '
                              'plan on CPU)')
     parser.add_argument('--compilation-cache-dir', default='',
-                        help="JAX's persistent compilation cache (run twice: the second "
-                             "launch's compile_seconds is a cache load)")
+                        help="JAX's persistent compilation cache and the compiled steps "
+                             "(run twice: the second launch's compile_seconds is a load)")
     parser.add_argument('--json', action='store_true', help='end with one JSON line')
     args = parser.parse_args(argv)
     from resnet_jax import models
@@ -163,18 +175,22 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f'error: {e}', file=sys.stderr)
         return 2
+    step_cache_dir = None
     if args.compilation_cache_dir:
         from resnet_jax import parallel
         parallel.enable_compilation_cache(args.compilation_cache_dir)
+        step_cache_dir = parallel.step_cache_dir(args.compilation_cache_dir)
     r = run(args.model, args.batch_size, args.image_size, args.steps, args.dtype,
-            execution=args.execution)
+            execution=args.execution, step_cache_dir=step_cache_dir)
     print(f"{r['model']} batch {r['batch_size']} at {r['image_size']}px, {r['dtype']}, "
           f"{r['devices']} x {r['device_kind']} ({r['backend']}), "
           f"execution plan {r['execution']!r} ({r['scanned_blocks']} blocks scanned)")
     print(f"  train: {r['train_images_per_sec']:.1f} images/s "
           f"({r['train_step_seconds'] * 1e3:.0f} ms/step), eval: "
           f"{r['eval_images_per_sec']:.1f} images/s")
-    print(f"  compile {r['compile_seconds']:.1f} s, peak RSS {r['peak_rss_mb']:.0f} MB, "
+    print(f"  compile {r['compile_seconds']:.1f} s"
+          f"{' (loaded from the step cache)' if r['step_loaded_from_cache'] else ''}, "
+          f"peak RSS {r['peak_rss_mb']:.0f} MB, "
           f"{r['train_flops_per_sec'] / 1e9:.1f} GFLOP/s = "
           f"{100 * r['fraction_of_matmul_rate']:.0f}% of the matmul rate "
           f"({r['matmul_flops_per_sec'] / 1e9:.0f} GFLOP/s)")

@@ -166,18 +166,22 @@ def plan_for_mesh(mesh: jax.sharding.Mesh, execution: str = 'auto') -> Execution
 # ran each convolution on one thread here, where XLA's own (Eigen) convolutions use every
 # core: 3x3 convolutions of CIFAR ResNets at batch 128 on 2 cores ran at 215-235 GFLOP/s
 # with YNNPACK and 340-400 without. Its reductions stay (BatchNorm's statistics, 30%
-# slower without), so only those are handed to it.
+# slower without), so only those are handed to it. Each option is kept where this
+# XLA:CPU has it.
 _CPU_OPTIONS = {'xla_cpu_experimental_ynn_fusion_type': 'LIBRARY_FUSION_TYPE_REDUCE'}
 
 
 def _cpu_compiler_options() -> dict:
-    """``_CPU_OPTIONS`` where this XLA:CPU has them, else ``{}`` (its defaults)."""
-    try:
-        jax.jit(lambda x: x + 1, backend='cpu',
-                compiler_options=_CPU_OPTIONS).lower(1.0).compile()
-    except jax.errors.JaxRuntimeError:
-        return {}
-    return dict(_CPU_OPTIONS)
+    """Those of ``_CPU_OPTIONS`` that this XLA:CPU has (the others: its defaults)."""
+    kept = {}
+    for key, value in _CPU_OPTIONS.items():
+        try:
+            jax.jit(lambda x: x + 1, backend='cpu',
+                    compiler_options={key: value}).lower(1.0).compile()
+        except jax.errors.JaxRuntimeError:
+            continue
+        kept[key] = value
+    return kept
 
 
 # --- scanned stages --------------------------------------------------------------------------

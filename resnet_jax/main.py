@@ -44,8 +44,9 @@ def _define_flags() -> None:
         'compilation_cache_dir',
         os.environ.get('JAX_COMPILATION_CACHE_DIR') or os.path.expanduser(
             '~/.cache/resnet_jax/jax'),
-        "JAX's persistent compilation cache ('' disables it; default: "
-        "$JAX_COMPILATION_CACHE_DIR if set): relaunches skip compiling.")
+        "JAX's persistent compilation cache, with the traced steps of single-process runs "
+        "('' disables it; default: $JAX_COMPILATION_CACHE_DIR if set): relaunches skip "
+        "tracing and compiling.")
 
 
 def _fail(message: str) -> None:
@@ -115,7 +116,8 @@ def main(argv: list[str]) -> None:
               f'{config.num_train_steps} steps on {jax.device_count()} device(s) '
               f'({jax.default_backend()}); workdir {workdir}', flush=True)
     try:
-        results = train.train_and_evaluate(config, str(workdir))
+        results = train.train_and_evaluate(config, str(workdir), step_cache_dir=(
+            parallel.step_cache_dir(_FLAGS['cache'].value) if _FLAGS['cache'].value else None))
     except ConfigError as e:
         _fail(str(e))
     except faults.NonFiniteLossError as e:

@@ -21,7 +21,7 @@ import optax
 from clu import metrics
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from resnet_jax import execution, models, optim, parallel
+from resnet_jax import execution, models, optim, parallel, step_cache
 
 
 @flax.struct.dataclass
@@ -225,11 +225,18 @@ def eval_step(model: models.ResNet, state: TrainState,
 # --- compiled steps -------------------------------------------------------------------------
 
 def compile_steps(model, tx, learning_rate_fn, config, mesh: Mesh,
-                  plan: execution.ExecutionPlan = execution.XLA):
+                  plan: execution.ExecutionPlan = execution.XLA,
+                  cache_dir: str | None = None):
     """The jitted train and eval steps of ``model`` run by ``plan`` (on a state laid out
     by ``plan.pack_state``), with the state replicated and the batch split; the train
     step accumulates ``config.grad_accum_steps`` micro-batches (each split over the mesh)
-    and updates the EMA with ``config.ema_decay``."""
+    and updates the EMA with ``config.ema_decay``.
+
+    With ``cache_dir``, each step's lowered program is kept there and a relaunch compiles
+    it without tracing (``step_cache.CachedStep``): only for a model and optimiser that
+    ``create_model`` and ``optim.create_optimizer`` built from ``config``, whose
+    description (with the plan) is then the cache key.
+    """
     replicated, split = NamedSharding(mesh, P()), NamedSharding(mesh, P('data'))
     model, options = plan.apply_to(model), dict(plan.compiler_options) or None
     micro_batches = None
@@ -237,12 +244,21 @@ def compile_steps(model, tx, learning_rate_fn, config, mesh: Mesh,
         micro_batches = functools.partial(
             split_micro_batches, steps=config.grad_accum_steps, num_shards=mesh.size,
             group_size=config.model.bn_group_size, sharding=NamedSharding(mesh, P(None, 'data')))
-    train = jax.jit(functools.partial(train_step, model, tx, learning_rate_fn,
-                                      config.label_smoothing, micro_batches=micro_batches,
-                                      ema_decay=config.ema_decay),
-                    in_shardings=(replicated, split), out_shardings=(replicated, replicated),
-                    donate_argnums=0, compiler_options=options)
-    evaluate = jax.jit(functools.partial(eval_step, model),
-                       in_shardings=(replicated, split), out_shardings=replicated,
-                       compiler_options=options)
-    return train, evaluate
+    train = functools.partial(train_step, model, tx, learning_rate_fn, config.label_smoothing,
+                              micro_batches=micro_batches, ema_decay=config.ema_decay)
+    train_options = dict(in_shardings=(replicated, split), out_shardings=replicated,
+                         donate_argnums=(0,), compiler_options=options)
+    evaluate = functools.partial(eval_step, model)
+    eval_options = dict(in_shardings=(replicated, split), out_shardings=replicated,
+                        compiler_options=options)
+    if cache_dir is None:
+        return jax.jit(train, **train_options), jax.jit(evaluate, **eval_options)
+    description = {'config': config.to_json_best_effort(sort_keys=True),
+                   'model': step_cache.describe(model), 'plan': plan.name,
+                   'compiler_options': step_cache.describe(sorted((options or {}).items()))}
+    return (step_cache.CachedStep(train, **train_options, directory=cache_dir, name='train_step',
+                                  description=description,
+                                  outputs_like=lambda state, batch: (state, TrainMetrics.empty())),
+            step_cache.CachedStep(evaluate, **eval_options, directory=cache_dir, name='eval_step',
+                                  description=description,
+                                  outputs_like=lambda state, batch: EvalMetrics.empty()))

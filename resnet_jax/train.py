@@ -192,9 +192,12 @@ def check_grad_accum(config: ml_collections.ConfigDict, num_devices: int) -> Non
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                       devices=None) -> dict[str, float]:
+                       devices=None, step_cache_dir: str | None = None) -> dict[str, float]:
     """Trains ``config`` in ``workdir`` (resuming from its latest checkpoint) and returns
     the final metrics, also written to ``workdir/results.json``.
+
+    With ``step_cache_dir``, a single-process run keeps its compiled steps there and a
+    relaunch loads them without tracing (``step_cache``).
 
     Stopped by SIGTERM/SIGINT, it checkpoints and returns ``{'stopped_by': <signal>,
     'step': N}`` without writing results. A non-finite loss raises
@@ -209,13 +212,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     with faults.WorkdirLock(workdir), faults.StopRequest() as stop:
         ckpt = checkpointing.Checkpointer(workdir / 'checkpoints', config)
         try:
-            return _train(config, workdir, mesh, ckpt, stop, start_time)
+            return _train(config, workdir, mesh, ckpt, stop, start_time, step_cache_dir)
         finally:
             ckpt.close()
 
 
 def _train(config, workdir: epath.Path, mesh: Mesh, ckpt: checkpointing.Checkpointer,
-           stop: faults.StopRequest, start_time: float) -> dict[str, float]:
+           stop: faults.StopRequest, start_time: float,
+           step_cache_dir: str | None) -> dict[str, float]:
     lead = jax.process_index() == 0
     if lead:
         (workdir / 'config.json').write_text(config.to_json_best_effort(indent=2))
@@ -261,7 +265,9 @@ def _train(config, workdir: epath.Path, mesh: Mesh, ckpt: checkpointing.Checkpoi
             print(f'initialised from {config.init_from} (step {from_step}); kept fresh: '
                   f'{", ".join(fresh) or "nothing"}', flush=True)
 
-    train_fn, eval_fn = steps.compile_steps(model, tx, learning_rate_fn, config, mesh, plan)
+    train_fn, eval_fn = steps.compile_steps(
+        model, tx, learning_rate_fn, config, mesh, plan,
+        cache_dir=step_cache_dir if jax.process_count() == 1 else None)
     writer = create_writer(workdir)
     try:  # the event file is closed and the writer's thread ended whatever happens
         report = progress.Progress(config.num_train_steps, config.batch_size, mesh.size, start_time,

@@ -122,6 +122,14 @@ def test_cpu_compiler_options_keep_convolutions_in_xla():
     assert 'convolution(' in hlo and '__ynn_fusion' not in hlo
 
 
+def test_cpu_compiler_options_unknown_to_this_xla_are_left_out_one_by_one(monkeypatch):
+    """An option this XLA:CPU does not have (jax 0.12 has no `xla_cpu_use_fusion_emitters`)
+    is dropped on its own; the others stay."""
+    known = {'xla_cpu_prefer_vector_width': 256}
+    monkeypatch.setattr(execution, '_CPU_OPTIONS', {**known, 'xla_cpu_no_such_option': True})
+    assert execution._cpu_compiler_options() == known
+
+
 @pytest.mark.parametrize('size, stride, c_in, c_out, dtype', [
     (8, 1, 4, 6, jnp.float32), (9, 2, 4, 8, jnp.float32), (7, 2, 3, 5, jnp.float32),
     (8, 1, 4, 6, jnp.bfloat16), (8, 1, 6, 4, jnp.float32), (9, 2, 8, 3, jnp.bfloat16)])
