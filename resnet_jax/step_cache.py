@@ -173,8 +173,9 @@ class CachedStep:
         return self._call
 
     def __call__(self, *args):
+        call = self.compile(*args)
         try:
-            return self.compile(*args)(*args)
+            return call(*args)
         except TypeError:  # other argument types than those compiled for
             return self._jitted(*args)
 
