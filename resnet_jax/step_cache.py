@@ -179,10 +179,6 @@ class CachedStep:
         except TypeError:  # other argument types than those compiled for
             return self._jitted(*args)
 
-    def lower(self, *args, **kwargs):
-        """``fun`` jitted, lowered for ``args`` (as ``jax.jit``)."""
-        return self._jitted.lower(*args, **kwargs)
-
 
 def _call_flat(compiled, in_tree, out_tree, *args):
     """``compiled`` (a function of the arguments' leaves) called on ``args``."""

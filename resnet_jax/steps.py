@@ -255,7 +255,7 @@ def compile_steps(model, tx, learning_rate_fn, config, mesh: Mesh,
         return jax.jit(train, **train_options), jax.jit(evaluate, **eval_options)
     description = {'config': config.to_json_best_effort(sort_keys=True),
                    'model': step_cache.describe(model), 'plan': plan.name,
-                   'compiler_options': step_cache.describe(sorted((options or {}).items()))}
+                   'compiler_options': options or {}}
     return (step_cache.CachedStep(train, **train_options, directory=cache_dir, name='train_step',
                                   description=description,
                                   outputs_like=lambda state, batch: (state, TrainMetrics.empty())),
