@@ -10,8 +10,10 @@ one train step timed after warm-up (median over --steps; the two frameworks alte
 --rounds times and each reports its median round), on the device JAX uses (the
 CPU, or the GPU where JAX's backend is one and torch sees CUDA). PyTorch runs with
 channels_last, as many CPU threads as this process may use, cuDNN autotuning on a GPU,
-and ``torch.autocast`` for bfloat16 (parameters float32, as in resnet_jax). Prints a
-table with the ratio (JAX / PyTorch images/s).
+and ``torch.autocast`` for bfloat16 (parameters float32, as in resnet_jax). Each network
+runs in its own process, set up as ``resnet_jax.main`` sets up a launch of it (XLA's process
+options, ``execution.configure_process``). Prints a table with the ratio (JAX / PyTorch
+images/s).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import subprocess
 import sys
 import time
 
@@ -66,36 +69,48 @@ def main() -> int:
     parser.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'])
     parser.add_argument('--rounds', type=int, default=3,
                         help='alternate the two frameworks this many times per network')
+    parser.add_argument('--rows-only', action='store_true', help=argparse.SUPPRESS)
     args = parser.parse_args()
     try:
         import torch
     except ImportError:
         print("error: needs torch: pip install -e '.[bench]'", file=sys.stderr)
         return 2
-    from resnet_jax import benchmark
+    from resnet_jax import benchmark, execution, models
 
+    if len(args.nets) > 1:  # each network in a process of its own
+        for i, spec in enumerate(args.nets):
+            proc = subprocess.run(
+                [sys.executable, __file__, '--nets', spec, '--steps', str(args.steps),
+                 '--dtype', args.dtype, '--rounds', str(args.rounds),
+                 *(['--rows-only'] if i or args.rows_only else [])],
+                stdout=sys.stdout, stderr=sys.stderr)
+            if proc.returncode:
+                return proc.returncode
+        return 0
+    name, batch = args.nets[0].split(':')
+    execution.configure_process(models.create_model(name))  # before JAX starts
     import jax
     device = 'cuda' if jax.default_backend() == 'gpu' and torch.cuda.is_available() else 'cpu'
     where = (f'{jax.devices()[0].device_kind}' if device == 'cuda'
              else f'{len(os.sched_getaffinity(0))} CPU cores')
-    print(f'{where}, jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__} '
-          f'({device}), {args.dtype}, median of {args.rounds} alternating rounds of '
-          f'{args.steps} steps each')
-    print('| network, batch | PyTorch images/s | resnet_jax images/s | ratio | '
-          'resnet_jax compile s |')
-    print('|---|---|---|---|---|')
-    for spec in args.nets:
-        name, batch = spec.split(':')
-        # A shared machine's speed drifts: the two alternate (one compile for resnet_jax),
-        # and each reports the median of its rounds (each the median of --steps steps).
-        theirs = []
-        ours = benchmark.run(
-            name, int(batch), steps=args.steps, dtype=args.dtype, rounds=args.rounds,
-            between_rounds=lambda: theirs.append(torch_images_per_sec(
-                name, int(batch), args.steps, device=device, dtype=args.dtype)))
-        jax_rate, torch_rate = ours['train_images_per_sec'], statistics.median(theirs)
-        print(f"| {name}, {batch} | {torch_rate:.1f} | {jax_rate:.1f} | "
-              f"{jax_rate / torch_rate:.2f} | {ours['compile_seconds']:.1f} |", flush=True)
+    if not args.rows_only:
+        print(f'{where}, jax {jax.__version__} ({jax.default_backend()}), torch '
+              f'{torch.__version__} ({device}), {args.dtype}, median of {args.rounds} '
+              f'alternating rounds of {args.steps} steps each')
+        print('| network, batch | PyTorch images/s | resnet_jax images/s | ratio | '
+              'resnet_jax compile s |')
+        print('|---|---|---|---|---|', flush=True)
+    # A shared machine's speed drifts: the two alternate (one compile for resnet_jax), and
+    # each reports the median of its rounds (each the median of --steps steps).
+    theirs = []
+    ours = benchmark.run(
+        name, int(batch), steps=args.steps, dtype=args.dtype, rounds=args.rounds,
+        between_rounds=lambda: theirs.append(torch_images_per_sec(
+            name, int(batch), args.steps, device=device, dtype=args.dtype)))
+    jax_rate, torch_rate = ours['train_images_per_sec'], statistics.median(theirs)
+    print(f"| {name}, {batch} | {torch_rate:.1f} | {jax_rate:.1f} | "
+          f"{jax_rate / torch_rate:.2f} | {ours['compile_seconds']:.1f} |", flush=True)
     return 0
 
 

@@ -98,6 +98,7 @@ def run(model_name: str, batch_size: int, image_size: int | None = None, steps: 
     import jax
 
     from resnet_jax import complexity
+    from resnet_jax import execution as execution_plans
 
     s = setup(model_name, batch_size, image_size, dtype, execution,
               step_cache_dir=step_cache_dir)
@@ -138,6 +139,7 @@ def run(model_name: str, batch_size: int, image_size: int | None = None, steps: 
     return {
         'model': model_name, 'batch_size': batch_size, 'image_size': size, 'dtype': dtype,
         'execution': plan.name, 'scanned_blocks': sum(map(len, plan.scan_groups(model))),
+        'process_options': execution_plans.process_options(),
         'backend': jax.default_backend(), 'devices': jax.device_count(),
         'device_kind': jax.devices()[0].device_kind,
         'train_images_per_sec': batch_size / train_step,
@@ -169,12 +171,13 @@ def main(argv: list[str] | None = None) -> int:
                              "(run twice: the second launch's compile_seconds is a load)")
     parser.add_argument('--json', action='store_true', help='end with one JSON line')
     args = parser.parse_args(argv)
-    from resnet_jax import models
+    from resnet_jax import execution, models
     try:
-        models.create_model(args.model)
+        model = models.create_model(args.model)
     except ValueError as e:
         print(f'error: {e}', file=sys.stderr)
         return 2
+    execution.configure_process(model, args.execution)  # before JAX starts its backends
     step_cache_dir = None
     if args.compilation_cache_dir:
         from resnet_jax import parallel
@@ -184,7 +187,8 @@ def main(argv: list[str] | None = None) -> int:
             execution=args.execution, step_cache_dir=step_cache_dir)
     print(f"{r['model']} batch {r['batch_size']} at {r['image_size']}px, {r['dtype']}, "
           f"{r['devices']} x {r['device_kind']} ({r['backend']}), "
-          f"execution plan {r['execution']!r} ({r['scanned_blocks']} blocks scanned)")
+          f"execution plan {r['execution']!r} ({r['scanned_blocks']} blocks scanned"
+          f"{', ' + ', '.join(r['process_options']) if r['process_options'] else ''})")
     print(f"  train: {r['train_images_per_sec']:.1f} images/s "
           f"({r['train_step_seconds'] * 1e3:.0f} ms/step), eval: "
           f"{r['eval_images_per_sec']:.1f} images/s")

@@ -24,12 +24,19 @@ their mesh's platform (``config.execution``). Research code opts in with one cal
     plan = execution.get_plan('auto')          # for jax.default_backend()
     fast_model = plan.apply_to(model)          # same variables, same function
     step = jax.jit(fn, compiler_options=plan.compiler_options)
+
+XLA:CPU reads some options only from the process's ``XLA_FLAGS``, when JAX starts its
+backends: the launchers call ``configure_process(model)`` first thing, which adds the CPU
+plan's for deep nets (``PROCESS_OPTIONS``); research code may too, before its first JAX
+computation.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import os
+import re
 import warnings
 from typing import Any, Callable, Mapping, Sequence
 
@@ -135,13 +142,15 @@ def _map_layer_dicts(fn, tree, marker: str):
 DEEP_STAGE_BLOCKS = 64
 
 XLA = ExecutionPlan('xla', scan_min_blocks=DEEP_STAGE_BLOCKS)
+CPU_SCAN_MIN_BLOCKS = 2  # the CPU plan scans every stage's identical blocks
 
 
 @functools.cache
 def cpu_plan() -> ExecutionPlan:
     """The XLA:CPU plan (see the module docstring)."""
     return ExecutionPlan('cpu', conv_general_dilated=cpu_paths.conv_general_dilated,
-                         max_pool=cpu_paths.sliced_max_pool, scan_min_blocks=2,
+                         max_pool=cpu_paths.sliced_max_pool,
+                         scan_min_blocks=CPU_SCAN_MIN_BLOCKS,
                          compiler_options=_cpu_compiler_options())
 
 
@@ -182,6 +191,79 @@ def _cpu_compiler_options() -> dict:
             continue
         kept[key] = value
     return kept
+
+
+# XLA:CPU backend options (``--xla_backend_extra_options``) of the CPU plan for deep nets.
+# XLA reads them from the process's XLA_FLAGS only (jax.jit's compiler_options cannot
+# carry that map option), once, when JAX starts its backends: a launcher sets them first
+# thing, for the net it will run (``configure_process``). Other backends ignore them (XLA
+# hands only options without the 'xla_' prefix to LLVM; only XLA:CPU reads these keys).
+#
+# Multi-output fusion makes sibling fusions that read one operand one kernel (the weight
+# gradient's per-chunk transposes of an input, BatchNorm's sums) and the other two spare
+# LLVM's loop unrolling and SLP vectorizer on the loop kernels: XLA:CPU compiles a CIFAR
+# net's train step in about a third of the time. The step time of the nets whose stages
+# scan at least PROCESS_OPTIONS_MIN_BLOCKS blocks (ResNet-56 and deeper) stayed within
+# this machine's noise; ResNet-20's and 32's steps took 3-20% longer, so theirs keep
+# XLA's defaults (experiments/results/performance.md).
+PROCESS_OPTIONS = ('xla_cpu_use_multi_output_fusion', 'xla_cpu_disable_loop_unrolling',
+                   'xla_cpu_disable_slp_vectorizer')
+PROCESS_OPTIONS_MIN_BLOCKS = 8
+
+_EXTRA_OPTIONS = re.compile(r'--xla_backend_extra_options=(\S*)')
+
+
+def process_options_for(model: models.ResNet, execution: str = 'auto') -> tuple[str, ...]:
+    """The XLA:CPU process options (``PROCESS_OPTIONS`` or none) of a launch that runs
+    ``model`` with the plan ``execution`` ('auto', 'cpu'; 'xla': none)."""
+    if execution not in PLANS:
+        raise ValueError(f'unknown execution {execution!r}; allowed: {", ".join(PLANS)}')
+    groups = ExecutionPlan('cpu', scan_min_blocks=CPU_SCAN_MIN_BLOCKS).scan_groups(model)
+    deep = any(len(g) >= PROCESS_OPTIONS_MIN_BLOCKS for g in groups)
+    return PROCESS_OPTIONS if deep and execution != 'xla' else ()
+
+
+def _backend_options(xla_flags: str) -> list[str]:
+    match = _EXTRA_OPTIONS.search(xla_flags)
+    return [o for o in (match.group(1).split(',') if match else []) if o]
+
+
+def xla_flags_with(options: Sequence[str], xla_flags: str = '') -> str:
+    """``xla_flags`` (an XLA_FLAGS value) with ``options`` added to its
+    ``--xla_backend_extra_options`` (its other options kept, one such flag in all)."""
+    given = _backend_options(xla_flags)
+    keys = {o.split('=', 1)[0] for o in given}
+    added = [o for o in options if o.split('=', 1)[0] not in keys]
+    if not added:
+        return xla_flags
+    rest = _EXTRA_OPTIONS.sub('', xla_flags).split()
+    return ' '.join([*rest, f'--xla_backend_extra_options={",".join(given + added)}'])
+
+
+def process_options() -> list[str]:
+    """Those of ``PROCESS_OPTIONS`` that this process's ``XLA_FLAGS`` holds."""
+    keys = {o.split('=', 1)[0] for o in _backend_options(os.environ.get('XLA_FLAGS', ''))}
+    return [o for o in PROCESS_OPTIONS if o in keys]
+
+
+def configure_process(model: models.ResNet, execution: str = 'auto') -> tuple[str, ...]:
+    """Adds the process options of a launch that runs ``model`` (``process_options_for``)
+    to ``XLA_FLAGS``, where XLA reads them when JAX starts its backends, and returns them.
+    Call it before the process's first JAX computation (the launchers do); after it, XLA
+    has read its flags already: this warns and sets nothing."""
+    from jax._src import xla_bridge
+
+    options = process_options_for(model, execution)
+    flags = xla_flags_with(options, os.environ.get('XLA_FLAGS', ''))
+    if flags == os.environ.get('XLA_FLAGS', ''):
+        return options
+    if xla_bridge.backends_are_initialized():
+        warnings.warn('execution.configure_process(): JAX has started its backends, so XLA '
+                      f'read XLA_FLAGS already; {", ".join(options)} not set',
+                      stacklevel=2)
+        return ()
+    os.environ['XLA_FLAGS'] = flags
+    return options
 
 
 # --- scanned stages --------------------------------------------------------------------------

@@ -94,9 +94,14 @@ def main(argv: list[str]) -> None:
     del argv
     import jax
 
-    from resnet_jax import faults, parallel, prepare, train
+    from resnet_jax import execution, faults, models, parallel, prepare, train
     from resnet_jax.config import ConfigError
 
+    try:  # XLA's process options for the net, before JAX starts its backends
+        execution.configure_process(models.create_model(_FLAGS['config'].value.model.name),
+                                    _FLAGS['config'].value.execution)
+    except ValueError:  # an unknown net or plan: validate_config says which below
+        pass
     try:
         _initialize_distributed()
     except Exception as e:  # jax raises RuntimeError / XlaRuntimeError / ValueError

@@ -45,6 +45,7 @@ def test_benchmark_json_without_tensorflow(tmp_path):
     assert (r['model'], r['batch_size'], r['image_size'], r['backend']) == (
         'cifar_resnet20', 8, 32, 'cpu')
     assert r['execution'] == 'cpu' and r['scanned_blocks'] == 6  # the CPU plan, by default
+    assert r['process_options'] == []  # XLA's defaults for a net this shallow
     # 6 x forward MACs per image (41M MACs for ResNet-20 at 32x32), over the step time.
     assert r['train_flops_per_sec'] * r['train_step_seconds'] / 8 == pytest.approx(
         6 * 40.55e6, rel=0.02)
@@ -67,13 +68,17 @@ def test_benchmark_unknown_model_is_one_line_error():
 def test_benchmark_vs_pytorch_table():
     pytest.importorskip('torch')
     proc = _run(str(REPO / 'experiments' / 'benchmark_vs_pytorch.py'), '--nets',
-                'cifar_resnet20:8', '--steps', '1', '--rounds', '2', '--dtype', 'bfloat16')
+                'cifar_resnet20:8', 'cifar_resnet8:4', '--steps', '1', '--rounds', '2',
+                '--dtype', 'bfloat16')
     assert proc.returncode == 0, proc.stderr[-3000:]
-    row = proc.stdout.strip().splitlines()[-1].strip('|').split('|')
-    assert row[0].strip() == 'cifar_resnet20, 8'
-    theirs, ours, ratio = (float(c) for c in row[1:4])
-    # The table rounds images/s to 0.1 and the ratio to 0.01: compare relatively.
-    assert theirs > 0 and ours > 0 and ratio == pytest.approx(ours / theirs, rel=0.02)
+    lines = proc.stdout.strip().splitlines()
+    assert sum(line.startswith('|---') for line in lines) == 1  # one table, a process a net
+    for line, net in zip(lines[-2:], ('cifar_resnet20, 8', 'cifar_resnet8, 4')):
+        row = line.strip('|').split('|')
+        assert row[0].strip() == net
+        theirs, ours, ratio = (float(c) for c in row[1:4])
+        # The table rounds images/s to 0.1 and the ratio to 0.01: compare relatively.
+        assert theirs > 0 and ours > 0 and ratio == pytest.approx(ours / theirs, rel=0.02)
     assert 'bfloat16' in proc.stdout
 
 
