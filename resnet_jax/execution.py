@@ -199,13 +199,13 @@ def _cpu_compiler_options() -> dict:
 # thing, for the net it will run (``configure_process``). Other backends ignore them (XLA
 # hands only options without the 'xla_' prefix to LLVM; only XLA:CPU reads these keys).
 #
-# Multi-output fusion makes sibling fusions that read one operand one kernel (the weight
-# gradient's per-chunk transposes of an input, BatchNorm's sums) and the other two spare
+# Multi-output fusion makes sibling fusions that read one operand one kernel (e.g. the
+# weight gradient's per-chunk transposes of one input), and the other two spare
 # LLVM's loop unrolling and SLP vectorizer on the loop kernels: XLA:CPU compiles a CIFAR
 # net's train step in about a third of the time. The step time of the nets whose stages
 # scan at least PROCESS_OPTIONS_MIN_BLOCKS blocks (ResNet-56 and deeper) stayed within
-# this machine's noise; ResNet-20's and 32's steps took 3-20% longer, so theirs keep
-# XLA's defaults (experiments/results/performance.md).
+# this machine's noise; with multi-output fusion, ResNet-20's and 32's steps took 3-20%
+# longer, so theirs keep XLA's defaults (experiments/results/performance.md).
 PROCESS_OPTIONS = ('xla_cpu_use_multi_output_fusion', 'xla_cpu_disable_loop_unrolling',
                    'xla_cpu_disable_slp_vectorizer')
 PROCESS_OPTIONS_MIN_BLOCKS = 8
