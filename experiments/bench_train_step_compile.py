@@ -43,9 +43,9 @@ def program_options(variant: str) -> dict:
     return options
 
 
-def backend_options(variant: str) -> str:
-    """The other items of a variant: XLA:CPU backend options, comma-separated."""
-    return ','.join(item for item in variant.split(',') if item and '=' not in item)
+def backend_options(variant: str) -> list[str]:
+    """The other items of a variant: XLA:CPU backend options."""
+    return [item for item in variant.split(',') if item and '=' not in item]
 
 
 def measure(model_name: str, steps: int, batch_size: int, variant: str = '',
@@ -105,6 +105,8 @@ def main() -> int:
                              "filled: with JAX's compilation cache alone, and with the "
                              "launchers' step cache")
     args = parser.parse_args()
+    from resnet_jax import execution
+
     if args.child:
         print(json.dumps(measure(args.model, args.steps, args.batch_size, args.variant,
                                  args.cache_dir, args.step_cache)))
@@ -113,9 +115,8 @@ def main() -> int:
     def child(options: str, *flags: str) -> dict | None:
         env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2')
         env.pop('JAX_COMPILATION_CACHE_DIR', None)
-        if backend_options(options):
-            env['XLA_FLAGS'] = (env.get('XLA_FLAGS', '') + ' --xla_backend_extra_options='
-                                f'{backend_options(options)}').strip()
+        env['XLA_FLAGS'] = execution.xla_flags_with(backend_options(options),
+                                                    env.get('XLA_FLAGS', ''))
         proc = subprocess.run(
             [sys.executable, __file__, '--child', f'--model={args.model}',
              f'--steps={args.steps}', f'--batch-size={args.batch_size}',

@@ -228,12 +228,17 @@ def _backend_options(xla_flags: str) -> list[str]:
     return [o for o in (match.group(1).split(',') if match else []) if o]
 
 
+def _key(option: str) -> str:
+    """A backend option's name ('name' or 'name=value')."""
+    return option.split('=', 1)[0]
+
+
 def xla_flags_with(options: Sequence[str], xla_flags: str = '') -> str:
     """``xla_flags`` (an XLA_FLAGS value) with ``options`` added to its
     ``--xla_backend_extra_options`` (its other options kept, one such flag in all)."""
     given = _backend_options(xla_flags)
-    keys = {o.split('=', 1)[0] for o in given}
-    added = [o for o in options if o.split('=', 1)[0] not in keys]
+    keys = set(map(_key, given))
+    added = [o for o in options if _key(o) not in keys]
     if not added:
         return xla_flags
     rest = _EXTRA_OPTIONS.sub('', xla_flags).split()
@@ -242,7 +247,7 @@ def xla_flags_with(options: Sequence[str], xla_flags: str = '') -> str:
 
 def process_options() -> list[str]:
     """Those of ``PROCESS_OPTIONS`` that this process's ``XLA_FLAGS`` holds."""
-    keys = {o.split('=', 1)[0] for o in _backend_options(os.environ.get('XLA_FLAGS', ''))}
+    keys = set(map(_key, _backend_options(os.environ.get('XLA_FLAGS', ''))))
     return [o for o in PROCESS_OPTIONS if o in keys]
 
 

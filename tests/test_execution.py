@@ -5,10 +5,6 @@ model as written, and the plan is chosen from the platform.
 """
 
 import functools
-import os
-import pathlib
-import subprocess
-import sys
 import warnings
 
 import flax.linen as nn
@@ -260,103 +256,6 @@ def test_plan_is_chosen_from_the_platform_and_named():
     deep = models.create_model('cifar_resnet1202')
     assert [len(g) for g in execution.XLA.scan_groups(deep)] == [199, 199, 199]
     assert execution.XLA.apply_to(deep).conv is layers.conv  # XLA's own convolutions
-
-
-# --- XLA:CPU's process options (XLA_FLAGS, set by the launchers) ----------------------------
-
-def test_process_options_are_for_deep_nets_under_the_cpu_plan():
-    options = execution.PROCESS_OPTIONS
-    assert 'xla_cpu_use_multi_output_fusion' in options
-    for name, expected in (('cifar_resnet20', ()), ('cifar_resnet32', ()), ('resnet50', ()),
-                           ('cifar_resnet56', options), ('cifar_plain56', options),
-                           ('cifar_resnet1202', options)):
-        assert execution.process_options_for(models.create_model(name)) == expected, name
-    deep = models.create_model('cifar_resnet110')
-    assert execution.process_options_for(deep, 'cpu') == options
-    assert execution.process_options_for(deep, 'xla') == ()  # XLA's defaults
-    with pytest.raises(ValueError, match='allowed: auto, xla, cpu'):
-        execution.process_options_for(deep, 'fast')
-
-
-def test_process_options_join_the_users_xla_flags():
-    add = execution.xla_flags_with
-    assert add(['a', 'b']) == '--xla_backend_extra_options=a,b'
-    assert add(['a'], '--xla_force_host_platform_device_count=4') == \
-        '--xla_force_host_platform_device_count=4 --xla_backend_extra_options=a'
-    # The user's backend options stay, in one flag; options already there are not repeated.
-    assert add(['a', 'b'], '--x=1 --xla_backend_extra_options=c,b=0 --y') == \
-        '--x=1 --y --xla_backend_extra_options=c,b=0,a'
-    assert add(['a'], '--xla_backend_extra_options=a --y') == '--xla_backend_extra_options=a --y'
-    assert add([], '--y') == '--y'
-
-
-_SIBLINGS = """
-import sys
-from resnet_jax import execution, models
-print(execution.configure_process(models.create_model(sys.argv[1])))
-import jax, jax.numpy as jnp
-# Four transposed chunks of one array, as the weight gradient's: sibling fusions.
-chunks = lambda x: tuple(x[i:i + 4].transpose(3, 1, 2, 0) for i in range(0, 16, 4))
-hlo = jax.jit(chunks).lower(jnp.ones((16, 8, 8, 4))).compile().as_text()
-print(sum(' fusion(' in line and line.split('=', 1)[1].lstrip().startswith('(')
-          for line in hlo.splitlines()))
-"""
-
-
-@pytest.mark.parametrize('name, fused', [('cifar_resnet20', 0), ('cifar_resnet56', 1)])
-def test_process_options_make_xla_cpu_fuse_sibling_kernels(name, fused):
-    """A fresh process configured for a deep net compiles sibling fusions as one kernel
-    with several outputs (fewer kernels to generate); for ResNet-20, XLA's defaults."""
-    env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1')
-    proc = subprocess.run([sys.executable, '-c', _SIBLINGS, name], capture_output=True,
-                          text=True, env=env, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    options, multi_output = proc.stdout.strip().splitlines()[-2:]
-    assert options == str(execution.process_options_for(models.create_model(name)))
-    assert int(multi_output) == fused
-
-
-_LAUNCH = """
-import sys
-from resnet_jax import execution, main
-from jax._src import xla_bridge
-configure = execution.configure_process
-def spy(model, plan='auto'):
-    started = xla_bridge.backends_are_initialized()
-    options = configure(model, plan)
-    print(model.stage_sizes, plan, started, options, execution.process_options(), flush=True)
-    raise SystemExit(0)
-execution.configure_process = spy
-sys.argv = ['main', *sys.argv[1:]]
-main.run()
-"""
-
-
-@pytest.mark.parametrize('flags, expected', [
-    ((), '(3, 3, 3) auto False () []'),
-    (('--config.model.name=cifar_resnet56',), f'(9, 9, 9) auto False {execution.PROCESS_OPTIONS} '
-     f'{list(execution.PROCESS_OPTIONS)}'),
-    (('--config.model.name=cifar_resnet56', '--config.execution=xla'),
-     '(9, 9, 9) xla False () []')])
-def test_the_launcher_sets_the_process_options_before_jax_starts(tmp_path, flags, expected):
-    proc = subprocess.run([sys.executable, '-c', _LAUNCH, f'--workdir={tmp_path}', *flags],
-                          capture_output=True, text=True, timeout=300,
-                          cwd=pathlib.Path(__file__).resolve().parent.parent,
-                          env=dict(os.environ, XLA_FLAGS=''))
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.strip().splitlines()[-1] == expected
-
-
-def test_process_options_after_jax_started_warn_and_set_nothing(monkeypatch):
-    jax.devices()  # JAX has started its backends
-    monkeypatch.setenv('XLA_FLAGS', '--xla_force_host_platform_device_count=4')
-    with pytest.warns(UserWarning, match='JAX has started its backends'):
-        assert execution.configure_process(models.create_model('cifar_resnet56')) == ()
-    assert os.environ['XLA_FLAGS'] == '--xla_force_host_platform_device_count=4'
-    # Nothing to set: no warning.
-    with warnings.catch_warnings():
-        warnings.simplefilter('error')
-        assert execution.configure_process(models.create_model('cifar_resnet20')) == ()
 
 
 def test_forward_mode_ad_through_the_cpu_plan_says_how_to_turn_it_off():
