@@ -12,6 +12,24 @@ os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
 # of the default recipe turn it off (``run_main(optimized=True)``). JAX reads it at import.
 os.environ.setdefault('JAX_DISABLE_MOST_OPTIMIZATIONS', '1')
 
+
+def _pin_xdist_worker():
+    """Each xdist worker, and every process it launches, on cores of its own (the usable
+    cores split evenly between the workers). The workers keep both cores busy anyway; pinned,
+    XLA's thread pools no longer contend for each other's core: the Python 3.13 half of
+    .ci/run took 234.5 s instead of 254.4 s (2 cores; experiments/results/ci_time.md)."""
+    worker = os.environ.get('PYTEST_XDIST_WORKER', '')
+    count = int(os.environ.get('PYTEST_XDIST_WORKER_COUNT', '0'))
+    if not (worker.startswith('gw') and count and hasattr(os, 'sched_setaffinity')):
+        return
+    cores = sorted(os.sched_getaffinity(0))
+    if count <= len(cores):
+        i = int(worker[2:])
+        os.sched_setaffinity(0, cores[i * len(cores) // count:(i + 1) * len(cores) // count])
+
+
+_pin_xdist_worker()
+
 import importlib.util  # noqa: E402
 import pathlib  # noqa: E402
 import shutil  # noqa: E402
