@@ -13,11 +13,15 @@ os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
 os.environ.setdefault('JAX_DISABLE_MOST_OPTIMIZATIONS', '1')
 
 
+_ALL_CORES = os.sched_getaffinity(0) if hasattr(os, 'sched_getaffinity') else None
+
+
 def _pin_xdist_worker():
     """Each xdist worker, and every process it launches, on cores of its own (the usable
     cores split evenly between the workers). The workers keep both cores busy anyway; pinned,
-    XLA's thread pools no longer contend for each other's core: the Python 3.13 half of
-    .ci/run took 234.5 s instead of 254.4 s (2 cores; experiments/results/ci_time.md)."""
+    XLA's thread pools no longer contend for each other's core (2 cores: the Python 3.11
+    suite 834 -> 734 s, the 3.13 half 254 -> 235 s; experiments/results/performance.md,
+    "Test suite"). The fixture ``every_core`` lifts the pin for a test that needs it."""
     worker = os.environ.get('PYTEST_XDIST_WORKER', '')
     count = int(os.environ.get('PYTEST_XDIST_WORKER_COUNT', '0'))
     if not (worker.startswith('gw') and count and hasattr(os, 'sched_setaffinity')):
@@ -83,6 +87,22 @@ except ImportError:  # the interop extra is not installed: those tests skip
     pass
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def every_core():
+    """This test, and the processes it launches, on every core the session had (not only its
+    worker's own): for results compared at a tolerance measured with XLA's multi-threaded
+    kernels, whose sums split differently on one thread."""
+    if _ALL_CORES is None:
+        yield
+        return
+    pinned = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, _ALL_CORES)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, pinned)
 
 
 def load_config(name: str, arg: str | None = None):
