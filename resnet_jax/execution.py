@@ -259,8 +259,9 @@ def configure_process(model: models.ResNet, execution: str = 'auto') -> tuple[st
     from jax._src import xla_bridge
 
     options = process_options_for(model, execution)
-    flags = xla_flags_with(options, os.environ.get('XLA_FLAGS', ''))
-    if flags == os.environ.get('XLA_FLAGS', ''):
+    current = os.environ.get('XLA_FLAGS', '')
+    flags = xla_flags_with(options, current)
+    if flags == current:
         return options
     if xla_bridge.backends_are_initialized():
         warnings.warn('execution.configure_process(): JAX has started its backends, so XLA '

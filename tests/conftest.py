@@ -20,7 +20,7 @@ def _pin_xdist_worker():
     """Each xdist worker, and every process it launches, on cores of its own (the usable
     cores split evenly between the workers). The workers keep both cores busy anyway; pinned,
     XLA's thread pools no longer contend for each other's core (2 cores: the Python 3.11
-    suite 834 -> 734 s, the 3.13 half 254 -> 235 s; experiments/results/performance.md,
+    suite 834 -> 776 s, the 3.13 half 254 -> 235-260 s; experiments/results/performance.md,
     "Test suite"). The fixture ``every_core`` lifts the pin for a test that needs it."""
     worker = os.environ.get('PYTEST_XDIST_WORKER', '')
     count = int(os.environ.get('PYTEST_XDIST_WORKER_COUNT', '0'))
