@@ -199,28 +199,32 @@ def _cpu_compiler_options() -> dict:
 # thing, for the net it will run (``configure_process``). Other backends ignore them (XLA
 # hands only options without the 'xla_' prefix to LLVM; only XLA:CPU reads these keys).
 #
-# Multi-output fusion makes sibling fusions that read one operand one kernel (e.g. the
-# weight gradient's per-chunk transposes of one input), and the other two spare
-# LLVM's loop unrolling and SLP vectorizer on the loop kernels: XLA:CPU compiles a CIFAR
-# net's train step in about a third of the time. The step time of the nets whose stages
-# scan at least PROCESS_OPTIONS_MIN_BLOCKS blocks (ResNet-56 and deeper) stayed within
-# this machine's noise; with multi-output fusion, ResNet-20's and 32's steps took 3-20%
-# longer, so theirs keep XLA's defaults (experiments/results/performance.md).
-PROCESS_OPTIONS = ('xla_cpu_use_multi_output_fusion', 'xla_cpu_disable_loop_unrolling',
-                   'xla_cpu_disable_slp_vectorizer')
-PROCESS_OPTIONS_MIN_BLOCKS = 8
+# Each option is set for a net whose longest scanned stage has at least its number of
+# blocks. Disabling LLVM's loop unrolling and SLP vectorizer on the loop kernels cuts the
+# compile of a CIFAR net's train step by about a third (ResNet-56 and deeper: 8 blocks,
+# their steps unchanged; ResNet-20's and 32's keep XLA's defaults). Multi-output fusion
+# makes sibling fusions that read one operand one kernel, e.g. the weight gradient's
+# per-chunk transposes of one input: it cuts the compile most, but that kernel runs on one
+# thread, and on an AVX-512 host ResNet-56's and 110's steps took 11% longer with it
+# (1.43 / 2.68 s against 1.27 / 2.42 s). So only nets of 64-block stages (ResNet-1202:
+# compile 10.3 s without it, 4.7 s with it) get it (experiments/results/performance.md).
+PROCESS_OPTIONS = {'xla_cpu_disable_loop_unrolling': 8, 'xla_cpu_disable_slp_vectorizer': 8,
+                   'xla_cpu_use_multi_output_fusion': 64}
 
 _EXTRA_OPTIONS = re.compile(r'--xla_backend_extra_options=(\S*)')
 
 
 def process_options_for(model: models.ResNet, execution: str = 'auto') -> tuple[str, ...]:
-    """The XLA:CPU process options (``PROCESS_OPTIONS`` or none) of a launch that runs
-    ``model`` with the plan ``execution`` ('auto', 'cpu'; 'xla': none)."""
+    """The XLA:CPU process options (those of ``PROCESS_OPTIONS`` for the depth of its
+    longest scanned stage) of a launch that runs ``model`` with the plan ``execution``
+    ('auto', 'cpu'; 'xla': none)."""
     if execution not in PLANS:
         raise ValueError(f'unknown execution {execution!r}; allowed: {", ".join(PLANS)}')
+    if execution == 'xla':
+        return ()
     groups = ExecutionPlan('cpu', scan_min_blocks=CPU_SCAN_MIN_BLOCKS).scan_groups(model)
-    deep = any(len(g) >= PROCESS_OPTIONS_MIN_BLOCKS for g in groups)
-    return PROCESS_OPTIONS if deep and execution != 'xla' else ()
+    blocks = max(map(len, groups), default=0)
+    return tuple(o for o, least in PROCESS_OPTIONS.items() if blocks >= least)
 
 
 def _backend_options(xla_flags: str) -> list[str]:

@@ -15,14 +15,15 @@ from resnet_jax import execution, models
 
 
 def test_process_options_are_for_deep_nets_under_the_cpu_plan():
-    options = execution.PROCESS_OPTIONS
-    assert 'xla_cpu_use_multi_output_fusion' in options
+    loops = ('xla_cpu_disable_loop_unrolling', 'xla_cpu_disable_slp_vectorizer')
+    siblings = 'xla_cpu_use_multi_output_fusion'
+    assert set(execution.PROCESS_OPTIONS) == {*loops, siblings}
     for name, expected in (('cifar_resnet20', ()), ('cifar_resnet32', ()), ('resnet50', ()),
-                           ('cifar_resnet56', options), ('cifar_plain56', options),
-                           ('cifar_resnet1202', options)):
+                           ('cifar_resnet56', loops), ('cifar_plain56', loops),
+                           ('cifar_resnet110', loops), ('cifar_resnet1202', (*loops, siblings))):
         assert execution.process_options_for(models.create_model(name)) == expected, name
     deep = models.create_model('cifar_resnet110')
-    assert execution.process_options_for(deep, 'cpu') == options
+    assert execution.process_options_for(deep, 'cpu') == loops
     assert execution.process_options_for(deep, 'xla') == ()  # XLA's defaults
     with pytest.raises(ValueError, match='allowed: auto, xla, cpu'):
         execution.process_options_for(deep, 'fast')
@@ -53,10 +54,12 @@ print(sum(' fusion(' in line and line.split('=', 1)[1].lstrip().startswith('(')
 """
 
 
-@pytest.mark.parametrize('name, fused', [('cifar_resnet20', 0), ('cifar_resnet56', 1)])
+@pytest.mark.parametrize('name, fused', [('cifar_resnet20', 0), ('cifar_resnet110', 0),
+                                         ('cifar_resnet1202', 1)])
 def test_process_options_make_xla_cpu_fuse_sibling_kernels(name, fused):
-    """A fresh process configured for a deep net compiles sibling fusions as one kernel
-    with several outputs (fewer kernels to generate); for ResNet-20, XLA's defaults."""
+    """A fresh process configured for a net of 64-block stages compiles sibling fusions
+    as one kernel with several outputs (fewer kernels to generate); ResNet-110's and
+    ResNet-20's keep XLA's separate kernels."""
     env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1')
     proc = subprocess.run([sys.executable, '-c', _SIBLINGS, name], capture_output=True,
                           text=True, env=env, timeout=300)
@@ -84,8 +87,13 @@ main.run()
 
 @pytest.mark.parametrize('flags, expected', [
     ((), '(3, 3, 3) auto False () []'),
-    (('--config.model.name=cifar_resnet56',), f'(9, 9, 9) auto False {execution.PROCESS_OPTIONS} '
-     f'{list(execution.PROCESS_OPTIONS)}'),
+    (('--config.model.name=cifar_resnet56',), "(9, 9, 9) auto False ('xla_cpu_disable_loop_"
+     "unrolling', 'xla_cpu_disable_slp_vectorizer') ['xla_cpu_disable_loop_unrolling', "
+     "'xla_cpu_disable_slp_vectorizer']"),
+    (('--config.model.name=cifar_resnet1202',), "(200, 200, 200) auto False ('xla_cpu_disable_"
+     "loop_unrolling', 'xla_cpu_disable_slp_vectorizer', 'xla_cpu_use_multi_output_fusion') "
+     "['xla_cpu_disable_loop_unrolling', 'xla_cpu_disable_slp_vectorizer', "
+     "'xla_cpu_use_multi_output_fusion']"),
     (('--config.model.name=cifar_resnet56', '--config.execution=xla'),
      '(9, 9, 9) xla False () []')])
 def test_the_launcher_sets_the_process_options_before_jax_starts(tmp_path, flags, expected):
