@@ -201,13 +201,14 @@ def _cpu_compiler_options() -> dict:
 #
 # Each option is set for a net whose longest scanned stage has at least its number of
 # blocks. Disabling LLVM's loop unrolling and SLP vectorizer on the loop kernels cuts the
-# compile of a CIFAR net's train step by about a third (ResNet-56 and deeper: 8 blocks,
-# their steps unchanged; ResNet-20's and 32's keep XLA's defaults). Multi-output fusion
-# makes sibling fusions that read one operand one kernel, e.g. the weight gradient's
-# per-chunk transposes of one input: it cuts the compile most, but that kernel runs on one
-# thread, and on an AVX-512 host ResNet-56's and 110's steps took 11% longer with it
-# (1.43 / 2.68 s against 1.27 / 2.42 s). So only nets of 64-block stages (ResNet-1202:
-# compile 10.3 s without it, 4.7 s with it) get it (experiments/results/performance.md).
+# compile of a CIFAR net's train step by 12-40% (ResNet-56 and deeper: 8 blocks, their
+# steps unchanged; ResNet-20's and 32's keep XLA's defaults). Multi-output fusion makes
+# sibling fusions that read one operand one kernel, e.g. the weight gradient's per-chunk
+# transposes of one input: it cuts the compile most, but that kernel runs on one thread,
+# and on an AVX-512 host ResNet-56's and 110's steps took 11% longer with it (1.43 / 2.68 s
+# against 1.28 / 2.42 s with the other two alone). So only nets of 64-block stages get it
+# (ResNet-1202: `benchmark` compile 10.3 s without it, 4.1 s with it;
+# experiments/results/performance.md).
 PROCESS_OPTIONS = {'xla_cpu_disable_loop_unrolling': 8, 'xla_cpu_disable_slp_vectorizer': 8,
                    'xla_cpu_use_multi_output_fusion': 64}
 
