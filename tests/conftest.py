@@ -24,9 +24,9 @@ def _pin_xdist_worker():
     "Test suite"). The fixture ``every_core`` lifts the pin for a test that needs it."""
     worker = os.environ.get('PYTEST_XDIST_WORKER', '')
     count = int(os.environ.get('PYTEST_XDIST_WORKER_COUNT', '0'))
-    if not (worker.startswith('gw') and count and hasattr(os, 'sched_setaffinity')):
+    if not (worker.startswith('gw') and count and _ALL_CORES is not None):
         return
-    cores = sorted(os.sched_getaffinity(0))
+    cores = sorted(_ALL_CORES)
     if count <= len(cores):
         i = int(worker[2:])
         os.sched_setaffinity(0, cores[i * len(cores) // count:(i + 1) * len(cores) // count])
