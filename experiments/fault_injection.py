@@ -1,21 +1,37 @@
-"""Kills a training run at random moments and checks that it still ends exactly as an
+"""Injects faults into training runs and checks that each still ends exactly as an
 uninterrupted run does.
 
-    python experiments/fault_injection.py [--kills 5] [--signal KILL|TERM] [--steps 60]
+    python experiments/fault_injection.py [--fault all|kill|corrupt|disk-full|unwritable]
+        [--kills 5] [--signal KILL|TERM] [--steps 200]
 
-1. Runs the embedded default config (shortened to ``--steps``) without interruption.
-2. Runs it again in another workdir, killing the process ``--kills`` times in a row at a
-   random moment (``kill -9`` by default) and relaunching the same command each time, then
-   lets it finish.
-3. Compares the two ``results.json`` (every value but ``wall_seconds``, bit for bit) and
-   the metric histories, and prints the table of kills.
-Exit status 0 when they are equal.
+First the embedded default config (shortened to ``--steps``) runs without interruption.
+Then, each in a workdir of its own, the faults:
+
+* ``kill``: the process is killed ``--kills`` times in a row at a random moment (``kill
+  -9`` by default) and relaunched with the same command each time, then lets finish.
+* ``corrupt``: a finished run's latest checkpoint gets same-size damage (bytes flipped in
+  its largest array file: bit rot, a bad copy); the relaunch must find it (checksums),
+  set it aside, and resume from the checkpoint before.
+* ``disk-full``: the workdir is a small file system (a tmpfs: root only) that fills up
+  during the run; the run must stop at once with one line naming the cause and the last
+  complete checkpoint (exit 1, no hang). The workdir is then moved to a disk with room
+  and the same command resumes it.
+* ``unwritable``: the checkpoint folder becomes unwritable during the run (``chattr +i``
+  for root, as a read-only remount or a quota does); the run must stop the same way.
+  It is made writable again and the same command resumes it.
+
+Each faulty run's ``results.json`` must equal the uninterrupted one's (every value but
+``wall_seconds``, bit for bit), and its evaluation history too. Prints one table row per
+fault and exits 0 when every fault passes.
 """
 
 import argparse
 import json
+import os
 import pathlib
 import random
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -23,6 +39,7 @@ import tempfile
 import time
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
+FAULTS = ('kill', 'corrupt', 'disk-full', 'unwritable')
 
 
 def command(workdir: pathlib.Path, steps: int, data_dir: str | None) -> list[str]:
@@ -41,29 +58,41 @@ def latest_step(workdir: pathlib.Path) -> int | None:
     return max(steps) if steps else None
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument('--kills', type=int, default=5)
-    parser.add_argument('--signal', choices=['KILL', 'TERM', 'INT'], default='KILL')
-    parser.add_argument('--steps', type=int, default=200)
-    parser.add_argument('--seed', type=int, default=0)
-    parser.add_argument('--data_dir', default=None, help='tfds data_dir (default: tfds\')')
-    args = parser.parse_args()
-    rng = random.Random(args.seed)
+def wait_for_step(workdir: pathlib.Path, proc, step: int, timeout: float = 600) -> None:
+    deadline = time.time() + timeout
+    while (latest_step(workdir) or 0) < step:
+        if proc.poll() is not None or time.time() > deadline:
+            raise RuntimeError(f'no checkpoint {step} in {workdir}')
+        time.sleep(0.05)
+
+
+def same_results(clean: pathlib.Path, faulty: pathlib.Path) -> tuple[bool, str]:
+    a = json.loads((clean / 'results.json').read_text())
+    b = json.loads((faulty / 'results.json').read_text())
+    a.pop('wall_seconds'), b.pop('wall_seconds')
+    history = (json.loads((clean / 'history.json').read_text())['eval'] ==
+               json.loads((faulty / 'history.json').read_text())['eval'])
+    return a == b and history, json.dumps(b, sort_keys=True)
+
+
+def one_line(stderr: str) -> str:
+    lines = stderr.strip().splitlines()
+    return lines[0] if len(lines) == 1 else f'<{len(lines)} lines> {lines[-1] if lines else ""}'
+
+
+def relaunch(cmd) -> tuple[int, str]:
+    final = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    resumed = [line for line in final.stdout.splitlines() if line.startswith('resumed')]
+    return final.returncode, resumed[0] if resumed else 'fresh'
+
+
+def fault_kill(args, rng, root, steps) -> dict:
+    faulty = root / 'killed'
     sig = getattr(signal, f'SIG{args.signal}')
-    root = pathlib.Path(tempfile.mkdtemp(prefix='fault_injection_'))
-    clean, faulty = root / 'uninterrupted', root / 'interrupted'
-
-    start = time.time()
-    subprocess.run(command(clean, args.steps, args.data_dir), cwd=REPO, check=True,
-                   capture_output=True)
-    print(f'uninterrupted run: {time.time() - start:.0f} s')
-
-    print(f'{"kill":>4} {"after (s)":>9} {"resumed from":>12} {"checkpoint after":>16} '
-          f'{"exit":>5}')
+    rows = []
     for kill in range(1, args.kills + 1):
         before = latest_step(faulty)
-        proc = subprocess.Popen(command(faulty, args.steps, args.data_dir), cwd=REPO,
+        proc = subprocess.Popen(command(faulty, steps, args.data_dir), cwd=REPO,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         delay = rng.uniform(6.0, 30.0)
         try:
@@ -71,24 +100,144 @@ def main() -> int:
         except subprocess.TimeoutExpired:
             proc.send_signal(sig)
             proc.wait(timeout=120)
-        print(f'{kill:>4} {delay:>9.1f} {str(before):>12} {str(latest_step(faulty)):>16} '
-              f'{proc.returncode:>5}')
-    final = subprocess.run(command(faulty, args.steps, args.data_dir), cwd=REPO,
-                           capture_output=True, text=True)
-    resumed = [line for line in final.stdout.splitlines() if line.startswith('resumed')]
-    print(f'final relaunch: exit {final.returncode}, {resumed[0] if resumed else "fresh"}')
+        rows.append(f'kill {kill} after {delay:.1f} s: resumed from {before}, checkpoint '
+                    f'after {latest_step(faulty)}, exit {proc.returncode}')
+    code, resumed = relaunch(command(faulty, steps, args.data_dir))
+    return {'workdir': faulty, 'details': rows, 'final': f'exit {code}, {resumed}'}
 
+
+def fault_corrupt(args, rng, root, steps) -> dict:
+    faulty = root / 'corrupt'
+    cmd = command(faulty, steps, args.data_dir)
+    subprocess.run(cmd, cwd=REPO, check=True, capture_output=True)
+    latest = latest_step(faulty)
+    files = sorted((faulty / 'checkpoints' / str(latest) / 'state').rglob('d/*'),
+                   key=lambda p: p.stat().st_size)
+    target = files[-1]  # the largest: array data
+    data = bytearray(target.read_bytes())
+    start = rng.randrange(len(data) // 4, 3 * len(data) // 4)
+    for i in range(start, min(len(data), start + 16)):
+        data[i] ^= 0xFF
+    target.write_bytes(bytes(data))
+    (faulty / 'results.json').unlink()
+    final = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    warning = [line for line in final.stdout.splitlines() if line.startswith('warning:')]
+    resumed = [line for line in final.stdout.splitlines() if line.startswith('resumed')]
+    return {'workdir': faulty,
+            'details': [f'16 bytes flipped at offset {start} of {target.name} '
+                        f'({len(data)} bytes) in step {latest}',
+                        warning[0] if warning else 'no warning'],
+            'final': f'exit {final.returncode}, {resumed[0] if resumed else "fresh"}',
+            'ok': bool(warning) and bool(resumed) and
+            resumed[0] == f'resumed from step {latest - 10}'}
+
+
+def _stopped(proc, started) -> tuple[int, float, str]:
+    _, err = proc.communicate(timeout=300)
+    return proc.returncode, time.time() - started, one_line(err)
+
+
+def fault_disk_full(args, rng, root, steps) -> dict:
+    if os.geteuid() != 0:
+        return {'skipped': 'needs root (a tmpfs mount)'}
+    mount = root / 'small_disk'
+    mount.mkdir()
+    subprocess.run(['mount', '-t', 'tmpfs', '-o', f'size={args.disk_kb}k', 'tmpfs',
+                    str(mount)], check=True)
+    try:
+        faulty = mount / 'run'
+        started = time.time()
+        proc = subprocess.Popen(command(faulty, steps, args.data_dir), cwd=REPO,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        code, seconds, line = _stopped(proc, started)
+        last = latest_step(faulty)
+        moved = root / 'disk_full'
+        shutil.copytree(faulty, moved, symlinks=True)
+    finally:
+        subprocess.run(['umount', '-l', str(mount)], check=True)
+    # Moved to a disk with room: the same command (in its new place) resumes it.
+    final_code, resumed = relaunch(command(moved, steps, args.data_dir))
+    ok = (code == 1 and f'the last complete checkpoint is step {last} (kept)' in line
+          and 'No space left on device' in line and resumed == f'resumed from step {last}')
+    return {'workdir': moved,
+            'details': [f'{args.disk_kb} KB disk: exit {code} after {seconds:.1f} s: {line}'],
+            'final': f'exit {final_code}, {resumed}', 'ok': ok}
+
+
+def fault_unwritable(args, rng, root, steps) -> dict:
+    faulty = root / 'unwritable'
+    started = time.time()
+    proc = subprocess.Popen(command(faulty, steps, args.data_dir), cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    at = 10 * rng.randint(2, max(2, steps // 20))
+    wait_for_step(faulty, proc, min(at, steps - 10))
+    folder = faulty / 'checkpoints'
+    if os.geteuid() == 0:
+        subprocess.run(['chattr', '+i', str(folder)], check=True)
+    else:
+        folder.chmod(0o555)
+    try:
+        code, seconds, line = _stopped(proc, started)
+        last = latest_step(faulty)
+    finally:
+        if os.geteuid() == 0:
+            subprocess.run(['chattr', '-i', str(folder)], check=True)
+        else:
+            folder.chmod(0o755)
+    final_code, resumed = relaunch(command(faulty, steps, args.data_dir))
+    ok = (code == 1 and f'the last complete checkpoint is step {last} (kept)' in line
+          and resumed == f'resumed from step {last}')
+    return {'workdir': faulty,
+            'details': [f'made unwritable after step {min(at, steps - 10)}: exit {code} after '
+                        f'{seconds:.1f} s: {line}'],
+            'final': f'exit {final_code}, {resumed}', 'ok': ok}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--fault', choices=('all', *FAULTS), default='all')
+    parser.add_argument('--kills', type=int, default=5)
+    parser.add_argument('--signal', choices=['KILL', 'TERM', 'INT'], default='KILL')
+    parser.add_argument('--steps', type=int, default=200)
+    parser.add_argument('--disk_kb', type=int, default=6000,
+                        help='disk-full: the size of the small file system (the default '
+                             'run\'s checkpoints take ~2.3 MB each)')
+    parser.add_argument('--seed', type=int, default=0)
+    parser.add_argument('--data_dir', default=None, help='tfds data_dir (default: tfds\')')
+    args = parser.parse_args()
+    rng = random.Random(args.seed)
+    root = pathlib.Path(tempfile.mkdtemp(prefix='fault_injection_'))
+    clean = root / 'uninterrupted'
+
+    start = time.time()
+    subprocess.run(command(clean, args.steps, args.data_dir), cwd=REPO, check=True,
+                   capture_output=True)
+    print(f'uninterrupted run ({args.steps} steps): {time.time() - start:.0f} s')
     a = json.loads((clean / 'results.json').read_text())
-    b = json.loads((faulty / 'results.json').read_text())
-    a.pop('wall_seconds'), b.pop('wall_seconds')
-    same_history = (json.loads((clean / 'history.json').read_text())['eval'] ==
-                    json.loads((faulty / 'history.json').read_text())['eval'])
+    a.pop('wall_seconds')
     print('uninterrupted results:', json.dumps(a, sort_keys=True))
-    print('interrupted results:  ', json.dumps(b, sort_keys=True))
-    equal = a == b
-    print(f'results.json equal bit for bit (wall_seconds aside): {equal}; '
-          f'eval history equal: {same_history}')
-    return 0 if equal and same_history else 1
+
+    passed = True
+    for name in FAULTS if args.fault == 'all' else (args.fault,):
+        start = time.time()
+        outcome = globals()[f'fault_{name.replace("-", "_")}'](args, rng, root, args.steps)
+        print(f'\n== {name} ({time.time() - start:.0f} s)')
+        if 'skipped' in outcome:
+            print(f'   skipped: {outcome["skipped"]}')
+            continue
+        for line in outcome['details']:
+            print(f'   {line}')
+        print(f'   final relaunch: {outcome["final"]}')
+        equal, results = same_results(clean, outcome['workdir'])
+        ok = equal and outcome.get('ok', True)
+        print(f'   results.json and eval history equal bit for bit (wall_seconds aside): '
+              f'{equal}; {"PASS" if ok else "FAIL"}')
+        if not equal:
+            print(f'   its results: {results}')
+        passed &= ok
+    shutil.rmtree(root, ignore_errors=True)
+    print(f'\nall faults: {"PASS" if passed else "FAIL"}')
+    return 0 if passed else 1
 
 
 if __name__ == '__main__':

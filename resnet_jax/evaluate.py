@@ -196,9 +196,11 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
     from absl import logging
 
-    from resnet_jax import checkpointing
+    from resnet_jax import checkpointing, faults
+    from resnet_jax import config as config_lib
     from resnet_jax.config import ConfigError
-    logging.set_verbosity(logging.ERROR)  # the libraries' chatter; results are printed
+    logging.set_verbosity(logging.FATAL)  # the libraries' chatter; results are printed
+    faults.quiet_closed_loop_callbacks()
 
     parser = argparse.ArgumentParser(description='Evaluate a run with one of the paper\'s '
                                      'test protocols.')
@@ -217,30 +219,35 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('--num_processes', type=int, default=None)
     parser.add_argument('--process_id', type=int, default=None)
     parser.add_argument('--heartbeat_timeout_seconds', type=int, default=100)
+    parser.add_argument('--startup_timeout_seconds', type=int, default=300)
     args = parser.parse_args(argv)
     if args.batch_size <= 0:
         print(f'error: --batch_size must be positive; got {args.batch_size}', file=sys.stderr)
         return 2
     try:
         parallel.initialize_distributed(args.coordinator_address, args.num_processes,
-                                        args.process_id, args.heartbeat_timeout_seconds)
+                                        args.process_id, args.heartbeat_timeout_seconds,
+                                        args.startup_timeout_seconds)
     except Exception as e:  # jax raises RuntimeError / XlaRuntimeError / ValueError
         print(f'error: cannot join the multi-process run: {str(e).splitlines()[0]}',
               file=sys.stderr)
         return 2
     try:
-        config = None
-        if args.config:
-            from ml_collections import config_flags
-            path, _, arg = args.config.partition(':')
-            module = config_flags.config_flags._LoadConfigModule('eval_config', path)
-            config = module.get_config(arg) if arg else module.get_config()
-        model, variables, config, step = checkpointing.load(args.workdir, args.step, config,
-                                                            args.weights)
+        config = config_lib.load_file(args.config) if args.config else None
+        workdir = pathlib.Path(args.workdir)
+        if not workdir.is_dir():
+            raise ConfigError(f'workdir {workdir} does not exist' if not workdir.exists()
+                              else f'workdir {workdir} is not a directory')
+        if jax.process_index() == 0:  # where the result goes, before the evaluation
+            faults.check_writable(workdir, 'workdir')
+        config = config or checkpointing.run_config(workdir)
+        checkpointing.check_run_model(workdir, config, args.step)
         if args.data_dir:
             config.dataset.data_dir = args.data_dir
         input_pipeline.check_config(config.dataset, prepare.print_progress(
-            f'preparing {config.dataset.name}'))
+            f'preparing {config.dataset.name}'), download=False)
+        model, variables, config, step = checkpointing.load(args.workdir, args.step, config,
+                                                            args.weights)
         pipeline = input_pipeline.Pipeline(config.dataset, config.seed)
     except (ConfigError, ValueError, OSError) as e:
         print(f'error: {str(e).splitlines()[0]}', file=sys.stderr)

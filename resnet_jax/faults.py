@@ -12,10 +12,12 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import pathlib
 import signal
+import sys
 import tempfile
 import threading
 
@@ -25,15 +27,47 @@ import numpy as np
 from resnet_jax.config import ConfigError
 
 
+def _is_closed_loop_callback(error: BaseException) -> bool:
+    return isinstance(error, RuntimeError) and str(error) == 'Event loop is closed'
+
+
+def quiet_closed_loop_callbacks() -> None:
+    """Drops the tracebacks of callbacks that find their asyncio event loop closed.
+
+    When an orbax save or restore fails (a full disk, a corrupt file), orbax closes the
+    event loop of that operation while tensorstore still completes the operation's other
+    reads or writes; each completion then calls ``loop.call_soon_threadsafe`` on the
+    closed loop from a tensorstore thread, whose ``RuntimeError('Event loop is closed')``
+    Python prints as a traceback. They change nothing (the failure itself is raised and
+    reported), so the launchers drop them; every other error is printed as before."""
+    previous_excepthook, previous_unraisable = sys.excepthook, sys.unraisablehook
+
+    def excepthook(kind, value, traceback):
+        if not _is_closed_loop_callback(value):
+            previous_excepthook(kind, value, traceback)
+
+    def unraisablehook(unraisable):
+        if not _is_closed_loop_callback(unraisable.exc_value):
+            previous_unraisable(unraisable)
+
+    sys.excepthook, sys.unraisablehook = excepthook, unraisablehook
+
+
 class NonFiniteLossError(RuntimeError):
     """The loss or the parameters became NaN or infinite; the run stops without
-    checkpointing that state."""
+    checkpointing that state. ``checkpoints`` (the loop adds it) lists the checkpoints on
+    disk with their loss and parameter norm, so that a blown-up one can be told apart and
+    the run resumed from an earlier one (``--resume_step``)."""
 
-    def __init__(self, step: int, what: str, value: float):
+    def __init__(self, step: int, what: str, value: float, checkpoints: str | None = None):
+        self.step, self.what, self.value, self.checkpoints = step, what, value, checkpoints
+        advice = 'Lower the learning rate or add warm-up'
+        if checkpoints:
+            advice = (f'Checkpoints on disk: {checkpoints}. {advice}, and relaunch with '
+                      '--resume_step=STEP to resume from an earlier one (the later ones are '
+                      'kept aside)')
         super().__init__(f'the training {what} is {value} at step {step}; stopped without '
-                         'saving that state (the last good checkpoint is kept). Lower the '
-                         'learning rate or add warm-up.')
-        self.step = step
+                         f'saving that state. {advice}.')
 
 
 def check_workdir(workdir: pathlib.Path) -> None:
@@ -50,11 +84,42 @@ def check_workdir(workdir: pathlib.Path) -> None:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ConfigError(f'workdir {workdir} cannot be created: {e.strerror or e}') from None
+    check_writable(path, 'workdir', workdir)
+
+
+def check_writable(path: pathlib.Path, what: str, shown=None) -> None:
+    """ConfigError (one line) unless a file can be created in the directory ``path``."""
     try:
         with tempfile.TemporaryFile(dir=path):
             pass
     except OSError as e:
-        raise ConfigError(f'workdir {workdir} is not writable: {e.strerror or e}') from None
+        raise ConfigError(f'{what} {shown or path} is not writable: {e.strerror or e}'
+                          ) from None
+
+
+# What a file system says when it cannot take a write: no space, a quota, a read-only
+# mount, permissions, a file-size limit, an I/O error.
+WRITE_ERRNOS = frozenset((errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM,
+                          errno.EFBIG, errno.EIO))
+
+
+def is_write_failure(error: OSError, workdir) -> bool:
+    """Whether ``error`` is a write in ``workdir`` that the file system refused."""
+    if error.filename:
+        return os.path.abspath(str(error.filename)).startswith(os.path.abspath(str(workdir)))
+    return error.errno in WRITE_ERRNOS
+
+
+def write_atomically(path, text: str) -> None:
+    """``path`` holds ``text`` whole, or its previous contents (a temporary file renamed
+    over it)."""
+    path = pathlib.Path(path)
+    temporary = path.with_name(f'.{path.name}.tmp-{os.getpid()}')
+    try:
+        temporary.write_text(text)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
 
 
 class WorkdirLock(contextlib.AbstractContextManager):
@@ -159,6 +224,7 @@ class NonFiniteGuard:
 
     def __init__(self):
         self._pending: list[tuple[int, jax.Array, jax.Array]] = []
+        self._last: tuple[int, float, float] | None = None  # the last step checked
 
     def add(self, step: int, loss: jax.Array, param_norm: jax.Array) -> None:
         self._pending.append((step, loss, param_norm))
@@ -170,10 +236,19 @@ class NonFiniteGuard:
         while self._pending:
             self._check_one()
 
+    def values_at(self, step: int) -> tuple[float | None, float | None]:
+        """The loss and parameter norm of ``step`` if it is the last step checked."""
+        if self._last is None or self._last[0] != step:
+            return None, None
+        return self._last[1], self._last[2]
+
     def _check_one(self) -> None:
         step, loss, param_norm = self._pending.pop(0)
+        values = []
         for what, array in (('loss', loss), ('parameter norm', param_norm)):
             value = float(np.asarray(array.addressable_data(0)))
             if not np.isfinite(value):
                 self._pending.clear()
                 raise NonFiniteLossError(step, what, value)
+            values.append(value)
+        self._last = (step, *values)

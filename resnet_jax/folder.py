@@ -7,7 +7,31 @@ drawn with a fixed seed, are held out for evaluation. Every file inside a class 
 a record (hidden ones aside): images in any format PIL reads (grayscale, CMYK and
 transparent images are read as RGB; EXIF orientation is applied), and files that are not
 readable images, which the pipeline skips and counts like corrupt records. A class needs
-at least one file named as an image (``IMAGE_EXTENSIONS``).
+at least one file named as an image (``IMAGE_EXTENSIONS``). Images above PIL's
+decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS``) are read anyway, and counted in
+one line when the folder is prepared; above twice the limit PIL refuses them: they are
+unreadable.
+
+Symlinks are followed, to files and to folders, inside the folder or outside it, and each
+real file is one record, whatever paths reach it, so that no file is in both splits:
+
+- a folder is entered at most once per split (by its st_dev and st_ino): a symlink loop
+  (``cat/loop -> .``, ``cat/a/up -> ..``) or a second link to a folder already walked is
+  not followed again. Nor is a link to the dataset folder, train/, val/ or a class
+  folder: those are walked as what they are (one class's folder never becomes another's).
+- a file reached by several paths (a file symlink, a linked folder) is indexed once, under
+  the first path in sorted walk order (a folder's files, then its subfolders' in turn;
+  the classes in order), with that path's class.
+- with train/ and val/, a file that both hold (a symlink in one to the other's file or
+  folder) is in val/ only: val/ is what the model is evaluated on, and an image it was
+  trained on would not measure it; the training split loses the copy (a class left with
+  no image there is an error, which says why). Refusing such a folder instead would stop
+  a run over one stray link, in data that may not be the user's to change.
+
+The paths and folders skipped are reported in one line, with their counts, when the index
+is built. Hard links are separate files, as copies are: neither is detected. (An index
+built before, which held such files more than once, is rebuilt; one of a folder without
+any is the same index, and is kept.)
 
 Prepared once, on first use: the sorted list of files with their labels and splits, a
 check that every file decodes, and the training split's mean image (as for ImageNet:
@@ -58,20 +82,74 @@ def _subfolders(path: str) -> list[str]:
                   if not e.name.startswith('.') and e.is_dir())
 
 
-def _files(class_dir: str, root: str, dirs: dict) -> list[str]:
-    """Every non-hidden file under ``class_dir``, sorted, relative to ``root``; records each
-    folder's modification time in ``dirs``."""
+def _key(path: str) -> tuple[int, int] | None:
+    """A folder's identity, (st_dev, st_ino), whatever path reaches it; None if gone."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _is_dir(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir()  # follows symlinks; False for a broken one
+    except OSError:
+        return False
+
+
+def _files(class_dir: str, root: str, dirs: dict, visited: set,
+           revisited: list) -> list[tuple[str, str]]:
+    """Every non-hidden file under ``class_dir`` as (path relative to ``root``, real path),
+    in sorted walk order (a folder's files, then each subfolder's in turn).
+
+    Symlinks are followed, but no folder is entered twice: a folder whose (st_dev, st_ino)
+    is in ``visited`` (entered before in this split, or one of the layout's own folders:
+    the dataset folder, train/, val/ and the class folders, walked as what they are) is
+    listed in ``revisited`` instead. Records each folder entered, with its modification
+    time, in ``dirs``. The real path of a file that is not a symlink is its folder's real
+    path and its name: one ``realpath`` per folder and per symlink, no ``stat`` per file.
+    """
     out = []
-    for path, subdirs, names in os.walk(class_dir, followlinks=True):
-        subdirs[:] = sorted(d for d in subdirs if not d.startswith('.'))
-        dirs[os.path.relpath(path, root)] = os.stat(path).st_mtime_ns
-        out += [os.path.relpath(os.path.join(path, n), root)
-                for n in sorted(names) if not n.startswith('.')]
+    stack = [(class_dir, os.path.relpath(class_dir, root))]
+    while stack:
+        path, rel = stack.pop()
+        try:
+            st = os.stat(path)
+        except OSError:
+            continue
+        key = (st.st_dev, st.st_ino)
+        if key in visited and path != class_dir:
+            revisited.append(rel)
+            continue
+        visited.add(key)
+        try:
+            with os.scandir(path) as it:
+                entries = sorted((e for e in it if not e.name.startswith('.')),
+                                 key=lambda e: e.name)
+        except OSError:  # unreadable: skipped, as os.walk does
+            continue
+        dirs[rel] = st.st_mtime_ns
+        real = os.path.realpath(path)
+        subdirs = []
+        for e in entries:
+            if _is_dir(e):
+                subdirs.append(e)
+            else:
+                out.append((os.path.join(rel, e.name), os.path.realpath(e.path)
+                            if e.is_symlink() else os.path.join(real, e.name)))
+        stack += [(e.path, os.path.join(rel, e.name)) for e in reversed(subdirs)]
     return out
 
 
 def list_folder(root: str) -> dict:
-    """Classes, files, labels and fixed splits of the folder; ConfigError if unusable."""
+    """Classes, files, labels and fixed splits of the folder; ConfigError if unusable.
+
+    Each real file is one record (see the module's docstring, "Symlinks"); the paths and
+    folders skipped for that are in ``duplicates`` (paths to a file indexed under another
+    path of its split), ``in_val`` (train/ paths to a file that val/ holds) and
+    ``revisited`` (folders reached again through symlinks, not entered again).
+    """
     if not os.path.isdir(root):
         raise ConfigError(f'dataset folder {root} does not exist' if not os.path.exists(root)
                           else f'dataset folder {root} is not a directory')
@@ -81,34 +159,96 @@ def list_folder(root: str) -> dict:
     if not classes:
         raise ConfigError(f'dataset folder {class_root} has no class subfolders; expected '
                           'one subfolder of images per class')
-    dirs: dict[str, int] = {}
-    files, labels, splits = [], [], []
-    for label, name in enumerate(classes):
-        found = _files(os.path.join(class_root, name), root, dirs)
-        if not any(os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS for f in found):
-            raise ConfigError(f"class '{name}' in {class_root} has no images")
-        files += found
-        labels += [label] * len(found)
-        splits += [TRAIN] * len(found)
     val_root = os.path.join(root, 'val')
     has_val = layout == 'train/val' and os.path.isdir(val_root)
     val_classes = _subfolders(val_root) if has_val else []
     for name in val_classes:
         if name not in classes:
             raise ConfigError(f"class '{name}' of {val_root} is not a class of {class_root}")
-        found = _files(os.path.join(val_root, name), root, dirs)
-        files += found
-        labels += [classes.index(name)] * len(found)
-        splits += [VAL] * len(found)
+    # The layout's own folders are never entered through a symlink (a loop to the dataset
+    # folder, a link to another class's folder): each is walked as what it is.
+    layout_dirs = [root, class_root, *(os.path.join(class_root, c) for c in classes)]
+    if has_val:
+        layout_dirs += [val_root, *(os.path.join(val_root, c) for c in val_classes)]
+    layout_keys = {k for k in map(_key, layout_dirs) if k is not None}
+    dirs: dict[str, int] = {}
+    revisited: list[str] = []
+    visited = set(layout_keys)  # one set per split: val/ is walked in full, below
+    train_found = [_files(os.path.join(class_root, name), root, dirs, visited, revisited)
+                   for name in classes]
+    visited = set(layout_keys)
+    val_found = [_files(os.path.join(val_root, name), root, dirs, visited, revisited)
+                 for name in val_classes]
+
+    files, labels, splits = [], [], []
+    duplicates, in_val = [], []
+
+    def add(found, label, split, indexed, overridden=frozenset()):
+        for rel, real in found:
+            if real in overridden:
+                in_val.append(rel)
+            elif real in indexed:
+                duplicates.append(rel)
+            else:
+                indexed.add(real)
+                files.append(rel)
+                labels.append(label)
+                splits.append(split)
+
+    # val/ holds what is evaluated on: a file it shares with train/ is not trained on.
+    val_real = {real for found in val_found for _, real in found}
+    indexed: set[str] = set()
+    for label, (name, found) in enumerate(zip(classes, train_found)):
+        first, skipped = len(files), len(duplicates) + len(in_val)
+        add(found, label, TRAIN, indexed, val_real)
+        if not any(os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS for f in files[first:]):
+            skipped = len(duplicates) + len(in_val) - skipped
+            raise ConfigError(f"class '{name}' in {class_root} has no images" + (
+                f' of its own: its {skipped} files are indexed under other paths (through '
+                'symlinks)' + (' or held by val/' if has_val else '') if skipped else ''))
+    indexed = set()
+    for name, found in zip(val_classes, val_found):
+        add(found, classes.index(name), VAL, indexed)
     labels, splits = np.asarray(labels, np.int32), np.asarray(splits, np.uint8)
     if not has_val:
         splits = held_out_splits(labels)
     if not (splits == VAL).any():
         raise ConfigError(f'dataset folder {root} has no images to evaluate on: put some in '
                           'val/<class>/, or more than one image in a class')
+    signature = {'classes': classes, 'val_classes': val_classes, 'dirs': dirs}
+    if duplicates or in_val or revisited:
+        # So that an index built before these were skipped is rebuilt. (Without any, the
+        # signature and the index are what they were: such an index is kept.)
+        signature['skipped'] = [len(duplicates), len(in_val), len(revisited)]
     return {'root': root, 'layout': layout, 'classes': classes, 'files': files,
-            'labels': labels, 'splits': splits,
-            'signature': {'classes': classes, 'val_classes': val_classes, 'dirs': dirs}}
+            'labels': labels, 'splits': splits, 'duplicates': duplicates, 'in_val': in_val,
+            'revisited': revisited, 'signature': signature}
+
+
+def skipped_message(listing: dict) -> str | None:
+    """One line on the paths and folders ``list_folder`` skipped, with their counts."""
+    duplicates, in_val, revisited = (listing['duplicates'], listing['in_val'],
+                                     listing['revisited'])
+    if not (duplicates or in_val or revisited):
+        return None
+
+    def count(n, one, many):
+        return f'{n} {one if n == 1 else many}'
+    parts = []
+    if duplicates:
+        parts.append(count(len(duplicates), 'path to a file indexed under another path',
+                           'paths to files indexed under other paths')
+                     + ' (the first in sorted order is kept)')
+    if in_val:
+        parts.append(count(len(in_val), 'train/ path to a file', 'train/ paths to files')
+                     + ' that val/ holds (evaluated on, not trained on)')
+    if revisited:
+        parts.append(count(len(revisited), 'folder', 'folders')
+                     + ' reached again through symlinks (not entered again)')
+    skipped = duplicates + in_val + revisited
+    more = ', ...' if len(skipped) > 10 else ''
+    return (f"dataset folder {listing['root']} indexes each real file once; skipped "
+            f"{', '.join(parts)}: {', '.join(skipped[:10])}{more}")
 
 
 def held_out_splits(labels: np.ndarray) -> np.ndarray:
@@ -245,6 +385,9 @@ def prepare(name: str, image_size: int = 224, num_workers: int = 1,
                  and info.get('signature') == listing['signature'])
     if not fresh and os.path.exists(mean_path(store, image_size)):
         return store
+    skipped = skipped_message(listing)
+    if fresh and skipped:
+        logging.warning('%s', skipped)
     arrays = encode(listing)
     train = listing['splits'] == TRAIN
     # A new index decodes every file (to find the unreadable ones) and sums the training
@@ -253,6 +396,7 @@ def prepare(name: str, image_size: int = 224, num_workers: int = 1,
     scan = sources.scan(FolderSource(root, arrays=arrays), todo, image_size, num_workers,
                         progress, summed=train[todo])
     unreadable = [listing['files'][i] for i in scan.unreadable]
+    oversized = [listing['files'][i] for i in scan.oversized]
     if fresh:
         readable_train = train.copy()
         readable_train[scan.unreadable] = False
@@ -268,10 +412,17 @@ def prepare(name: str, image_size: int = 224, num_workers: int = 1,
             logging.warning('%d files in %s are not readable images; training skips them '
                             'and counts them as corrupt records: %s', len(unreadable), root,
                             ', '.join(unreadable[:10]))
+        if oversized:  # counted in the workers, where PIL's warnings are not shown
+            one = len(oversized) == 1
+            logging.warning("%d %s in %s %s larger than PIL's decompression-bomb limit "
+                            '(PIL.Image.MAX_IMAGE_PIXELS, %s pixels); read anyway: %s',
+                            len(oversized), 'image' if one else 'images', root,
+                            'is' if one else 'are', scan.pixel_limit, ', '.join(oversized[:10]))
         info = {'version': INDEX_VERSION, 'root': root, 'layout': listing['layout'],
                 'classes': listing['classes'], 'num_files': len(listing['files']),
                 'num_train': int(train.sum()), 'num_val': int((~train).sum()),
-                'unreadable': unreadable, 'signature': listing['signature']}
+                'unreadable': unreadable, 'oversized': oversized,
+                'signature': listing['signature']}
 
         def write_info(tmp):
             with open(tmp, 'w') as f:

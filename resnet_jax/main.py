@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import re
 import sys
 
 # TensorFlow only feeds the input pipeline: keep its start-up chatter off the console.
@@ -40,6 +41,13 @@ def _define_flags() -> None:
     _FLAGS['heartbeat'] = flags.DEFINE_integer(
         'heartbeat_timeout_seconds', 100, 'A process silent this long is declared dead and '
         'the others stop with an error instead of hanging.')
+    _FLAGS['startup_timeout'] = flags.DEFINE_integer(
+        'startup_timeout_seconds', 300, 'How long the processes of a multi-process run wait '
+        'for each other to join; then each stops with one line naming the coordinator.')
+    _FLAGS['resume_step'] = flags.DEFINE_integer(
+        'resume_step', None, 'Resume from this checkpoint step instead of the latest (e.g. '
+        'before a divergence); the later checkpoints are moved aside (kept), and the same '
+        'command relaunched continues the resumed run.')
     _FLAGS['cache'] = flags.DEFINE_string(
         'compilation_cache_dir',
         os.environ.get('JAX_COMPILATION_CACHE_DIR') or os.path.expanduser(
@@ -55,53 +63,114 @@ def _fail(message: str) -> None:
     sys.exit(2)
 
 
-def _one_line(error: BaseException) -> str:
-    """The informative line of a flag/config error (config_flags nests several)."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    if isinstance(error, IOError) and 'Failed loading config file' in str(error):
-        missing = [line for line in lines if line.startswith('/') or 'No such file' in line]
-        return f'cannot load config file: {missing[-1] if missing else lines[-1]}'
-    if isinstance(error, (KeyError, AttributeError)):
-        name = str(error).strip('"\'')
-        given = [a.split('=')[0][2:] for a in sys.argv if a.startswith('--config.')
-                 and a.split('=')[0].endswith('.' + name)]
-        return f'unknown config field {given[0] if given else name!r}'
-    return lines[0] if lines else repr(error)
+_KINDS = {int: 'an integer', float: 'a number', bool: 'True or False', str: 'a string',
+          tuple: 'a tuple, e.g. (1,2)'}
+
+
+def _config_path(argv: list[str]) -> str:
+    """The config file (without its ``:arg``) that ``argv`` names, or the default."""
+    path = str(_DEFAULT_CONFIG)
+    for i, arg in enumerate(argv):
+        if arg.startswith('--config='):
+            path = arg[len('--config='):]
+        elif arg == '--config' and i + 1 < len(argv):
+            path = argv[i + 1]
+    return path.split(':')[0]
+
+
+def _field_kind(name: str) -> str:
+    from resnet_jax import config as config_lib
+    default = config_lib.flatten(config_lib.base_config()).get(name)
+    return _KINDS.get(type(default), 'a value of its type')
+
+
+def _one_line(error: BaseException, argv: list[str]) -> str:
+    """The informative line of a flag or config error (config_flags nests several)."""
+    chain = []
+    while error is not None and error not in chain:
+        chain.append(error)
+        error = error.__cause__ or error.__context__
+    path = _config_path(argv)
+    for e in chain:
+        if isinstance(e, flags.UnrecognizedFlagError):
+            name = e.flagname
+            return (f"unknown config field '{name[len('config.'):]}' (every field: "
+                    'resnet_jax/config.py)' if name.startswith('config.')
+                    else f'unknown flag --{name} (see --help)')
+    for e in chain:
+        text = str(e)
+        field = re.match(r'flag --config\.([\w.]+)=(.*?): ', text)
+        if field:
+            return (f'{field.group(1)} must be {_field_kind(field.group(1))}; got '
+                    f'{field.group(2)!r}')
+        if isinstance(e, flags.IllegalFlagValueError) and 'Unexpected None value' in text:
+            return (f'config file {path}: get_config() returned None; it must return an '
+                    'ml_collections.ConfigDict')
+        if isinstance(e, flags.IllegalFlagValueError) and text.startswith('flag --') and \
+                not text.startswith('flag --config'):
+            return text[len('flag '):].splitlines()[0]
+    first = chain[-1]
+    lines = [line.strip() for line in str(first).splitlines() if line.strip()]
+    if isinstance(first, (KeyError, AttributeError)) and 'get_config' not in str(first):
+        name = str(first).strip('"\'')
+        given = [a.split('=')[0][len('--config.'):] for a in argv if a.startswith('--config.')
+                 and a.split('=')[0].split('.')[-1] == name]
+        if given:
+            return f"unknown config field '{given[0]}' (every field: resnet_jax/config.py)"
+    if isinstance(first, AttributeError) and 'get_config' in str(first):
+        return f'cannot load config file {path}: it has no get_config()'
+    return (f'cannot load config file {path}: {type(first).__name__}: '
+            f'{lines[0] if lines else ""}').rstrip(': ')
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
+    path = _config_path(argv)
+    if not os.path.isfile(path):
+        _fail(f'cannot load config file {path}: it does not exist' if not os.path.exists(path)
+              else f'cannot load config file {path}: it is not a file')
+    logging.set_verbosity(logging.ERROR)  # config_flags' warnings: the error says it all
     try:
         _define_flags()
         rest = flags.FLAGS(argv)
-        _FLAGS['config'].value.to_dict()  # a config file that failed to load raises here
-        return rest
-    except (flags.Error, IOError, AttributeError, KeyError, ValueError, TypeError) as e:
-        while isinstance(e, flags.Error) or 'Error whilst parsing' in str(e):
-            if not (e.__cause__ or e.__context__):
-                break
-            e = e.__cause__ or e.__context__
-        _fail(_one_line(e))
+        value = _FLAGS['config'].value  # a config file that failed to load raises here
+    except Exception as e:  # noqa: BLE001 (a config file can raise anything)
+        _fail(_one_line(e, argv))
+    import ml_collections
+    if not isinstance(value, ml_collections.ConfigDict):
+        _fail(f'config file {_config_path(argv)}: get_config() returned a '
+              f'{type(value).__name__}; it must return an ml_collections.ConfigDict')
+    return rest
 
 
 def _initialize_distributed() -> None:
     """Joins the processes of a multi-process run (explicit flags or a detected cluster)."""
     from resnet_jax import parallel
     parallel.initialize_distributed(_FLAGS['coordinator'].value, _FLAGS['num_processes'].value,
-                                    _FLAGS['process_id'].value, _FLAGS['heartbeat'].value)
+                                    _FLAGS['process_id'].value, _FLAGS['heartbeat'].value,
+                                    _FLAGS['startup_timeout'].value)
 
 
 def main(argv: list[str]) -> None:
     del argv
-    import jax
-
-    from resnet_jax import execution, faults, models, parallel, prepare, train
+    from resnet_jax import config as config_lib
     from resnet_jax.config import ConfigError
 
-    try:  # XLA's process options for the net, before JAX starts its backends
-        execution.configure_process(models.create_model(_FLAGS['config'].value.model.name),
-                                    _FLAGS['config'].value.execution)
-    except ValueError:  # an unknown net or plan: validate_config says which below
-        pass
+    config, workdir = _FLAGS['config'].value, pathlib.Path(_FLAGS['workdir'].value)
+    try:  # every field, before anything starts
+        config_lib.validate(config)
+    except ConfigError as e:
+        _fail(str(e))
+    resume_step = _FLAGS['resume_step'].value
+    if resume_step is not None and resume_step < 0:
+        _fail(f'--resume_step must be a checkpoint step (>= 0); got {resume_step}')
+
+    import jax
+
+    from resnet_jax import checkpointing, execution, faults, models, parallel, prepare, train
+    faults.quiet_closed_loop_callbacks()
+
+    # XLA's process options for the net, before JAX starts its backends.
+    execution.configure_process(models.create_model(config.model.name), config.execution)
     try:
         _initialize_distributed()
     except Exception as e:  # jax raises RuntimeError / XlaRuntimeError / ValueError
@@ -109,31 +178,36 @@ def main(argv: list[str]) -> None:
 
     if _FLAGS['cache'].value:
         parallel.enable_compilation_cache(_FLAGS['cache'].value)
-    logging.set_verbosity(logging.ERROR)  # the libraries' chatter; results are printed
-    config, workdir = _FLAGS['config'].value, pathlib.Path(_FLAGS['workdir'].value)
+    # The libraries' chatter (orbax logs each failure it raises with its traceback): the
+    # launcher prints results and errors itself.
+    logging.set_verbosity(logging.FATAL)
+    lead = jax.process_index() == 0
     try:
-        train.validate_config(config, jax.device_count(), progress=prepare.print_progress(
-            f'preparing {config.dataset.name}') if jax.process_index() == 0 else None)
-    except ConfigError as e:
-        _fail(str(e))
-    if jax.process_index() == 0:
-        print(f'training {config.model.name} on {config.dataset.name} for '
-              f'{config.num_train_steps} steps on {jax.device_count()} device(s) '
-              f'({jax.default_backend()}); workdir {workdir}', flush=True)
-    try:
-        results = train.train_and_evaluate(config, str(workdir), step_cache_dir=(
-            parallel.step_cache_dir(_FLAGS['cache'].value) if _FLAGS['cache'].value else None))
+        results = train.train_and_evaluate(
+            config, str(workdir), resume_step=resume_step,
+            step_cache_dir=(parallel.step_cache_dir(_FLAGS['cache'].value)
+                            if _FLAGS['cache'].value else None),
+            prepare_progress=prepare.print_progress(f'preparing {config.dataset.name}')
+            if lead else None)
     except ConfigError as e:
         _fail(str(e))
     except faults.NonFiniteLossError as e:
-        print(f'error: {e}', file=sys.stderr)
+        print(f'error: {e}', file=sys.stderr, flush=True)
         sys.exit(1)
+    except checkpointing.CheckpointWriteError as e:
+        # orbax's writer threads and tensorstore's callbacks of the failed save may still be
+        # waiting or may complain as the interpreter shuts down (tracebacks, or a wait until
+        # their timeout): the message is out, every earlier checkpoint is on disk and the
+        # kernel releases the workdir's lock, so the process ends here.
+        print(f'error: {e}', file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(1)
     if 'stopped_by' in results:  # every process says where it stopped
         who = f'[process {jax.process_index()}] ' if jax.process_index() else ''
         print(f"{who}stopped by {results['stopped_by']} at step {results['step']}; checkpoint "
               'saved. Relaunch the same command to resume.', flush=True)
         return
-    if jax.process_index() == 0:
+    if lead:
         print(f"step {results['step']}: test top-1 error {100 * results['eval_top1_error']:.2f}%,"
               f" top-5 {100 * results['eval_top5_error']:.2f}%, train loss "
               f"{results['train_loss']:.4f}, {results['wall_seconds']:.0f} s")

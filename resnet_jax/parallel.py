@@ -6,6 +6,9 @@ One 1-D ``Mesh`` over every device of every process: batches are split along it
 """
 
 import os
+import sys
+import threading
+from typing import Callable
 
 import jax
 import numpy as np
@@ -28,17 +31,61 @@ def cluster_launch() -> str | None:
 
 def initialize_distributed(coordinator_address: str | None = None,
                            num_processes: int | None = None, process_id: int | None = None,
-                           heartbeat_timeout_seconds: int = 100) -> None:
+                           heartbeat_timeout_seconds: int = 100,
+                           startup_timeout_seconds: int = 300,
+                           on_timeout: Callable[[str], None] | None = None) -> None:
     """Joins the processes of a multi-process run: given a coordinator, or in a detected
     cluster (SLURM, Open MPI, TPU pods); a single process otherwise (nothing to do). The
-    same for ``resnet_jax.main`` and ``resnet_jax.evaluate``."""
-    if coordinator_address is None and cluster_launch() is None:
+    same for ``resnet_jax.main`` and ``resnet_jax.evaluate``.
+
+    When the processes have not all joined within ``startup_timeout_seconds``, JAX's
+    client aborts the process with a C++ stack trace; a watchdog calls
+    ``on_timeout(message)`` first (default: the message on stderr and exit code 2), the
+    message naming the coordinator waited for. ``ValueError`` for flags that cannot make
+    a run (``num_processes > 1`` with no coordinator and no cluster, a ``process_id``
+    out of range)."""
+    cluster = cluster_launch()
+    if coordinator_address is None and cluster is None:
+        if num_processes not in (None, 1) or process_id not in (None, 0):
+            raise ValueError(f'--num_processes={num_processes} needs --coordinator_address '
+                             '(host:port of process 0) outside SLURM, Open MPI or a TPU pod')
         return
+    if num_processes is not None and num_processes < 1:
+        raise ValueError(f'--num_processes must be positive; got {num_processes}')
+    if process_id is not None and num_processes is not None and \
+            not 0 <= process_id < num_processes:
+        raise ValueError(f'--process_id={process_id} is not in [0, {num_processes})')
+    if startup_timeout_seconds < 1 or heartbeat_timeout_seconds < 1:
+        raise ValueError('--startup_timeout_seconds and --heartbeat_timeout_seconds must be '
+                         'positive')
+    where = coordinator_address or f'the coordinator of the {cluster} launch'
+    if process_id:
+        message = (f'no answer within {startup_timeout_seconds} s from {where} (process 0): '
+                   'is it running and reachable? (--startup_timeout_seconds)')
+    else:
+        others = f'the other {num_processes - 1}' if num_processes else 'the other'
+        message = (f'{others} process(es) did not join {where} within '
+                   f'{startup_timeout_seconds} s (--startup_timeout_seconds)')
+    watchdog = threading.Timer(startup_timeout_seconds, on_timeout or _exit_with, (message,))
+    watchdog.daemon = True
     # CPU processes exchange gradients over gloo (this setting only concerns the CPU backend).
     jax.config.update('jax_cpu_collectives_implementation', 'gloo')
-    jax.distributed.initialize(coordinator_address=coordinator_address,
-                               num_processes=num_processes, process_id=process_id,
-                               heartbeat_timeout_seconds=heartbeat_timeout_seconds)
+    watchdog.start()
+    try:
+        # JAX's own deadline a little later: the watchdog reports first.
+        jax.distributed.initialize(coordinator_address=coordinator_address,
+                                   num_processes=num_processes, process_id=process_id,
+                                   initialization_timeout=startup_timeout_seconds + 30,
+                                   heartbeat_timeout_seconds=heartbeat_timeout_seconds)
+    finally:
+        watchdog.cancel()
+
+
+def _exit_with(message: str) -> None:
+    """One line on stderr and exit code 2, from any thread (the main one is inside JAX)."""
+    sys.stderr.write(f'error: cannot join the multi-process run: {message}\n')
+    sys.stderr.flush()
+    os._exit(2)
 
 
 def enable_compilation_cache(path: str, min_compile_seconds: float = 0.0) -> None:

@@ -26,6 +26,7 @@ IN_MEMORY_DATASETS = {
     'cifar10': (('train', 'test'), ('train[:45000]', 'train[45000:]')),  # sec. 4.2's 45k/5k
 }
 MANUAL_DATASETS = {'imagenet2012'}
+EMBEDDED_DATASETS = {'digits'}  # built from data shipped with scikit-learn: no download
 
 
 def _prepare_hint(name: str, data_dir: str | None) -> str:
@@ -39,10 +40,13 @@ def _prepare_hint(name: str, data_dir: str | None) -> str:
 
 def check_dataset(name: str, data_dir: str | None, *, image_size: int = 224,
                   num_workers: int = 0, validation_split: bool = False,
-                  progress: Callable[[int, int], None] | None = None) -> None:
+                  progress: Callable[[int, int], None] | None = None,
+                  download: bool = True) -> None:
     """Raises ConfigError unless ``name`` can be read: in memory, prepared ArrayRecord, or
     a folder of images (``folder:PATH``, prepared here on first use: see
-    ``resnet_jax.folder``, ``progress(done, total)`` reports it)."""
+    ``resnet_jax.folder``, ``progress(done, total)`` reports it). With ``download=False``
+    (evaluation), an in-memory dataset that would be downloaded first (CIFAR-10) must be
+    prepared already: no download is tried."""
     if folder.is_folder(name):
         if validation_split:
             raise ConfigError('dataset.validation_split is for tfds datasets; a folder\'s '
@@ -54,7 +58,14 @@ def check_dataset(name: str, data_dir: str | None, *, image_size: int = 224,
     if data_dir is not None and not os.path.isdir(data_dir):
         raise ConfigError(f'dataset.data_dir {data_dir} does not exist')
     if name in IN_MEMORY_DATASETS:
-        return  # built (digits) or downloaded (CIFAR-10) by tfds on first use
+        # built (digits) or downloaded (CIFAR-10) by tfds on first use
+        if not download and name not in EMBEDDED_DATASETS and \
+                not tfds.builder(name, data_dir=data_dir).is_prepared():
+            where = data_dir or '~/tensorflow_datasets'
+            raise ConfigError(f'{name} is not prepared in {where} (evaluation does not '
+                              f'download it): train on it once, or run: tfds build {name} '
+                              f'--data_dir={where} --file_format=array_record')
+        return
     try:
         builder = tfds.builder(name, data_dir=data_dir)
     except Exception:  # tfds raises DatasetNotFoundError and friends
@@ -70,11 +81,12 @@ def check_dataset(name: str, data_dir: str | None, *, image_size: int = 224,
                           + _prepare_hint(name, data_dir))
 
 
-def check_config(dataset, progress: Callable[[int, int], None] | None = None) -> None:
+def check_config(dataset, progress: Callable[[int, int], None] | None = None,
+                 download: bool = True) -> None:
     """``check_dataset`` for the ``config.dataset`` fields."""
     check_dataset(dataset.name, dataset.data_dir, image_size=dataset.image_size,
                   num_workers=dataset.num_workers, validation_split=dataset.validation_split,
-                  progress=progress)
+                  progress=progress, download=download)
 
 
 def load_arrays(name: str, split: str, data_dir: str | None) -> tuple[ArraySource, int]:

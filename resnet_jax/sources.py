@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import math
+import warnings
 from typing import Callable
 
 import numpy as np
@@ -54,8 +55,24 @@ def decode(data: bytes, min_shorter_side: Callable[[tuple[int, int]], int | None
       of the full image is (x / factor, y / factor) in the decoded one.
 
     Raises:
-      CorruptImage: for data PIL cannot identify or decode.
+      CorruptImage: for data PIL cannot identify or decode, and for images above twice
+        PIL's decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS``), which PIL refuses.
+
+    PIL's ``DecompressionBombWarning`` (an image above the limit, up to twice it) is not
+    shown: such an image is decoded like any other, and preparing a folder counts them
+    once (``Scan.oversized``, ``over_pixel_limit``) rather than each worker process
+    warning once per image.
     """
+    # Scoped to this call, not a process-wide filter that would also hide the warning from
+    # the caller's own uses of PIL. (``catch_warnings`` swaps the module's filters: not
+    # thread-safe before Python 3.14; images are decoded in the pipeline's worker
+    # processes, one at a time, or in the caller's thread.)
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore', Image.DecompressionBombWarning)
+        return _decode(data, min_shorter_side)
+
+
+def _decode(data: bytes, min_shorter_side) -> tuple[Image.Image, float, tuple[int, int]]:
     try:
         image = Image.open(io.BytesIO(data))
         orientation = (image.getexif().get(EXIF_ORIENTATION, 1)
@@ -77,6 +94,14 @@ def decode(data: bytes, min_shorter_side: Callable[[tuple[int, int]], int | None
     except Exception as e:  # PIL raises many types on bad data
         raise CorruptImage(str(e) or type(e).__name__) from None
     return image, factor, shape
+
+
+def over_pixel_limit(shape: tuple[int, int]) -> bool:
+    """Whether an image of ``shape`` (height, width) is above PIL's decompression-bomb
+    limit, ``PIL.Image.MAX_IMAGE_PIXELS`` in this process (PIL's own test): one that
+    ``decode`` reads without PIL's warning (above twice the limit, PIL refuses it)."""
+    limit = Image.MAX_IMAGE_PIXELS
+    return limit is not None and max(1, shape[0]) * max(1, shape[1]) > limit
 
 
 def decode_array(data: bytes, min_shorter_side: int | None = None) -> np.ndarray:
@@ -142,27 +167,36 @@ class TfdsSource:
 @dataclasses.dataclass
 class Scan:
     """What one pass over records found: the sum and count of the centre views of the
-    readable ones, and which were unreadable."""
+    readable ones, which were unreadable, and which were read although above PIL's
+    decompression-bomb limit (``oversized``), by the processes that read them: their
+    ``pixel_limit`` (``PIL.Image.MAX_IMAGE_PIXELS`` there: worker processes import PIL
+    afresh, with its default, whatever this process set)."""
     total: np.ndarray
     count: int = 0
     unreadable: list = dataclasses.field(default_factory=list)
+    oversized: list = dataclasses.field(default_factory=list)
+    pixel_limit: int | None = None
 
     def merge(self, other: 'Scan') -> 'Scan':
         return Scan(self.total + other.total, self.count + other.count,
-                    self.unreadable + other.unreadable)
+                    self.unreadable + other.unreadable, self.oversized + other.oversized,
+                    self.pixel_limit if self.pixel_limit is not None else other.pixel_limit)
 
 
 def _scan_chunk(source, indices: np.ndarray, summed: np.ndarray, size: int,
                 resize_size: int) -> Scan:
     from resnet_jax import augment
 
-    scan = Scan(np.zeros((size, size, 3), np.float64))
+    scan = Scan(np.zeros((size, size, 3), np.float64), pixel_limit=Image.MAX_IMAGE_PIXELS)
     for i, add in zip(indices, summed):
         try:
-            image = decode_array(source.record(int(i))['image'], resize_size)
+            image, _, shape = decode(source.record(int(i))['image'], resize_size)
         except CorruptImage:
             scan.unreadable.append(int(i))
             continue
+        image = np.asarray(image)
+        if over_pixel_limit(shape):
+            scan.oversized.append(int(i))
         if add:
             scan.total += augment.center_view(image, resize_size, size)
             scan.count += 1
@@ -174,7 +208,9 @@ def scan(source, indices: np.ndarray, size: int, num_workers: int,
          summed: np.ndarray | None = None, chunk: int = 64) -> Scan:
     """Decodes records ``indices`` of ``source`` in worker processes, summing the centre
     views (shorter side ``size * 256 / 224``, centre ``size`` crop) of the readable ones
-    where ``summed`` (default: all), and reports ``progress(done, total)``."""
+    where ``summed`` (default: all), and reports ``progress(done, total)``. The result
+    lists the unreadable records and those above PIL's decompression-bomb limit, as the
+    workers found them."""
     import functools
 
     from resnet_jax import workers
@@ -191,7 +227,7 @@ def scan(source, indices: np.ndarray, size: int, num_workers: int,
         starts, num_workers)
     try:
         for start, part in zip(starts, tasks):
-            result = result.merge(Scan(np.array(part.total), part.count, part.unreadable))
+            result = result.merge(dataclasses.replace(part, total=np.array(part.total)))
             if progress is not None:
                 progress(min(len(indices), start + chunk), len(indices))
     finally:

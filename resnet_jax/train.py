@@ -25,8 +25,9 @@ import ml_collections
 from etils import epath
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from resnet_jax import (augment, checkpointing, execution, faults, input_pipeline, optim,
-                        parallel, plot, progress, steps)
+from resnet_jax import (checkpointing, execution, faults, input_pipeline, optim, parallel,
+                        plot, progress, steps)
+from resnet_jax import config as config_lib
 from resnet_jax.config import ConfigError
 from resnet_jax.steps import TrainMetrics, TrainState
 
@@ -100,8 +101,12 @@ class RunWriter:
         finally:
             self._thread.shutdown()
             if self._records is not None:
-                self._records.close()
-                self._records = None
+                records, self._records = self._records, None
+                try:
+                    records.close()
+                except OSError:
+                    if raise_failures:
+                        raise
 
 
 def create_writer(workdir: epath.Path) -> RunWriter:
@@ -124,105 +129,103 @@ def evaluate(eval_fn, mesh: Mesh, state: TrainState, pipeline: input_pipeline.Pi
 
 def validate_config(config: ml_collections.ConfigDict, num_devices: int,
                     progress=None) -> None:
-    """Raises ConfigError on a config that cannot run, before anything is built (a
-    folder dataset is prepared here on first use, reporting ``progress(done, total)``)."""
-    input_pipeline.check_config(config.dataset, progress)
-    try:
-        steps.create_model(config, num_classes=10)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
+    """Raises ConfigError on a config that cannot run, before anything is built: every
+    field (``resnet_jax.config.validate``), then what depends on the devices and the data
+    (a folder dataset is prepared here on first use, reporting ``progress(done, total)``)."""
+    config_lib.validate(config)
     for field in ('batch_size', 'eval_batch_size'):
         value = config[field]
-        if value <= 0:
-            raise ConfigError(f'{field} must be positive; got {value}')
         if value % num_devices or value % jax.process_count():
             raise ConfigError(f'{field}={value} does not divide across {num_devices} devices '
                               f'({jax.process_count()} processes); use a multiple of '
                               f'{num_devices}')
-    group = config.model.bn_group_size
-    if group and config.batch_size % min(group, config.batch_size):
-        raise ConfigError(f'batch_size={config.batch_size} is not a multiple of '
-                          f'model.bn_group_size={group}')
-    if config.learning_rate <= 0:
-        raise ConfigError(f'learning_rate must be positive; got {config.learning_rate}')
-    if config.num_train_steps <= 0:
-        raise ConfigError(f'num_train_steps must be positive; got {config.num_train_steps}')
-    optim.create_optimizer(config, optim.create_learning_rate_fn(config))  # names checked
-    if config.optimizer == 'lars' and config.lars_trust_coefficient <= 0:
-        raise ConfigError('lars_trust_coefficient must be positive; got '
-                          f'{config.lars_trust_coefficient}')
-    if not 0 <= config.ema_decay < 1:
-        raise ConfigError(f'ema_decay must be in [0, 1); got {config.ema_decay}')
-    check_grad_accum(config, num_devices)
+    k = config.grad_accum_steps
+    micro = config.batch_size // k
+    if k > 1 and (micro % num_devices or micro % jax.process_count()):
+        raise ConfigError(f'micro-batches of {micro} (batch_size={config.batch_size} / '
+                          f'grad_accum_steps={k}) do not divide across {num_devices} devices '
+                          f'({jax.process_count()} processes)')
     if config.init_from and not os.path.isdir(os.path.join(config.init_from, 'checkpoints')):
         raise ConfigError(f'init_from {config.init_from} holds no checkpoints (a training '
                           'workdir or the output of python -m resnet_jax.convert)')
-    if config.execution not in execution.PLANS:
-        raise ConfigError(f'unknown execution {config.execution!r}; allowed: '
-                          f'{", ".join(execution.PLANS)}')
-    if config.dataset.preprocessing not in augment.PREPROCESSING:
-        raise ConfigError(f'unknown dataset.preprocessing {config.dataset.preprocessing!r}; '
-                          f'allowed: {", ".join(augment.PREPROCESSING)}')
+    input_pipeline.check_config(config.dataset, progress)
 
 
-def check_grad_accum(config: ml_collections.ConfigDict, num_devices: int) -> None:
-    """Raises ConfigError unless ``grad_accum_steps`` splits the global batch into equal
-    micro-batches that divide across the devices and are whole BatchNorm groups (what
-    makes accumulation compute exactly the full batch's step)."""
-    k, batch, group = config.grad_accum_steps, config.batch_size, config.model.bn_group_size
-    if k < 1:
-        raise ConfigError(f'grad_accum_steps must be at least 1; got {k}')
-    if k == 1:
-        return
-    if batch % k:
-        raise ConfigError(f'grad_accum_steps={k} does not split batch_size={batch} into '
-                          'equal micro-batches')
-    micro = batch // k
-    if micro % num_devices or micro % jax.process_count():
-        raise ConfigError(f'micro-batches of {micro} (batch_size={batch} / grad_accum_steps='
-                          f'{k}) do not divide across {num_devices} devices '
-                          f'({jax.process_count()} processes)')
-    if not group:
-        raise ConfigError(f'grad_accum_steps={k} needs model.bn_group_size > 0: statistics '
-                          'over the whole batch cannot be split into micro-batches (set '
-                          f'model.bn_group_size={micro} for statistics per micro-batch)')
-    if micro % group:
-        raise ConfigError(f'micro-batches of {micro} (batch_size={batch} / grad_accum_steps='
-                          f'{k}) are not a multiple of model.bn_group_size={group}')
+def check_workdir(config: ml_collections.ConfigDict, workdir: str,
+                  resume_step: int | None = None) -> None:
+    """Raises ConfigError unless the run can write in ``workdir`` (created if needed) and
+    its checkpoints there, if any, are this config's (``resume_step``: one of them).
+    Changes nothing in an existing workdir."""
+    faults.check_workdir(workdir)
+    directory = epath.Path(os.path.abspath(workdir)) / 'checkpoints'
+    checkpointing.check_resume(directory, config, resume_step)
+    if directory.is_dir():
+        faults.check_writable(directory, 'checkpoint folder')
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                       devices=None, step_cache_dir: str | None = None) -> dict[str, float]:
-    """Trains ``config`` in ``workdir`` (resuming from its latest checkpoint) and returns
-    the final metrics, also written to ``workdir/results.json``.
+                       devices=None, step_cache_dir: str | None = None,
+                       resume_step: int | None = None,
+                       prepare_progress=None) -> dict[str, float]:
+    """Trains ``config`` in ``workdir`` (resuming from its latest checkpoint, or from
+    checkpoint ``resume_step``: see ``Checkpointer.roll_back``) and returns the final
+    metrics, also written to ``workdir/results.json``.
 
     With ``step_cache_dir``, a single-process run keeps its compiled steps there and a
-    relaunch loads them without tracing (``step_cache``).
+    relaunch loads them without tracing (``step_cache``). ``prepare_progress(done, total)``
+    reports the preparation of a folder dataset on first use.
 
     Stopped by SIGTERM/SIGINT, it checkpoints and returns ``{'stopped_by': <signal>,
-    'step': N}`` without writing results. A non-finite loss raises
-    ``faults.NonFiniteLossError``; a config or workdir that cannot run, ``ConfigError``.
+    'step': N}`` without writing results. A config or workdir that cannot run raises
+    ``ConfigError`` before anything is written (``config.json`` is written with the
+    run's first checkpoint); a non-finite loss, ``faults.NonFiniteLossError`` naming the
+    checkpoints on disk; a checkpoint that cannot be written,
+    ``checkpointing.CheckpointWriteError``, at once.
     """
     start_time = time.time()
     mesh = parallel.create_mesh(devices)
-    validate_config(config, mesh.size)
-    faults.check_workdir(workdir)
+    validate_config(config, mesh.size, prepare_progress)
+    check_workdir(config, workdir, resume_step)
     workdir = epath.Path(os.path.abspath(workdir))  # orbax needs absolute paths
-    checkpointing.check_identity(workdir / 'checkpoints', config)
+
+    def write_config():  # with the first checkpoint of this launch
+        if jax.process_index() == 0:
+            faults.write_atomically(workdir / 'config.json',
+                                    config.to_json_best_effort(indent=2))
+
     with faults.WorkdirLock(workdir), faults.StopRequest() as stop:
-        ckpt = checkpointing.Checkpointer(workdir / 'checkpoints', config)
+        ckpt = checkpointing.Checkpointer(workdir / 'checkpoints', config,
+                                          on_first_save=write_config)
+        failed = True
         try:
-            return _train(config, workdir, mesh, ckpt, stop, start_time, step_cache_dir)
+            if resume_step is not None:
+                ckpt.roll_back(resume_step)
+            results = _train(config, workdir, mesh, ckpt, stop, start_time, step_cache_dir)
+            failed = False
+            return results
+        except faults.NonFiniteLossError as e:
+            ckpt.wait()
+            raise faults.NonFiniteLossError(e.step, e.what, e.value,
+                                            checkpoints=ckpt.describe()) from None
+        except OSError as e:
+            if not faults.is_write_failure(e, workdir):
+                raise
+            # the workdir's other files: the event file, results, curves
+            raise ckpt.write_error(e, target=e.filename or f'in {workdir}') from None
         finally:
-            ckpt.close()
+            if failed:  # the run's own error is the one to report
+                try:
+                    ckpt.close()
+                except checkpointing.CheckpointWriteError:
+                    pass
+            else:
+                ckpt.close()
 
 
 def _train(config, workdir: epath.Path, mesh: Mesh, ckpt: checkpointing.Checkpointer,
            stop: faults.StopRequest, start_time: float,
            step_cache_dir: str | None) -> dict[str, float]:
     lead = jax.process_index() == 0
-    if lead:
-        (workdir / 'config.json').write_text(config.to_json_best_effort(indent=2))
 
     # Data.
     pipeline = input_pipeline.Pipeline(config.dataset, config.seed)
@@ -243,13 +246,23 @@ def _train(config, workdir: epath.Path, mesh: Mesh, ckpt: checkpointing.Checkpoi
     def packed(canonical_state):
         return jax.device_put(plan.pack_state(model, canonical_state), replicated)
 
+    guard = faults.NonFiniteGuard()
+
     def save(step, state, train_metrics):
-        ckpt.save(step, plan.unpack_state(model, state), train_metrics, history)
+        guard.check_all()  # never checkpoint a diverged state
+        loss_sum, norm = guard.values_at(step)  # the step's summed per-example losses
+        loss = None if loss_sum is None else loss_sum / config.batch_size
+        ckpt.save(step, plan.unpack_state(model, state), train_metrics, history, loss, norm)
 
     train_metrics, history = empty_metrics, {'train': [], 'eval': []}
     restored = ckpt.restore_latest(plan.unpack_state(model, state), empty_metrics)
+    if lead:
+        print(f'training {config.model.name} on {config.dataset.name} for '
+              f'{config.num_train_steps} steps on {mesh.size} device(s) '
+              f'({mesh.devices.flat[0].platform}); workdir {workdir}', flush=True)
     if restored is not None:
-        canonical, train_metrics, history = restored
+        canonical, train_metrics, meta = restored
+        history = meta['history']
         state = packed(canonical)
         if lead:
             print(f'resumed from step {int(state.step)}', flush=True)
@@ -291,7 +304,6 @@ def _train(config, workdir: epath.Path, mesh: Mesh, ckpt: checkpointing.Checkpoi
             input_pipeline.train_iterator(pipeline, step, config.batch_size, jax.process_index(),
                                           jax.process_count()),
             functools.partial(parallel.shard_batch, mesh))
-        guard = faults.NonFiniteGuard()
         eval_result = history['eval'][-1] if history['eval'] else None
         stopped_by = None
         previous = None  # the last step's metrics, on the host once the guard checked them
@@ -300,6 +312,7 @@ def _train(config, workdir: epath.Path, mesh: Mesh, ckpt: checkpointing.Checkpoi
                 state, m = train_fn(state, next(batches))
             step += 1
             guard.add(step, m.loss.total, m.param_norm.total)
+            ckpt.poll()  # a checkpoint that failed to write stops the run now
             train_metrics = train_metrics.merge(m)
             report.start(step)
             for hook in hooks:
@@ -327,7 +340,6 @@ def _train(config, workdir: epath.Path, mesh: Mesh, ckpt: checkpointing.Checkpoi
             stop_now = stop.requested(step, boundary=checkpoint_now or
                                       step % config.log_every_steps == 0)
             if checkpoint_now or stop_now:
-                guard.check_all()  # never checkpoint a diverged state
                 save(step, state, train_metrics)
             if stop_now:
                 stopped_by = stop.signal_name or 'a preemption notice (SIGTERM to a process)'

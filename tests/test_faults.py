@@ -115,7 +115,7 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous(uninterrupted, dat
     code, out, err = finish(launch(tiny_args(workdir, data_dir, 80)))
     assert code == 0, err[-2000:]
     previous = [s for s in [40, 20] if s < latest][0]
-    assert f'checkpoint step {latest} is unreadable' in out
+    assert f'warning: checkpoint step {latest} is corrupt (' in out
     assert f'resumed from step {previous}' in out
     assert list((workdir / 'checkpoints').glob(f'corrupt-{latest}-*'))  # kept, not deleted
     assert json.loads((workdir / 'results.json').read_text())['step'] == 80

@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -224,6 +225,232 @@ def test_unusable_folders_are_config_errors_and_write_nothing(tmp_path, make, me
     with pytest.raises(ConfigError, match=message):
         input_pipeline.check_dataset(f'folder:{root}', None, num_workers=1)
     assert not (root / '.resnet_jax').exists()
+
+
+# --- symlinks: each real folder entered once, each real file indexed once ----------------------
+
+def _tiny_photos(n, short=20):
+    """``n`` different tiny JPEGs: crops of real photographs (fast to prepare)."""
+    photos = [skdata.coffee(), skdata.chelsea(), skdata.rocket(), skdata.astronaut()]
+    out = []
+    for k in range(n):
+        top, left = 10 * (k // 4 % 10), 15 * (k // 4 % 10)  # within all four photos
+        out.append(_jpeg(_small(photos[k % 4][top:top + 200, left:left + 260], short)))
+    return out
+
+
+def _write(root, names):
+    for name, payload in zip(names, _tiny_photos(len(names))):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(payload)
+    return root
+
+
+def _split_paths(root, store):
+    return [[folder.FolderSource(str(root), store, split).path(i)
+             for i in range(len(folder.FolderSource(str(root), store, split)))]
+            for split in (folder.TRAIN, folder.VAL)]
+
+
+def _assert_each_real_file_once(root, store, real_files):
+    """The stored index holds each of ``real_files`` once, in one split only."""
+    train, val = _split_paths(root, store)
+    real = [os.path.realpath(p) for p in train + val]
+    assert len(set(real)) == len(real)
+    assert sorted(real) == sorted(os.path.realpath(root / f) for f in real_files)
+    assert not {os.path.realpath(p) for p in train} & {os.path.realpath(p) for p in val}
+    return train, val
+
+
+def _skipped_lines(caplog):
+    return [r.getMessage() for r in caplog.records if 'indexes each real file once' in
+            r.getMessage()]
+
+
+def test_symlink_loops_are_entered_once_in_bounded_time(tmp_path, caplog):
+    """One loop (dog/loop -> .) and two (cat/x/a -> .., cat/x/b -> ..): listed in a
+    process of its own with a timeout (an unbounded walk fails the test rather than hangs
+    it), each real file once; then prepared, with no file in both splits."""
+    one = _write(tmp_path / 'one', [f'{c}/{k}.jpg' for c in ('cat', 'dog') for k in range(8)]
+                 + ['dog/nested/n.jpg'])
+    (one / 'dog' / 'loop').symlink_to('.')
+    two = _write(tmp_path / 'two', [f'{c}/{k}.jpg' for c in ('cat', 'dog') for k in range(8)]
+                 + ['cat/x/x.jpg'])
+    (two / 'cat' / 'x' / 'a').symlink_to('..')
+    (two / 'cat' / 'x' / 'b').symlink_to('..')
+    (two / 'dog' / 'up').symlink_to('..')  # the dataset folder itself
+    script = ('import json, sys\nfrom resnet_jax import folder\n'
+              'print(json.dumps([folder.list_folder(r)["files"] for r in sys.argv[1:]]))')
+    try:
+        proc = subprocess.run([sys.executable, '-c', script, str(one), str(two)], cwd=REPO,
+                              capture_output=True, text=True, timeout=120)
+    except subprocess.TimeoutExpired:
+        pytest.fail('listing folders with symlink loops did not end in 120 s')
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    listed = json.loads(proc.stdout)
+    assert listed == [[f'cat/{k}.jpg' for k in range(8)] + [f'dog/{k}.jpg' for k in range(8)]
+                      + ['dog/nested/n.jpg'],
+                      [f'cat/{k}.jpg' for k in range(8)] + ['cat/x/x.jpg']
+                      + [f'dog/{k}.jpg' for k in range(8)]]
+    # One loop, as the index stores it (prepare writes these arrays): the issue's case,
+    # where the loop's copies of the held-out images were in the training split too.
+    listing = folder.list_folder(str(one))
+    assert listing['revisited'] == ['dog/loop'] and not listing['duplicates']
+    assert folder.skipped_message(listing).endswith(
+        'skipped 1 folder reached again through symlinks (not entered again): dog/loop')
+    train, val = (folder.FolderSource(str(one), split=split, arrays=folder.encode(listing))
+                  for split in (folder.TRAIN, folder.VAL))
+    real = [os.path.realpath(s.path(i)) for s in (train, val) for i in range(len(s))]
+    assert len(val) == 2 and len(real) == len(set(real)) == 17
+    # Two loops, prepared: the stored index, and the one line saying what was skipped.
+    store = folder.prepare(f'folder:{two}', image_size=32, num_workers=1)
+    assert json.loads((two / '.resnet_jax' / 'info.json').read_text())['num_files'] == 17
+    _, val = _assert_each_real_file_once(two, store, listed[1])
+    assert len(val) == 2  # one held out per class
+    lines = _skipped_lines(caplog)
+    assert len(lines) == 1 and lines[0].endswith(
+        'skipped 3 folders reached again through symlinks (not entered again): cat/x/a, '
+        'cat/x/b, dog/up'), lines
+
+
+def test_linked_folder_and_file_into_another_class_and_outside_are_indexed_once(tmp_path,
+                                                                               caplog):
+    """cat/more_dogs -> ../dog/puppies, a file symlink cat/alias.jpg -> ../dog/d0.jpg, and
+    a folder outside the dataset linked from both classes: each followed once, its files
+    under the first path in sorted walk order (so in cat), each real file once."""
+    root = _write(tmp_path / 'data', ['cat/c0.jpg', 'cat/c1.jpg', 'cat/c2.jpg', 'dog/d0.jpg',
+                                      'dog/d1.jpg', 'dog/d2.jpg', 'dog/puppies/p0.jpg',
+                                      'dog/puppies/p1.jpg'])
+    outside = _write(tmp_path / 'elsewhere', ['e0.jpg', 'e1.jpg'])
+    (root / 'cat' / 'more_dogs').symlink_to('../dog/puppies')
+    (root / 'cat' / 'alias.jpg').symlink_to('../dog/d0.jpg')
+    (root / 'cat' / 'ext').symlink_to(outside)
+    (root / 'dog' / 'ext').symlink_to(outside)
+    (root / 'dog' / 'again').symlink_to('puppies')
+    (root / 'dog' / 'cats').symlink_to('../cat')  # a class folder: never entered twice
+    listing = folder.list_folder(str(root))
+    assert listing['files'] == [
+        'cat/alias.jpg', 'cat/c0.jpg', 'cat/c1.jpg', 'cat/c2.jpg', 'cat/ext/e0.jpg',
+        'cat/ext/e1.jpg', 'cat/more_dogs/p0.jpg', 'cat/more_dogs/p1.jpg', 'dog/d1.jpg',
+        'dog/d2.jpg']
+    assert listing['labels'].tolist() == [0] * 8 + [1] * 2
+    assert listing['duplicates'] == ['dog/d0.jpg']
+    assert listing['revisited'] == ['dog/again', 'dog/cats', 'dog/ext', 'dog/puppies']
+    store = folder.prepare(f'folder:{root}', image_size=32, num_workers=1)
+    _assert_each_real_file_once(root, store, [
+        'dog/d0.jpg', 'cat/c0.jpg', 'cat/c1.jpg', 'cat/c2.jpg', '../elsewhere/e0.jpg',
+        '../elsewhere/e1.jpg', 'dog/puppies/p0.jpg', 'dog/puppies/p1.jpg', 'dog/d1.jpg',
+        'dog/d2.jpg'])
+    lines = _skipped_lines(caplog)
+    assert len(lines) == 1, lines
+    assert ('skipped 1 path to a file indexed under another path (the first in sorted order '
+            'is kept), 4 folders reached again through symlinks (not entered again): '
+            'dog/d0.jpg, dog/again, dog/cats, dog/ext, dog/puppies') in lines[0]
+    caplog.clear()
+    folder.prepare(f'folder:{root}', image_size=32, num_workers=1)  # reused: said once
+    assert not _skipped_lines(caplog)
+
+
+def test_files_shared_by_train_and_val_are_evaluated_on_not_trained_on(tmp_path, caplog):
+    root = _write(tmp_path / 'data', [f'train/cat/c{k}.jpg' for k in range(4)]
+                  + [f'train/dog/d{k}.jpg' for k in range(3)]
+                  + ['train/dog/sub/s0.jpg', 'train/dog/sub/s1.jpg', 'val/cat/v0.jpg',
+                     'val/dog/v1.jpg'])
+    (root / 'val' / 'cat' / 'c0.jpg').symlink_to('../../train/cat/c0.jpg')
+    (root / 'val' / 'dog' / 'sub').symlink_to('../../train/dog/sub')
+    (root / 'train' / 'dog' / 'val_cats').symlink_to('../../val/cat')
+    store = folder.prepare(f'folder:{root}', image_size=32, num_workers=1)
+    train, val = _assert_each_real_file_once(
+        root, store, [f'train/cat/c{k}.jpg' for k in range(4)]
+        + [f'train/dog/d{k}.jpg' for k in range(3)]
+        + ['train/dog/sub/s0.jpg', 'train/dog/sub/s1.jpg', 'val/cat/v0.jpg', 'val/dog/v1.jpg'])
+    assert [os.path.relpath(p, root) for p in val] == [
+        'val/cat/c0.jpg', 'val/cat/v0.jpg', 'val/dog/v1.jpg', 'val/dog/sub/s0.jpg',
+        'val/dog/sub/s1.jpg']
+    assert len(train) == 6
+    lines = _skipped_lines(caplog)
+    assert len(lines) == 1 and ('skipped 3 train/ paths to files that val/ holds (evaluated '
+                                'on, not trained on), 1 folder reached again') in lines[0]
+    # A class whose every training file is in val/ too has nothing to train on.
+    shutil.rmtree(root / 'val' / 'cat')
+    (root / 'val' / 'cat').symlink_to('../train/cat')
+    with pytest.raises(ConfigError, match="class 'cat' .* has no images of its own: its 4 "
+                                          'files are indexed under other paths .* or held '
+                                          'by val/'):
+        folder.list_folder(str(root))
+
+
+# --- images above PIL's decompression-bomb limit --------------------------------------------
+
+class _EncodedImages:
+    def __init__(self, images):
+        self.images = images
+
+    def record(self, i):
+        return {'image': self.images[i], 'label': 0}
+
+
+def test_images_over_the_pixel_limit_are_read_without_warning_and_counted(monkeypatch):
+    """In this process, with PIL's limit lowered: an image above it decodes with no warning
+    and is counted by the scan; above twice the limit it is unreadable."""
+    small, medium, large = (_jpeg(_small(skdata.coffee(), s)) for s in (16, 24, 40))
+    pixels = Image.open(io.BytesIO(medium)).size
+    pixels = pixels[0] * pixels[1]
+    monkeypatch.setattr(Image, 'MAX_IMAGE_PIXELS', pixels - 1)
+    with pytest.warns(Image.DecompressionBombWarning):  # what PIL does, and decode must not
+        Image.open(io.BytesIO(medium))
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')  # any warning fails the test
+        image, _, shape = sources.decode(medium)
+        assert sources.over_pixel_limit(shape) and not sources.over_pixel_limit((1, pixels - 1))
+        with pytest.raises(sources.CorruptImage, match='decompression bomb'):
+            sources.decode(large)  # 4x the pixels of medium
+    assert image.size[0] * image.size[1] == pixels
+    scan = sources._scan_chunk(_EncodedImages([small, medium, large, small]), np.arange(4),
+                               np.ones(4, bool), 16, 18)
+    assert scan.oversized == [1] and scan.unreadable == [2] and scan.count == 3
+    assert scan.pixel_limit == pixels - 1
+    merged = scan.merge(scan)
+    assert merged.oversized == [1, 1] and merged.pixel_limit == pixels - 1
+
+
+@pytest.fixture(scope='module')
+def huge_jpegs():
+    """A photograph just above PIL's default limit (89.7 Mpx: read) and one above twice it
+    (179.6 Mpx: refused), as grayscale JPEGs of 2 MB (decoded at 1/8 scale when read)."""
+    assert Image.MAX_IMAGE_PIXELS == 89478485  # PIL's default, which the workers use
+    camera = Image.fromarray(skdata.camera())
+    out = []
+    for side in (9472, 13400):
+        buf = io.BytesIO()
+        camera.resize((side, side), Image.NEAREST).save(buf, 'JPEG', quality=50)
+        out.append(buf.getvalue())
+    return out
+
+
+def test_folder_with_images_over_the_pixel_limit_says_so_once(tmp_path, huge_jpegs, caplog,
+                                                               capfd):
+    """The real thing: worker processes (PIL's default limit) prepare the folder and
+    evaluate on it; PIL's warning is printed by none of them, one line counts the image."""
+    root = _write(tmp_path / 'data', [f'train/{c}/{k}.jpg' for c in ('cat', 'dog')
+                                      for k in range(2)] + ['val/cat/v.jpg', 'val/dog/v.jpg'])
+    (root / 'val' / 'cat' / 'big.jpg').write_bytes(huge_jpegs[0])
+    (root / 'train' / 'dog' / 'bomb.jpg').write_bytes(huge_jpegs[1])
+    input_pipeline.check_dataset(f'folder:{root}', None, image_size=32, num_workers=1)
+    info = json.loads((root / '.resnet_jax' / 'info.json').read_text())
+    assert info['oversized'] == ['val/cat/big.jpg']
+    assert info['unreadable'] == ['train/dog/bomb.jpg']
+    lines = [r.getMessage() for r in caplog.records if 'decompression-bomb' in r.getMessage()]
+    assert lines == [f"1 image in {root} is larger than PIL's decompression-bomb limit "
+                     '(PIL.Image.MAX_IMAGE_PIXELS, 89478485 pixels); read anyway: '
+                     'val/cat/big.jpg']
+    pipeline = input_pipeline.Pipeline(folder_config(root, image_size=32, num_workers=1),
+                                       seed=0)
+    batches = list(pipeline.eval_batches(2))
+    assert sum(int(b['mask'].sum()) for b in batches) == 3
+    del batches
+    err = capfd.readouterr().err
+    assert 'DecompressionBombWarning' not in err and 'decompression bomb' not in err, err
 
 
 # --- worker processes ------------------------------------------------------------------------

@@ -53,7 +53,7 @@ def test_listed_commands_run(command):
 
 def bad_input_rows() -> list[tuple[str, str]]:
     rows = re.findall(r'^\| `(--config[^`]*)`([^|]*)\| `(error: [^`]*)` \|$',
-                      section('Multi-host runs, preemption, bad input'), flags=re.M)
+                      section('Multi-host runs, faults, bad input'), flags=re.M)
     return [(args, where.strip(), message) for args, where, message in rows]
 
 

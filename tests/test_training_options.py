@@ -225,8 +225,9 @@ def test_ema_run_killed_and_resumed_ends_bit_identical(data_dir, tmp_path):
     # Resuming it without the EMA (or an EMA-less run with one) is refused in one line.
     code, out, err = finish(launch(tiny_args(full, data_dir, 130)))
     assert code == 2 and err.strip().splitlines() == [
-        f'error: the checkpoint in {full}/checkpoints was written with an EMA of the weights;'
-        ' resume it with ema_decay > 0 or use another --workdir']
+        f'error: the checkpoints in {full}/checkpoints (step 120) were written with ema_decay '
+        '0.9 (this config: 0.0); resume with the same values, use another --workdir for a new '
+        f'run, or start one from these weights with --config.init_from={full}']
 
 
 # --- LARS ------------------------------------------------------------------------------------
@@ -389,11 +390,11 @@ def test_progress_before_any_speed_is_known():
      'grad_accum_steps=3 does not split batch_size=128 into equal micro-batches'),
     (['--config.grad_accum_steps=8'], r'micro-batches of 16 \(batch_size=128 / '
      r'grad_accum_steps=8\) are not a multiple of model.bn_group_size=32'),
-    (['--config.batch_size=24', '--config.grad_accum_steps=4'],
+    (['--config.batch_size=24', '--config.grad_accum_steps=4', '--config.model.bn_group_size=2'],
      r'micro-batches of 6 \(batch_size=24 / grad_accum_steps=4\) do not divide across 4'),
     (['--config.grad_accum_steps=2', '--config.model.bn_group_size=0'],
      'grad_accum_steps=2 needs model.bn_group_size > 0'),
-    (['--config.grad_accum_steps=0'], 'grad_accum_steps must be at least 1; got 0'),
+    (['--config.grad_accum_steps=0'], 'grad_accum_steps must be positive; got 0'),
     (['--config.ema_decay=1.0'], r'ema_decay must be in \[0, 1\); got 1.0'),
     (['--config.ema_decay=-0.5'], r'ema_decay must be in \[0, 1\); got -0.5'),
     (['--config.optimizer=adam'], "unknown optimizer 'adam'; allowed: sgd, lars"),
