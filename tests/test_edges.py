@@ -242,6 +242,7 @@ def test_resume_with_another_identity_is_refused_naming_the_fields(args, fields,
         f'error: the checkpoints in {workdir}/checkpoints (step 30) were written with '
         f'{fields}; resume with the same values, use another --workdir for a new run, or '
         f'start one from these weights with --config.init_from={workdir}')
+    assert out == ''  # refused before the run's header
     assert snapshot(workdir) == before
     if args == ['--config.model.shortcut=C']:  # the original config resumes its run
         code, out, err = run(command(workdir, data_dir))
