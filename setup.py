@@ -17,7 +17,10 @@ setup(
     long_description_content_type='text/markdown',
     # Tested (CI) on Python 3.11 with jax 0.10 and on Python 3.13 with jax 0.12.
     python_requires='>=3.11',
-    packages=find_packages(include=['resnet_jax', 'resnet_jax.*']),
+    # The config files of the checkout's configs/ ship inside the package, as
+    # resnet_jax.configs (resnet_jax.config.resolve_config_path finds them by name).
+    packages=[*find_packages(include=['resnet_jax', 'resnet_jax.*']), 'resnet_jax.configs'],
+    package_dir={'resnet_jax.configs': 'configs'},
     # Lower bounds are the releases the code was written against; there are no upper
     # bounds but where a known incompatibility is named. pip takes the newest jax a
     # Python supports (0.10.x on 3.11; 0.11 and later need 3.12).
@@ -28,7 +31,7 @@ setup(
         'orbax-checkpoint>=0.11',
         'tensorflow-datasets>=4.9.6',
         # the input pipeline's worker processes (MapDataset, mp_prefetch, shared memory);
-        # <0.3: resnet_jax/workers.py reads grain 0.2's shared-memory arrays' own fields
+        # <0.3: resnet_jax/data/workers.py reads grain 0.2's shared-memory arrays' own fields
         # (`shm`, `_unlink_on_del`) to hand batches over without a copy, and sets how their
         # blocks are closed (`SharedMemoryArray._del_thread_pool`)
         'grain>=0.2.10,<0.3',
@@ -37,7 +40,7 @@ setup(
         'ml-collections>=0.1.1',
         'clu>=0.0.12',
         'absl-py>=2.1',
-        'tensorboard>=2.17',  # the event files' record format and protos (train.RunWriter)
+        'tensorboard>=2.17',  # the event files' record format and protos (training.events)
         'importlib_resources>=6',  # tfds' builders need it; not declared by tfds
         'numpy>=1.26',
         'pillow>=10',  # JPEG decoding (draft mode), crops, resizing the embedded digits
@@ -59,5 +62,5 @@ setup(
         # on disk (a newer torch pulls several GB of CUDA wheels).
         'bench': ['torch>=2.1,<2.14'],
     },
-    entry_points={'console_scripts': ['resnet-jax=resnet_jax.main:run']},
+    entry_points={'console_scripts': ['resnet-jax=resnet_jax.cli:run']},
 )

@@ -15,8 +15,8 @@ command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,dri
   --format=csv,noheader | tee "$out/device.txt"
 $PY -c 'import jax, flax, optax; print("jax", jax.__version__, "flax", flax.__version__,
   "optax", optax.__version__, jax.devices())' | tee -a "$out/device.txt" || exit 1
-bench=(-m resnet_jax.benchmark --model resnet50 --batch-size 256 --dtype bfloat16 --steps 20
-       --compilation-cache-dir "$JAX_COMPILATION_CACHE_DIR" --json)
+bench=(-m resnet_jax benchmark --model=resnet50 --batch_size=256 --config.model.dtype=bfloat16
+       --steps=20 --compilation_cache_dir="$JAX_COMPILATION_CACHE_DIR" --json)
 $PY "${bench[@]}" | tee "$out/resnet50_bf16_b256.txt" || exit 1
 $PY "${bench[@]}" | tee "$out/resnet50_bf16_b256_relaunch.txt"
 if $PY -c 'import torch' 2>/dev/null; then

@@ -1,4 +1,4 @@
-"""Accelerator readiness: real-JPEG training beside synthetic data, and ResNet-1202 ready to train.
+"""Accelerator readiness: real-JPEG training beside synthetic data, and ResNet-1202 ready to loop.
 
     python experiments/accelerator_readiness.py [--images 4096] [--log FILE]    # a GPU/TPU host
     python experiments/accelerator_readiness.py --toy                          # CPU-size check
@@ -81,17 +81,19 @@ def _parts(config, num_classes: int, image_shape, mesh):
     """The model, plan, state (and the seconds to build it) and train step of ``config``."""
     import jax
 
-    from resnet_jax import execution, optim, steps
+    from resnet_jax.backends import plans
+    from resnet_jax.config import model_from_config
+    from resnet_jax.training import optim, steps
 
-    model = steps.create_model(config, num_classes)
-    plan = execution.plan_for_mesh(mesh, config.execution)
+    model = model_from_config(config, num_classes)
+    plan = plans.plan_for_mesh(mesh, config.execution)
     lr_fn = optim.create_learning_rate_fn(config)
     tx = optim.create_optimizer(config, lr_fn)
     start = time.perf_counter()
-    state = steps.init_train_state(model, tx, jax.random.key(0), image_shape, mesh, plan)
+    state = steps.init_train_state(model, tx, jax.random.key(0), image_shape, mesh)
     jax.block_until_ready(state)
     init_seconds = time.perf_counter() - start
-    train_fn, _ = steps.compile_steps(model, tx, lr_fn, config, mesh, plan)
+    train_fn, _ = steps.compile_steps(model, tx, lr_fn, config, mesh)
     return model, plan, state, train_fn, init_seconds
 
 
@@ -111,7 +113,9 @@ def real_jpeg_vs_synthetic(args, mesh) -> dict:
     """Part 1: the real pipeline's training throughput beside a synthetic batch's."""
     import jax
 
-    from resnet_jax import input_pipeline, parallel, train
+    from resnet_jax import parallel
+    from resnet_jax.data import pipeline as input_pipeline
+    from resnet_jax.training import loop
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = pathlib.Path(tmp) / 'jpegs'
@@ -123,7 +127,7 @@ def real_jpeg_vs_synthetic(args, mesh) -> dict:
         config.dataset.image_size = args.image_size
         config.dataset.min_scale = round(256 * args.image_size / 224)
         config.dataset.max_scale = round(480 * args.image_size / 224)
-        train.validate_config(config, mesh.size)  # prepares the folder once
+        loop.validate_config(config, mesh.size)  # prepares the folder once
         pipeline = input_pipeline.Pipeline(config.dataset, config.seed)
         model, plan, state, train_fn, _ = _parts(config, pipeline.num_classes,
                                                  pipeline.image_shape(), mesh)

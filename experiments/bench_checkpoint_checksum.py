@@ -31,7 +31,10 @@ def main() -> int:
     parser.add_argument('--rounds', type=int, default=5)
     args = parser.parse_args()
 
-    from resnet_jax import checkpointing, models, optim, parallel, steps
+    from resnet_jax import models, parallel
+    from resnet_jax.training import checkpoints as checkpointing
+    from resnet_jax.training import optim
+    from resnet_jax.training import steps
     from resnet_jax.config import base_config
 
     config = base_config()

@@ -40,7 +40,7 @@ import numpy as np  # noqa: E402
 import tensorflow_datasets as tfds  # noqa: E402
 from sklearn.datasets import load_sample_images  # noqa: E402
 
-from resnet_jax import input_pipeline  # noqa: E402
+from resnet_jax.data import pipeline as input_pipeline  # noqa: E402
 from resnet_jax.config import base_config  # noqa: E402
 
 
@@ -123,7 +123,7 @@ def worker_batches(data_dir: str, workers: int, batch_size: int, name='bench_pho
     """``train_iterator``: batches built in ``workers`` processes (grain)."""
     pipeline = input_pipeline.Pipeline(dataset_config(name, data_dir, workers), seed=0)
     if pipeline.small:  # forced through workers, to compare with building them here
-        build = lambda step, start, stop: pipeline._train_images(  # noqa: E731
+        build = lambda step, start, stop: pipeline.train_examples(  # noqa: E731
             step, batch_size, start, stop)
         return pipeline._host_batches(build, 0, 1 << 62, batch_size)
     return input_pipeline.train_iterator(pipeline, 0, batch_size, 0, 1)
@@ -140,14 +140,14 @@ def thread_batches(data_dir: str, threads: int, batch_size: int):
     pool = concurrent.futures.ThreadPoolExecutor(threads)
     bounds = np.linspace(0, batch_size, threads + 1).astype(int)
     for step in itertools.count():
-        parts = list(pool.map(lambda a: pipeline._train_images(step, batch_size, *a),
+        parts = list(pool.map(lambda a: pipeline.train_examples(step, batch_size, *a),
                               zip(bounds[:-1], bounds[1:])))
         yield {k: np.concatenate([p[k] for p in parts]) for k in ('image', 'label')}
 
 
 def pil_batches(paths: list[str], workers: int, batch_size: int):
     """torchvision-style batches built in ``workers`` processes (grain, as ours)."""
-    from resnet_jax import workers as worker_processes
+    from resnet_jax.data import workers as worker_processes
 
     batches = worker_processes.map_in_workers(
         functools.partial(pil_batch, paths, batch_size), range(1 << 62), workers)

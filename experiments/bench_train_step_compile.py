@@ -1,22 +1,21 @@
 """Where the CPU plan's train-step compile time goes, and what XLA:CPU options trade for it.
 
     python experiments/bench_train_step_compile.py [--model cifar_resnet1202] [--steps 0]
-        [--batch-size 128] [--rounds 2] [--options '' OPTION[,OPTION...] ...] [--relaunch]
+        [--batch_size 128] [--rounds 2] [--options '' OPTION[,OPTION...] ...] [--relaunch]
         [--json]
 
 Each variant is one fresh process (no compilation cache) that builds the model's train
-state and train step with ``resnet_jax.benchmark.setup`` (the plan of the CPU backend;
+state and train step with ``resnet_jax.tools.benchmark.setup`` (the plan of the CPU backend;
 CIFAR nets at 32x32, ImageNet nets at 224x224), and times ``lower()``, ``compile()`` and,
 with ``--steps N``, the median of N steps after the first. A variant is a comma-separated
 list of XLA:CPU backend options (``--xla_backend_extra_options``, a process's) and
 ``KEY=VALUE`` options of the program (``jax.jit``'s ``compiler_options``, which an
 execution plan carries); '' is the plan's own.
 With ``--relaunch``, each variant is launched twice on a fresh cache and the second
-launch is timed: with JAX's compilation cache alone (``lower()`` and a compile that the
-cache answers) and with the launchers' step cache (``resnet_jax.step_cache``: the stored
-program read and compiled, no tracing). The variants alternate within each round, so
-that a shared machine's drift falls on all of them; the figures printed are each
-variant's medians over the rounds.
+launch is timed: ``lower()`` (tracing and lowering, which no cache saves) and a compile
+that JAX's compilation cache answers, as a relaunch of a run. The variants alternate
+within each round, so that a shared machine's drift falls on all of them; the figures
+printed are each variant's medians over the rounds.
 """
 
 from __future__ import annotations
@@ -49,32 +48,28 @@ def backend_options(variant: str) -> list[str]:
 
 
 def measure(model_name: str, steps: int, batch_size: int, variant: str = '',
-            cache_dir: str = '', step_cache: bool = False) -> dict:
+            cache_dir: str = '') -> dict:
     """lower / compile / step seconds of ``model_name``'s train step in this process, with
     the variant's program options added to the plan's; with ``cache_dir``, JAX's
-    compilation cache there, and with ``step_cache`` the launchers' step cache too (its
-    load-or-trace and compile counted as 'compile')."""
+    compilation cache there."""
     import jax
 
-    from resnet_jax import benchmark, parallel
+    from resnet_jax import parallel
+    from resnet_jax.config import base_config
+    from resnet_jax.tools import benchmark
 
     if cache_dir:
         parallel.enable_compilation_cache(cache_dir)
-    s = benchmark.setup(model_name, batch_size, compiler_options=program_options(variant),
-                        step_cache_dir=parallel.step_cache_dir(cache_dir) if step_cache
-                        else None)
+    config = base_config()
+    config.model.name = model_name
+    s = benchmark.setup(config, batch_size, compiler_options=program_options(variant))
     state, batch, train_fn = s['state'], s['batch'], s['train_fn']
     start = time.perf_counter()
-    if step_cache:
-        compiled = train_fn.compile(state, batch)
-        result = {'lower_seconds': 0.0, 'compile_seconds': time.perf_counter() - start,
-                  'step_cache_loaded': train_fn.loaded}
-    else:
-        lowered = train_fn.lower(state, batch)
-        lowered_at = time.perf_counter()
-        compiled = lowered.compile()
-        result = {'lower_seconds': lowered_at - start,
-                  'compile_seconds': time.perf_counter() - lowered_at}
+    lowered = train_fn.lower(state, batch)
+    lowered_at = time.perf_counter()
+    compiled = lowered.compile()
+    result = {'lower_seconds': lowered_at - start,
+              'compile_seconds': time.perf_counter() - lowered_at}
     times = []
     for _ in range(steps + 1 if steps else 0):
         start = time.perf_counter()
@@ -89,7 +84,7 @@ def measure(model_name: str, steps: int, batch_size: int, variant: str = '',
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--model', default='cifar_resnet1202')
-    parser.add_argument('--batch-size', type=int, default=128)
+    parser.add_argument('--batch_size', type=int, default=128)
     parser.add_argument('--steps', type=int, default=0, help='steps timed after the first')
     parser.add_argument('--rounds', type=int, default=2)
     parser.add_argument('--options', nargs='+', default=[
@@ -98,45 +93,42 @@ def main() -> int:
     parser.add_argument('--json', action='store_true')
     parser.add_argument('--child', action='store_true', help=argparse.SUPPRESS)
     parser.add_argument('--variant', default='', help=argparse.SUPPRESS)
-    parser.add_argument('--cache-dir', default='', help=argparse.SUPPRESS)
-    parser.add_argument('--step-cache', action='store_true', help=argparse.SUPPRESS)
+    parser.add_argument('--cache_dir', default='', help=argparse.SUPPRESS)
     parser.add_argument('--relaunch', action='store_true',
-                        help="time each variant's relaunch on a cache its first launch "
-                             "filled: with JAX's compilation cache alone, and with the "
-                             "launchers' step cache")
+                        help="time each variant's relaunch on JAX's compilation cache its "
+                             'first launch filled')
     args = parser.parse_args()
-    from resnet_jax import execution
+    from resnet_jax.backends import xla_options
 
     if args.child:
         print(json.dumps(measure(args.model, args.steps, args.batch_size, args.variant,
-                                 args.cache_dir, args.step_cache)))
+                                 args.cache_dir)))
         return 0
 
     def child(options: str, *flags: str) -> dict | None:
         env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2')
         env.pop('JAX_COMPILATION_CACHE_DIR', None)
-        env['XLA_FLAGS'] = execution.xla_flags_with(backend_options(options),
-                                                    env.get('XLA_FLAGS', ''))
+        env['XLA_FLAGS'] = xla_options.xla_flags_with(backend_options(options),
+                                                      env.get('XLA_FLAGS', ''))
         proc = subprocess.run(
             [sys.executable, __file__, '--child', f'--model={args.model}',
-             f'--steps={args.steps}', f'--batch-size={args.batch_size}',
+             f'--steps={args.steps}', f'--batch_size={args.batch_size}',
              f'--variant={options}', *flags], env=env, capture_output=True, text=True)
         if proc.returncode:
             print(f'{options or "defaults"}: failed\n{proc.stderr[-2000:]}', file=sys.stderr)
             return None
         return json.loads(proc.stdout.strip().splitlines()[-1])
 
-    # (name, options, relaunch with: None, 'jax_cache' or 'step_cache')
-    variants = [(f'{o or "defaults"} {how}' if how else o, o, how) for o in args.options
-                for how in (('jax_cache', 'step_cache') if args.relaunch else (None,))]
+    # (name, options, relaunched on JAX's compilation cache)
+    variants = [(f'{o or "defaults"} relaunch' if args.relaunch else o, o, args.relaunch)
+                for o in args.options]
     runs = {name: [] for name, _, _ in variants}
     for _ in range(args.rounds):
-        for name, options, how in variants:
-            if how:  # a first launch fills a fresh cache; the relaunch is timed
-                flags = ['--step-cache'] if how == 'step_cache' else []
+        for name, options, relaunch in variants:
+            if relaunch:  # a first launch fills a fresh cache; the relaunch is timed
                 with tempfile.TemporaryDirectory() as cache:
-                    result = (child(options, f'--cache-dir={cache}', *flags) and
-                              child(options, f'--cache-dir={cache}', *flags))
+                    result = (child(options, f'--cache_dir={cache}') and
+                              child(options, f'--cache_dir={cache}'))
             else:
                 result = child(options)
             if result is None:

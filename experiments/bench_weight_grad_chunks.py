@@ -2,8 +2,8 @@
 
     python experiments/bench_weight_grad_chunks.py [--batch 128] [--rounds 5] [--scan] [--json]
 
-``cpu_paths.canonical_conv`` computes a 3x3 convolution's weight gradient as a sum over
-chunks of the batch, one convolution each (``cpu_paths.weight_grad_chunk``). Each chunk is
+``cpu_ops.canonical_conv`` computes a 3x3 convolution's weight gradient as a sum over
+chunks of the batch, one convolution each (``cpu_ops.weight_grad_chunk``). Each chunk is
 one more convolution in the compiled program, so fewer, larger chunks compile faster; this
 times the weight gradient alone (jitted, the chunks summed as the plan sums them) for the
 CIFAR nets' 3x3 convolutions at each chunk size that divides the batch, alternating the
@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from resnet_jax import cpu_paths
+from resnet_jax.backends import cpu_ops
 
 # (height, in channels, out channels, stride) of the CIFAR nets' 3x3 convolutions.
 CIFAR_SHAPES = [(32, 3, 16, 1), (32, 16, 16, 1), (32, 16, 32, 2), (16, 32, 32, 1),
@@ -33,7 +33,7 @@ CIFAR_SHAPES = [(32, 3, 16, 1), (32, 16, 16, 1), (32, 16, 32, 2), (16, 32, 32, 1
 
 def weight_grad(x, g, stride: int, chunk: int):
     """The plan's weight gradient of a 3x3 convolution, padding 1, in chunks of ``chunk``."""
-    return cpu_paths.weight_grad(x, g, (3, 3), stride, ((1, 1), (1, 1)), None, chunk)
+    return cpu_ops.weight_grad(x, g, (3, 3), stride, ((1, 1), (1, 1)), None, chunk)
 
 
 def weight_grad_scanned(x, g, stride: int, chunk: int):
@@ -56,7 +56,7 @@ def main() -> None:
     parser.add_argument('--json', action='store_true')
     args = parser.parse_args()
     chunks = [c for c in (8, 16, 32, 64, 128, 256) if c <= args.batch and args.batch % c == 0]
-    plan_chunk = cpu_paths.weight_grad_chunk((args.batch,))
+    plan_chunk = cpu_ops.weight_grad_chunk((args.batch,))
     variants = {c: functools.partial(weight_grad, chunk=c) for c in chunks}
     if args.scan and args.batch % plan_chunk:
         parser.error(f'--scan needs a batch that is a multiple of the plan\'s chunk '

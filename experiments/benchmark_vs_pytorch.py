@@ -11,8 +11,8 @@ one train step timed after warm-up (median over --steps; the two frameworks alte
 CPU, or the GPU where JAX's backend is one and torch sees CUDA). PyTorch runs with
 channels_last, as many CPU threads as this process may use, cuDNN autotuning on a GPU,
 and ``torch.autocast`` for bfloat16 (parameters float32, as in resnet_jax). Each network
-runs in its own process, set up as ``resnet_jax.main`` sets up a launch of it (XLA's process
-options, ``execution.configure_process``). Prints a table with the ratio (JAX / PyTorch
+runs in its own process, set up as ``resnet-jax train`` sets up a launch of it (XLA's
+process options, ``backends.xla_options.configure``). Prints a table with the ratio (JAX / PyTorch
 images/s).
 """
 
@@ -76,7 +76,10 @@ def main() -> int:
     except ImportError:
         print("error: needs torch: pip install -e '.[bench]'", file=sys.stderr)
         return 2
-    from resnet_jax import benchmark, execution, models
+    from resnet_jax import models
+    from resnet_jax.backends import xla_options
+    from resnet_jax.config import base_config
+    from resnet_jax.tools import benchmark
 
     if len(args.nets) > 1:  # each network in a process of its own
         for i, spec in enumerate(args.nets):
@@ -89,7 +92,7 @@ def main() -> int:
                 return proc.returncode
         return 0
     name, batch = args.nets[0].split(':')
-    execution.configure_process(models.create_model(name))  # before JAX starts
+    xla_options.configure(models.create_model(name).stage_sizes)  # before JAX starts
     import jax
     device = 'cuda' if jax.default_backend() == 'gpu' and torch.cuda.is_available() else 'cpu'
     where = (f'{jax.devices()[0].device_kind}' if device == 'cuda'
@@ -104,8 +107,10 @@ def main() -> int:
     # A shared machine's speed drifts: the two alternate (one compile for resnet_jax), and
     # each reports the median of its rounds (each the median of --steps steps).
     theirs = []
+    config = base_config()
+    config.model.name, config.model.dtype = name, args.dtype
     ours = benchmark.run(
-        name, int(batch), steps=args.steps, dtype=args.dtype, rounds=args.rounds,
+        config, int(batch), steps=args.steps, rounds=args.rounds,
         between_rounds=lambda: theirs.append(torch_images_per_sec(
             name, int(batch), args.steps, device=device, dtype=args.dtype)))
     jax_rate, torch_rate = ours['train_images_per_sec'], statistics.median(theirs)

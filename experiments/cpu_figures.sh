@@ -24,13 +24,13 @@ print("python", sys.version.split()[0], "jax", jax.__version__, "flax", flax.__v
 $PY -m resnet_jax.main --workdir="$work/default" | tee "$out/default_run.txt"
 cp "$work/default/results.json" "$out/default_results.json"
 for protocol in center ten_crop multiscale; do
-  $PY -m resnet_jax.evaluate --workdir="$work/default" --protocol=$protocol \
+  $PY -m resnet_jax evaluate --workdir="$work/default" --protocol=$protocol \
     | tee "$out/eval_$protocol.txt"
 done
 
 for model in cifar_resnet110 cifar_resnet1202; do
   for launch in 1 2; do
-    $PY -m resnet_jax.benchmark --model $model --steps 3 \
+    $PY -m resnet_jax benchmark --model=$model --steps=3 \
       --compilation-cache-dir "$work/cache" --json | tee "$out/depth_${model}_$launch.txt"
   done
 done

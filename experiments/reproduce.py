@@ -126,7 +126,7 @@ def train_command(run: Run, workdir: pathlib.Path, python: str = sys.executable)
 
 
 def eval_command(run: Run, workdir: pathlib.Path, python: str = sys.executable) -> list[str]:
-    return [python, '-m', 'resnet_jax.evaluate', f'--workdir={workdir}',
+    return [python, '-m', 'resnet_jax', 'evaluate', f'--workdir={workdir}',
             f'--protocol={run.protocol}']
 
 
@@ -186,7 +186,7 @@ def report_table(experiment: Experiment, matched) -> str:
 
 def plot_curves(matched, path: pathlib.Path, title: str) -> None:
     """Fig. 4/6: training error dashed, test error bold; plain left, residual right."""
-    from resnet_jax import plot  # selects the Agg backend first
+    from resnet_jax.training import curves  # selects the Agg backend first
     import matplotlib.pyplot as plt
 
     panels = [p for p in ('plain', 'residual') if any(r.panel == p for r, _ in matched)]
@@ -201,10 +201,10 @@ def plot_curves(matched, path: pathlib.Path, title: str) -> None:
                 continue
             label = run.name.split('_seed')[0]  # seeds of one net share a colour and label
             first = label not in {line.get_label().rsplit(' ', 1)[0] for line in ax.get_lines()}
-            plot.draw_history(ax, history, label, colors.setdefault(label, f'C{len(colors)}'),
+            curves.draw_history(ax, history, label, colors.setdefault(label, f'C{len(colors)}'),
                               with_label=first)
-        plot.style_axes(ax, f'{panel} nets' if panel else None)
-    plot.save(fig, path, title)
+        curves.style_axes(ax, f'{panel} nets' if panel else None)
+    curves.save(fig, path, title)
 
 
 def layer_response_stds(workdir: pathlib.Path, num_images: int = 256):
@@ -212,7 +212,8 @@ def layer_response_stds(workdir: pathlib.Path, num_images: int = 256):
     import numpy as np
 
     import resnet_jax
-    from resnet_jax import analysis, input_pipeline
+    from resnet_jax.evaluation import responses as analysis
+    from resnet_jax.data import pipeline as input_pipeline
 
     model, variables, config, _ = resnet_jax.load(workdir)
     pipeline = input_pipeline.Pipeline(config.dataset, config.seed)
@@ -226,7 +227,7 @@ def plot_responses(matched, path: pathlib.Path, title: str) -> dict[str, list[fl
     """Fig. 7: std per 3x3 layer in layer order (top) and sorted descending (bottom)."""
     import numpy as np
 
-    from resnet_jax import plot  # selects the Agg backend first
+    from resnet_jax.training import curves  # selects the Agg backend first
     import matplotlib.pyplot as plt
 
     stds: dict[str, list] = {}
@@ -242,9 +243,9 @@ def plot_responses(matched, path: pathlib.Path, title: str) -> dict[str, list[fl
         top.plot(np.arange(1, len(mean) + 1), mean, style, color=f'C{i}', label=label)
         bottom.plot(np.arange(1, len(mean) + 1), np.sort(mean)[::-1], style, color=f'C{i}',
                     label=label)
-    plot.style_axes(top, xlabel='layer index (original)', ylabel='std')
-    plot.style_axes(bottom, xlabel='layer index (sorted by magnitude)', ylabel='std')
-    plot.save(fig, path, title)
+    curves.style_axes(top, xlabel='layer index (original)', ylabel='std')
+    curves.style_axes(bottom, xlabel='layer index (sorted by magnitude)', ylabel='std')
+    curves.save(fig, path, title)
     return means
 
 

@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from resnet_jax import layers, models
+from resnet_jax import models
+from resnet_jax.models import layers
 
 
 class Shortcut(nn.Module):

@@ -4,25 +4,43 @@
     model, variables, config, step = resnet_jax.load(workdir)  # a trained run
     model, variables, config, step = resnet_jax.load(workdir, weights='ema')  # its EMA
 
-``resnet_jax.models`` (the networks), ``resnet_jax.execution`` (how they run fastest on a
-backend), ``resnet_jax.train`` (the paper's recipe), ``resnet_jax.evaluate`` (the test
-protocols), ``resnet_jax.convert`` (torchvision and Keras weights).
+The package, by role:
+
+* ``resnet_jax.models``: the paper's networks (pure flax; nothing else of the package);
+* ``resnet_jax.data``: datasets, the paper's augmentation, deterministic input pipelines;
+* ``resnet_jax.training``: the recipe's train loop, steps, optimiser, checkpoints;
+* ``resnet_jax.evaluation``: the paper's test protocols and layer responses;
+* ``resnet_jax.backends``: how the networks run fastest on a backend (execution plans);
+* ``resnet_jax.tools``: weights from and to torchvision and Keras (``resnet_jax.convert``),
+  the Table-1 summary, the benchmark;
+* ``resnet_jax.config`` (every field of a run, validated), ``resnet_jax.paper`` (the
+  paper's numbers), ``resnet_jax.parallel`` (meshes and processes), ``resnet_jax.cli``
+  (the ``resnet-jax`` command).
 """
 
 from resnet_jax import models
-from resnet_jax.complexity import count_macs, count_params
 from resnet_jax.models import create_model, list_models
+from resnet_jax.models.complexity import count_macs, count_params
 
 __version__ = '0.1.0'
 
 
 def load(workdir, step=None, config=None, weights='raw'):
-    """``model, variables, config, step`` of a trained run's latest (or given) checkpoint,
-    its raw weights or (``weights='ema'``) their moving average; see
-    ``resnet_jax.checkpointing.load``."""
-    from resnet_jax import checkpointing  # orbax: imported when a run is loaded
-    return checkpointing.load(workdir, step, config, weights)
+    """``model, variables, config, step`` of a trained run's latest good (or given)
+    checkpoint, its raw weights or (``weights='ema'``) their moving average; see
+    ``resnet_jax.training.checkpoints.load``."""
+    from resnet_jax.training import checkpoints  # orbax: imported when a run is loaded
+    return checkpoints.load(workdir, step, config, weights)
+
+
+def __getattr__(name):
+    """``resnet_jax.convert`` (``from resnet_jax import convert``): the converters, imported
+    when first used."""
+    if name == 'convert':
+        from resnet_jax.tools import convert
+        return convert
+    raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
 
 
 __all__ = ['models', 'create_model', 'list_models', 'load', 'count_params', 'count_macs',
-           '__version__']
+           'convert', '__version__']

@@ -8,6 +8,8 @@ experiment; any field can be overridden on the command line, e.g.
 from __future__ import annotations
 
 import math
+import os
+import pathlib
 import warnings
 from typing import Any, Callable
 
@@ -103,9 +105,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.profile = False                   # capture a jax.profiler trace of a few steps
     c.execution = 'auto'                # how the model is run: 'auto' (the XLA:CPU plan on
     #                                     CPU, XLA's defaults elsewhere), 'cpu', 'xla'; the
-    #                                     same function either way (resnet_jax.execution)
+    #                                     same function either way (resnet_jax.backends)
     c.init_from = ml_collections.FieldReference(None, field_type=str)  # fine-tune: a workdir
-    #                                     (a run or `python -m resnet_jax.convert` output)
+    #                                     (a run or `resnet-jax convert` output)
     #                                     whose latest params start this run; an fc of
     #                                     another shape is re-initialised
     return c
@@ -333,7 +335,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     """Raises ConfigError, naming the field, unless every field of ``config`` has a value
     its rule (``FIELD_RULES``) allows and the fields agree with each other. Needs no
     devices, data or files: what depends on those is checked where they are known
-    (``resnet_jax.train``)."""
+    (``resnet_jax.training``)."""
     if not isinstance(config, ml_collections.ConfigDict):
         raise ConfigError(f'a config is an ml_collections.ConfigDict (get_config() of a '
                           f'config file); got {type(config).__name__}')
@@ -470,14 +472,41 @@ def _same(a, b) -> bool:
 
 # --- config files --------------------------------------------------------------------------------
 
+def shipped_configs_dir() -> pathlib.Path:
+    """The folder of the config files that ship with the package: ``resnet_jax.configs``
+    of an installed wheel (``setup.py`` maps the checkout's ``configs/`` to it), or the
+    ``configs/`` of a source checkout."""
+    try:
+        import resnet_jax.configs as shipped
+        return pathlib.Path(shipped.__file__).parent
+    except ImportError:
+        return pathlib.Path(__file__).resolve().parent.parent / 'configs'
+
+
+def resolve_config_path(spec: str) -> str:
+    """``path[:arg]`` with ``path`` as given where it exists, else the shipped config of
+    that name: ``cifar10.py:resnet110`` or ``configs/cifar10.py:resnet110`` from any
+    folder (``shipped_configs_dir``)."""
+    path, sep, arg = spec.partition(':')
+    if os.path.exists(path):
+        return spec
+    candidate = pathlib.PurePath(path)
+    if len(candidate.parts) == 1 or (len(candidate.parts) == 2 and
+                                     candidate.parts[0] == 'configs'):
+        shipped = shipped_configs_dir() / candidate.name
+        if shipped.is_file():
+            return f'{shipped}{sep}{arg}'
+    return spec
+
+
 def load_file(spec: str) -> ml_collections.ConfigDict:
     """The config of a config file, ``path/to/file.py`` or ``path/to/file.py:arg``
-    (``get_config()`` or ``get_config(arg)``), validated; ConfigError (one line) for a
-    file that does not load, raises, or does not return a valid config."""
+    (``get_config()`` or ``get_config(arg)``; a shipped config by its name: see
+    ``resolve_config_path``), validated; ConfigError (one line) for a file that does not
+    load, raises, or does not return a valid config."""
     import importlib.util
-    import os
 
-    path, _, arg = spec.partition(':')
+    path, _, arg = resolve_config_path(spec).partition(':')
     if not os.path.isfile(path):
         raise ConfigError(f'cannot load config file {path}: '
                           f'{"it is not a file" if os.path.exists(path) else "it does not exist"}')
@@ -500,3 +529,11 @@ def load_file(spec: str) -> ml_collections.ConfigDict:
                           'ml_collections.ConfigDict')
     validate(config)
     return config
+
+
+def model_from_config(config: ml_collections.ConfigDict, num_classes: int):
+    """The network of ``config.model`` with ``num_classes`` outputs:
+    ``models.create_model(config.model.name, <the other model fields that are set>)``."""
+    from resnet_jax import models
+    overrides = {k: v for k, v in config.model.items() if k != 'name' and v is not None}
+    return models.create_model(config.model.name, num_classes=num_classes, **overrides)

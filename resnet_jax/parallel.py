@@ -36,7 +36,7 @@ def initialize_distributed(coordinator_address: str | None = None,
                            on_timeout: Callable[[str], None] | None = None) -> None:
     """Joins the processes of a multi-process run: given a coordinator, or in a detected
     cluster (SLURM, Open MPI, TPU pods); a single process otherwise (nothing to do). The
-    same for ``resnet_jax.main`` and ``resnet_jax.evaluate``.
+    same for ``resnet_jax.main`` and ``resnet-jax evaluate``.
 
     When the processes have not all joined within ``startup_timeout_seconds``, JAX's
     client aborts the process with a C++ stack trace; a watchdog calls
@@ -93,8 +93,9 @@ def enable_compilation_cache(path: str, min_compile_seconds: float = 0.0) -> Non
     loads its compiled steps instead of compiling them.
 
     Every program is kept by default, the small ones too: initialising a CIFAR ResNet
-    op by op compiles ~120 of them (the normal samplers ~1 s each on a 2-core CPU), 12 s
-    on a first launch and 1.5 s from the cache (4.3 s keeping only those over 0.3 s).
+    op by op compiles about 120 of them, which the cache turns from most of a first
+    launch's start-up into a small part of a relaunch's
+    (``experiments/results/performance.md``).
     """
     jax.config.update('jax_compilation_cache_dir', os.path.expanduser(path))
     jax.config.update('jax_persistent_cache_min_compile_time_secs', min_compile_seconds)

@@ -118,7 +118,7 @@ def data_dir(tmp_path_factory) -> str:
     """A tfds data_dir holding the embedded digits set, built once per session."""
     import tensorflow_datasets as tfds
 
-    import resnet_jax.datasets  # noqa: F401  (registers 'digits')
+    import resnet_jax.data.digits  # noqa: F401  (registers 'digits')
 
     path = tmp_path_factory.mktemp('tfds')
     tfds.builder('digits', data_dir=str(path)).download_and_prepare(file_format='array_record')
@@ -135,3 +135,10 @@ def run_main(*args: str, devices: int = 1, timeout: float = 1800, cwd=REPO,
     return subprocess.run([sys.executable, *python_flags, '-m', 'resnet_jax.main', *args],
                           cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope='session')
+def photos_dir(tmp_path_factory) -> str:
+    """A tfds data_dir holding the photos dataset (tests/photos.py), built once per session."""
+    import photos
+    return photos.build(str(tmp_path_factory.mktemp('photos')))

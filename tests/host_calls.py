@@ -12,7 +12,8 @@ import sys
 
 from jax.experimental import multihost_utils
 
-from resnet_jax import main, train
+from resnet_jax import main
+from resnet_jax.training import loop
 
 COUNTS: collections.Counter = collections.Counter()
 
@@ -48,7 +49,7 @@ def train_counting(*args, **kwargs):
     return original(*args, **kwargs)
 
 
-original, train.train_and_evaluate = train.train_and_evaluate, train_counting
+original, loop.train_and_evaluate = loop.train_and_evaluate, train_counting
 out = sys.argv.pop(1)
 atexit.register(lambda: open(out, 'w').write(json.dumps(COUNTS)))
 main.run()

@@ -296,7 +296,7 @@ def test_evaluate_passes_over_a_corrupt_checkpoint_and_reads_only_the_weights(co
     for path in (workdir / 'checkpoints' / '30' / 'state').rglob('d/*'):
         damage(path, count=8)
     before = {k: v for k, v in snapshot(workdir).items() if 'eval_' not in k}
-    args = [sys.executable, '-m', 'resnet_jax.evaluate', f'--workdir={workdir}']
+    args = [sys.executable, '-m', 'resnet_jax', 'evaluate', f'--workdir={workdir}']
     code, out, err = run(args)
     assert code == 0, err[-3000:]
     assert re.search(rf'^warning: checkpoint step 30 in {workdir}/checkpoints is corrupt '
@@ -461,7 +461,7 @@ def test_diverged_run_names_its_checkpoints_and_resumes_from_an_earlier_one(data
 def test_evaluate_refuses_another_models_config_before_reading(copy_of):
     workdir = copy_of()
     before = snapshot(workdir)
-    code, out, err = run([sys.executable, '-m', 'resnet_jax.evaluate', f'--workdir={workdir}',
+    code, out, err = run([sys.executable, '-m', 'resnet_jax', 'evaluate', f'--workdir={workdir}',
                           '--config=configs/cifar10.py:resnet56'], timeout=120)
     assert code == 2
     assert one_error_line(err, out) == (
@@ -485,7 +485,7 @@ def test_evaluate_refuses_an_unprepared_download_at_once(copy_of, tmp_path):
                       '    c = m.get_config("resnet8")\n    c.model.bn_group_size = 4\n'
                       '    c.batch_size = 16\n    return c\n')
     started = time.time()
-    code, out, err = run([sys.executable, '-m', 'resnet_jax.evaluate', f'--workdir={workdir}',
+    code, out, err = run([sys.executable, '-m', 'resnet_jax', 'evaluate', f'--workdir={workdir}',
                           f'--config={config}', f'--data_dir={empty}'], timeout=120)
     assert code == 2 and time.time() - started < 60
     assert one_error_line(err, out) == (
@@ -499,7 +499,7 @@ def test_evaluate_refuses_an_unwritable_workdir_before_evaluating(copy_of):
     workdir = copy_of()
     before = snapshot(workdir)
     with unwritable(workdir):
-        code, out, err = run([sys.executable, '-m', 'resnet_jax.evaluate',
+        code, out, err = run([sys.executable, '-m', 'resnet_jax', 'evaluate',
                               f'--workdir={workdir}', '--protocol=multiscale'], timeout=120)
     assert code == 2
     assert re.match(rf'error: workdir {workdir} is not writable: ', one_error_line(err, out))

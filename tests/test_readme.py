@@ -38,14 +38,16 @@ def test_the_models_code_runs_as_written():
 
 
 @pytest.mark.parametrize('command', [
-    'python -m resnet_jax.summary resnet50',
+    'resnet-jax summary --model=resnet50',
     'python experiments/reproduce.py --list',
     'python experiments/reproduce.py table3 --dry-run',
     'python experiments/reproduce.py table3 --print-commands',
 ])
 def test_listed_commands_run(command):
     assert command in README
-    proc = subprocess.run([sys.executable, *command.split()[1:]], cwd=REPO,
+    words = command.split()
+    args = ['-m', 'resnet_jax', *words[1:]] if words[0] == 'resnet-jax' else words[1:]
+    proc = subprocess.run([sys.executable, *args], cwd=REPO,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip()

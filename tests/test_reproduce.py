@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import subprocess
 import sys
 
 import jax
@@ -9,7 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from resnet_jax import analysis, models
+from resnet_jax import models
+from resnet_jax.evaluation import responses as analysis
 from conftest import REPO
 
 spec = importlib.util.spec_from_file_location('reproduce', REPO / 'experiments' / 'reproduce.py')
@@ -37,7 +39,7 @@ def test_dry_run_prints_every_run_and_the_paper_targets(name, capsys, tmp_path):
         workdir = tmp_path / name / run.name
         assert launch.strip() == (f'python -m resnet_jax.main --config={run.config} '
                                   f'--workdir={workdir} {" ".join(run.overrides)}'.rstrip()
-                                  + f' && python -m resnet_jax.evaluate --workdir={workdir} '
+                                  + f' && python -m resnet_jax evaluate --workdir={workdir} '
                                   f'--protocol={run.protocol}')
     assert not list(tmp_path.iterdir())  # nothing ran
     if name == 'table6':
@@ -52,7 +54,7 @@ def test_print_commands_emits_train_and_eval_lines(name, capsys):
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == len(reproduce.EXPERIMENTS[name].runs)
     assert all(line.startswith('python -m resnet_jax.main --config=configs/') and
-               '&& python -m resnet_jax.evaluate' in line for line in lines)
+               '&& python -m resnet_jax evaluate' in line for line in lines)
 
 
 def fake_workdir(root, run, top1, top5=None, protocol=None):
@@ -115,7 +117,7 @@ def test_layer_responses_follow_fig7s_definition():
 def trained_like_workdir(root, run, data_dir):
     """A workdir with a real checkpoint (freshly initialised) of the run's CIFAR net on the
     digits, plus fake results and history: enough for every part of a report."""
-    from resnet_jax import checkpointing
+    from resnet_jax.training import checkpoints
     from resnet_jax.config import base_config
 
     workdir = fake_workdir(root, run, 10.0)
@@ -124,7 +126,7 @@ def trained_like_workdir(root, run, data_dir):
     config.dataset.data_dir = data_dir
     model = models.create_model(config.model.name)
     variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
-    checkpointing.save_variables(workdir, variables, config)
+    checkpoints.save_variables(workdir, variables, config)
     return workdir
 
 
@@ -149,11 +151,16 @@ def test_report_of_every_experiment(name, tmp_path, data_dir):
         assert '| plain20 |' in text and '| 19 |' in text  # 19 3x3 layers in a 20-layer net
 
 
-def test_plot_cli_overlays_runs(tmp_path, capsys):
-    from resnet_jax import plot
+def test_plot_cli_overlays_runs(tmp_path):
     dirs = [fake_workdir(tmp_path, n, 10.0) for n in ('a', 'b')]
     out = tmp_path / 'overlay.png'
-    assert plot.main([str(d) for d in dirs] + ['--output', str(out)]) == 0
+    plot = [sys.executable, '-m', 'resnet_jax', 'plot']
+    proc = subprocess.run([*plot, *map(str, dirs), f'--output={out}'], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
     assert out.stat().st_size > 10_000
-    assert plot.main([str(tmp_path / 'missing')]) == 2
-    assert 'has no history.json' in capsys.readouterr().err
+    proc = subprocess.run([*plot, str(tmp_path / 'missing')], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == (f'error: {tmp_path / "missing"} has no history.json (is '
+                                   'it a finished run?)')

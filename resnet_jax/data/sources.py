@@ -1,0 +1,240 @@
+"""Random-access sources of labelled images, and image decoding.
+
+A source has ``len(source)``, ``record(i) -> {'image': encoded bytes, 'label': int}``
+(sources of encoded images) and ``image(i)`` / ``label(i)``. Sources are pickled into the
+input pipeline's worker processes, so they hold only what is cheap to pickle and open
+their files lazily, in the process that reads them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import math
+import warnings
+from typing import Callable
+
+import numpy as np
+from PIL import Image, ImageOps
+
+EXIF_ORIENTATION = 0x0112
+_SWAPS_SIDES = (5, 6, 7, 8)  # EXIF orientations that rotate by 90 degrees
+
+
+class CorruptImage(ValueError):
+    """A record whose image cannot be read or decoded."""
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """Decodes ``image`` as RGB: grayscale, palette and CMYK are converted; transparent
+    pixels (PNG alpha, palette transparency) are composited over white."""
+    if image.mode == 'RGB':
+        image.load()
+        return image
+    if image.mode in ('RGBA', 'LA', 'PA', 'RGBa', 'La') or 'transparency' in image.info:
+        rgba = image.convert('RGBA')
+        out = Image.new('RGB', rgba.size, (255, 255, 255))
+        out.paste(rgba, mask=rgba.getchannel('A'))
+        return out
+    return image.convert('RGB')
+
+
+def decode(data: bytes, min_shorter_side: Callable[[tuple[int, int]], int | None] | int
+           | None = None) -> tuple[Image.Image, float, tuple[int, int]]:
+    """Decodes an encoded image to RGB, upright by its EXIF orientation.
+
+    Args:
+      data: the encoded image (JPEG, PNG, ... anything PIL reads).
+      min_shorter_side: the shorter side the caller needs, or a function of the image's
+        (height, width) giving it. A JPEG is then decoded at 1/2, 1/4 or 1/8 scale inside
+        the DCT (PIL's ``draft``) when its shorter side stays at least that long.
+
+    Returns:
+      ``(image, factor, (height, width))``: the decoded PIL image, the factor by which it
+      is smaller than the full image, and the full image's (upright) size. A point (x, y)
+      of the full image is (x / factor, y / factor) in the decoded one.
+
+    Raises:
+      CorruptImage: for data PIL cannot identify or decode, and for images above twice
+        PIL's decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS``), which PIL refuses.
+
+    PIL's ``DecompressionBombWarning`` (an image above the limit, up to twice it) is not
+    shown: such an image is decoded like any other, and preparing a folder counts them
+    once (``Scan.oversized``, ``over_pixel_limit``) rather than each worker process
+    warning once per image.
+    """
+    # Scoped to this call, not a process-wide filter that would also hide the warning from
+    # the caller's own uses of PIL. (``catch_warnings`` swaps the module's filters: not
+    # thread-safe before Python 3.14; images are decoded in the pipeline's worker
+    # processes, one at a time, or in the caller's thread.)
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore', Image.DecompressionBombWarning)
+        return _decode(data, min_shorter_side)
+
+
+def _decode(data: bytes, min_shorter_side) -> tuple[Image.Image, float, tuple[int, int]]:
+    try:
+        image = Image.open(io.BytesIO(data))
+        orientation = (image.getexif().get(EXIF_ORIENTATION, 1)
+                       if 'exif' in image.info else 1)
+        w, h = image.size
+        shape = (w, h) if orientation in _SWAPS_SIDES else (h, w)
+        need = min_shorter_side(shape) if callable(min_shorter_side) else min_shorter_side
+        factor = 1.0
+        if need and image.format == 'JPEG' and min(w, h) >= 2 * need:
+            ratio = need / min(w, h)
+            drafted = image.draft(image.mode, (math.ceil(w * ratio), math.ceil(h * ratio)))
+            if drafted is not None:
+                factor = w / drafted[1][2]
+        image = _to_rgb(image)
+        if orientation != 1:
+            image = ImageOps.exif_transpose(image)
+    except Image.UnidentifiedImageError:
+        raise CorruptImage('not an image PIL can read') from None
+    except Exception as e:  # PIL raises many types on bad data
+        raise CorruptImage(str(e) or type(e).__name__) from None
+    return image, factor, shape
+
+
+def over_pixel_limit(shape: tuple[int, int]) -> bool:
+    """Whether an image of ``shape`` (height, width) is above PIL's decompression-bomb
+    limit, ``PIL.Image.MAX_IMAGE_PIXELS`` in this process (PIL's own test): one that
+    ``decode`` reads without PIL's warning (above twice the limit, PIL refuses it)."""
+    limit = Image.MAX_IMAGE_PIXELS
+    return limit is not None and max(1, shape[0]) * max(1, shape[1]) > limit
+
+
+def decode_array(data: bytes, min_shorter_side: int | None = None) -> np.ndarray:
+    """The decoded RGB image as a uint8 (H, W, 3) array (see ``decode``)."""
+    return np.asarray(decode(data, min_shorter_side)[0])
+
+
+@dataclasses.dataclass(frozen=True)
+class ArraySource:
+    """Decoded images (N, H, W, C) uint8 and labels (N,) in host memory."""
+    images: np.ndarray
+    labels: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def image(self, i: int) -> np.ndarray:
+        return self.images[i]
+
+    def label(self, i: int) -> int:
+        return int(self.labels[i])
+
+
+class TfdsSource:
+    """Encoded images from ``tfds.data_source`` (ArrayRecord), decoded on access."""
+
+    def __init__(self, name: str, split: str, data_dir: str | None):
+        self.name, self.split, self.data_dir = name, split, data_dir
+        self._source = None
+        self._len = len(self.source)
+
+    @property
+    def source(self):
+        if self._source is None:  # opened in each process that reads
+            import tensorflow_datasets as tfds
+
+            self._source = tfds.data_source(
+                self.name, split=self.split, data_dir=self.data_dir, download=False,
+                decoders={'image': tfds.decode.SkipDecoding()})
+        return self._source
+
+    def __getstate__(self):
+        return {**self.__dict__, '_source': None}
+
+    def __len__(self) -> int:
+        return self._len
+
+    def record(self, i: int) -> dict:
+        return self.source[int(i)]
+
+    def image(self, i: int) -> np.ndarray:
+        try:
+            return decode_array(self.record(i)['image'])
+        except CorruptImage as e:
+            raise CorruptImage(f'record {i}: {e}') from None
+
+    def label(self, i: int) -> int:
+        return int(self.record(i)['label'])
+
+
+# --- reading every image once (mean images, preparing a folder) ------------------------------
+
+@dataclasses.dataclass
+class Scan:
+    """What one pass over records found: the sum and count of the centre views of the
+    readable ones, which were unreadable, and which were read although above PIL's
+    decompression-bomb limit (``oversized``), by the processes that read them: their
+    ``pixel_limit`` (``PIL.Image.MAX_IMAGE_PIXELS`` there: worker processes import PIL
+    afresh, with its default, whatever this process set)."""
+    total: np.ndarray
+    count: int = 0
+    unreadable: list = dataclasses.field(default_factory=list)
+    oversized: list = dataclasses.field(default_factory=list)
+    pixel_limit: int | None = None
+
+    def merge(self, other: 'Scan') -> 'Scan':
+        return Scan(self.total + other.total, self.count + other.count,
+                    self.unreadable + other.unreadable, self.oversized + other.oversized,
+                    self.pixel_limit if self.pixel_limit is not None else other.pixel_limit)
+
+
+def _scan_chunk(source, indices: np.ndarray, summed: np.ndarray, size: int,
+                resize_size: int) -> Scan:
+    from resnet_jax.data import augment
+
+    scan = Scan(np.zeros((size, size, 3), np.float64), pixel_limit=Image.MAX_IMAGE_PIXELS)
+    for i, add in zip(indices, summed):
+        try:
+            image, _, shape = decode(source.record(int(i))['image'], resize_size)
+        except CorruptImage:
+            scan.unreadable.append(int(i))
+            continue
+        image = np.asarray(image)
+        if over_pixel_limit(shape):
+            scan.oversized.append(int(i))
+        if add:
+            scan.total += augment.center_view(image, resize_size, size)
+            scan.count += 1
+    return scan
+
+
+def scan(source, indices: np.ndarray, size: int, num_workers: int,
+         progress: Callable[[int, int], None] | None = None,
+         summed: np.ndarray | None = None, chunk: int = 64) -> Scan:
+    """Decodes records ``indices`` of ``source`` in worker processes, summing the centre
+    views (shorter side ``size * 256 / 224``, centre ``size`` crop) of the readable ones
+    where ``summed`` (default: all), and reports ``progress(done, total)``. The result
+    lists the unreadable records and those above PIL's decompression-bomb limit, as the
+    workers found them."""
+    import functools
+
+    from resnet_jax.data import workers
+
+    indices = np.asarray(indices, np.int64)
+    summed = np.ones(len(indices), bool) if summed is None else np.asarray(summed, bool)
+    starts = range(0, len(indices), chunk)
+    result = Scan(np.zeros((size, size, 3), np.float64))
+    if not len(indices):
+        return result
+    tasks = workers.map_in_workers(
+        functools.partial(_scan_chunk_at, source, indices, summed, chunk, size,
+                          round(size * 256 / 224)),
+        starts, num_workers)
+    try:
+        for start, part in zip(starts, tasks):
+            result = result.merge(dataclasses.replace(part, total=np.array(part.total)))
+            if progress is not None:
+                progress(min(len(indices), start + chunk), len(indices))
+    finally:
+        tasks.close()
+    return result
+
+
+def _scan_chunk_at(source, indices, summed, chunk, size, resize_size, start):
+    return _scan_chunk(source, indices[start:start + chunk], summed[start:start + chunk],
+                       size, resize_size)

@@ -1,0 +1,343 @@
+"""The paper's plain and residual networks as pure ``flax.linen`` modules.
+
+Where each part of the paper lives:
+
+* ``BasicBlock`` / ``BottleneckBlock``: the building blocks of Fig. 5 (sec. 3.2, 3.3),
+  with ``residual=False`` giving the plain counterpart layer for layer.
+* ``ResNet``: the stacks of Table 1 (ImageNet stem) and sec. 4.2 (CIFAR stem).
+* ``TABLE1``: the rows of Table 1; ``cifar(n)`` the 6n+2 nets of sec. 4.2.
+* ``create_model`` / ``list_models``: the one place that maps names to models.
+
+Every model is called as ``model.apply(variables, images_nhwc, train=...)`` and computes
+the same program on every backend: plain ``lax`` convolutions and pooling, each block its
+own submodule, so every JAX transformation (``jax.grad``, ``jax.jvp``, ``jax.hessian``,
+``capture_intermediates``, ``nn.tabulate``) applies. The parts are handed in (``conv``,
+``norm``, ``max_pool``, ``stage``, ``block_cls``), as in flax's ImageNet example: a faster
+implementation of the same function is a different part (``resnet_jax.backends``), a
+different norm layer is another ``norm``.
+
+What a block receives (the fields ``ResNet`` sets; a block of your own takes the same):
+``filters`` (base width of the stage), ``strides`` (2 in the first block of conv3_x ...
+conv5_x, else 1), ``conv`` (the conv factory, called ``conv(features, kernel_size,
+strides, name=...)``), ``norm`` (the norm factory, called ``norm(name=..., [scale_init=...])``),
+``residual``, ``shortcut``, ``zero_init_residual``, ``dtype``, and ``stride_in_1x1`` if the
+block declares that field.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import re
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from resnet_jax.models import layers
+from resnet_jax.models.layers import BatchNorm, Shortcut, check_shortcut
+
+Dtype = Any
+ModuleDef = Any
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convs (Fig. 5 left). y = relu(F(x) + shortcut(x)), eq. (1)."""
+
+    filters: int
+    strides: int
+    conv: ModuleDef
+    norm: ModuleDef
+    residual: bool = True
+    shortcut: str = 'B'
+    zero_init_residual: bool = False
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = self.conv(self.filters, 3, self.strides, name='conv1')(x)
+        y = nn.relu(self.norm(name='bn1')(y))
+        y = self.conv(self.filters, 3, name='conv2')(y)
+        y = self.norm(name='bn2', scale_init=_last_scale_init(self.zero_init_residual))(y)
+        return _merge(self, x, y, self.filters)
+
+
+class BottleneckBlock(nn.Module):
+    """1x1 (reduce), 3x3, 1x1 (expand x4) convs (Fig. 5 right).
+
+    ``stride_in_1x1=True`` puts the downsampling stride on the first 1x1 conv, as the
+    paper's released Caffe models ("v1"); ``False`` puts it on the 3x3 ("v1.5", as
+    torchvision and the Flax ImageNet example).
+    """
+
+    filters: int
+    strides: int
+    conv: ModuleDef
+    norm: ModuleDef
+    residual: bool = True
+    shortcut: str = 'B'
+    stride_in_1x1: bool = True
+    zero_init_residual: bool = False
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        s1, s3 = (self.strides, 1) if self.stride_in_1x1 else (1, self.strides)
+        y = self.conv(self.filters, 1, s1, name='conv1')(x)
+        y = nn.relu(self.norm(name='bn1')(y))
+        y = self.conv(self.filters, 3, s3, name='conv2')(y)
+        y = nn.relu(self.norm(name='bn2')(y))
+        y = self.conv(self.filters * 4, 1, name='conv3')(y)
+        y = self.norm(name='bn3', scale_init=_last_scale_init(self.zero_init_residual))(y)
+        return _merge(self, x, y, self.filters * 4)
+
+
+def _last_scale_init(zero_init: bool):
+    return nn.initializers.zeros if zero_init else nn.initializers.ones
+
+
+def _merge(block, x: jax.Array, y: jax.Array, features: int) -> jax.Array:
+    """The addition of eq. (1)/(2) followed by the ReLU; plain nets skip the addition."""
+    if block.residual:
+        y = y + Shortcut(features, block.strides, block.shortcut, block.norm, block.conv,
+                         dtype=block.dtype, name='shortcut')(x)
+    return nn.relu(y)
+
+
+def unrolled_stage(parent: nn.Module, make_block: Callable[..., nn.Module],
+                   names: Sequence[str], x: jax.Array) -> jax.Array:
+    """Applies the identical blocks ``names`` of a stage in turn, each its own submodule of
+    ``parent`` (the default ``ResNet.stage``). ``make_block(name=...)`` builds one."""
+    del parent  # the blocks are created in the calling module's scope
+    for name in names:
+        x = make_block(name=name)(x)
+    return x
+
+
+def _accepts(factory: Callable[..., Any], argument: str) -> bool:
+    try:
+        return argument in inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+class ResNet(nn.Module):
+    """A plain or residual network: a stem, stages of blocks, global average pool, fc.
+
+    Attributes:
+      stage_sizes: blocks per stage (Table 1 rows; ``(n, n, n)`` for CIFAR).
+      block_cls: ``BasicBlock``, ``BottleneckBlock`` or a block of your own taking the
+        fields listed in the module docstring.
+      num_classes: outputs of the final fc layer; ``0``: no fc, the model returns the
+        globally pooled features (``(batch, width * 2**(stages - 1) * expansion)``).
+      stem: ``'imagenet'`` (7x7/2 conv 64 + 3x3/2 max pool) or ``'cifar'`` (3x3 conv 16).
+      width: filters of the first stage (64 ImageNet, 16 CIFAR); doubled each stage.
+      residual: False gives the plain net, the same stack without shortcuts.
+      shortcut: 'A', 'B' or 'C' (Table 3).
+      stride_in_1x1: bottleneck stride placement (True: v1, the paper; False: v1.5).
+      zero_init_residual: start the last BN scale of each residual branch at 0.
+      bn_group_size: examples per BatchNorm group in training (0: the whole batch).
+      bn_momentum, bn_epsilon: BatchNorm running-average momentum and epsilon.
+      dtype: compute dtype (e.g. ``jnp.bfloat16`` or ``'bfloat16'``); parameters stay
+        float32 and the logits are float32.
+      conv: the conv factory, ``conv(features, kernel_size, strides, dtype=, name=)``
+        (default ``layers.conv``: bias-free, symmetric padding, He init).
+      norm: the norm factory; ``None`` is the paper's BatchNorm (``layers.BatchNorm``
+        with ``bn_group_size``, ``bn_momentum``, ``bn_epsilon``). Any flax norm works,
+        e.g. ``functools.partial(nn.GroupNorm, num_groups=8)``; it gets ``dtype`` and,
+        where it has the argument, ``use_running_average=not train``.
+      max_pool: the stem's pool, ``max_pool(x, window, stride, padding)``.
+      stage: how a stage's identical blocks (all but its first) are run,
+        ``stage(parent, make_block, names, x)`` (default ``unrolled_stage``).
+
+    Inputs are NHWC images with 1 to 4 channels, at least ``min_input_size()`` pixels on
+    each side (32 for the ImageNet nets, 4 for the CIFAR nets: every stage then sees at
+    least one pixel); anything else raises ``ValueError``.
+    """
+
+    stage_sizes: Sequence[int]
+    block_cls: type[nn.Module]
+    num_classes: int = 1000
+    stem: str = 'imagenet'
+    width: int = 64
+    residual: bool = True
+    shortcut: str = 'B'
+    stride_in_1x1: bool = True
+    zero_init_residual: bool = False
+    bn_group_size: int = 0
+    bn_momentum: float = 0.9
+    bn_epsilon: float = 1e-5
+    dtype: Dtype = jnp.float32
+    conv: ModuleDef = layers.conv
+    norm: ModuleDef | None = None
+    max_pool: Callable[..., jax.Array] = layers.max_pool
+    stage: Callable[..., jax.Array] = unrolled_stage
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        check_shortcut(self.shortcut)
+        dtype = canonical_dtype(self.dtype)
+        self._check_input(x)
+        conv = functools.partial(self.conv, dtype=dtype)
+        norm = self._norm(train, dtype)
+        x = jnp.asarray(x, dtype)
+        if self.stem == 'imagenet':  # conv1 and the max pool of Table 1
+            x = conv(self.width, 7, 2, name='conv1')(x)
+            x = nn.relu(norm(name='bn1')(x))
+            x = self.max_pool(x, 3, 2, 1)
+        else:  # the first 3x3 conv of sec. 4.2
+            x = conv(self.width, 3, name='conv1')(x)
+            x = nn.relu(norm(name='bn1')(x))
+
+        extra = ({'stride_in_1x1': self.stride_in_1x1}
+                 if _accepts(self.block_cls, 'stride_in_1x1') else {})
+        for i, num_blocks in enumerate(self.stage_sizes):
+            block = functools.partial(
+                self.block_cls, filters=self.width * 2**i, conv=conv, norm=norm,
+                residual=self.residual, shortcut=self.shortcut,
+                zero_init_residual=self.zero_init_residual, dtype=dtype, **extra)
+            names = block_names(i, num_blocks)
+            x = block(strides=stage_strides(i), name=names[0])(x)
+            if names[1:]:
+                x = self.stage(self, functools.partial(block, strides=1), names[1:], x)
+
+        x = jnp.mean(x, axis=(1, 2))
+        if not self.num_classes:
+            return x.astype(jnp.float32)
+        x = nn.Dense(self.num_classes, dtype=dtype, param_dtype=jnp.float32, name='fc')(x)
+        return x.astype(jnp.float32)
+
+    def min_input_size(self) -> int:
+        """The smallest input side: the net's total downsampling (every stage then sees at
+        least one pixel)."""
+        return (4 if self.stem == 'imagenet' else 1) * 2 ** (len(self.stage_sizes) - 1)
+
+    def _check_input(self, x: jax.Array) -> None:
+        if self.stem not in ('imagenet', 'cifar'):
+            raise ValueError(f"unknown stem {self.stem!r}; allowed: 'imagenet', 'cifar'")
+        shape = tuple(x.shape)
+        if len(shape) != 4 or not 1 <= shape[-1] <= 4:
+            hint = (' (NCHW? use x.transpose(0, 2, 3, 1))'
+                    if len(shape) == 4 and 1 <= shape[1] <= 4 else '')
+            raise ValueError(f'ResNet expects NHWC images (batch, height, width, channels) '
+                             f'with 1-4 channels; got shape {shape}{hint}')
+        smallest = self.min_input_size()
+        if min(shape[1:3]) < smallest:
+            raise ValueError(f'ResNet ({self.stem} stem, {len(self.stage_sizes)} stages) '
+                             f'needs inputs of at least {smallest}x{smallest} pixels; got '
+                             f'{shape[1]}x{shape[2]}')
+
+    def _norm(self, train: bool, dtype) -> Callable[..., nn.Module]:
+        if self.norm is None:
+            return functools.partial(BatchNorm, use_running_average=not train,
+                                     group_size=self.bn_group_size, momentum=self.bn_momentum,
+                                     epsilon=self.bn_epsilon, dtype=dtype)
+        kwargs = {'dtype': dtype} if _accepts(self.norm, 'dtype') else {}
+        if _accepts(self.norm, 'use_running_average'):
+            kwargs['use_running_average'] = not train
+        return functools.partial(self.norm, **kwargs)
+
+
+def stage_strides(stage: int) -> int:
+    """The stride of a stage's first block: conv3_1, conv4_1, conv5_1 (and the CIFAR nets'
+    second and third stages) downsample by 2 (Table 1, sec. 4.2)."""
+    return 2 if stage > 0 else 1
+
+
+def block_names(stage: int, num_blocks: int) -> list[str]:
+    """The paper's names of a stage's blocks: conv2_1, conv2_2, ... for stage 0."""
+    return [f'conv{stage + 2}_{j + 1}' for j in range(num_blocks)]
+
+
+DTYPES = ('float32', 'bfloat16', 'float16')
+
+
+def canonical_dtype(dtype: Any) -> jnp.dtype:
+    """A compute dtype given as a name or a dtype; ``ValueError`` for anything else."""
+    try:
+        resolved = jnp.dtype(dtype)
+    except TypeError:
+        resolved = None
+    if resolved is None or resolved.name not in DTYPES:
+        raise ValueError(f'unknown dtype {dtype!r}; allowed: {", ".join(DTYPES)}')
+    return resolved
+
+
+# Table 1: blocks per stage of the ImageNet networks.
+TABLE1: dict[str, tuple[type[nn.Module], tuple[int, ...]]] = {
+    'resnet18': (BasicBlock, (2, 2, 2, 2)),
+    'resnet34': (BasicBlock, (3, 4, 6, 3)),
+    'resnet50': (BottleneckBlock, (3, 4, 6, 3)),
+    'resnet101': (BottleneckBlock, (3, 4, 23, 3)),
+    'resnet152': (BottleneckBlock, (3, 8, 36, 3)),
+}
+_ImageNet = functools.partial(ResNet, stem='imagenet', width=64, num_classes=1000)
+_IMAGENET: dict[str, Callable[..., ResNet]] = {
+    name: functools.partial(_ImageNet, block_cls=block, stage_sizes=sizes)
+    for name, (block, sizes) in TABLE1.items()}
+# The plain counterparts (Table 2 has plain-18/34; the bottleneck ones are offered too).
+_IMAGENET.update({name.replace('resnet', 'plain'): functools.partial(make, residual=False)
+                  for name, make in list(_IMAGENET.items())})
+
+# Sec. 4.2: 6n+2 layers, option A (all shortcuts parameter-free).
+CIFAR_DEPTHS = (20, 32, 44, 56, 110, 1202)
+_CIFAR_NAME = re.compile(r'^cifar_(resnet|plain)(\d+)$')
+
+
+def parse_cifar_name(name: str) -> tuple[bool, int] | None:
+    """``(residual, depth)`` of a CIFAR net's name (``cifar_resnet110``), ``None`` for
+    another name; ``ValueError`` for a depth that is not 6n+2."""
+    match = _CIFAR_NAME.match(name)
+    if not match:
+        return None
+    depth = int(match.group(2))
+    if depth < 8 or (depth - 2) % 6:
+        raise ValueError(f'CIFAR depth must be 6n+2 with n >= 1 (8, 14, 20, 32, 44, 56, 110, '
+                         f'1202, ...); got {depth}.')
+    return match.group(1) == 'resnet', depth
+
+
+def cifar(depth: int, residual: bool = True, **overrides: Any) -> ResNet:
+    """The CIFAR-10 net of sec. 4.2 with ``depth = 6n + 2`` layers."""
+    parse_cifar_name(f'cifar_resnet{depth}')
+    n = (depth - 2) // 6
+    kwargs = dict(stage_sizes=(n, n, n), block_cls=BasicBlock, stem='cifar', width=16,
+                  num_classes=10, shortcut='A', residual=residual)
+    kwargs.update(overrides)
+    return ResNet(**kwargs)
+
+
+def list_models() -> list[str]:
+    """Every registered name (CIFAR nets exist for any 6n+2 depth; the paper's are listed)."""
+    cifar_names = [f'cifar_{kind}{d}' for kind in ('resnet', 'plain') for d in CIFAR_DEPTHS]
+    return sorted(_IMAGENET) + cifar_names
+
+
+_OPTIONS = tuple(f for f in ResNet.__dataclass_fields__ if f not in ('parent', 'name'))
+
+
+def create_model(model_name: str, /, **overrides: Any) -> ResNet:
+    """Builds a model by name, e.g. ``create_model('resnet50', stride_in_1x1=False)``.
+
+    Any ``ResNet`` attribute can be overridden (``num_classes``, ``shortcut``,
+    ``dtype``, ``bn_group_size``, ``norm``, ...), and the module's own ``name`` and
+    ``parent`` (``create_model('resnet50', name='backbone')`` inside another module).
+    ``dtype`` may be given as a string.
+    """
+    if 'dtype' in overrides:
+        overrides['dtype'] = canonical_dtype(overrides['dtype'])
+    if 'shortcut' in overrides:
+        check_shortcut(overrides['shortcut'])
+    unknown = set(overrides) - set(_OPTIONS) - {'parent', 'name'}
+    if unknown:
+        raise ValueError(f'unknown model option(s) {sorted(unknown)}; allowed: '
+                         f'{sorted(_OPTIONS)}')
+    if model_name in _IMAGENET:
+        return _IMAGENET[model_name](**overrides)
+    parsed = parse_cifar_name(model_name)
+    if parsed:
+        residual, depth = parsed
+        return cifar(depth, residual=residual, **overrides)
+    raise ValueError(f'unknown model {model_name!r}; allowed: {", ".join(sorted(_IMAGENET))}, '
+                     'cifar_resnetN and cifar_plainN with N = 6n+2 (e.g. cifar_resnet20).')

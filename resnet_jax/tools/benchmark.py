@@ -1,0 +1,158 @@
+"""Training and evaluation throughput on synthetic data.
+
+    resnet-jax benchmark --model=cifar_resnet56 --batch_size=128 [--image_size=32]
+        [--steps=10] [--config.model.dtype=bfloat16] [--config.execution=xla] [--json]
+
+Prints train and eval images/s (medians over steps after compilation), the train step's
+compile time, peak host memory, and the achieved FLOP/s (6 x the forward multiply-adds
+per step) beside this machine's measured matmul rate. With ``--json`` the last line is one
+JSON object.
+"""
+
+from __future__ import annotations
+
+import resource
+import statistics
+import time
+from typing import Callable
+
+
+def matmul_flops_per_sec(dtype: str = 'float32', n: int | None = None,
+                         repeats: int = 5) -> float:
+    """The device's matmul rate in ``dtype`` (median of a few n x n products on random
+    data; n = 2048 on CPU, 8192 on accelerators, large enough to fill them)."""
+    import jax
+
+    n = n or (2048 if jax.default_backend() == 'cpu' else 8192)
+    a = jax.random.normal(jax.random.key(0), (n, n), dtype)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        f(a).block_until_ready()
+        times.append(time.perf_counter() - start)
+    return 2 * n**3 / statistics.median(times)
+
+
+def setup(config, batch_size: int | None = None, image_size: int | None = None,
+          compiler_options: dict | None = None) -> dict:
+    """The recipe of ``config`` for its model on every device, ready to time: the model
+    (1,000 classes for the ImageNet nets, 10 for the CIFAR ones), mesh, config (its
+    ``batch_size`` set, BatchNorm over the whole batch), train state, a synthetic batch
+    (fixed seed) and the jitted train and eval steps (not yet compiled), run by the
+    execution plan ``config.execution`` of the devices' platform, with
+    ``compiler_options`` added to the plan's own."""
+    import jax
+    import numpy as np
+
+    from resnet_jax import config as config_lib
+    from resnet_jax import parallel
+    from resnet_jax.backends import plans
+    from resnet_jax.training import optim, steps
+
+    config = config_lib.from_dict(config.to_dict())  # a copy, unlocked
+    config.model.bn_group_size = 0
+    config.batch_size = batch_size or config.batch_size
+    name = config.model.name
+    model = config_lib.model_from_config(config, 10 if name.startswith('cifar') else 1000)
+    size = image_size or (32 if model.stem == 'cifar' else 224)
+    mesh = parallel.create_mesh()
+    lr_fn = optim.create_learning_rate_fn(config)
+    tx = optim.create_optimizer(config, lr_fn)
+    state = steps.init_train_state(model, tx, jax.random.key(0), (size, size, 3), mesh)
+    rng = np.random.default_rng(0)
+    batch = parallel.shard_batch(mesh, {
+        'image': rng.normal(size=(config.batch_size, size, size, 3)).astype(np.float32),
+        'label': rng.integers(0, model.num_classes, config.batch_size).astype(np.int32),
+        'mask': np.ones(config.batch_size, bool)})
+    train_fn, eval_fn = steps.compile_steps(model, tx, lr_fn, config, mesh,
+                                            compiler_options=compiler_options)
+    return {'model': model, 'mesh': mesh, 'plan': plans.plan_for_mesh(mesh, config.execution),
+            'config': config, 'size': size, 'state': state, 'batch': batch,
+            'train_fn': train_fn, 'eval_fn': eval_fn}
+
+
+def run(config, batch_size: int | None = None, image_size: int | None = None,
+        steps: int = 10, warmup: int = 2, rounds: int = 1,
+        between_rounds: Callable[[], None] | None = None) -> dict:
+    """Compiles the train and eval steps of ``config``'s model once and times them on
+    synthetic data (``setup``).
+
+    The train step is timed in ``rounds`` rounds of ``steps`` steps, ``between_rounds``
+    called after each (e.g. another framework's timing, so both see the same drift of a
+    shared machine); its figures are the median round's, each round the median step.
+    """
+    import jax
+
+    from resnet_jax.backends import xla_options
+    from resnet_jax.models import complexity
+
+    s = setup(config, batch_size, image_size)
+    model, plan, size, state, batch = s['model'], s['plan'], s['size'], s['state'], s['batch']
+    train_fn, eval_fn, config = s['train_fn'], s['eval_fn'], s['config']
+    batch_size = config.batch_size
+
+    start = time.perf_counter()  # compiled, or loaded from JAX's compilation cache
+    compiled = train_fn.lower(state, batch).compile()
+    compile_seconds = time.perf_counter() - start
+    # Forward multiply-adds x 2 FLOPs x 3 (forward, input and weight gradients); XLA's own
+    # cost analysis counts a loop body once, which undercounts the scanned blocks.
+    step_flops = 6.0 * complexity.count_macs(model, (batch_size, size, size, 3))
+
+    def timed(fn, n):
+        times = []
+        for _ in range(n):
+            t = time.perf_counter()
+            out = fn()
+            jax.block_until_ready(out)
+            times.append(time.perf_counter() - t)
+        return times
+
+    def train_once():
+        nonlocal state
+        state, m = compiled(state, batch)
+        return state.params
+    timed(train_once, warmup)
+    round_steps = []
+    for _ in range(rounds):
+        round_steps.append(statistics.median(timed(train_once, steps)))
+        if between_rounds is not None:
+            between_rounds()
+    train_step = statistics.median(round_steps)
+    eval_fn(state, batch)  # compile
+    eval_times = timed(lambda: eval_fn(state, batch), steps)
+    dtype = config.model.dtype
+    machine = matmul_flops_per_sec(dtype)
+    return {
+        'model': config.model.name, 'batch_size': batch_size, 'image_size': size,
+        'dtype': dtype, 'execution': plan.name,
+        'scanned_blocks': sum(map(len, plan.scan_groups(model))),
+        'process_options': xla_options.process_options(),
+        'backend': jax.default_backend(), 'devices': jax.device_count(),
+        'device_kind': jax.devices()[0].device_kind,
+        'train_images_per_sec': batch_size / train_step,
+        'eval_images_per_sec': batch_size / statistics.median(eval_times),
+        'train_step_seconds': train_step,
+        'compile_seconds': compile_seconds,
+        'peak_rss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        'train_flops_per_sec': step_flops / train_step,
+        'matmul_flops_per_sec': machine,
+        'fraction_of_matmul_rate': step_flops / train_step / machine,
+    }
+
+
+def report(r: dict) -> str:
+    """``run``'s figures as the lines the command prints."""
+    return '\n'.join([
+        f"{r['model']} batch {r['batch_size']} at {r['image_size']}px, {r['dtype']}, "
+        f"{r['devices']} x {r['device_kind']} ({r['backend']}), "
+        f"execution plan {r['execution']!r} ({r['scanned_blocks']} blocks scanned"
+        f"{', ' + ', '.join(r['process_options']) if r['process_options'] else ''})",
+        f"  train: {r['train_images_per_sec']:.1f} images/s "
+        f"({r['train_step_seconds'] * 1e3:.0f} ms/step), eval: "
+        f"{r['eval_images_per_sec']:.1f} images/s",
+        f"  compile {r['compile_seconds']:.1f} s, peak RSS {r['peak_rss_mb']:.0f} MB, "
+        f"{r['train_flops_per_sec'] / 1e9:.1f} GFLOP/s = "
+        f"{100 * r['fraction_of_matmul_rate']:.0f}% of the matmul rate "
+        f"({r['matmul_flops_per_sec'] / 1e9:.0f} GFLOP/s)"])

@@ -1,0 +1,255 @@
+"""What long runs meet: preemption signals, diverging losses, shared workdirs.
+
+* ``StopRequest``: SIGTERM / SIGINT ask the loop to finish its step, checkpoint and exit;
+  on several hosts JAX's preemption service agrees on the step in the background, so
+  that all stop at the same step without a per-step exchange.
+* ``NonFiniteGuard``: finds the first step whose loss is not finite, one step behind the
+  device (no pipeline stall), and always before a checkpoint is written.
+* ``WorkdirLock``: one run per workdir, so two runs never interleave checkpoints.
+* ``check_workdir``: an unwritable workdir is refused before anything runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import pathlib
+import signal
+import sys
+import tempfile
+import threading
+
+import jax
+import numpy as np
+
+from resnet_jax.config import ConfigError
+
+
+def _is_closed_loop_callback(error: BaseException) -> bool:
+    return isinstance(error, RuntimeError) and str(error) == 'Event loop is closed'
+
+
+def quiet_closed_loop_callbacks() -> None:
+    """Drops the tracebacks of callbacks that find their asyncio event loop closed.
+
+    When an orbax save or restore fails (a full disk, a corrupt file), orbax closes the
+    event loop of that operation while tensorstore still completes the operation's other
+    reads or writes; each completion then calls ``loop.call_soon_threadsafe`` on the
+    closed loop from a tensorstore thread, whose ``RuntimeError('Event loop is closed')``
+    Python prints as a traceback. They change nothing (the failure itself is raised and
+    reported), so the launchers drop them; every other error is printed as before."""
+    previous_excepthook, previous_unraisable = sys.excepthook, sys.unraisablehook
+
+    def excepthook(kind, value, traceback):
+        if not _is_closed_loop_callback(value):
+            previous_excepthook(kind, value, traceback)
+
+    def unraisablehook(unraisable):
+        if not _is_closed_loop_callback(unraisable.exc_value):
+            previous_unraisable(unraisable)
+
+    sys.excepthook, sys.unraisablehook = excepthook, unraisablehook
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss or the parameters became NaN or infinite; the run stops without
+    checkpointing that state. ``checkpoints`` (the loop adds it) lists the checkpoints on
+    disk with their loss and parameter norm, so that a blown-up one can be told apart and
+    the run resumed from an earlier one (``--resume_step``)."""
+
+    def __init__(self, step: int, what: str, value: float, checkpoints: str | None = None):
+        self.step, self.what, self.value, self.checkpoints = step, what, value, checkpoints
+        advice = 'Lower the learning rate or add warm-up'
+        if checkpoints:
+            advice = (f'Checkpoints on disk: {checkpoints}. {advice}, and relaunch with '
+                      '--resume_step=STEP to resume from an earlier one (the later ones are '
+                      'kept aside)')
+        super().__init__(f'the training {what} is {value} at step {step}; stopped without '
+                         f'saving that state. {advice}.')
+
+
+def check_workdir(workdir: pathlib.Path) -> None:
+    """Creates ``workdir`` if needed and checks that files can be written in it; raises
+    ConfigError (one line) if not, whatever the reason (a file in the way, permissions,
+    a read-only or virtual file system)."""
+    path = pathlib.Path(workdir).absolute()
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f'workdir {workdir} cannot be created: {existing} is not a directory')
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f'workdir {workdir} cannot be created: {e.strerror or e}') from None
+    check_writable(path, 'workdir', workdir)
+
+
+def check_writable(path: pathlib.Path, what: str, shown=None) -> None:
+    """ConfigError (one line) unless a file can be created in the directory ``path``."""
+    try:
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        raise ConfigError(f'{what} {shown or path} is not writable: {e.strerror or e}'
+                          ) from None
+
+
+# What a file system says when it cannot take a write: no space, a quota, a read-only
+# mount, permissions, a file-size limit, an I/O error.
+WRITE_ERRNOS = frozenset((errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM,
+                          errno.EFBIG, errno.EIO))
+
+
+def is_write_failure(error: OSError, workdir) -> bool:
+    """Whether ``error`` is a write in ``workdir`` that the file system refused."""
+    if error.filename:
+        return os.path.abspath(str(error.filename)).startswith(os.path.abspath(str(workdir)))
+    return error.errno in WRITE_ERRNOS
+
+
+def write_atomically(path, text: str) -> None:
+    """``path`` holds ``text`` whole, or its previous contents (a temporary file renamed
+    over it)."""
+    path = pathlib.Path(path)
+    temporary = path.with_name(f'.{path.name}.tmp-{os.getpid()}')
+    try:
+        temporary.write_text(text)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+class WorkdirLock(contextlib.AbstractContextManager):
+    """An exclusive advisory lock on ``workdir/.lock``, held by process 0 for the run.
+
+    The kernel releases it when the process dies, even by ``kill -9``.
+    """
+
+    def __init__(self, workdir: pathlib.Path):
+        self.path = pathlib.Path(workdir) / '.lock'
+        self.file = None
+
+    def __enter__(self):
+        if jax.process_index() != 0:
+            return self
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.file = open(self.path, 'a+')
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.file.seek(0)
+            owner = self.file.read().strip() or 'another process'
+            self.file.close()
+            self.file = None
+            raise ConfigError(f'workdir {self.path.parent} is in use by another run '
+                              f'({owner}); wait for it or use another --workdir') from None
+        self.file.seek(0)
+        self.file.truncate()
+        self.file.write(f'pid {os.getpid()} on {os.uname().nodename}')
+        self.file.flush()
+        return self
+
+    def __exit__(self, *exc):
+        if self.file is not None:
+            fcntl.flock(self.file, fcntl.LOCK_UN)
+            self.file.close()
+            self.file = None
+        return False
+
+
+class StopRequest(contextlib.AbstractContextManager):
+    """SIGTERM / SIGINT ask the loop to stop at a step that every process reaches, while the
+    loop runs (the previous handlers come back after).
+
+    One process: a signal handler sets a flag. Several processes: JAX's preemption service
+    (``multihost_utils.reached_preemption_sync_point``, what orbax uses) takes SIGTERM in
+    any process, agrees in the background on the next step every process has yet to reach,
+    and ``requested`` is true at that step on all of them: no step waits on another host.
+    SIGINT is handed to it as a SIGTERM. Where the service is off, the processes agree with
+    one all-gather at the steps ``requested`` is told are boundaries (log and checkpoint
+    steps).
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.signal_name: str | None = None
+        self._previous = {}
+        self._service = False
+
+    def _handle(self, signum, frame):
+        del frame
+        self.signal_name = signal.Signals(signum).name
+        if self._service and signum != signal.SIGTERM:
+            signal.raise_signal(signal.SIGTERM)  # to the preemption service's handler
+
+    def __enter__(self):
+        # JAX starts its preemption service with jax.distributed.initialize unless the
+        # option says not to.
+        self._service = jax.process_count() > 1 and bool(
+            jax.config.jax_enable_preemption_service)
+        # With the service, SIGTERM stays with its (C++) handler.
+        signals = (signal.SIGINT,) if self._service else self.SIGNALS
+        if threading.current_thread() is threading.main_thread():
+            for sig in signals:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        return False
+
+    def requested(self, step: int, boundary: bool = True) -> bool:
+        """Whether to stop after ``step``: the same answer on every process. Every process
+        calls it after every step; ``boundary`` marks the steps at which processes without
+        the preemption service may exchange their flags."""
+        local = self.signal_name is not None
+        if jax.process_count() == 1:
+            return local
+        from jax.experimental import multihost_utils
+        if self._service:
+            return multihost_utils.reached_preemption_sync_point(step)
+        if not boundary:
+            return False
+        return bool(np.max(multihost_utils.process_allgather(np.int32(local))))
+
+
+class NonFiniteGuard:
+    """Checks each step's loss and parameter norm one step late (so the device keeps a
+    step queued). The loss of step s is computed before its update, so the parameter norm
+    after the update is what keeps a diverged state out of the checkpoint of step s."""
+
+    def __init__(self):
+        self._pending: list[tuple[int, jax.Array, jax.Array]] = []
+        self._last: tuple[int, float, float] | None = None  # the last step checked
+
+    def add(self, step: int, loss: jax.Array, param_norm: jax.Array) -> None:
+        self._pending.append((step, loss, param_norm))
+        while len(self._pending) > 1:
+            self._check_one()
+
+    def check_all(self) -> None:
+        """Raises NonFiniteLossError for the first non-finite loss not yet checked."""
+        while self._pending:
+            self._check_one()
+
+    def values_at(self, step: int) -> tuple[float | None, float | None]:
+        """The loss and parameter norm of ``step`` if it is the last step checked."""
+        if self._last is None or self._last[0] != step:
+            return None, None
+        return self._last[1], self._last[2]
+
+    def _check_one(self) -> None:
+        step, loss, param_norm = self._pending.pop(0)
+        values = []
+        for what, array in (('loss', loss), ('parameter norm', param_norm)):
+            value = float(np.asarray(array.addressable_data(0)))
+            if not np.isfinite(value):
+                self._pending.clear()
+                raise NonFiniteLossError(step, what, value)
+            values.append(value)
+        self._last = (step, *values)
