@@ -93,7 +93,8 @@ def _parts(config, num_classes: int, image_shape, mesh):
     state = steps.init_train_state(model, tx, jax.random.key(0), image_shape, mesh)
     jax.block_until_ready(state)
     init_seconds = time.perf_counter() - start
-    train_fn, _ = steps.compile_steps(model, tx, lr_fn, config, mesh)
+    train_fn, _, layout = steps.compile_steps(model, tx, lr_fn, config, mesh)
+    state = layout.from_model(state)  # as the steps hold it
     return model, plan, state, train_fn, init_seconds
 
 

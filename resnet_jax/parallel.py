@@ -101,12 +101,6 @@ def enable_compilation_cache(path: str, min_compile_seconds: float = 0.0) -> Non
     jax.config.update('jax_persistent_cache_min_compile_time_secs', min_compile_seconds)
 
 
-def step_cache_dir(compilation_cache_dir: str) -> str:
-    """Where the launchers keep compiled steps (``step_cache``): a folder inside JAX's
-    compilation cache, which manages only its own files."""
-    return os.path.join(os.path.expanduser(compilation_cache_dir), 'resnet_jax_steps')
-
-
 def create_mesh(devices=None) -> Mesh:
     """A 1-D data-parallel mesh over ``devices`` (default: every device of every host)."""
     devices = np.asarray(jax.devices() if devices is None else devices)

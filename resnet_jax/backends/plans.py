@@ -18,9 +18,10 @@ same function (``apply_to``) and gives the compiler options of the programs that
 * ``'auto'``: ``'cpu'`` on the CPU backend, ``'xla'`` elsewhere.
 
 The train loop, the benchmark and evaluation choose the plan once, from their mesh's
-platform (``config.execution``), and hand it the steps to compile (``compile_steps``):
-the compiled steps take and return the model's own variables, whatever layout the plan
-runs them in inside. Research code opts in with one call::
+platform (``config.execution``), and hand it the steps to compile (``compile_steps``),
+which run on the plan's ``StateLayout`` of the train state; the checkpointer converts it
+to and from the model's own tree, the only layout checkpoints, evaluation and research
+code see. Research code opts in with one call::
 
     plan = plans.get_plan('auto')              # for jax.default_backend()
     fast_model = plan.apply_to(model)          # same variables, same function
@@ -35,11 +36,10 @@ from __future__ import annotations
 import dataclasses
 import functools
 import warnings
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
 from resnet_jax import models
 from resnet_jax.backends import cpu_ops
@@ -94,24 +94,51 @@ class ExecutionPlan:
                        **jit_options)
 
 
+@dataclasses.dataclass(frozen=True)
+class StateLayout:
+    """How a plan's compiled steps hold a train state: the model's own tree, or, where the
+    plan scans a stage's identical blocks, with their variables (and every tree keyed like
+    them: the momentum, an EMA) stacked under one key per stage (``packed_name``). A step
+    then runs with no stacking and no per-block write-back, on a few stacked arrays where
+    the model's tree has one per block (ResNet-1202: 3,605 per tree), which is what the
+    size of its program, and its compile time, grow with.
+
+    The checkpointer is the one place that converts: ``from_model`` when a run starts (a
+    fresh, restored or pretrained state), ``to_model`` when it saves, so that checkpoints,
+    evaluation and research code see only the model's own tree."""
+
+    groups: tuple[tuple[str, ...], ...] = ()
+
+    def from_model(self, state: Any) -> Any:
+        """``state`` (the model's own tree) as the steps take it."""
+        return _pack_state([list(g) for g in self.groups], state)
+
+    def to_model(self, state: Any) -> Any:
+        """The inverse of ``from_model``: the model's own tree."""
+        return _unpack_state([list(g) for g in self.groups], state)
+
+
+class CompiledSteps(NamedTuple):
+    """What ``compile_steps`` returns: the jitted ``train(state, batch) -> (state,
+    metrics)`` and ``evaluate(state, batch) -> metrics``, on a state in ``layout``."""
+    train: Callable
+    evaluate: Callable
+    layout: StateLayout
+
+
 def compile_steps(train_step: Callable, eval_step: Callable, model: models.ResNet,
                   mesh: jax.sharding.Mesh, execution: str = 'auto',
-                  compiler_options: Mapping[str, Any] | None = None,
-                  ) -> tuple[Callable, Callable]:
+                  compiler_options: Mapping[str, Any] | None = None) -> CompiledSteps:
     """The train and eval steps of ``model``, compiled for the devices of ``mesh`` by the
     plan ``execution`` of their platform.
 
     ``train_step(model, state, batch) -> (state, metrics)`` and ``eval_step(model, state,
     batch) -> metrics`` are pure functions of a train state whose ``params`` and
-    ``batch_stats`` (and every tree keyed like them: the momentum, an EMA) are in the
-    model's own tree. They run with the plan's model (``apply_to``), the state replicated
-    and the batch split along its first axis over ``mesh`` (XLA inserts the gradient
-    all-reduce), the state donated to the train step. Both take, and the train step
-    returns, the model's own tree: where the plan scans a stage's blocks, the train step
-    stacks their variables on entry and unstacks them on exit, so that the step itself
-    (the gradients, the optimiser's update) works on a few stacked arrays rather than one
-    per block (ResNet-1202 has 3,605 per tree), which is what its program's size grows
-    with. ``compiler_options`` are added to the plan's own.
+    ``batch_stats`` are keyed like the model's variables. They run with the plan's model
+    (``apply_to``), the state replicated and the batch split along its first axis over
+    ``mesh`` (XLA inserts the gradient all-reduce), the state donated to the train step,
+    which takes and returns it in the plan's ``StateLayout``. ``compiler_options`` are
+    added to the plan's own.
     """
     plan = plan_for_mesh(mesh, execution)
     if compiler_options:
@@ -120,21 +147,16 @@ def compile_steps(train_step: Callable, eval_step: Callable, model: models.ResNe
     fast = plan.apply_to(model)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     split = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data'))
-    groups = plan.scan_groups(model)
-
-    def train(state, batch):
-        new_state, metrics = train_step(fast, _pack_state(groups, state), batch)
-        return _unpack_state(groups, new_state), metrics
-
-    def evaluate(state, batch):
-        return eval_step(fast, state, batch)
-
-    return (plan.jit(train, in_shardings=(replicated, split), out_shardings=replicated,
-                     donate_argnums=(0,)),
-            plan.jit(evaluate, in_shardings=(replicated, split), out_shardings=replicated))
+    layout = StateLayout(tuple(tuple(g) for g in plan.scan_groups(model)))
+    return CompiledSteps(
+        plan.jit(functools.partial(train_step, fast), in_shardings=(replicated, split),
+                 out_shardings=replicated, donate_argnums=(0,)),
+        plan.jit(functools.partial(eval_step, fast), in_shardings=(replicated, split),
+                 out_shardings=replicated),
+        layout)
 
 
-# --- the scanned blocks' variables, stacked inside a compiled step ---------------------------
+# --- the scanned blocks' variables, stacked (StateLayout) -----------------------------------
 
 def _pack(groups: list[list[str]], layers_tree: Mapping[str, Any]) -> dict[str, Any]:
     """``layers_tree`` (one collection of variables, or any tree keyed like it, e.g. the
@@ -236,18 +258,25 @@ def _cpu_compiler_options() -> dict:
 # --- scanned stages --------------------------------------------------------------------------
 
 def packed_name(names: Sequence[str]) -> str:
-    """The key of blocks ``names`` stacked inside a compiled step: 'conv2_2..conv2_200'."""
+    """The key of blocks ``names`` stacked by a ``StateLayout``: 'conv2_2..conv2_200'."""
     return f'{names[0]}..{names[-1]}'
 
 
 def _stack(trees: Sequence[Any]) -> Any:
     """Same-shaped trees as one tree of arrays with a leading axis."""
-    return jax.tree_util.tree_map(lambda *v: jnp.stack(v), *trees)
+    def stack(*leaves):
+        return jax.lax.concatenate([jax.lax.expand_dims(v, (0,)) for v in leaves], 0)
+    return jax.tree_util.tree_map(stack, *trees)
 
 
 def _unstack(tree: Any, n: int) -> list[Any]:
-    """The inverse of ``_stack`` for ``n`` trees."""
-    return [jax.tree_util.tree_map(lambda v: v[k], tree) for k in range(n)]
+    """The inverse of ``_stack`` for ``n`` trees: one split of each stacked leaf (rather
+    than ``n`` indexing operations, which a deep net's step spends seconds tracing)."""
+    def split(v):
+        return [jax.lax.squeeze(part, (0,)) for part in jax.lax.split(v, (1,) * n, axis=0)]
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    parts = [split(v) for v in leaves]
+    return [jax.tree_util.tree_unflatten(treedef, [p[k] for p in parts]) for k in range(n)]
 
 
 def _mutable_names(parent: nn.Module) -> list[str] | None:
@@ -269,7 +298,7 @@ def scanned_stage(parent: nn.Module, make_block: Callable[..., nn.Module],
     Their variables are where the unrolled net keeps them (``params/conv2_2``, ...),
     stacked here for the scan, with the updated mutable collections (BatchNorm statistics)
     written back block by block; or already stacked under ``packed_name(names)``
-    (inside ``compile_steps``), used and updated as they are. Every collection the blocks
+    (a ``StateLayout``), used and updated as they are. Every collection the blocks
     have is scanned. Initialisation, fewer than ``min_blocks`` blocks, random streams
     other than 'params' (dropout), and writes to collections the blocks do not have yet
     (``capture_intermediates``, ``sow``) run the blocks unrolled: the same function, every

@@ -66,8 +66,9 @@ def setup(config, batch_size: int | None = None, image_size: int | None = None,
         'image': rng.normal(size=(config.batch_size, size, size, 3)).astype(np.float32),
         'label': rng.integers(0, model.num_classes, config.batch_size).astype(np.int32),
         'mask': np.ones(config.batch_size, bool)})
-    train_fn, eval_fn = steps.compile_steps(model, tx, lr_fn, config, mesh,
-                                            compiler_options=compiler_options)
+    train_fn, eval_fn, layout = steps.compile_steps(model, tx, lr_fn, config, mesh,
+                                                    compiler_options=compiler_options)
+    state = layout.from_model(state)  # as the steps hold it
     return {'model': model, 'mesh': mesh, 'plan': plans.plan_for_mesh(mesh, config.execution),
             'config': config, 'size': size, 'state': state, 'batch': batch,
             'train_fn': train_fn, 'eval_fn': eval_fn}

@@ -36,7 +36,7 @@ import json
 import os
 import re
 import time
-from typing import Any, Iterable, NamedTuple
+from typing import Any, Callable, Iterable, NamedTuple
 
 import jax
 import ml_collections
@@ -205,6 +205,26 @@ def _item_handlers() -> dict:
 
 # --- the run's checkpointer --------------------------------------------------------------------
 
+class _ModelLayout:
+    """The model's own tree, as it is."""
+
+    def from_model(self, state):
+        return state
+
+    def to_model(self, state):
+        return state
+
+
+class Start(NamedTuple):
+    """What ``Checkpointer.start`` returns: the state to train from (in the steps'
+    layout), the metrics of its unfinished log window, the metric history, and the step
+    resumed from (None for a new run)."""
+    state: Any
+    metrics: Any
+    history: dict
+    resumed_step: int | None
+
+
 class Checkpointer:
     """The checkpoints of one training run: saves on request (asynchronously), keeps the
     last ``config.keep_checkpoints`` steps, restores the latest good one, and finds any
@@ -226,17 +246,20 @@ class Checkpointer:
         self.rolled_back_to: int | None = None
         self._pending: int | None = None  # a step being written in the background
         self._on_first_save = on_first_save  # called once the first save is complete
+        self._layout = _ModelLayout()  # how the run's steps hold the state (start's)
         self._closed = False
 
     # -- saving ---------------------------------------------------------------------------
 
     def save(self, step: int, state: Any, metrics: Any, history: dict,
              loss: float | None = None, param_norm: float | None = None) -> None:
-        """Starts writing ``step`` (a no-op when it is saved already); raises
-        CheckpointWriteError if an earlier save failed or this one cannot start."""
+        """Starts writing ``step`` of ``state`` (in the layout the run's steps hold it,
+        ``start``'s; saved in the model's own tree); a no-op when it is saved already.
+        Raises CheckpointWriteError if an earlier save failed or this one cannot start."""
         self.wait()  # orbax waits for the previous save anyway: its failure is its own
         if step in self.manager.all_steps():
             return
+        state = self._layout.to_model(state)
         meta = {'identity': self.identity, 'history': copy.deepcopy(history),
                 'loss': loss, 'param_norm': param_norm,
                 'checksums': {'algorithm': CHECKSUM, 'parts': checksums(state, metrics)}
@@ -316,6 +339,22 @@ class Checkpointer:
                 pass
 
     # -- restoring ------------------------------------------------------------------------
+
+    def start(self, fresh: Any, metrics: Any, layout: Any = None,
+              start_from: Callable[[Any], Any] | None = None) -> Start:
+        """The state a launch trains from, in ``layout`` (the ``StateLayout`` of the steps
+        that train it; None: the model's own tree), which the checkpointer converts from
+        and, when saving, back to the model's own tree: the latest good checkpoint
+        (``restore_latest``), else ``start_from(fresh)`` (e.g. the weights of another run),
+        else ``fresh``. ``fresh`` and ``metrics`` are also the templates of a restore."""
+        self._layout = layout or _ModelLayout()
+        restored = self.restore_latest(fresh, metrics)
+        if restored is not None:
+            state, metrics, meta = restored
+            return Start(self._layout.from_model(state), metrics, meta['history'],
+                         int(state.step))
+        state = start_from(fresh) if start_from is not None else fresh
+        return Start(self._layout.from_model(state), metrics, {'train': [], 'eval': []}, None)
 
     def restore_latest(self, state: Any, metrics: Any) -> tuple[Any, Any, dict] | None:
         """``(state, metrics, meta)`` of the latest good checkpoint, or None.

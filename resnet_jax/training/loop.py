@@ -158,45 +158,44 @@ class Run:
         self.learning_rate_fn = optim.create_learning_rate_fn(config)
         self.tx = optim.create_optimizer(config, self.learning_rate_fn)
 
-        # State: the latest good checkpoint, weights to start from, or a fresh init.
+        # Compiled steps, run by the execution plan of the mesh's platform.
+        self.train_fn, self.eval_fn, layout = steps.compile_steps(
+            self.model, self.tx, self.learning_rate_fn, config, mesh)
+
+        # State: the latest good checkpoint, weights to start from, or a fresh init, in the
+        # layout the steps hold it (the checkpointer converts it, to and from the model's).
         self.ema = config.ema_decay > 0
-        self.state = steps.init_train_state(self.model, self.tx, jax.random.key(config.seed),
-                                            self.pipeline.image_shape(), mesh, ema=self.ema)
+        fresh = steps.init_train_state(self.model, self.tx, jax.random.key(config.seed),
+                                       self.pipeline.image_shape(), mesh, ema=self.ema)
         self.empty_metrics = jax.device_put(steps.TrainMetrics.empty(),
                                             NamedSharding(mesh, P()))
-        self.train_metrics = self.empty_metrics
-        self.history = {'train': [], 'eval': []}
         self.guard = faults.NonFiniteGuard()
-        restored = ckpt.restore_latest(self.state, self.empty_metrics)
+        self.initialised_from = None
+        start = ckpt.start(fresh, self.empty_metrics, layout,
+                           start_from=self._start_from if config.init_from else None)
+        self.state, self.train_metrics, self.history = start.state, start.metrics, start.history
         if self.lead:
             print(f'training {config.model.name} on {config.dataset.name} for '
                   f'{config.num_train_steps} steps on {mesh.size} device(s) '
                   f'({mesh.devices.flat[0].platform}); workdir {workdir}', flush=True)
-        if restored is not None:
-            self.state, self.train_metrics, meta = restored
-            self.history = meta['history']
-            if self.lead:
-                print(f'resumed from step {int(self.state.step)}', flush=True)
-        elif config.init_from:
-            self._start_from(config.init_from)
-
-        # Compiled steps, run by the execution plan of the mesh's platform.
-        self.train_fn, self.eval_fn = steps.compile_steps(
-            self.model, self.tx, self.learning_rate_fn, config, mesh)
+            if start.resumed_step is not None:
+                print(f'resumed from step {start.resumed_step}', flush=True)
+            elif self.initialised_from:
+                print(self.initialised_from, flush=True)
         self.last_eval = self.history['eval'][-1] if self.history['eval'] else None
 
-    def _start_from(self, workdir: str) -> None:
-        """The weights of another run (or converted ones) in a fresh state; a layer of
-        another shape (an fc for other classes) stays freshly initialised."""
+    def _start_from(self, state: steps.TrainState) -> steps.TrainState:
+        """``state`` (fresh) with the weights of another run (or converted ones,
+        ``config.init_from``); a layer of another shape (an fc for other classes) stays
+        freshly initialised."""
+        workdir = self.config.init_from
         pretrained, from_step = checkpoints.load_variables(workdir)
         variables, fresh = checkpoints.merge_pretrained(
-            {'params': self.state.params, 'batch_stats': self.state.batch_stats}, pretrained)
-        state = self.state.replace(params=variables['params'],
-                                   batch_stats=variables['batch_stats'])
-        self.state = steps.add_ema(state) if self.ema else state
-        if self.lead:
-            print(f'initialised from {workdir} (step {from_step}); kept fresh: '
-                  f'{", ".join(fresh) or "nothing"}', flush=True)
+            {'params': state.params, 'batch_stats': state.batch_stats}, pretrained)
+        state = state.replace(params=variables['params'], batch_stats=variables['batch_stats'])
+        self.initialised_from = (f'initialised from {workdir} (step {from_step}); kept fresh: '
+                                 f'{", ".join(fresh) or "nothing"}')
+        return steps.add_ema(state) if self.ema else state
 
     # --- 3. the loop -------------------------------------------------------------------------
 

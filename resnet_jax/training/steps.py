@@ -5,9 +5,9 @@ What a train loop, a benchmark or research code needs to run the model: the trai
 ``compile_steps`` (the recipe's steps compiled over a device ``Mesh`` by the execution
 plan of its platform: ``resnet_jax.backends.plans.compile_steps``). A step may run its
 global batch as micro-batches (exact gradient accumulation, ``split_micro_batches``) and
-keep an exponential moving average of the weights (``EmaTrainState``). The state is
-always in the model's own tree. Nothing here reads data, writes files or imports
-TensorFlow; the loop around these is ``resnet_jax.training.loop``.
+keep an exponential moving average of the weights (``EmaTrainState``). Nothing here reads
+data, writes files or imports TensorFlow; the loop around these is
+``resnet_jax.training.loop``.
 """
 
 import functools
@@ -28,8 +28,9 @@ from resnet_jax.training import optim
 
 @flax.struct.dataclass
 class TrainState:
-    """What a train step updates: ``params`` and ``batch_stats`` in the model's own tree
-    (``model.init``'s), the optimiser's state keyed like them."""
+    """What a train step updates: ``params`` and ``batch_stats`` keyed like the model's
+    variables (``model.init``'s; the compiled steps may hold a scanned stage's blocks
+    stacked: ``plans.StateLayout``), the optimiser's state keyed like them."""
     step: jax.Array
     params: Any
     batch_stats: Any
@@ -214,13 +215,15 @@ def eval_step(model: models.ResNet, state: TrainState,
 # --- compiled steps -------------------------------------------------------------------------
 
 def compile_steps(model, tx, learning_rate_fn, config, mesh: Mesh,
-                  compiler_options: dict | None = None):
+                  compiler_options: dict | None = None) -> plans.CompiledSteps:
     """The jitted train and eval steps of ``model`` with the recipe of ``config``, over
     ``mesh`` (the state replicated, the batch split), run by the execution plan
     ``config.execution`` of the mesh's platform (``plans.compile_steps``); the train step
     accumulates ``config.grad_accum_steps`` micro-batches (each split over the mesh) and
-    updates the EMA with ``config.ema_decay``. Both take the state in the model's own
-    tree; ``compiler_options`` are added to the plan's (measurements of XLA's options)."""
+    updates the EMA with ``config.ema_decay``. Both take the state in the plan's
+    ``StateLayout`` (returned with them: ``layout.from_model(state)``, which a run's
+    checkpointer applies); ``compiler_options`` are added to the plan's (measurements of
+    XLA's options)."""
     micro_batches = None
     if config.grad_accum_steps > 1:
         micro_batches = functools.partial(

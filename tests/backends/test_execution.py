@@ -342,11 +342,11 @@ def test_group_norm_model_trains_a_step_under_the_cpu_plan():
         config.execution = plan
         state = steps.init_train_state(model, tx, jax.random.key(0), (16, 16, 3), mesh)
         assert state.batch_stats == {}
-        train, _ = steps.compile_steps(model, tx, lr_fn, config, mesh)
+        train, _, layout = steps.compile_steps(model, tx, lr_fn, config, mesh)
         with warnings.catch_warnings():
             warnings.simplefilter('error')  # no fallback to unrolled
-            state, metrics = train(state, batch)
-        results.append((state, metrics.compute()['loss']))
+            state, metrics = train(layout.from_model(state), batch)
+        results.append((layout.to_model(state), metrics.compute()['loss']))
     (ref, ref_loss), (fast, fast_loss) = results
     assert np.isfinite(float(fast_loss)) and abs(float(ref_loss - fast_loss)) < 1e-5
     assert rel_diff(flat(ref.params), flat(fast.params)) < 1e-5
@@ -396,33 +396,34 @@ def test_capture_intermediates_under_the_plan_sees_every_block():
     assert {f'conv{s}_{b}' for s in (2, 3, 4) for b in (1, 2, 3)} <= set(state['intermediates'])
 
 
-def test_compiled_train_step_stacks_every_parameter_shaped_tree_inside_only():
-    """Under the CPU plan a compiled train step takes and returns the model's own tree;
-    inside, params, BN statistics and the momentum run stacked per scan group."""
+def test_the_cpu_plans_layout_stacks_every_parameter_shaped_tree():
+    """Under the CPU plan the compiled steps hold params, BN statistics and the momentum
+    stacked per scan group (``StateLayout``); ``to_model`` gives the model's own tree back,
+    bit for bit, and a step keeps the layout."""
     config = base_config()
     config.batch_size, config.model.bn_group_size, config.execution = 8, 4, 'cpu'
     model = models.create_model('cifar_resnet20', width=4, bn_group_size=4)
-    tx = optim.create_optimizer(config, optim.create_learning_rate_fn(config))
-    canonical = steps.create_train_state(model, tx, jax.random.key(0), (16, 16, 3))
-    groups = CPU.scan_groups(model)
-    inside = plans._pack_state(groups, canonical)
+    lr_fn = optim.create_learning_rate_fn(config)
+    tx = optim.create_optimizer(config, lr_fn)
+    mesh = parallel.create_mesh(jax.devices()[:1])
+    train, _, layout = steps.compile_steps(model, tx, lr_fn, config, mesh)
+    canonical = steps.init_train_state(model, tx, jax.random.key(0), (16, 16, 3), mesh)
+    state = layout.from_model(canonical)
     blocks = {'conv2_2', 'conv2_3', 'conv3_2', 'conv3_3', 'conv4_2', 'conv4_3'}
-    for packed_tree, own_tree in ((inside.params, canonical.params),
-                                  (inside.batch_stats, canonical.batch_stats),
-                                  (inside.opt_state[1][0].trace, canonical.opt_state[1][0].trace)):
+    for packed_tree, own_tree in ((state.params, canonical.params),
+                                  (state.batch_stats, canonical.batch_stats),
+                                  (state.opt_state[1][0].trace, canonical.opt_state[1][0].trace)):
         assert not blocks & set(packed_tree) and 'conv2_2..conv2_3' in packed_tree
         assert blocks <= set(own_tree) and not any('..' in k for k in own_tree)
-    again = plans._unpack_state(groups, inside)
+    again = layout.to_model(state)
     assert jax.tree_util.tree_structure(again) == jax.tree_util.tree_structure(canonical)
     jax.tree_util.tree_map(np.testing.assert_array_equal, again, canonical)
-
-    mesh = parallel.create_mesh(jax.devices()[:1])
-    train, _ = steps.compile_steps(model, tx, optim.create_learning_rate_fn(config), config,
-                                   mesh)
-    state = steps.init_train_state(model, tx, jax.random.key(0), (16, 16, 3), mesh)
     rng = np.random.default_rng(0)
     batch = parallel.shard_batch(mesh, {
         'image': rng.normal(size=(8, 16, 16, 3)).astype(np.float32),
         'label': rng.integers(0, 10, 8).astype(np.int32)})
     new, _ = train(state, batch)
-    assert jax.tree_util.tree_structure(new) == jax.tree_util.tree_structure(canonical)
+    assert jax.tree_util.tree_structure(new) == jax.tree_util.tree_structure(state)
+    # The XLA plan scans no stage of this net: its layout is the model's own tree.
+    config.execution = 'xla'
+    assert steps.compile_steps(model, tx, lr_fn, config, mesh).layout.groups == ()

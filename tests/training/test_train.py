@@ -123,9 +123,11 @@ def test_step_on_four_devices_equals_step_on_one(data_dir, bn_group_size):
     for devices in (jax.devices()[:1], jax.devices()):
         mesh = parallel.create_mesh(devices)
         state = steps.init_train_state(model, tx, jax.random.key(0), (32, 32, 3), mesh)
-        step, _ = steps.compile_steps(model, tx, lr_fn, config, mesh)  # as the loop does
+        step, _, layout = steps.compile_steps(model, tx, lr_fn, config, mesh)  # the loop's
+        state = layout.from_model(state)
         for _ in range(2):
             state, metrics = step(state, parallel.shard_batch(mesh, batch))
+        state = layout.to_model(state)
         assert len(state.params['fc']['kernel'].sharding.device_set) == len(devices)
         results.append((state, metrics.compute()))
     (one, m1), (four, m4) = results
@@ -193,8 +195,8 @@ def test_eval_covers_the_whole_split_with_a_masked_tail(data_dir):
 # --- train_and_evaluate: checkpoints and resume ----------------------------------------------
 
 def test_stopped_run_resumes_from_its_checkpoint(data_dir, tmp_path, capsys):
-    # ResNet-20: three blocks per stage, so on CPU the state runs packed (two blocks
-    # stacked per stage) and the checkpoints are converted to and from the model's tree.
+    # ResNet-20: three blocks per stage, so on CPU the plan's steps hold the state in
+    # their own layout (backends.plans.StateLayout), converted by the checkpointer.
     config = tiny_config(data_dir)
     config.model.name = 'cifar_resnet20'
     full = train.train_and_evaluate(config, str(tmp_path / 'full'))

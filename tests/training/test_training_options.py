@@ -92,9 +92,10 @@ def test_accumulated_step_equals_the_full_batch_step(data_dir):
         config.grad_accum_steps = accum
         mesh = parallel.create_mesh(devices)
         state = steps.init_train_state(model, tx, jax.random.key(0), (32, 32, 3), mesh)
-        train, _ = steps.compile_steps(model, tx, lr_fn, config, mesh)  # as the loop does
-        state, metrics = train(state, parallel.shard_batch(mesh, batch))
-        out[accum] = jax.tree_util.tree_map(np.asarray, (state, metrics.compute()))
+        train, _, layout = steps.compile_steps(model, tx, lr_fn, config, mesh)  # the loop's
+        state, metrics = train(layout.from_model(state), parallel.shard_batch(mesh, batch))
+        out[accum] = jax.tree_util.tree_map(np.asarray,
+                                            (layout.to_model(state), metrics.compute()))
     (full, full_metrics), (accumulated, accumulated_metrics) = out[1], out[4]
     close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
     momentum = lambda s: s.opt_state[1][0].trace
