@@ -46,6 +46,10 @@ setup(
         'pillow>=10',  # JPEG decoding (draft mode), crops, resizing the embedded digits
         'matplotlib>=3.7',  # training curves
         'scikit-learn>=1.3',  # ships the embedded handwritten-digits set
+        # .safetensors weights in and out (resnet_jax.convert) without torch: a small
+        # package of its own; >=0.4.3: its numpy reader returns bfloat16 tensors (with
+        # ml_dtypes, which JAX brings) and its numpy writer takes metadata (both checked)
+        'safetensors>=0.4.3',
     ],
     extras_require={
         # pytest-xdist: the suite runs on two worker processes (pytest.ini); much of it is
@@ -57,7 +61,13 @@ setup(
         # pins one torch release; PyPI's torchvision 0.28 does not import beside the CPU
         # build of torch 2.13 ("operator torchvision::nms does not exist"), 0.29 with 2.14
         # does (its CPU kernels; the wheel is PyPI's CUDA build).
-        'interop': ['torch>=2.14,<2.15', 'torchvision>=0.29,<0.30'],
+        # timm and transformers: the tests against their own ResNets (resnet_jax.convert
+        # reads their weights without importing either). The series the converters were
+        # checked against (timm 1.0.31, transformers 5.24): timm's resnet18..152 named as
+        # torchvision's; transformers' ResNetConfig (downsample_in_bottleneck) and its
+        # save_pretrained folder (config.json + model.safetensors).
+        'interop': ['torch>=2.14,<2.15', 'torchvision>=0.29,<0.30', 'timm>=1.0',
+                    'transformers>=5'],
         # experiments/benchmark_vs_pytorch.py; <2.14 keeps pip on the CPU build where one is
         # on disk (a newer torch pulls several GB of CUDA wheels).
         'bench': ['torch>=2.1,<2.14'],

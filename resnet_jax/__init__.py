@@ -3,6 +3,7 @@
     model = resnet_jax.create_model('resnet50')               # the paper's network
     model, variables, config, step = resnet_jax.load(workdir)  # a trained run
     model, variables, config, step = resnet_jax.load(workdir, weights='ema')  # its EMA
+    variables = resnet_jax.transfer(fresh_variables, workdir).variables  # fine-tuning
 
 The package, by role:
 
@@ -11,8 +12,8 @@ The package, by role:
 * ``resnet_jax.training``: the recipe's train loop, steps, optimiser, checkpoints;
 * ``resnet_jax.evaluation``: the paper's test protocols and layer responses;
 * ``resnet_jax.backends``: how the networks run fastest on a backend (execution plans);
-* ``resnet_jax.tools``: weights from and to torchvision and Keras (``resnet_jax.convert``),
-  the Table-1 summary, the benchmark;
+* ``resnet_jax.tools``: weights in from torchvision, timm, transformers and Keras and out
+  to torchvision (``resnet_jax.convert``), the Table-1 summary, the benchmark;
 * ``resnet_jax.config`` (every field of a run, validated), ``resnet_jax.paper`` (the
   paper's numbers), ``resnet_jax.parallel`` (meshes and processes), ``resnet_jax.cli``
   (the ``resnet-jax`` command).
@@ -33,6 +34,14 @@ def load(workdir, step=None, config=None, weights='raw'):
     return checkpoints.load(workdir, step, config, weights)
 
 
+def transfer(variables, pretrained, at=None, source_at=None):
+    """``variables`` with a ResNet's leaves from ``pretrained`` (a workdir, converted
+    weights, a variables tree; nested anywhere), and what was kept and left fresh; see
+    ``resnet_jax.training.finetune.transfer``."""
+    from resnet_jax.training import finetune
+    return finetune.transfer(variables, pretrained, at, source_at)
+
+
 def __getattr__(name):
     """``resnet_jax.convert`` (``from resnet_jax import convert``): the converters, imported
     when first used."""
@@ -42,5 +51,5 @@ def __getattr__(name):
     raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
 
 
-__all__ = ['models', 'create_model', 'list_models', 'load', 'count_params', 'count_macs',
-           'convert', '__version__']
+__all__ = ['models', 'create_model', 'list_models', 'load', 'transfer', 'count_params',
+           'count_macs', 'convert', '__version__']

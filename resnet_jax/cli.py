@@ -281,34 +281,98 @@ def _evaluate(argv: list[str]) -> None:
 
 def _define_convert() -> None:
     from resnet_jax.tools import convert
-    flags.DEFINE_enum('from', None, sorted(convert.PREPROCESSING),
-                      'The framework the weights come from.')
-    flags.DEFINE_string('input', None, 'The weights: a .pth state dict (torchvision), an '
-                        '.h5 or .keras model (Keras).')
-    flags.DEFINE_enum('model', None, list(convert.IMAGENET_DEPTHS), 'The network.')
+    flags.DEFINE_enum('from', 'auto', ['auto', *convert.SOURCES],
+                      'Where the weights come from; auto tells by the file: .h5/.keras '
+                      '(Keras), a folder with config.json (transformers), a .safetensors/.pth/'
+                      '.pt/.bin file by its names (torchvision and timm share them).')
+    flags.DEFINE_string('input', None, 'The weights: a .safetensors/.pth/.pt/.bin state dict '
+                        '(torchvision, timm), a transformers save_pretrained folder, an .h5 or '
+                        '.keras model (Keras).')
+    flags.DEFINE_enum('model', None, list(convert.IMAGENET_DEPTHS), 'The network (default: '
+                      'inferred from the weights; when given, checked against them).')
     flags.DEFINE_string('output', None, 'The workdir to write (evaluate and '
-                        '--config.init_from read it).')
-    for name in ('from', 'input', 'model', 'output'):
-        flags.mark_flag_as_required(name)
+                        '--config.init_from read it); with --to, the file to write '
+                        '(.safetensors or .pth).')
+    flags.DEFINE_enum('to', None, ['torchvision'], "The other direction: a workdir's latest "
+                      "weights as torchvision's state dict (needs --workdir and --output); "
+                      'a network torchvision does not compute is refused.')
+    _workdir_flag(None, 'With --to: the run (or converted weights) to write out; its '
+                  'config.json says which network it is.')
+    flags.mark_flag_as_required('output')
 
 
 def _convert(argv: list[str]) -> None:
-    """Converts torchvision or Keras ResNet weights into a workdir of this library."""
+    """Converts torchvision, timm, Hugging Face transformers or Keras ResNet weights into a
+    workdir of this library, or (--to=torchvision) a workdir's weights into a state dict
+    torchvision's resnets load strictly."""
     del argv
-    from resnet_jax.tools import convert
-    source = FLAGS['from'].value
+    import warnings
+    if FLAGS.to:
+        _convert_to_torchvision()
+        return
+    if FLAGS.workdir is not None:
+        _fail('--workdir is read with --to=torchvision; converting into this library, '
+              '--output names the workdir to write')
+    if FLAGS.input is None:
+        _fail('--input is required (or --to=torchvision --workdir=W to convert the other way)')
     if not os.path.exists(FLAGS.input):
         _fail(f'{FLAGS.input} does not exist')
+    if os.path.exists(FLAGS.output) and (not os.path.isdir(FLAGS.output)
+                                         or os.listdir(FLAGS.output)):
+        _fail(f'--output={FLAGS.output} exists and is not an empty folder; converted weights '
+              'go into a new workdir')
+    from resnet_jax.tools import convert
     try:
-        load = convert.from_torchvision if source == 'torchvision' else convert.from_keras
-        model, variables = load(FLAGS.input, FLAGS.model)
-    except (ValueError, ImportError, OSError) as e:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter('always', UserWarning)
+            model, variables, source = convert.load_weights(FLAGS.input, FLAGS.model,
+                                                            kind=FLAGS['from'].value)
+        for warning in caught:  # a stripped prefix: one line each
+            if issubclass(warning.category, UserWarning):
+                print(f'warning: {warning.message}', file=sys.stderr, flush=True)
+        _quiet()
+        out = convert.save_converted(model, variables, FLAGS.model, source, FLAGS.output)
+    except (ValueError, TypeError, ImportError, OSError) as e:
         _fail(str(e).splitlines()[0])
-    _quiet()
-    out = convert.save_converted(model, variables, FLAGS.model, source, FLAGS.output)
-    print(f'wrote {out} ({FLAGS.model} from {source}, preprocessing '
+    print(f'wrote {out} ({convert.table1_name(model)} from {source}, preprocessing '
           f'{convert.PREPROCESSING[source]}); evaluate with: resnet-jax evaluate '
           f'--workdir={out} --protocol=ten_crop')
+
+
+def _convert_to_torchvision() -> None:
+    """``--to=torchvision``: the workdir's network checked, then its latest good
+    checkpoint written as a torchvision state dict (nothing is written when refused)."""
+    if FLAGS['from'].present or FLAGS.input is not None:
+        _fail('--to=torchvision reads --workdir; --from and --input are for converting '
+              'into this library')
+    if FLAGS.workdir is None:
+        _fail('--to=torchvision needs --workdir (the run to write out)')
+    output = pathlib.Path(FLAGS.output)
+    if output.suffix not in ('.safetensors', '.pth', '.pt'):
+        _fail(f'--output={output}: write a .safetensors, .pth or .pt file')
+    if output.exists():
+        _fail(f'--output={output} exists; name a new file')
+    if not os.path.isdir(FLAGS.workdir):
+        _fail(f'{FLAGS.workdir} does not exist' if not os.path.exists(FLAGS.workdir)
+              else f'{FLAGS.workdir} is not a folder')
+    if output.suffix != '.safetensors':
+        try:  # before anything imports TensorFlow (the other order can crash the process)
+            import torch  # noqa: F401
+        except ImportError:
+            _fail(f"writing {output.name} needs torch: pip install 'resnet_jax[interop]' "
+                  '(a .safetensors file needs no torch)')
+    from resnet_jax.tools import convert
+    from resnet_jax.training import checkpoints
+    _quiet()
+    try:
+        model = convert.check_torchvision(FLAGS.workdir)  # before reading any weights
+        variables, step = checkpoints.load_variables(FLAGS.workdir)
+        convert.to_torchvision(variables, FLAGS.workdir, path=output)
+    except (ValueError, TypeError, ImportError, OSError) as e:
+        _fail(str(e).splitlines()[0])
+    name = convert.table1_name(model)
+    print(f'wrote {output} ({name}, step {step} of {FLAGS.workdir}); load with: '
+          f'torchvision.models.{name}().load_state_dict(state_dict, strict=True)')
 
 
 def _define_summary() -> None:
@@ -427,7 +491,8 @@ COMMANDS = {
     'train': Command('train a config (resuming its workdir)', _define_train, _train),
     'evaluate': Command("a run's test error by a protocol of the paper", _define_evaluate,
                         _evaluate),
-    'convert': Command('torchvision or Keras weights into a workdir', _define_convert,
+    'convert': Command('weights from torchvision, timm, transformers or Keras into a '
+                       'workdir, or out to torchvision', _define_convert,
                        _convert),
     'summary': Command('a Table-1-like view of a network', _define_summary, _summary),
     'benchmark': Command('images/s, compile time and FLOP/s on synthetic data',
@@ -546,7 +611,8 @@ def _help(name: str, command: Command) -> str:
     lines = [f'usage: resnet-jax {name} [--flag=value ...]'
              f'{" " + command.positional if command.positional else ""}', '',
              textwrap.fill(doc, 88), '', 'flags:']
-    entries = [(f'--{f.name}', f'{f.help}{"" if f.default is None else f" (default: {f.default_as_str})"}')
+    entries = [(f'--{f.name}',
+                f'{f.help}{"" if f.default is None else f" (default: {f.default_as_str})"}')
                for f in sorted(FLAGS.get_flags_for_module(__name__), key=lambda f: f.name)]
     if any(f.name == 'config' for f in FLAGS.get_flags_for_module(__name__)):
         entries.append(('--config.<field>=<value>', 'any field of the config (every one is '

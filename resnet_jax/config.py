@@ -35,6 +35,7 @@ def base_config() -> ml_collections.ConfigDict:
     #                                     0 = synchronised over the whole global batch
     c.model.dtype = 'float32'           # compute dtype; 'bfloat16' for mixed precision
     c.model.bn_epsilon = 1e-5           # (Keras-converted ResNets use 1.001e-5)
+    c.model.frozen_bn = False           # BatchNorm statistics and affine fixed (fine-tuning)
 
     # --- data ----------------------------------------------------------------------------
     c.dataset = ml_collections.ConfigDict()
@@ -274,6 +275,7 @@ FIELD_RULES: dict[str, Callable[[Any], str | None]] = {
     'model.bn_group_size': _integer(0),
     'model.dtype': _dtype,
     'model.bn_epsilon': _real(0, low_open=True),
+    'model.frozen_bn': _flag,
     'dataset.name': _text(optional=False),
     'dataset.data_dir': _text(optional=True),
     'dataset.validation_split': _flag,
@@ -391,6 +393,10 @@ def _check_agreement(c: ml_collections.ConfigDict) -> None:
                           f'warm-up (warmup_steps={c.warmup_steps})')
     if c.init_from and c.init_from.startswith('folder:'):
         raise ConfigError(f'init_from is a workdir; got {c.init_from!r}')
+    if c.model.frozen_bn and c.weight_decay_on != 'kernels':
+        raise ConfigError(f'model.frozen_bn=True needs weight_decay_on=\'kernels\' (got '
+                          f'{c.weight_decay_on!r}): decay on every parameter would still '
+                          'move the frozen BatchNorm scales and biases')
 
 
 # --- a run's identity: what a checkpoint must match to be resumed --------------------------------

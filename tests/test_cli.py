@@ -93,7 +93,7 @@ def wheel(tmp_path_factory):
 
 def test_the_wheel_carries_the_configs_and_the_command(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
-    for config in ('default.py', 'cifar10.py', 'imagenet.py'):
+    for config in ('default.py', 'cifar10.py', 'imagenet.py', 'finetune.py'):
         assert f'resnet_jax/configs/{config}' in names
     for module in ('cli.py', 'models/resnet.py', 'data/pipeline.py', 'training/loop.py',
                    'evaluation/protocols.py', 'backends/plans.py', 'tools/convert.py'):

@@ -69,3 +69,26 @@ def test_bad_input_rows_print_what_the_readme_says(tmp_path, args, where, messag
     assert proc.returncode == 2
     pattern = '.*'.join(re.escape(part) for part in message.split('...'))  # '...': elided
     assert re.fullmatch(pattern, proc.stderr.strip()), proc.stderr[-2000:]
+
+
+def test_the_research_code_section_runs_as_written(tmp_path):
+    """Every Python block of "In your research code", in turn, in one process (each builds
+    on the one before), from a folder outside the checkout."""
+    blocks = re.findall(r'```python\n(.*?)```', section('In your research code'), flags=re.S)
+    assert len(blocks) == 5
+    code = '\n'.join(blocks) + (
+        "\nimport numpy as np\n"
+        "x = np.random.default_rng(0).normal(size=(1, 72, 96, 3)).astype(np.float32)\n"
+        "np.testing.assert_allclose(served.call(variables, x), model.apply(variables, x),\n"
+        "                           rtol=1e-4, atol=1e-4)\n"
+        "print('features', {k: v.shape for k, v in features.items()})\n")
+    proc = subprocess.run([sys.executable, '-c', code], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("{'conv2': Feature(channels=256, stride=4), ")
+    assert lines[1] == ('kept 265 variables; freshly initialised: params/fc/bias, '
+                        'params/fc/kernel'), lines[1]
+    assert lines[-1] == ("features {'conv2': (2, 16, 16, 256), 'conv3': (2, 8, 8, 512), "
+                         "'conv4': (2, 4, 4, 1024), 'conv5': (2, 2, 2, 2048)}")
+    assert (tmp_path / 'r50.safetensors').stat().st_size > 90e6  # 23.5M float32 parameters

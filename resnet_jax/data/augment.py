@@ -18,6 +18,9 @@ import math
 import numpy as np
 from PIL import Image
 
+from resnet_jax.models.preprocessing import (CAFFE_BGR_MEAN, IMAGENET_CHANNEL_MEAN, STYLES,
+                                            TORCHVISION_STD)
+
 # AlexNet-style PCA lighting: the standard eigenvalues / eigenvectors of ImageNet's RGB
 # pixel covariance (for pixels in [0, 1]), as used by fb.resnet.torch and its ports.
 IMAGENET_EIGVAL = np.array([0.2175, 0.0188, 0.0045], np.float32)
@@ -25,7 +28,6 @@ IMAGENET_EIGVEC = np.array([[-0.5675, 0.7192, 0.4009],
                             [-0.5808, -0.0045, -0.8140],
                             [-0.5836, -0.6948, 0.4203]], np.float32)
 # Per-channel RGB mean of ImageNet in [0, 1] units: the fallback when no mean image is stored.
-IMAGENET_CHANNEL_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 
 MULTISCALE_SIZES = (224, 256, 384, 480, 640)  # Table 4: shorter sides of the test scales
 
@@ -80,9 +82,7 @@ def center_crop(image: np.ndarray, size: int) -> np.ndarray:
 
 # How pixels in [0, 1] become network inputs: the paper's mean subtraction, or the input
 # convention of weights converted from another framework.
-PREPROCESSING = ('mean', 'torchvision', 'caffe')
-TORCHVISION_STD = np.array([0.229, 0.224, 0.225], np.float32)
-CAFFE_BGR_MEAN = np.array([103.939, 116.779, 123.68], np.float32)
+PREPROCESSING = STYLES  # models.preprocess: the same arithmetic in jax.numpy
 
 
 def to_unit(image: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:

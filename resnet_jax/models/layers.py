@@ -85,6 +85,9 @@ class BatchNorm(nn.Module):
             return (x * mul.astype(self.dtype) + (bias - mean * mul).astype(self.dtype))
 
         n = x.shape[0]
+        if n == 0:
+            raise ValueError('BatchNorm: an empty batch has no statistics to normalise with '
+                             '(train=True); evaluate it with train=False')
         group = min(self.group_size, n) if self.group_size > 0 else n
         if n % group:
             raise ValueError(f'BatchNorm: a batch of {n} does not split into groups of '
@@ -102,6 +105,32 @@ class BatchNorm(nn.Module):
             ra_mean.value = m * ra_mean.value + (1 - m) * mean.reshape(-1, features).mean(0)
             ra_var.value = m * ra_var.value + (1 - m) * var.reshape(-1, features).mean(0)
         return y.reshape(x.shape).astype(self.dtype)
+
+
+class FrozenBatchNorm(nn.Module):
+    """BatchNorm with its statistics and affine parameters fixed, in training too, as
+    detection and segmentation code fine-tunes a backbone (Detectron's
+    ``FrozenBatchNorm2d``): always the running statistics, no gradient to any of the four
+    (``stop_gradient``), no update. The variables and the function are ``BatchNorm``'s
+    in evaluation, so weights load and export unchanged. (The parameters stay in
+    ``params``: with weight decay on every parameter an optimiser would still move them;
+    the recipe decays only the kernels.)"""
+
+    epsilon: float = 1e-5
+    dtype: Dtype = jnp.float32
+    scale_init: Initializer = nn.initializers.ones
+    use_running_average: bool = True  # accepted for a norm factory's callers; always True
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        features = x.shape[-1]
+        scale = self.param('scale', self.scale_init, (features,), jnp.float32)
+        bias = self.param('bias', nn.initializers.zeros, (features,), jnp.float32)
+        mean = self.variable('batch_stats', 'mean', jnp.zeros, (features,), jnp.float32).value
+        var = self.variable('batch_stats', 'var', jnp.ones, (features,), jnp.float32).value
+        scale, bias, mean, var = (jax.lax.stop_gradient(v) for v in (scale, bias, mean, var))
+        mul = scale * jax.lax.rsqrt(var + self.epsilon)
+        return x * mul.astype(self.dtype) + (bias - mean * mul).astype(self.dtype)
 
 
 SHORTCUT_OPTIONS = ('A', 'B', 'C')
@@ -141,8 +170,9 @@ class Shortcut(nn.Module):
         if projects(self.option, self.strides, x.shape[-1], self.features):
             x = self.conv(self.features, 1, self.strides, dtype=self.dtype, name='proj_conv')(x)
             return self.norm(name='proj_bn')(x)
-        if self.strides != 1:
-            x = x[:, ::self.strides, ::self.strides, :]
+        if self.strides != 1:  # a strided slice: the stride-2 conv's output size, also
+            # on the symbolic sizes of jax.export (floor((h - 1) / s) + 1 both)
+            x = jax.lax.slice(x, (0, 0, 0, 0), x.shape, (1, self.strides, self.strides, 1))
         extra = self.features - x.shape[-1]
         if extra > 0:
             x = jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, extra)))

@@ -29,14 +29,16 @@ from __future__ import annotations
 import functools
 import inspect
 import re
-from typing import Any, Callable, Sequence
+from numbers import Integral, Real
+from typing import Any, Callable, ClassVar, NamedTuple, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from resnet_jax.models import layers
-from resnet_jax.models.layers import BatchNorm, Shortcut, check_shortcut
+from resnet_jax.models.layers import BatchNorm, FrozenBatchNorm, Shortcut, check_shortcut
 
 Dtype = Any
 ModuleDef = Any
@@ -45,6 +47,7 @@ ModuleDef = Any
 class BasicBlock(nn.Module):
     """Two 3x3 convs (Fig. 5 left). y = relu(F(x) + shortcut(x)), eq. (1)."""
 
+    expansion: ClassVar[int] = 1  # output channels per ``filters``
     filters: int
     strides: int
     conv: ModuleDef
@@ -71,6 +74,7 @@ class BottleneckBlock(nn.Module):
     torchvision and the Flax ImageNet example).
     """
 
+    expansion: ClassVar[int] = 4
     filters: int
     strides: int
     conv: ModuleDef
@@ -122,13 +126,21 @@ def _accepts(factory: Callable[..., Any], argument: str) -> bool:
         return False
 
 
+class Feature(NamedTuple):
+    """A stage output of ``features_only``: its channels and its stride (input pixels
+    per output pixel)."""
+    channels: int
+    stride: int
+
+
 class ResNet(nn.Module):
     """A plain or residual network: a stem, stages of blocks, global average pool, fc.
 
     Attributes:
       stage_sizes: blocks per stage (Table 1 rows; ``(n, n, n)`` for CIFAR).
       block_cls: ``BasicBlock``, ``BottleneckBlock`` or a block of your own taking the
-        fields listed in the module docstring.
+        fields listed in the module docstring (and an ``expansion`` class attribute, its
+        output channels per ``filters``, for ``feature_info``).
       num_classes: outputs of the final fc layer; ``0``: no fc, the model returns the
         globally pooled features (``(batch, width * 2**(stages - 1) * expansion)``).
       stem: ``'imagenet'`` (7x7/2 conv 64 + 3x3/2 max pool) or ``'cifar'`` (3x3 conv 16).
@@ -139,6 +151,14 @@ class ResNet(nn.Module):
       zero_init_residual: start the last BN scale of each residual branch at 0.
       bn_group_size: examples per BatchNorm group in training (0: the whole batch).
       bn_momentum, bn_epsilon: BatchNorm running-average momentum and epsilon.
+      frozen_bn: every BatchNorm uses its running statistics and affine parameters in
+        training too, with no gradient to them and no update (``layers.FrozenBatchNorm``,
+        the detection fine-tuning convention); the same variables, the same function in
+        evaluation.
+      features_only: return the stage outputs ``{'conv2': ..., 'conv5': ...}`` (the CIFAR
+        nets: conv2..conv4, Table 1's and sec. 4.2's names) in the compute dtype instead
+        of logits, from the classifier's variables (the fc is not used);
+        ``feature_info()`` gives their channels and strides.
       dtype: compute dtype (e.g. ``jnp.bfloat16`` or ``'bfloat16'``); parameters stay
         float32 and the logits are float32.
       conv: the conv factory, ``conv(features, kernel_size, strides, dtype=, name=)``
@@ -151,9 +171,13 @@ class ResNet(nn.Module):
       stage: how a stage's identical blocks (all but its first) are run,
         ``stage(parent, make_block, names, x)`` (default ``unrolled_stage``).
 
-    Inputs are NHWC images with 1 to 4 channels, at least ``min_input_size()`` pixels on
-    each side (32 for the ImageNet nets, 4 for the CIFAR nets: every stage then sees at
-    least one pixel); anything else raises ``ValueError``.
+    Every field is checked when the model is built (``ValueError`` saying what is
+    allowed). Inputs are float NHWC images (an array or anything ``jnp.asarray`` takes)
+    with 1 to 4 channels, normalised as the weights expect (``resnet_jax.models.
+    preprocess`` turns uint8 images into them; integer images are refused), at least
+    ``min_input_size()`` pixels on each side (32 for the ImageNet nets, 4 for the CIFAR
+    nets: every stage then sees at least one pixel; not checked on the symbolic sizes of
+    ``jax.export``); anything else raises ``ValueError``.
     """
 
     stage_sizes: Sequence[int]
@@ -168,17 +192,22 @@ class ResNet(nn.Module):
     bn_group_size: int = 0
     bn_momentum: float = 0.9
     bn_epsilon: float = 1e-5
+    frozen_bn: bool = False
+    features_only: bool = False
     dtype: Dtype = jnp.float32
     conv: ModuleDef = layers.conv
     norm: ModuleDef | None = None
     max_pool: Callable[..., jax.Array] = layers.max_pool
     stage: Callable[..., jax.Array] = unrolled_stage
 
+    def __post_init__(self):
+        _check_fields(self)
+        super().__post_init__()
+
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        check_shortcut(self.shortcut)
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array | dict[str, jax.Array]:
         dtype = canonical_dtype(self.dtype)
-        self._check_input(x)
+        x = self._check_input(x)
         conv = functools.partial(self.conv, dtype=dtype)
         norm = self._norm(train, dtype)
         x = jnp.asarray(x, dtype)
@@ -192,6 +221,7 @@ class ResNet(nn.Module):
 
         extra = ({'stride_in_1x1': self.stride_in_1x1}
                  if _accepts(self.block_cls, 'stride_in_1x1') else {})
+        features = {}
         for i, num_blocks in enumerate(self.stage_sizes):
             block = functools.partial(
                 self.block_cls, filters=self.width * 2**i, conv=conv, norm=norm,
@@ -201,6 +231,9 @@ class ResNet(nn.Module):
             x = block(strides=stage_strides(i), name=names[0])(x)
             if names[1:]:
                 x = self.stage(self, functools.partial(block, strides=1), names[1:], x)
+            features[stage_name(i)] = x
+        if self.features_only:
+            return features
 
         x = jnp.mean(x, axis=(1, 2))
         if not self.num_classes:
@@ -208,27 +241,56 @@ class ResNet(nn.Module):
         x = nn.Dense(self.num_classes, dtype=dtype, param_dtype=jnp.float32, name='fc')(x)
         return x.astype(jnp.float32)
 
+    @nn.nowrap
     def min_input_size(self) -> int:
         """The smallest input side: the net's total downsampling (every stage then sees at
         least one pixel)."""
         return (4 if self.stem == 'imagenet' else 1) * 2 ** (len(self.stage_sizes) - 1)
 
-    def _check_input(self, x: jax.Array) -> None:
-        if self.stem not in ('imagenet', 'cifar'):
-            raise ValueError(f"unknown stem {self.stem!r}; allowed: 'imagenet', 'cifar'")
+    @nn.nowrap
+    def feature_info(self) -> dict[str, Feature]:
+        """The stage outputs ``features_only`` returns, with their channels and strides,
+        without running the net: ``{'conv2': Feature(channels=256, stride=4), ...}`` for
+        ResNet-50."""
+        expansion = getattr(self.block_cls, 'expansion', None)
+        if not isinstance(expansion, int):
+            raise ValueError(f'block_cls {getattr(self.block_cls, "__name__", self.block_cls)}'
+                             ' has no integer `expansion` class attribute (output channels '
+                             'per filters), which feature_info needs')
+        stride = 4 if self.stem == 'imagenet' else 1
+        info = {}
+        for i in range(len(self.stage_sizes)):
+            stride *= stage_strides(i)
+            info[stage_name(i)] = Feature(self.width * 2**i * expansion, stride)
+        return info
+
+    @nn.nowrap
+    def _check_input(self, x: Any) -> jax.Array:
+        if not hasattr(x, 'shape') or not hasattr(x, 'dtype'):
+            x = jnp.asarray(x)  # a nested list
         shape = tuple(x.shape)
-        if len(shape) != 4 or not 1 <= shape[-1] <= 4:
+        if len(shape) != 4 or not _concrete(shape[-1]) or not 1 <= shape[-1] <= 4:
             hint = (' (NCHW? use x.transpose(0, 2, 3, 1))'
-                    if len(shape) == 4 and 1 <= shape[1] <= 4 else '')
+                    if len(shape) == 4 and _concrete(shape[1]) and 1 <= shape[1] <= 4 else '')
             raise ValueError(f'ResNet expects NHWC images (batch, height, width, channels) '
                              f'with 1-4 channels; got shape {shape}{hint}')
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            raise ValueError(f'ResNet expects float images normalised as its weights were '
+                             f'trained, got {x.dtype}: turn uint8 images into them with '
+                             "resnet_jax.models.preprocess(images, 'torchvision' | 'caffe' "
+                             "| 'mean', mean=...)")
         smallest = self.min_input_size()
-        if min(shape[1:3]) < smallest:
+        sides = [d for d in shape[1:3] if _concrete(d)]
+        if sides and min(sides) < smallest:
             raise ValueError(f'ResNet ({self.stem} stem, {len(self.stage_sizes)} stages) '
                              f'needs inputs of at least {smallest}x{smallest} pixels; got '
                              f'{shape[1]}x{shape[2]}')
+        return x
 
+    @nn.nowrap  # a plain method: not a module call (nn.tabulate lists none)
     def _norm(self, train: bool, dtype) -> Callable[..., nn.Module]:
+        if self.frozen_bn:
+            return functools.partial(FrozenBatchNorm, epsilon=self.bn_epsilon, dtype=dtype)
         if self.norm is None:
             return functools.partial(BatchNorm, use_running_average=not train,
                                      group_size=self.bn_group_size, momentum=self.bn_momentum,
@@ -237,6 +299,75 @@ class ResNet(nn.Module):
         if _accepts(self.norm, 'use_running_average'):
             kwargs['use_running_average'] = not train
         return functools.partial(self.norm, **kwargs)
+
+
+def _concrete(dim: Any) -> bool:
+    """Whether an array dimension is a number (not a symbolic size of ``jax.export``)."""
+    return isinstance(dim, Integral)
+
+
+def _check_fields(model: ResNet) -> None:
+    """Raises ValueError naming the first field of ``model`` that is not allowed."""
+    def integer(value, low):
+        return isinstance(value, Integral) and not isinstance(value, bool) and value >= low
+
+    def flag(value):
+        return isinstance(value, (bool, np.bool_))
+
+    sizes = model.stage_sizes
+    checks = [
+        ('stage_sizes', isinstance(sizes, Sequence) and not isinstance(sizes, str)
+         and len(sizes) > 0 and all(integer(n, 1) for n in sizes),
+         'a non-empty sequence of block counts >= 1, e.g. (3, 4, 6, 3)'),
+        ('block_cls', callable(model.block_cls), 'a block module class'),
+        ('num_classes', integer(model.num_classes, 0),
+         'an integer >= 0 (0: no fc, the pooled features)'),
+        ('stem', model.stem in ('imagenet', 'cifar'), "'imagenet' or 'cifar'"),
+        ('width', integer(model.width, 1), 'an integer >= 1 (64 ImageNet, 16 CIFAR)'),
+        ('bn_group_size', integer(model.bn_group_size, 0),
+         'an integer >= 0 (0: the whole batch)'),
+        ('bn_momentum', isinstance(model.bn_momentum, Real) and not flag(model.bn_momentum)
+         and 0 <= model.bn_momentum <= 1, 'a number in [0, 1]'),
+        ('bn_epsilon', isinstance(model.bn_epsilon, Real) and not flag(model.bn_epsilon)
+         and 0 < model.bn_epsilon < float('inf'), 'a finite number > 0'),
+        *[(name, flag(getattr(model, name)), 'True or False')
+          for name in ('residual', 'stride_in_1x1', 'zero_init_residual', 'frozen_bn',
+                       'features_only')],
+        *[(name, callable(getattr(model, name)), 'a callable')
+          for name in ('conv', 'max_pool', 'stage')],
+        ('norm', model.norm is None or callable(model.norm),
+         'None (the paper\'s BatchNorm) or a norm module factory'),
+        ('frozen_bn', not (model.frozen_bn and model.norm is not None),
+         'False with a norm of your own (frozen_bn freezes the paper\'s BatchNorm)'),
+    ]
+    for name, ok, allowed in checks:
+        if not ok:
+            raise ValueError(f'ResNet.{name}={getattr(model, name)!r} is not allowed: it must '
+                             f'be {allowed}')
+    check_shortcut(model.shortcut)
+    canonical_dtype(model.dtype)
+
+
+# The variables every network here has at its top: how a ResNet's variables are recognised
+# inside a larger tree (a user's module holding it as 'backbone').
+VARIABLE_MARKERS = ('conv1', 'bn1', 'conv2_1')
+
+
+def find_resnets(tree: Any, path: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    """The paths inside ``tree`` (a ``params`` collection, or any tree keyed like one) of
+    each ResNet's variables: ``[()]`` when ``tree`` is one, ``[('backbone',)]`` when a
+    module holds one as ``backbone``."""
+    if not hasattr(tree, 'items'):
+        return []
+    if all(k in tree for k in VARIABLE_MARKERS):
+        return [path]
+    return [found for key, child in tree.items()
+            for found in find_resnets(child, path + (str(key),))]
+
+
+def stage_name(stage: int) -> str:
+    """The paper's name of a stage's output: conv2 (conv2_x of Table 1) for stage 0."""
+    return f'conv{stage + 2}'
 
 
 def stage_strides(stage: int) -> int:
@@ -338,6 +469,6 @@ def create_model(model_name: str, /, **overrides: Any) -> ResNet:
     parsed = parse_cifar_name(model_name)
     if parsed:
         residual, depth = parsed
-        return cifar(depth, residual=residual, **overrides)
+        return cifar(depth, **{'residual': residual, **overrides})
     raise ValueError(f'unknown model {model_name!r}; allowed: {", ".join(sorted(_IMAGENET))}, '
                      'cifar_resnetN and cifar_plainN with N = 6n+2 (e.g. cifar_resnet20).')

@@ -665,29 +665,15 @@ def load(workdir, step: int | None = None,
                      step)
 
 
-def merge_pretrained(fresh: Any, pretrained: Any) -> tuple[Any, list[str]]:
-    """``fresh`` with every leaf that ``pretrained`` has in the same shape replaced;
-    returns the names of the leaves kept fresh (e.g. an fc for another number of classes)."""
-    flat = {jax.tree_util.keystr(p): v for p, v in
-            jax.tree_util.tree_flatten_with_path(pretrained)[0]}
-    kept = []
-
-    def pick(path, leaf):
-        value = flat.get(jax.tree_util.keystr(path))
-        if value is None or tuple(value.shape) != tuple(leaf.shape):
-            kept.append(jax.tree_util.keystr(path))
-            return leaf
-        return jax.device_put(jax.numpy.asarray(value, leaf.dtype), leaf.sharding)
-
-    return jax.tree_util.tree_map_with_path(pick, fresh), kept
-
-
 def save_variables(workdir, variables: dict, config: ml_collections.ConfigDict,
                    **meta: Any) -> epath.Path:
     """Writes ``variables`` (params and batch_stats) as step 0 of a workdir, with its
     ``config.json`` and checksums: what ``resnet-jax evaluate``, ``load`` and
     ``init_from`` read. Used for converted weights."""
     workdir = epath.Path(workdir).absolute()
+    if (workdir / 'config.json').exists() or (workdir / 'checkpoints').exists():
+        raise ConfigError(f'{workdir} already holds a run (config.json or checkpoints/); '
+                          'write converted weights into a new folder')
     workdir.mkdir(parents=True, exist_ok=True)
     variables = jax.tree_util.tree_map(np.asarray, dict(variables))
     manager = ocp.CheckpointManager(workdir / 'checkpoints', item_names=('state', 'meta'))

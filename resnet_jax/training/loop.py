@@ -38,7 +38,8 @@ from resnet_jax import parallel
 from resnet_jax.config import ConfigError
 from resnet_jax.data import pipeline as data_pipeline
 from resnet_jax.data import prepare
-from resnet_jax.training import checkpoints, curves, events, faults, optim, progress, steps
+from resnet_jax.training import (checkpoints, curves, events, faults, finetune, optim,
+                                 progress, steps)
 
 
 # --- 1. checks -------------------------------------------------------------------------------
@@ -190,11 +191,11 @@ class Run:
         freshly initialised."""
         workdir = self.config.init_from
         pretrained, from_step = checkpoints.load_variables(workdir)
-        variables, fresh = checkpoints.merge_pretrained(
-            {'params': state.params, 'batch_stats': state.batch_stats}, pretrained)
-        state = state.replace(params=variables['params'], batch_stats=variables['batch_stats'])
-        self.initialised_from = (f'initialised from {workdir} (step {from_step}); kept fresh: '
-                                 f'{", ".join(fresh) or "nothing"}')
+        moved = finetune.transfer({'params': state.params, 'batch_stats': state.batch_stats},
+                                  pretrained)
+        state = state.replace(params=moved.variables['params'],
+                              batch_stats=moved.variables['batch_stats'])
+        self.initialised_from = f'initialised from {workdir} (step {from_step}): {moved}'
         return steps.add_ema(state) if self.ema else state
 
     # --- 3. the loop -------------------------------------------------------------------------

@@ -1,0 +1,139 @@
+"""Fine-tuning: pretrained variables into a model with another head, or into your module.
+
+    model = resnet_jax.create_model('resnet50', num_classes=10, stride_in_1x1=False)
+    fresh = model.init(jax.random.key(0), jnp.zeros((1, 224, 224, 3)))
+    moved = resnet_jax.transfer(fresh, 'workdirs/r50_tv')  # a workdir, converted weights
+    print(moved)  # kept 265 variables; freshly initialised: params/fc/bias, params/fc/kernel
+    variables = moved.variables
+
+``transfer`` takes the pretrained variables from a workdir (a training run or converted
+weights), a ``(model, variables)`` pair as the converters return it, or a variables tree;
+the network's variables are found in either tree wherever they are nested (a user's
+module holding the ResNet as ``'backbone'``), or where ``at`` / ``source_at`` say.
+Every leaf of the same path and shape is taken; the rest stays as initialised and is
+named in the report, with the pretrained leaves nothing took (an fc a headless model
+does not have).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from resnet_jax.models import find_resnets
+
+COLLECTIONS = ('params', 'batch_stats')
+
+
+class Transfer(NamedTuple):
+    """What ``transfer`` returns: the variables, and the paths (``'params/fc/kernel'``)
+    taken from the pretrained ones (``kept``), left as initialised (``fresh``: another
+    shape, not in the pretrained tree, or outside the ResNet: a user's head) and
+    pretrained but not used (``unused``)."""
+    variables: Any
+    kept: list[str]
+    fresh: list[str]
+    unused: list[str]
+
+    def __str__(self) -> str:
+        def names(paths):
+            return ', '.join(paths) if paths else 'nothing'
+        text = f'kept {len(self.kept)} variables; freshly initialised: {names(self.fresh)}'
+        return text + (f'; not used: {names(self.unused)}' if self.unused else '')
+
+
+def resnet_path(variables: Mapping[str, Any], at: Sequence[str] | str | None,
+                what: str) -> tuple[str, ...]:
+    """``at`` (checked), or the one place in ``variables['params']`` that holds a ResNet's
+    variables; ValueError when there is none or more than one."""
+    if 'params' not in variables:
+        raise ValueError(f'{what}: no params collection (got {sorted(variables)})')
+    if at is not None:
+        at = tuple(at.split('/')) if isinstance(at, str) else tuple(at)
+        if at not in find_resnets(variables['params']):
+            raise ValueError(f'{what}: no ResNet variables at {"/".join(at) or "the top"}')
+        return at
+    paths = find_resnets(variables['params'])
+    if len(paths) != 1:
+        found = ', '.join('/'.join(p) or '<top>' for p in paths) or 'none'
+        raise ValueError(f'{what}: {len(paths)} ResNets in the params ({found}); say which '
+                         'with at=(...)')
+    return paths[0]
+
+
+def _subtree(tree: Mapping, path: tuple[str, ...]) -> Any:
+    for key in path:
+        tree = tree.get(key, {}) if isinstance(tree, Mapping) else {}
+    return tree
+
+
+def _flat(tree: Any) -> dict[str, Any]:
+    return {'/'.join(str(getattr(k, 'key', k)) for k in path): leaf
+            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _pretrained_variables(pretrained: Any) -> Mapping[str, Any]:
+    if isinstance(pretrained, (str, os.PathLike)):
+        from resnet_jax.training import checkpoints  # orbax: only for a workdir
+        return checkpoints.load_variables(pretrained)[0]
+    if isinstance(pretrained, tuple) and len(pretrained) == 2:
+        return pretrained[1]  # (model, variables) of a converter
+    if isinstance(pretrained, Mapping):
+        return pretrained
+    raise ValueError(f'pretrained: a workdir, a (model, variables) pair or a variables '
+                     f'mapping; got {type(pretrained).__name__}')
+
+
+def transfer(variables: Mapping[str, Any], pretrained: Any, at: Sequence[str] | None = None,
+             source_at: Sequence[str] | None = None) -> Transfer:
+    """``variables`` (``init``'s, of a ResNet or of a module holding one) with the
+    ResNet's leaves taken from ``pretrained`` (a workdir, a converter's ``(model,
+    variables)`` or a variables tree) where path and shape agree; the ResNet is found in
+    each tree (``at`` in ``variables``, ``source_at`` in ``pretrained``: e.g.
+    ``('backbone',)``; default: the one ResNet there). Collections other than params and
+    batch_stats (and everything outside the ResNet) are left as they are. Taken leaves get
+    the dtype and the sharding of the leaf they replace."""
+    source = _pretrained_variables(pretrained)
+    target_at = resnet_path(variables, at, 'variables')
+    from_at = resnet_path(source, source_at, 'pretrained')
+    out = dict(variables)
+    kept, fresh, unused = [], [], []
+    for collection in COLLECTIONS:
+        if collection not in variables:
+            continue
+        target = _subtree(variables[collection], target_at)
+        available = _flat(_subtree(source.get(collection, {}), from_at))
+        used = set()
+
+        def pick(path, leaf, collection=collection, available=available, used=used):
+            name = '/'.join(str(getattr(k, 'key', k)) for k in path)
+            full = '/'.join((collection, *target_at, name))
+            value = available.get(name)
+            if value is None or tuple(np.shape(value)) != tuple(leaf.shape):
+                fresh.append(full)
+                return leaf
+            used.add(name)
+            kept.append(full)
+            value = jnp.asarray(value, leaf.dtype)
+            sharding = getattr(leaf, 'sharding', None)
+            return jax.device_put(value, sharding) if sharding is not None else value
+
+        merged = jax.tree_util.tree_map_with_path(pick, target)
+        unused += ['/'.join((collection, *from_at, name)) for name in sorted(available)
+                   if name not in used]
+        out[collection] = _replace(variables[collection], target_at, merged)
+        fresh += ['/'.join((collection, name)) for name in _flat(variables[collection])
+                  if not name.startswith('/'.join(target_at) + '/')] if target_at else []
+    return Transfer(out, kept, fresh, unused)
+
+
+def _replace(tree: Mapping, path: tuple[str, ...], value: Any) -> Any:
+    if not path:
+        return value
+    out = dict(tree)
+    out[path[0]] = _replace(tree[path[0]], path[1:], value)
+    return out
