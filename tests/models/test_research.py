@@ -322,3 +322,12 @@ def test_nnx_module_trains_with_nnx_optimizer_and_gives_back_linen_variables():
     np.testing.assert_allclose(model.apply(back, x), net(x), rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError, match=r'bn1/bias has shape \(8,\), the network \(16,\)'):
         resnet_nnx.load(net, init(models.create_model('cifar_resnet20', width=8)))
+
+
+def test_tabulate_lists_the_blocks_without_warnings():
+    import warnings
+    model = models.create_model('cifar_resnet20')
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')  # e.g. "shape requires ndarray ... functools.partial"
+        table = nn.tabulate(model, jax.random.key(0))(jnp.zeros((1, 32, 32, 3)))
+    assert 'conv4_3' in table and 'Total Parameters: 271,098' in table  # with BN statistics
