@@ -30,8 +30,8 @@ def test_every_command_has_help_with_one_spelling():
         assert flags_of[name], proc.stdout
     every = {flag for flags in flags_of.values() for flag in flags}
     assert not [f for f in every if '-' in f]  # --batch_size, never --batch-size
-    shared = {'workdir': {'train', 'evaluate'}, 'config': {'train', 'evaluate', 'summary',
-                                                           'benchmark'},
+    shared = {'workdir': {'train', 'evaluate', 'convert'},
+              'config': {'train', 'evaluate', 'summary', 'benchmark'},
               'batch_size': {'evaluate', 'benchmark'}, 'image_size': {'summary', 'benchmark',
                                                                       'prepare'},
               'model': {'convert', 'summary', 'benchmark'}, 'data_dir': {'evaluate', 'prepare'},

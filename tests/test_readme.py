@@ -71,6 +71,7 @@ def test_bad_input_rows_print_what_the_readme_says(tmp_path, args, where, messag
     assert re.fullmatch(pattern, proc.stderr.strip()), proc.stderr[-2000:]
 
 
+@pytest.mark.slow  # a minute of ResNet-50 on the CPU: run once, on the main CI stack
 def test_the_research_code_section_runs_as_written(tmp_path):
     """Every Python block of "In your research code", in turn, in one process (each builds
     on the one before), from a folder outside the checkout."""

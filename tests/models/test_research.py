@@ -91,7 +91,7 @@ def test_an_fpn_head_trains_on_the_stage_features():
                          mutable=['batch_stats'])
         return sum(jnp.mean(v ** 2) for v in y.values())
 
-    grads = jax.grad(loss)(variables['params'])
+    grads = jax.jit(jax.grad(loss))(variables['params'])
     assert float(jnp.abs(grads['backbone']['conv2_1']['conv1']['kernel']).max()) > 0
     assert float(jnp.abs(grads['lateral_conv5']['kernel']).max()) > 0
 

@@ -77,8 +77,9 @@ def test_benchmark_vs_pytorch_table():
         row = line.strip('|').split('|')
         assert row[0].strip() == net
         theirs, ours, ratio = (float(c) for c in row[1:4])
-        # The table rounds images/s to 0.1 and the ratio to 0.01: compare relatively.
-        assert theirs > 0 and ours > 0 and ratio == pytest.approx(ours / theirs, rel=0.02)
+        # The table rounds images/s to 0.1 and the ratio to 0.01 (up to 0.005 off).
+        assert theirs > 0 and ours > 0 and ratio == pytest.approx(ours / theirs, rel=0.01,
+                                                                  abs=0.006)
     assert 'bfloat16' in proc.stdout
 
 

@@ -146,6 +146,7 @@ def test_keras_conv_biases_are_folded_into_batchnorm_means(keras_resnet50, conve
         rtol=1e-6)
 
 
+@pytest.mark.slow  # launches the command line: once, on the main CI stack
 def test_keras_cli_writes_a_checkpoint_that_evaluate_and_init_from_accept(
         keras_resnet50, converted_keras, tmp_path):
     path = tmp_path / 'r50.keras'
@@ -615,6 +616,7 @@ def _cli(*args):
                           capture_output=True, text=True, timeout=600, check=False)
 
 
+@pytest.mark.slow  # launches the command line: once, on the main CI stack
 def test_cli_converts_in_with_the_network_inferred_and_out_to_torchvision(resnet18_state,
                                                                           tmp_path):
     """A DDP-prefixed .safetensors in (--from=auto, no --model: a warning line), and the
@@ -649,6 +651,7 @@ def test_cli_converts_in_with_the_network_inferred_and_out_to_torchvision(resnet
         checkpoints.save_variables(workdir, {'params': {}, 'batch_stats': {}}, base_config())
 
 
+@pytest.mark.slow  # launches the command line: once, on the main CI stack
 def test_cli_refusals_and_bad_input_are_one_line_with_exit_code_2(tmp_path):
     config = base_config()
     config.model.name = 'resnet50'  # the paper's v1: refused before any weight is read
