@@ -20,6 +20,14 @@ def section(title: str) -> str:
     return README.split(f'\n## {title}\n', 1)[1].split('\n## ', 1)[0]
 
 
+def run_python(code: str, cwd) -> subprocess.CompletedProcess:
+    """``code`` in a fresh interpreter in ``cwd``; it must exit 0."""
+    proc = subprocess.run([sys.executable, '-c', code], cwd=cwd, capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
 def test_the_models_code_runs_as_written():
     """The Models section's first two Python blocks: create, init, apply, features, counts,
     and opting in to the execution plan."""
@@ -30,9 +38,7 @@ def test_the_models_code_runs_as_written():
         "import numpy as np\n"
         "np.testing.assert_allclose(step(v, x), model.apply(v, x, train=False),\n"
         "                           rtol=1e-4, atol=1e-4)\n")
-    proc = subprocess.run([sys.executable, '-c', code], cwd=REPO, capture_output=True,
-                          text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_python(code, REPO)
     # print(logits.shape, features.shape, parameters, multiply-adds)
     assert proc.stdout.startswith('(2, 1000) (2, 2048) 25557032 '), proc.stdout
 
@@ -83,9 +89,7 @@ def test_the_research_code_section_runs_as_written(tmp_path):
         "np.testing.assert_allclose(served.call(variables, x), model.apply(variables, x),\n"
         "                           rtol=1e-4, atol=1e-4)\n"
         "print('features', {k: v.shape for k, v in features.items()})\n")
-    proc = subprocess.run([sys.executable, '-c', code], cwd=tmp_path, capture_output=True,
-                          text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_python(code, tmp_path)
     lines = proc.stdout.splitlines()
     assert lines[0].startswith("{'conv2': Feature(channels=256, stride=4), ")
     assert lines[1] == ('kept 265 variables; freshly initialised: params/fc/bias, '

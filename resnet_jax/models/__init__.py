@@ -16,11 +16,11 @@ from resnet_jax.models.preprocessing import preprocess
 from resnet_jax.models.resnet import (CIFAR_DEPTHS, DTYPES, TABLE1, BasicBlock,
                                       BottleneckBlock, Feature, ResNet, block_names,
                                       canonical_dtype, cifar, create_model, find_resnets,
-                                      list_models,
+                                      list_models, locate_resnet,
                                       parse_cifar_name, stage_name, stage_strides,
                                       unrolled_stage)
 
 __all__ = ['CIFAR_DEPTHS', 'DTYPES', 'TABLE1', 'BasicBlock', 'BottleneckBlock', 'Feature',
            'FrozenBatchNorm', 'ResNet', 'block_names', 'canonical_dtype', 'cifar',
-           'create_model', 'find_resnets', 'list_models', 'parse_cifar_name', 'preprocess',
-           'stage_name', 'stage_strides', 'unrolled_stage']
+           'create_model', 'find_resnets', 'list_models', 'locate_resnet', 'parse_cifar_name',
+           'preprocess', 'stage_name', 'stage_strides', 'unrolled_stage']

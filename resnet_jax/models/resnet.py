@@ -365,6 +365,34 @@ def find_resnets(tree: Any, path: tuple[str, ...] = ()) -> list[tuple[str, ...]]
             for found in find_resnets(child, path + (str(key),))]
 
 
+def locate_resnet(params: Any, at: Sequence[str] | str | None = None) -> tuple[str, ...]:
+    """The path inside ``params`` (a ``params`` collection) of the one ResNet there, or
+    ``at`` (``('backbone',)`` or ``'backbone'``) once checked to hold one; ValueError
+    naming the candidates when there is none, more than one, or none at ``at``."""
+    found = find_resnets(params)
+    if at is None:
+        if len(found) == 1:
+            return found[0]
+        if not found:
+            raise ValueError('no ResNet in the variables: no dict holds conv1, bn1 and conv2_1 '
+                             f'(params holds {sorted(params)[:6]})')
+        raise ValueError('several ResNets in the variables, at '
+                         + ', '.join(repr(p) for p in found)
+                         + f'; choose one, e.g. at={found[0]!r}')
+    at = tuple(at.split('/')) if isinstance(at, str) else tuple(at)
+    tree = params
+    for key in at:
+        if not hasattr(tree, 'items') or key not in tree:
+            raise ValueError(f'at={at!r}: variables params have no {"/".join(at)} '
+                             f'(candidates: {found or "none"})')
+        tree = tree[key]
+    if find_resnets(tree) != [()]:
+        raise ValueError(f'at={at!r}: params/{"/".join(at)} is not a ResNet (it holds '
+                         f'{sorted(tree)[:6] if hasattr(tree, "items") else tree!r}; '
+                         f'candidates: {found or "none"})')
+    return at
+
+
 def stage_name(stage: int) -> str:
     """The paper's name of a stage's output: conv2 (conv2_x of Table 1) for stage 0."""
     return f'conv{stage + 2}'
@@ -458,8 +486,6 @@ def create_model(model_name: str, /, **overrides: Any) -> ResNet:
     """
     if 'dtype' in overrides:
         overrides['dtype'] = canonical_dtype(overrides['dtype'])
-    if 'shortcut' in overrides:
-        check_shortcut(overrides['shortcut'])
     unknown = set(overrides) - set(_OPTIONS) - {'parent', 'name'}
     if unknown:
         raise ValueError(f'unknown model option(s) {sorted(unknown)}; allowed: '

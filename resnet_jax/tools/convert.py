@@ -601,29 +601,13 @@ def _find_resnet(variables, at) -> tuple[dict, tuple[str, ...]]:
         raise ValueError("variables must be {'params': ..., 'batch_stats': ...} (model.init's "
                          "or resnet_jax.load's: torchvision needs the BatchNorms' running "
                          f'statistics too); these hold {sorted(variables)[:6]}')
-    if at is None:
-        found = list(models.find_resnets(params))
-        if len(found) != 1:
-            what = ('no ResNet in the variables: no dict holds conv1, bn1 and conv2_1 '
-                    f'(params holds {sorted(params)[:6]})' if not found else
-                    'several ResNets in the variables, at '
-                    + ', '.join(repr(p) for p in found) + f'; choose one, e.g. at={found[0]!r}')
-            raise ValueError(what)
-        at = found[0]
-    at = tuple(at.split('/')) if isinstance(at, str) else tuple(at)
-    parts = {}
-    for collection, tree in (('params', params), ('batch_stats', stats)):
+    at = models.locate_resnet(params, at)
+    parts = {'params': params, 'batch_stats': stats}
+    for collection in parts:
         for key in at:
-            if not isinstance(tree, Mapping) or key not in tree:
-                raise ValueError(f'at={at!r}: variables {collection} have no '
-                                 f'{"/".join(at)} (candidates: '
-                                 f'{list(models.find_resnets(params)) or "none"})')
-            tree = tree[key]
-        parts[collection] = tree
-    if models.find_resnets(parts['params']) != [()]:
-        raise ValueError(f'at={at!r}: params/{"/".join(at)} is not a ResNet (it holds '
-                         f'{sorted(parts["params"])[:6]}; candidates: '
-                         f'{list(models.find_resnets(params)) or "none"})')
+            if not isinstance(parts[collection], Mapping) or key not in parts[collection]:
+                raise ValueError(f'at={at!r}: variables {collection} have no {"/".join(at)}')
+            parts[collection] = parts[collection][key]
     return parts, at
 
 

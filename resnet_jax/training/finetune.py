@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from resnet_jax.models import find_resnets
+from resnet_jax.models import locate_resnet
 
 COLLECTIONS = ('params', 'batch_stats')
 
@@ -49,20 +49,13 @@ class Transfer(NamedTuple):
 def resnet_path(variables: Mapping[str, Any], at: Sequence[str] | str | None,
                 what: str) -> tuple[str, ...]:
     """``at`` (checked), or the one place in ``variables['params']`` that holds a ResNet's
-    variables; ValueError when there is none or more than one."""
+    variables (``models.locate_resnet``)."""
     if 'params' not in variables:
         raise ValueError(f'{what}: no params collection (got {sorted(variables)})')
-    if at is not None:
-        at = tuple(at.split('/')) if isinstance(at, str) else tuple(at)
-        if at not in find_resnets(variables['params']):
-            raise ValueError(f'{what}: no ResNet variables at {"/".join(at) or "the top"}')
-        return at
-    paths = find_resnets(variables['params'])
-    if len(paths) != 1:
-        found = ', '.join('/'.join(p) or '<top>' for p in paths) or 'none'
-        raise ValueError(f'{what}: {len(paths)} ResNets in the params ({found}); say which '
-                         'with at=(...)')
-    return paths[0]
+    try:
+        return locate_resnet(variables['params'], at)
+    except ValueError as e:
+        raise ValueError(f'{what}: {e}') from None
 
 
 def _subtree(tree: Mapping, path: tuple[str, ...]) -> Any:
@@ -126,8 +119,10 @@ def transfer(variables: Mapping[str, Any], pretrained: Any, at: Sequence[str] | 
         unused += ['/'.join((collection, *from_at, name)) for name in sorted(available)
                    if name not in used]
         out[collection] = _replace(variables[collection], target_at, merged)
-        fresh += ['/'.join((collection, name)) for name in _flat(variables[collection])
-                  if not name.startswith('/'.join(target_at) + '/')] if target_at else []
+        if target_at:  # the user's own layers around the ResNet: as initialised
+            inside = '/'.join(target_at) + '/'
+            fresh += [f'{collection}/{name}' for name in _flat(variables[collection])
+                      if not name.startswith(inside)]
     return Transfer(out, kept, fresh, unused)
 
 

@@ -154,7 +154,7 @@ def test_transfer_into_and_out_of_a_backbone_nested_in_a_users_module(imagenet_w
     assert new == ['params/fc/bias', 'params/fc/kernel']
     np.testing.assert_array_equal(out['batch_stats']['conv5_2']['bn2']['mean'],
                                   pretrained['batch_stats']['conv5_2']['bn2']['mean'])
-    with pytest.raises(ValueError, match='no ResNet variables at head'):
+    with pytest.raises(ValueError, match=r"at=\('head',\): params/head is not a ResNet"):
         resnet_jax.transfer(fresh, str(workdir), at=('head',))
 
 
