@@ -6,8 +6,9 @@ import re
 from setuptools import find_packages, setup
 
 HERE = pathlib.Path(__file__).parent
-VERSION = re.search(r"__version__ = '([^']+)'",
-                    (HERE / 'resnet_jax' / '__init__.py').read_text()).group(1)
+VERSION = re.search(
+    r"__version__ = '([^']+)'", (HERE / 'resnet_jax' / '__init__.py').read_text()
+).group(1)
 
 setup(
     name='resnet_jax',
@@ -30,11 +31,8 @@ setup(
         'optax>=0.2.4',
         'orbax-checkpoint>=0.11',
         'tensorflow-datasets>=4.9.6',
-        # the input pipeline's worker processes (MapDataset, mp_prefetch, shared memory);
-        # <0.3: resnet_jax/data/workers.py reads grain 0.2's shared-memory arrays' own fields
-        # (`shm`, `_unlink_on_del`) to hand batches over without a copy, and sets how their
-        # blocks are closed (`SharedMemoryArray._del_thread_pool`)
-        'grain>=0.2.10,<0.3',
+        # the input pipeline's worker processes (MapDataset, mp_prefetch, shared memory)
+        'grain>=0.2.10',
         # tfds builds datasets (and reads TFRecord ones) with TensorFlow; the CPU build is enough.
         'tensorflow-cpu>=2.17',
         'ml-collections>=0.1.1',
@@ -66,11 +64,13 @@ setup(
         # checked against (timm 1.0.31, transformers 5.24): timm's resnet18..152 named as
         # torchvision's; transformers' ResNetConfig (downsample_in_bottleneck) and its
         # save_pretrained folder (config.json + model.safetensors).
-        'interop': ['torch>=2.14,<2.15', 'torchvision>=0.29,<0.30', 'timm>=1.0',
-                    'transformers>=5'],
+        'interop': ['torch>=2.14,<2.15', 'torchvision>=0.29,<0.30', 'timm>=1.0', 'transformers>=5'],
         # experiments/benchmark_vs_pytorch.py; <2.14 keeps pip on the CPU build where one is
         # on disk (a newer torch pulls several GB of CUDA wheels).
         'bench': ['torch>=2.1,<2.14'],
+        # ruff's lint rules and formatter (pyproject.toml); its format changes between minor
+        # releases, so CI's formatter check holds to one
+        'lint': ['ruff>=0.17,<0.18'],
     },
     entry_points={'console_scripts': ['resnet-jax=resnet_jax.cli:run']},
 )

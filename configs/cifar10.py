@@ -23,8 +23,10 @@ def get_config(arg: str = 'resnet20'):
     name = f'cifar_{arg}'
     parsed = models.parse_cifar_name(name)  # ValueError for a depth that is not 6n+2
     if parsed is None:
-        raise ValueError(f'cifar10 config argument must be resnetN or plainN (N = 6n+2), '
-                         f'e.g. cifar10.py:resnet110; got {arg!r}')
+        raise ValueError(
+            f'cifar10 config argument must be resnetN or plainN (N = 6n+2), '
+            f'e.g. cifar10.py:resnet110; got {arg!r}'
+        )
     _, depth = parsed
     config = base_config()
     config.model.name = name

@@ -16,7 +16,8 @@ PCA lighting. The ImageNet input pipeline is resnet_jax's tfds ``imagenet2012`` 
 the same recipe trains on a folder of your own images with
 ``--config.dataset.name=folder:/path/to/images`` (one subfolder per class).
 
-Paper (top-1 / top-5 error %, 10-crop, Tables 2-3; ``resnet_jax.paper``): plain-18 27.94, plain-34 28.54/10.02,
+Paper (top-1 / top-5 error %, 10-crop, Tables 2-3; ``resnet_jax.paper``): plain-18 27.94,
+plain-34 28.54/10.02,
 ResNet-18 27.88, ResNet-34 A 25.03/7.76, B 24.52/7.46, C 24.19/7.40, ResNet-50 22.85/6.71,
 ResNet-101 21.75/6.05, ResNet-152 21.43/5.71. Multi-scale (Table 4): ResNet-34 B
 21.84/5.71, C 21.53/5.60, ResNet-50 20.74/5.25, ResNet-101 19.87/4.60, ResNet-152 19.38/4.49.
@@ -61,6 +62,7 @@ def steps_for(epochs: float, batch_size: int) -> int:
     """The iterations of ``epochs`` passes over the training set at ``batch_size``."""
     return math.ceil(epochs * TRAIN_IMAGES / batch_size)
 
+
 # name -> (model, shortcut); the paper's errors of each: resnet_jax.paper.TEN_CROP
 VARIANTS = {
     'plain18': ('plain18', 'A'),
@@ -75,19 +77,17 @@ VARIANTS = {
 }
 
 
-
-
 def goyal8k(config):
     """Goyal et al. 2017's batch-8192 recipe (see the module docstring)."""
     batch = 8192
-    config.model.stride_in_1x1 = False        # "stride-2 convolutions on 3x3 layers"
-    config.model.zero_init_residual = True    # gamma = 0 in each block's last BN
-    config.dataset.crop = 'inception'         # scale and aspect-ratio augmentation
+    config.model.stride_in_1x1 = False  # "stride-2 convolutions on 3x3 layers"
+    config.model.zero_init_residual = True  # gamma = 0 in each block's last BN
+    config.dataset.crop = 'inception'  # scale and aspect-ratio augmentation
     config.dataset.preprocessing = 'torchvision'  # per-colour mean and std
-    config.batch_size = batch                 # 256 workers x 32 images
-    config.learning_rate = 0.1                # x 8192 / 256 = 3.2
+    config.batch_size = batch  # 256 workers x 32 images
+    config.learning_rate = 0.1  # x 8192 / 256 = 3.2
     config.reference_batch_size = 256
-    config.warmup_type = 'gradual'            # 0.1 -> 3.2, linearly
+    config.warmup_type = 'gradual'  # 0.1 -> 3.2, linearly
     config.warmup_steps = steps_for(5, batch)
     config.schedule = 'step'
     config.lr_boundaries = tuple(steps_for(e, batch) for e in (30, 60, 80))
@@ -108,9 +108,9 @@ def lars32k(config):
     config.optimizer = 'lars'
     config.lars_trust_coefficient = 1e-3
     config.batch_size = batch
-    config.learning_rate = 34.0               # the peak lr at 32768
+    config.learning_rate = 34.0  # the peak lr at 32768
     config.reference_batch_size = batch
-    config.warmup_type = 'linear'             # from 0
+    config.warmup_type = 'linear'  # from 0
     config.warmup_steps = steps_for(12, batch)
     config.schedule = 'poly'
     config.lr_poly_power = 2.0
@@ -128,8 +128,10 @@ def get_config(arg: str = 'resnet50'):
     if arg in LARGE_BATCH:
         return LARGE_BATCH[arg](get_config('resnet50'))
     if arg not in VARIANTS:
-        raise ValueError(f'imagenet config argument must be one of '
-                         f'{", ".join([*VARIANTS, *LARGE_BATCH])}; got {arg!r}')
+        raise ValueError(
+            f'imagenet config argument must be one of '
+            f'{", ".join([*VARIANTS, *LARGE_BATCH])}; got {arg!r}'
+        )
     model, shortcut = VARIANTS[arg]
     config = base_config()
     config.model.name = model
@@ -140,7 +142,7 @@ def get_config(arg: str = 'resnet50'):
     config.reference_batch_size = 256
     config.learning_rate = 0.1
     config.schedule = 'plateau'
-    config.plateau_patience = 5               # epochs without improvement, then lr / 10
+    config.plateau_patience = 5  # epochs without improvement, then lr / 10
     config.lr_boundaries = (30 * STEPS_PER_EPOCH, 60 * STEPS_PER_EPOCH)  # schedule='step'
     config.num_train_steps = 600_000
     config.eval_batch_size = 250

@@ -43,8 +43,9 @@ def say(text: str) -> None:
     LINES.append(text)
 
 
-def write_jpegs(folder: pathlib.Path, count: int, sides: tuple[int, int],
-                classes: int = 10) -> None:
+def write_jpegs(
+    folder: pathlib.Path, count: int, sides: tuple[int, int], classes: int = 10
+) -> None:
     """``count`` JPEGs of real photographs, random crops resized to sides in ``sides``."""
     from PIL import Image
     from sklearn.datasets import load_sample_images
@@ -52,6 +53,7 @@ def write_jpegs(folder: pathlib.Path, count: int, sides: tuple[int, int],
     photos = list(load_sample_images().images)
     try:
         from skimage import data
+
         photos += [data.astronaut(), data.chelsea(), data.coffee(), data.rocket()]
     except ImportError:  # scikit-image is optional: scikit-learn's two photos suffice
         pass
@@ -62,7 +64,7 @@ def write_jpegs(folder: pathlib.Path, count: int, sides: tuple[int, int],
         ch, cw = rng.integers(h // 2, h + 1), rng.integers(w // 2, w + 1)
         top, left = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
         size = tuple(int(s) for s in rng.integers(sides[0], sides[1] + 1, size=2))
-        image = Image.fromarray(photo[top:top + ch, left:left + cw]).resize(size)
+        image = Image.fromarray(photo[top : top + ch, left : left + cw]).resize(size)
         path = folder / f'class_{i % classes}' / f'{i:06d}.jpg'
         path.parent.mkdir(parents=True, exist_ok=True)
         image.save(path, quality=90)
@@ -130,31 +132,48 @@ def real_jpeg_vs_synthetic(args, mesh) -> dict:
         config.dataset.max_scale = round(480 * args.image_size / 224)
         loop.validate_config(config, mesh.size)  # prepares the folder once
         pipeline = input_pipeline.Pipeline(config.dataset, config.seed)
-        model, plan, state, train_fn, _ = _parts(config, pipeline.num_classes,
-                                                 pipeline.image_shape(), mesh)
+        model, plan, state, train_fn, _ = _parts(
+            config, pipeline.num_classes, pipeline.image_shape(), mesh
+        )
         batches = input_pipeline.prefetch(
-            input_pipeline.train_iterator(pipeline, 0, config.batch_size, jax.process_index(),
-                                          jax.process_count()),
-            lambda batch: parallel.shard_batch(mesh, batch))
+            input_pipeline.train_iterator(
+                pipeline, 0, config.batch_size, jax.process_index(), jax.process_count()
+            ),
+            lambda batch: parallel.shard_batch(mesh, batch),
+        )
         state, warm = _time_steps(train_fn, state, lambda: next(batches), args.warmup)
         start = time.perf_counter()
         state, _ = _time_steps(train_fn, state, lambda: next(batches), args.steps)
         real = args.steps * config.batch_size / (time.perf_counter() - start)
         getattr(batches, 'close', lambda: None)()
-        synthetic_batch = parallel.shard_batch(mesh, {
-            'image': np.random.default_rng(0).normal(
-                size=(config.batch_size, *pipeline.image_shape())).astype(np.float32),
-            'label': np.zeros(config.batch_size, np.int32)})
+        synthetic_batch = parallel.shard_batch(
+            mesh,
+            {
+                'image': np.random.default_rng(0)
+                .normal(size=(config.batch_size, *pipeline.image_shape()))
+                .astype(np.float32),
+                'label': np.zeros(config.batch_size, np.int32),
+            },
+        )
         start = time.perf_counter()
         state, _ = _time_steps(train_fn, state, lambda: synthetic_batch, args.steps)
         synthetic = args.steps * config.batch_size / (time.perf_counter() - start)
-    result = {'model': args.model, 'dtype': args.dtype, 'batch_size': config.batch_size,
-              'images': args.images, 'input_workers': pipeline_workers(config),
-              'real_images_per_sec': real, 'synthetic_images_per_sec': synthetic,
-              'real_over_synthetic': real / synthetic, 'execution': plan.name}
-    say(f'{args.model} {args.dtype} batch {config.batch_size}, {plan.name} plan: real JPEGs '
+    result = {
+        'model': args.model,
+        'dtype': args.dtype,
+        'batch_size': config.batch_size,
+        'images': args.images,
+        'input_workers': pipeline_workers(config),
+        'real_images_per_sec': real,
+        'synthetic_images_per_sec': synthetic,
+        'real_over_synthetic': real / synthetic,
+        'execution': plan.name,
+    }
+    say(
+        f'{args.model} {args.dtype} batch {config.batch_size}, {plan.name} plan: real JPEGs '
         f'{real:,.0f} images/s, synthetic {synthetic:,.0f} images/s '
-        f'({100 * real / synthetic:.0f}% of synthetic; {result["input_workers"]} input workers)')
+        f'({100 * real / synthetic:.0f}% of synthetic; {result["input_workers"]} input workers)'
+    )
     return result
 
 
@@ -174,27 +193,39 @@ def ready_to_train(args, mesh) -> dict:
         shape = (32, 32, 3)
         start = time.perf_counter()
         model, plan, state, train_fn, init_seconds = _parts(config, 10, shape, mesh)
-        batch = parallel.shard_batch(mesh, {
-            'image': np.random.default_rng(0).normal(
-                size=(config.batch_size, *shape)).astype(np.float32),
-            'label': np.zeros(config.batch_size, np.int32)})
+        batch = parallel.shard_batch(
+            mesh,
+            {
+                'image': np.random.default_rng(0)
+                .normal(size=(config.batch_size, *shape))
+                .astype(np.float32),
+                'label': np.zeros(config.batch_size, np.int32),
+            },
+        )
         compile_start = time.perf_counter()
         compiled = train_fn.lower(state, batch).compile()
         compile_seconds = time.perf_counter() - compile_start
-        state, first = _time_steps(compiled, state, lambda: batch, 3)
+        state, first = _time_steps(compiled, state, lambda b=batch: b, 3)
         ready = time.perf_counter() - start
-        state, times = _time_steps(compiled, state, lambda: batch, args.depth_steps)
+        state, times = _time_steps(compiled, state, lambda b=batch: b, args.depth_steps)
         depth = 2 + 2 * sum(model.stage_sizes)
         step = statistics.median(times)
-        out[name] = {'init_seconds': init_seconds, 'compile_seconds': compile_seconds,
-                     'first_3_steps_seconds': sum(first), 'ready_seconds': ready,
-                     'step_seconds': step, 'per_layer_ms': 1e3 * step / depth,
-                     'scanned_blocks': sum(map(len, plan.scan_groups(model))),
-                     'execution': plan.name}
-        say(f'{name} batch {config.batch_size}: ready to train in {ready:.1f} s (init '
+        out[name] = {
+            'init_seconds': init_seconds,
+            'compile_seconds': compile_seconds,
+            'first_3_steps_seconds': sum(first),
+            'ready_seconds': ready,
+            'step_seconds': step,
+            'per_layer_ms': 1e3 * step / depth,
+            'scanned_blocks': sum(map(len, plan.scan_groups(model))),
+            'execution': plan.name,
+        }
+        say(
+            f'{name} batch {config.batch_size}: ready to train in {ready:.1f} s (init '
             f'{init_seconds:.1f} s, compile {compile_seconds:.1f} s, first 3 steps '
             f'{sum(first):.1f} s); step {1e3 * step:.1f} ms, {1e3 * step / depth:.3f} ms per '
-            f'layer; {out[name]["scanned_blocks"]} blocks scanned ({plan.name} plan)')
+            f'layer; {out[name]["scanned_blocks"]} blocks scanned ({plan.name} plan)'
+        )
         del state, compiled
         jax.clear_caches()
     deep, shallow = args.depth_models
@@ -205,23 +236,42 @@ def ready_to_train(args, mesh) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument('--toy', action='store_true',
-                        help='CPU-size: tiny images and nets, to check the script itself')
+    parser.add_argument(
+        '--toy',
+        action='store_true',
+        help='CPU-size: tiny images and nets, to check the script itself',
+    )
     parser.add_argument('--images', type=int, default=4096)
     parser.add_argument('--log', type=pathlib.Path, default=None)
     args = parser.parse_args(argv)
     if args.toy:
         args.images, args.sides, args.image_size = 48, (80, 120), 64
         args.model, args.dtype, args.batch_size, args.warmup, args.steps = (
-            'resnet18', 'float32', 8, 1, 2)
+            'resnet18',
+            'float32',
+            8,
+            1,
+            2,
+        )
         args.depth_models, args.depth_batch_size, args.depth_steps = (
-            ('cifar_resnet20', 'cifar_resnet8'), 8, 2)
+            ('cifar_resnet20', 'cifar_resnet8'),
+            8,
+            2,
+        )
     else:
         args.sides, args.image_size = (350, 500), 224
         args.model, args.dtype, args.batch_size, args.warmup, args.steps = (
-            'resnet50', 'bfloat16', 256, 5, 20)
+            'resnet50',
+            'bfloat16',
+            256,
+            5,
+            20,
+        )
         args.depth_models, args.depth_batch_size, args.depth_steps = (
-            ('cifar_resnet1202', 'cifar_resnet110'), 128, 10)
+            ('cifar_resnet1202', 'cifar_resnet110'),
+            128,
+            10,
+        )
 
     import jax
 
@@ -229,12 +279,18 @@ def main(argv: list[str] | None = None) -> int:
 
     mesh = parallel.create_mesh()
     device = jax.devices()[0]
-    say(f'{jax.device_count()} x {device.device_kind} ({jax.default_backend()}), '
-        f'{len(os.sched_getaffinity(0))} CPU cores, jax {jax.__version__}')
-    result = {'device': device.device_kind, 'devices': jax.device_count(),
-              'cpu_cores': len(os.sched_getaffinity(0)), 'jax': jax.__version__,
-              'real_jpeg': real_jpeg_vs_synthetic(args, mesh),
-              'depth': ready_to_train(args, mesh)}
+    say(
+        f'{jax.device_count()} x {device.device_kind} ({jax.default_backend()}), '
+        f'{len(os.sched_getaffinity(0))} CPU cores, jax {jax.__version__}'
+    )
+    result = {
+        'device': device.device_kind,
+        'devices': jax.device_count(),
+        'cpu_cores': len(os.sched_getaffinity(0)),
+        'jax': jax.__version__,
+        'real_jpeg': real_jpeg_vs_synthetic(args, mesh),
+        'depth': ready_to_train(args, mesh),
+    }
     say(json.dumps(result))
     if args.log:
         args.log.parent.mkdir(parents=True, exist_ok=True)

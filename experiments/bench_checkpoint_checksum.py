@@ -6,8 +6,8 @@ Builds the train state of ``--model`` (parameters, SGD momentum, BatchNorm stati
 float32: 51.2M numbers, 205 MB for ResNet-50) on this host's first device and, over
 ``--rounds`` rounds, times:
 
-* the checksums of a save (``checkpointing.checksums``: SHA-256 of every part of the
-  state, on the host) and their verification after a restore (``checkpointing.verify``);
+* the checksums of a save (``checksums.checksums``: SHA-256 of every part of the
+  state, on the host) and their verification after a restore (``checksums.verify``);
 * a whole save through the run's ``Checkpointer`` (the blocking part of ``save``, and
   until the step is committed) and a whole restore of the latest step
   (``restore_latest``, which reads, checks and verifies), into a temporary directory.
@@ -32,10 +32,9 @@ def main() -> int:
     args = parser.parse_args()
 
     from resnet_jax import models, parallel
-    from resnet_jax.training import checkpoints as checkpointing
-    from resnet_jax.training import optim
-    from resnet_jax.training import steps
     from resnet_jax.config import base_config
+    from resnet_jax.training import checkpoints as checkpointing
+    from resnet_jax.training import checksums, optim, steps
 
     config = base_config()
     config.model.name = args.model
@@ -47,26 +46,34 @@ def main() -> int:
     state = steps.init_train_state(model, tx, jax.random.key(0), (224, 224, 3), mesh)
     # Random values, as a trained state has (a fresh one compresses differently).
     state = jax.tree_util.tree_map(
-        lambda x: parallel.replicate(mesh, np.random.default_rng(0).standard_normal(
-            x.shape).astype(x.dtype)) if x.ndim else x, state)
+        lambda x: (
+            parallel.replicate(
+                mesh, np.random.default_rng(0).standard_normal(x.shape).astype(x.dtype)
+            )
+            if x.ndim
+            else x
+        ),
+        state,
+    )
     metrics = jax.device_put(steps.TrainMetrics.empty())
     leaves = jax.tree_util.tree_leaves(state)
     size = sum(x.size for x in leaves)
     nbytes = sum(x.nbytes for x in leaves)
-    print(f'{args.model} train state: {size / 1e6:.1f}M numbers, {nbytes / 1e6:.0f} MB, '
-          f'{len(leaves)} arrays (built in {time.perf_counter() - start:.1f} s); '
-          f'{jax.devices()[0].device_kind}')
+    print(
+        f'{args.model} train state: {size / 1e6:.1f}M numbers, {nbytes / 1e6:.0f} MB, '
+        f'{len(leaves)} arrays (built in {time.perf_counter() - start:.1f} s); '
+        f'{jax.devices()[0].device_kind}'
+    )
 
-    timings = {k: [] for k in ('checksums', 'verify', 'save_call', 'save_committed',
-                               'restore')}
+    timings = {k: [] for k in ('checksums', 'verify', 'save_call', 'save_committed', 'restore')}
     with tempfile.TemporaryDirectory() as root:
         directory = epath.Path(root) / 'checkpoints'
         for r in range(args.rounds):
             t = time.perf_counter()
-            parts = checkpointing.checksums(state, metrics)
+            parts = checksums.checksums(state, metrics)
             timings['checksums'].append(time.perf_counter() - t)
             t = time.perf_counter()
-            checkpointing.verify(parts, 'state', state)
+            checksums.verify(parts, 'state', state)
             timings['verify'].append(time.perf_counter() - t)
 
             ckpt = checkpointing.Checkpointer(directory, config)
@@ -90,11 +97,13 @@ def main() -> int:
     print(f'save: blocking part {show("save_call")}, until committed {show("save_committed")}')
     print(f'restore of the latest step (read, check, verify): {show("restore")}')
     share_save = statistics.median(timings['checksums']) / statistics.median(
-        timings['save_committed'])
-    share_restore = statistics.median(timings['verify']) / statistics.median(
-        timings['restore'])
-    print(f'checksums: {100 * share_save:.0f}% of a save, {100 * share_restore:.0f}% of a '
-          f'restore ({args.rounds} rounds, medians (range))')
+        timings['save_committed']
+    )
+    share_restore = statistics.median(timings['verify']) / statistics.median(timings['restore'])
+    print(
+        f'checksums: {100 * share_save:.0f}% of a save, {100 * share_restore:.0f}% of a '
+        f'restore ({args.rounds} rounds, medians (range))'
+    )
     return 0
 
 

@@ -40,8 +40,8 @@ import numpy as np  # noqa: E402
 import tensorflow_datasets as tfds  # noqa: E402
 from sklearn.datasets import load_sample_images  # noqa: E402
 
-from resnet_jax.data import pipeline as input_pipeline  # noqa: E402
 from resnet_jax.config import base_config  # noqa: E402
+from resnet_jax.data import pipeline as input_pipeline  # noqa: E402
 
 
 def build(data_dir: str, n: int) -> None:
@@ -51,9 +51,15 @@ def build(data_dir: str, n: int) -> None:
         VERSION = tfds.core.Version('1.0.0')
 
         def _info(self):
-            return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
-                'image': tfds.features.Image(encoding_format='jpeg'),
-                'label': tfds.features.ClassLabel(num_classes=2)}))
+            return tfds.core.DatasetInfo(
+                builder=self,
+                features=tfds.features.FeaturesDict(
+                    {
+                        'image': tfds.features.Image(encoding_format='jpeg'),
+                        'label': tfds.features.ClassLabel(num_classes=2),
+                    }
+                ),
+            )
 
         def _split_generators(self, dl_manager):
             return {'train': self._generate_examples(n), 'validation': self._generate_examples(2)}
@@ -62,17 +68,26 @@ def build(data_dir: str, n: int) -> None:
             for i in range(count):
                 photo = photos[i % 2]
                 photo = photo[:, ::-1] if (i // 2) % 2 else photo
-                dy, dx = (i * 7) % 20, (i * 13) % 30   # ~400x600 crops: ImageNet-like
-                yield i, {'image': np.ascontiguousarray(photo[dy:dy + 400, dx:dx + 600]),
-                          'label': i % 2}
+                dy, dx = (i * 7) % 20, (i * 13) % 30  # ~400x600 crops: ImageNet-like
+                yield (
+                    i,
+                    {
+                        'image': np.ascontiguousarray(photo[dy : dy + 400, dx : dx + 600]),
+                        'label': i % 2,
+                    },
+                )
 
     BenchPhotos(data_dir=data_dir, file_format='array_record').download_and_prepare()
 
 
 def write_jpeg_files(data_dir: str, out_dir: str) -> list[str]:
     """The dataset's training JPEGs, byte for byte, as files (an ImageFolder-style copy)."""
-    source = tfds.data_source('bench_photos', split='train', data_dir=data_dir,
-                              decoders={'image': tfds.decode.SkipDecoding()})
+    source = tfds.data_source(
+        'bench_photos',
+        split='train',
+        data_dir=data_dir,
+        decoders={'image': tfds.decode.SkipDecoding()},
+    )
     paths = []
     for i in range(len(source)):
         paths.append(os.path.join(out_dir, f'{i:05d}.jpg'))
@@ -90,8 +105,9 @@ def pil_train_view(path: str, rng: np.random.Generator, mean: np.ndarray) -> np.
     short = int(rng.integers(256, 481))
     w, h = image.size
     scale = short / min(w, h)
-    image = image.resize((max(short, round(w * scale)), max(short, round(h * scale))),
-                         Image.BILINEAR)
+    image = image.resize(
+        (max(short, round(w * scale)), max(short, round(h * scale))), Image.BILINEAR
+    )
     w, h = image.size
     left, top = int(rng.integers(0, w - 223)), int(rng.integers(0, h - 223))
     image = image.crop((left, top, left + 224, top + 224))
@@ -99,19 +115,27 @@ def pil_train_view(path: str, rng: np.random.Generator, mean: np.ndarray) -> np.
         image = image.transpose(Image.FLIP_LEFT_RIGHT)
     x = np.asarray(image, np.float32) - mean
     eigval = np.array([0.2175, 0.0188, 0.0045], np.float32) * 255
-    eigvec = np.array([[-0.5675, 0.7192, 0.4009], [-0.5808, -0.0045, -0.8140],
-                       [-0.5836, -0.6948, 0.4203]], np.float32)
+    eigvec = np.array(
+        [[-0.5675, 0.7192, 0.4009], [-0.5808, -0.0045, -0.8140], [-0.5836, -0.6948, 0.4203]],
+        np.float32,
+    )
     return x + eigvec @ (rng.normal(0, 0.1, 3).astype(np.float32) * eigval)
 
 
 def pil_batch(paths: list[str], batch_size: int, step: int) -> np.ndarray:
     mean = np.array([123.68, 116.78, 103.94], np.float32)
-    return np.stack([pil_train_view(paths[(step * batch_size + i) % len(paths)],
-                                    np.random.default_rng([step, i]), mean)
-                     for i in range(batch_size)])
+    return np.stack(
+        [
+            pil_train_view(
+                paths[(step * batch_size + i) % len(paths)], np.random.default_rng([step, i]), mean
+            )
+            for i in range(batch_size)
+        ]
+    )
 
 
 # --- the configurations: each yields batches of batch_size images, forever -----------------
+
 
 def dataset_config(name: str, data_dir: str, workers: int):
     cfg = base_config().dataset
@@ -124,7 +148,8 @@ def worker_batches(data_dir: str, workers: int, batch_size: int, name='bench_pho
     pipeline = input_pipeline.Pipeline(dataset_config(name, data_dir, workers), seed=0)
     if pipeline.small:  # forced through workers, to compare with building them here
         build = lambda step, start, stop: pipeline.train_examples(  # noqa: E731
-            step, batch_size, start, stop)
+            step, batch_size, start, stop
+        )
         return pipeline._host_batches(build, 0, 1 << 62, batch_size)
     return input_pipeline.train_iterator(pipeline, 0, batch_size, 0, 1)
 
@@ -140,8 +165,12 @@ def thread_batches(data_dir: str, threads: int, batch_size: int):
     pool = concurrent.futures.ThreadPoolExecutor(threads)
     bounds = np.linspace(0, batch_size, threads + 1).astype(int)
     for step in itertools.count():
-        parts = list(pool.map(lambda a: pipeline.train_examples(step, batch_size, *a),
-                              zip(bounds[:-1], bounds[1:])))
+        parts = list(
+            pool.map(
+                lambda a, s=step: pipeline.train_examples(s, batch_size, *a),
+                zip(bounds[:-1], bounds[1:]),
+            )
+        )
         yield {k: np.concatenate([p[k] for p in parts]) for k in ('image', 'label')}
 
 
@@ -149,10 +178,9 @@ def pil_batches(paths: list[str], workers: int, batch_size: int):
     """torchvision-style batches built in ``workers`` processes (grain, as ours)."""
     from resnet_jax.data import workers as worker_processes
 
-    batches = worker_processes.map_in_workers(
-        functools.partial(pil_batch, paths, batch_size), range(1 << 62), workers)
-    for batch in batches:
-        yield worker_processes.to_local(batch)
+    return worker_processes.map_in_workers(
+        functools.partial(pil_batch, paths, batch_size), range(1 << 62), workers
+    )
 
 
 def cpu_seconds() -> float:
@@ -173,8 +201,15 @@ def cpu_seconds() -> float:
     return total / os.sysconf('SC_CLK_TCK')
 
 
-def measure(configs: dict, batch_size: int, batches: int, rounds: int, drain: dict,
-            settle: float, cpu: dict | None = None) -> dict[str, list[float]]:
+def measure(
+    configs: dict,
+    batch_size: int,
+    batches: int,
+    rounds: int,
+    drain: dict,
+    settle: float,
+    cpu: dict | None = None,
+) -> dict[str, list[float]]:
     """Images/s of each configuration in each round, the configurations alternating.
 
     Workers refill their buffers after being measured; ``settle`` seconds before each
@@ -195,7 +230,8 @@ def measure(configs: dict, batch_size: int, batches: int, rounds: int, drain: di
             rates[name].append(batches * batch_size / (time.perf_counter() - start))
             if cpu is not None:
                 cpu.setdefault(name, []).append(
-                    1e3 * (cpu_seconds() - start_cpu) / (batches * batch_size))
+                    1e3 * (cpu_seconds() - start_cpu) / (batches * batch_size)
+                )
     return rates
 
 
@@ -209,74 +245,114 @@ def main() -> int:
     parser.add_argument('--batches', type=int, default=8, help='timed batches per round')
     parser.add_argument('--rounds', type=int, default=5)
     parser.add_argument('--batch-size', type=int, default=32)
-    parser.add_argument('--settle', type=float, default=3.0,
-                        help='seconds of quiet before each measurement')
+    parser.add_argument(
+        '--settle', type=float, default=3.0, help='seconds of quiet before each measurement'
+    )
     parser.add_argument('--json', action='store_true', help='end with one JSON line')
     args = parser.parse_args()
     bs = args.batch_size
-    with tempfile.TemporaryDirectory() as data_dir, \
-            tempfile.TemporaryDirectory() as jpeg_dir:
+    with tempfile.TemporaryDirectory() as data_dir, tempfile.TemporaryDirectory() as jpeg_dir:
         build(data_dir, args.images)
         paths = write_jpeg_files(data_dir, jpeg_dir)
-        configs = {'workers_1': worker_batches(data_dir, 1, bs),
-                   'workers_2': worker_batches(data_dir, 2, bs),
-                   'threads_1': thread_batches(data_dir, 1, bs),
-                   'threads_2': thread_batches(data_dir, 2, bs),
-                   'pil_1': pil_batches(paths, 1, bs), 'pil_2': pil_batches(paths, 2, bs)}
+        configs = {
+            'workers_1': worker_batches(data_dir, 1, bs),
+            'workers_2': worker_batches(data_dir, 2, bs),
+            'threads_1': thread_batches(data_dir, 1, bs),
+            'threads_2': thread_batches(data_dir, 2, bs),
+            'pil_1': pil_batches(paths, 1, bs),
+            'pil_2': pil_batches(paths, 2, bs),
+        }
         # Up to 3 batches a worker wait ready (its buffer, its queue, grain's interleave).
-        drain = {'workers_1': 3, 'workers_2': 6, 'threads_1': 0, 'threads_2': 0,
-                 'pil_1': 3, 'pil_2': 6}
+        drain = {
+            'workers_1': 3,
+            'workers_2': 6,
+            'threads_1': 0,
+            'threads_2': 0,
+            'pil_1': 3,
+            'pil_2': 6,
+        }
         cpu_ms: dict[str, list[float]] = {}
         rates = measure(configs, bs, args.batches, args.rounds, drain, args.settle, cpu_ms)
         for it in configs.values():
             getattr(it, 'close', lambda: None)()
         # In-memory digits (CIFAR-style 32x32, batch 128): here vs in worker processes.
         tfds_dir = os.path.join(data_dir, 'digits')
-        small = {'in_process': inprocess_batches(tfds_dir, 128, 'digits'),
-                 'workers_1': worker_batches(tfds_dir, 1, 128, 'digits'),
-                 'workers_2': worker_batches(tfds_dir, 2, 128, 'digits')}
-        small_rates = measure(small, 128, 20, args.rounds,
-                              {'in_process': 0, 'workers_1': 3, 'workers_2': 6}, args.settle)
+        small = {
+            'in_process': inprocess_batches(tfds_dir, 128, 'digits'),
+            'workers_1': worker_batches(tfds_dir, 1, 128, 'digits'),
+            'workers_2': worker_batches(tfds_dir, 2, 128, 'digits'),
+        }
+        small_rates = measure(
+            small,
+            128,
+            20,
+            args.rounds,
+            {'in_process': 0, 'workers_1': 3, 'workers_2': 6},
+            args.settle,
+        )
         for it in small.values():
             getattr(it, 'close', lambda: None)()
     med = {k: statistics.median(v) for k, v in rates.items()}
     cores = os.cpu_count()
-    print(f'ImageNet training pipeline on ~400x600 JPEGs, batch {bs}, {cores} cores, '
-          f'images/s (median of {args.rounds} alternating rounds of {args.batches} batches):')
-    print('| pipeline | 1 worker | 2 workers | per core, 2 workers | 2 / 1 | CPU ms an image '
-          '(1 / 2) |')
+    print(
+        f'ImageNet training pipeline on ~400x600 JPEGs, batch {bs}, {cores} cores, '
+        f'images/s (median of {args.rounds} alternating rounds of {args.batches} batches):'
+    )
+    print(
+        '| pipeline | 1 worker | 2 workers | per core, 2 workers | 2 / 1 | CPU ms an image '
+        '(1 / 2) |'
+    )
     print('|---|---|---|---|---|---|')
-    rows = (('resnet_jax, worker processes (grain)', 'workers'),
-            ('resnet_jax per-image work, threads of one process', 'threads'),
-            ('torchvision-style PIL, worker processes', 'pil'))
+    rows = (
+        ('resnet_jax, worker processes (grain)', 'workers'),
+        ('resnet_jax per-image work, threads of one process', 'threads'),
+        ('torchvision-style PIL, worker processes', 'pil'),
+    )
     for label, key in rows:
         one, two = med[f'{key}_1'], med[f'{key}_2']
-        print(f'| {label} | {one:.1f} | {two:.1f} | {two / 2:.1f} | '
-              f'{median_ratio(rates[f"{key}_2"], rates[f"{key}_1"]):.2f}x | '
-              f'{statistics.median(cpu_ms[f"{key}_1"]):.2f} / '
-              f'{statistics.median(cpu_ms[f"{key}_2"]):.2f} |')
-    print(f'1 worker / 1 thread: {median_ratio(rates["workers_1"], rates["threads_1"]):.2f}; '
-          f'workers / PIL: {median_ratio(rates["workers_1"], rates["pil_1"]):.2f} (1), '
-          f'{median_ratio(rates["workers_2"], rates["pil_2"]):.2f} (2)')
+        print(
+            f'| {label} | {one:.1f} | {two:.1f} | {two / 2:.1f} | '
+            f'{median_ratio(rates[f"{key}_2"], rates[f"{key}_1"]):.2f}x | '
+            f'{statistics.median(cpu_ms[f"{key}_1"]):.2f} / '
+            f'{statistics.median(cpu_ms[f"{key}_2"]):.2f} |'
+        )
+    print(
+        f'1 worker / 1 thread: {median_ratio(rates["workers_1"], rates["threads_1"]):.2f}; '
+        f'workers / PIL: {median_ratio(rates["workers_1"], rates["pil_1"]):.2f} (1), '
+        f'{median_ratio(rates["workers_2"], rates["pil_2"]):.2f} (2)'
+    )
     small_med = {k: statistics.median(v) for k, v in small_rates.items()}
-    print('in-memory digits, batch 128, images/s: ' + ', '.join(
-        f'{k.replace("_", " ")} {v:.0f}' for k, v in small_med.items()))
+    print(
+        'in-memory digits, batch 128, images/s: '
+        + ', '.join(f'{k.replace("_", " ")} {v:.0f}' for k, v in small_med.items())
+    )
     if args.json:
-        print(json.dumps({
-            'images_per_sec_1_worker': round(med['workers_1'], 1),
-            'images_per_sec_2_workers': round(med['workers_2'], 1),
-            'images_per_sec_per_core_2_workers': round(med['workers_2'] / 2, 1),
-            'scaling_2_workers': round(median_ratio(rates['workers_2'], rates['workers_1']), 3),
-            'images_per_sec_1_thread': round(med['threads_1'], 1),
-            'images_per_sec_2_threads': round(med['threads_2'], 1),
-            'worker_vs_thread_1': round(median_ratio(rates['workers_1'],
-                                                     rates['threads_1']), 3),
-            'cpu_ms_per_image': {k: round(statistics.median(v), 3) for k, v in cpu_ms.items()},
-            'pil_images_per_sec_1_worker': round(med['pil_1'], 1),
-            'pil_images_per_sec_2_workers': round(med['pil_2'], 1),
-            'in_memory_images_per_sec': {k: round(v, 1) for k, v in small_med.items()},
-            'batch_size': bs, 'cores': cores, 'rounds': args.rounds,
-        }))
+        print(
+            json.dumps(
+                {
+                    'images_per_sec_1_worker': round(med['workers_1'], 1),
+                    'images_per_sec_2_workers': round(med['workers_2'], 1),
+                    'images_per_sec_per_core_2_workers': round(med['workers_2'] / 2, 1),
+                    'scaling_2_workers': round(
+                        median_ratio(rates['workers_2'], rates['workers_1']), 3
+                    ),
+                    'images_per_sec_1_thread': round(med['threads_1'], 1),
+                    'images_per_sec_2_threads': round(med['threads_2'], 1),
+                    'worker_vs_thread_1': round(
+                        median_ratio(rates['workers_1'], rates['threads_1']), 3
+                    ),
+                    'cpu_ms_per_image': {
+                        k: round(statistics.median(v), 3) for k, v in cpu_ms.items()
+                    },
+                    'pil_images_per_sec_1_worker': round(med['pil_1'], 1),
+                    'pil_images_per_sec_2_workers': round(med['pil_2'], 1),
+                    'in_memory_images_per_sec': {k: round(v, 1) for k, v in small_med.items()},
+                    'batch_size': bs,
+                    'cores': cores,
+                    'rounds': args.rounds,
+                }
+            )
+        )
     return 0
 
 

@@ -38,7 +38,8 @@ def program_options(variant: str) -> dict:
         if '=' in item:
             key, value = item.split('=', 1)
             options[key] = {'true': True, 'false': False}.get(
-                value.lower(), int(value) if value.lstrip('-').isdigit() else value)
+                value.lower(), int(value) if value.lstrip('-').isdigit() else value
+            )
     return options
 
 
@@ -47,8 +48,9 @@ def backend_options(variant: str) -> list[str]:
     return [item for item in variant.split(',') if item and '=' not in item]
 
 
-def measure(model_name: str, steps: int, batch_size: int, variant: str = '',
-            cache_dir: str = '') -> dict:
+def measure(
+    model_name: str, steps: int, batch_size: int, variant: str = '', cache_dir: str = ''
+) -> dict:
     """lower / compile / step seconds of ``model_name``'s train step in this process, with
     the variant's program options added to the plan's; with ``cache_dir``, JAX's
     compilation cache there."""
@@ -68,8 +70,10 @@ def measure(model_name: str, steps: int, batch_size: int, variant: str = '',
     lowered = train_fn.lower(state, batch)
     lowered_at = time.perf_counter()
     compiled = lowered.compile()
-    result = {'lower_seconds': lowered_at - start,
-              'compile_seconds': time.perf_counter() - lowered_at}
+    result = {
+        'lower_seconds': lowered_at - start,
+        'compile_seconds': time.perf_counter() - lowered_at,
+    }
     times = []
     for _ in range(steps + 1 if steps else 0):
         start = time.perf_counter()
@@ -87,60 +91,93 @@ def main() -> int:
     parser.add_argument('--batch_size', type=int, default=128)
     parser.add_argument('--steps', type=int, default=0, help='steps timed after the first')
     parser.add_argument('--rounds', type=int, default=2)
-    parser.add_argument('--options', nargs='+', default=[
-        '', 'xla_cpu_disable_loop_unrolling,xla_cpu_disable_slp_vectorizer',
-        'xla_cpu_use_multi_output_fusion'])
+    parser.add_argument(
+        '--options',
+        nargs='+',
+        default=[
+            '',
+            'xla_cpu_disable_loop_unrolling,xla_cpu_disable_slp_vectorizer',
+            'xla_cpu_use_multi_output_fusion',
+        ],
+    )
     parser.add_argument('--json', action='store_true')
     parser.add_argument('--child', action='store_true', help=argparse.SUPPRESS)
     parser.add_argument('--variant', default='', help=argparse.SUPPRESS)
     parser.add_argument('--cache_dir', default='', help=argparse.SUPPRESS)
-    parser.add_argument('--relaunch', action='store_true',
-                        help="time each variant's relaunch on JAX's compilation cache its "
-                             'first launch filled')
+    parser.add_argument(
+        '--relaunch',
+        action='store_true',
+        help="time each variant's relaunch on JAX's compilation cache its first launch filled",
+    )
     args = parser.parse_args()
     from resnet_jax.backends import xla_options
 
     if args.child:
-        print(json.dumps(measure(args.model, args.steps, args.batch_size, args.variant,
-                                 args.cache_dir)))
+        print(
+            json.dumps(
+                measure(args.model, args.steps, args.batch_size, args.variant, args.cache_dir)
+            )
+        )
         return 0
 
     def child(options: str, *flags: str) -> dict | None:
         env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2')
         env.pop('JAX_COMPILATION_CACHE_DIR', None)
-        env['XLA_FLAGS'] = xla_options.xla_flags_with(backend_options(options),
-                                                      env.get('XLA_FLAGS', ''))
+        env['XLA_FLAGS'] = xla_options.xla_flags_with(
+            backend_options(options), env.get('XLA_FLAGS', '')
+        )
         proc = subprocess.run(
-            [sys.executable, __file__, '--child', f'--model={args.model}',
-             f'--steps={args.steps}', f'--batch_size={args.batch_size}',
-             f'--variant={options}', *flags], env=env, capture_output=True, text=True)
+            [
+                sys.executable,
+                __file__,
+                '--child',
+                f'--model={args.model}',
+                f'--steps={args.steps}',
+                f'--batch_size={args.batch_size}',
+                f'--variant={options}',
+                *flags,
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+        )
         if proc.returncode:
             print(f'{options or "defaults"}: failed\n{proc.stderr[-2000:]}', file=sys.stderr)
             return None
         return json.loads(proc.stdout.strip().splitlines()[-1])
 
     # (name, options, relaunched on JAX's compilation cache)
-    variants = [(f'{o or "defaults"} relaunch' if args.relaunch else o, o, args.relaunch)
-                for o in args.options]
+    variants = [
+        (f'{o or "defaults"} relaunch' if args.relaunch else o, o, args.relaunch)
+        for o in args.options
+    ]
     runs = {name: [] for name, _, _ in variants}
     for _ in range(args.rounds):
         for name, options, relaunch in variants:
             if relaunch:  # a first launch fills a fresh cache; the relaunch is timed
                 with tempfile.TemporaryDirectory() as cache:
-                    result = (child(options, f'--cache_dir={cache}') and
-                              child(options, f'--cache_dir={cache}'))
+                    result = child(options, f'--cache_dir={cache}') and child(
+                        options, f'--cache_dir={cache}'
+                    )
             else:
                 result = child(options)
             if result is None:
                 return 1
             runs[name].append(result)
             print(f'{name or "defaults"}: {result}', flush=True)
-    summary = {o or 'defaults': {k: round(statistics.median(r[k] for r in rs), 3)
-                                 for k in rs[0] if k.endswith('_seconds')}
-               for o, rs in runs.items()}
+    summary = {
+        o or 'defaults': {
+            k: round(statistics.median(r[k] for r in rs), 3)
+            for k in rs[0]
+            if k.endswith('_seconds')
+        }
+        for o, rs in runs.items()
+    }
     for name, figures in summary.items():
-        print(f'{args.model} {name:<34} ' + '  '.join(
-            f'{k.replace("_seconds", "")} {v:.2f} s' for k, v in figures.items()))
+        print(
+            f'{args.model} {name:<34} '
+            + '  '.join(f'{k.replace("_seconds", "")} {v:.2f} s' for k, v in figures.items())
+        )
     if args.json:
         print(json.dumps({'model': args.model, 'rounds': args.rounds, 'median': summary}))
     return 0

@@ -27,8 +27,14 @@ from jax import lax
 from resnet_jax.backends import cpu_ops
 
 # (height, in channels, out channels, stride) of the CIFAR nets' 3x3 convolutions.
-CIFAR_SHAPES = [(32, 3, 16, 1), (32, 16, 16, 1), (32, 16, 32, 2), (16, 32, 32, 1),
-                (16, 32, 64, 2), (8, 64, 64, 1)]
+CIFAR_SHAPES = [
+    (32, 3, 16, 1),
+    (32, 16, 16, 1),
+    (32, 16, 32, 2),
+    (16, 32, 32, 1),
+    (16, 32, 64, 2),
+    (8, 64, 64, 1),
+]
 
 
 def weight_grad(x, g, stride: int, chunk: int):
@@ -38,8 +44,10 @@ def weight_grad(x, g, stride: int, chunk: int):
 
 def weight_grad_scanned(x, g, stride: int, chunk: int):
     """``weight_grad`` with the chunks summed in a ``lax.scan`` (the same sums, in order)."""
+
     def add(total, chunk_xg):
         return total + weight_grad(*chunk_xg, stride, chunk), None
+
     xs = x.reshape(-1, chunk, *x.shape[1:])
     gs = g.reshape(-1, chunk, *g.shape[1:])
     zeros = jnp.zeros((x.shape[3], 3, 3, g.shape[3]), x.dtype)
@@ -51,16 +59,21 @@ def main() -> None:
     parser.add_argument('--batch', type=int, default=128)
     parser.add_argument('--rounds', type=int, default=5)
     parser.add_argument('--repeats', type=int, default=5, help='calls timed per round')
-    parser.add_argument('--scan', action='store_true',
-                        help="also the plan's chunk size with the chunks in a lax.scan")
+    parser.add_argument(
+        '--scan',
+        action='store_true',
+        help="also the plan's chunk size with the chunks in a lax.scan",
+    )
     parser.add_argument('--json', action='store_true')
     args = parser.parse_args()
     chunks = [c for c in (8, 16, 32, 64, 128, 256) if c <= args.batch and args.batch % c == 0]
     plan_chunk = cpu_ops.weight_grad_chunk((args.batch,))
     variants = {c: functools.partial(weight_grad, chunk=c) for c in chunks}
     if args.scan and args.batch % plan_chunk:
-        parser.error(f'--scan needs a batch that is a multiple of the plan\'s chunk '
-                     f'({plan_chunk}); got {args.batch}')
+        parser.error(
+            f"--scan needs a batch that is a multiple of the plan's chunk "
+            f'({plan_chunk}); got {args.batch}'
+        )
     if args.scan:
         variants['scan'] = functools.partial(weight_grad_scanned, chunk=plan_chunk)
     rows = []
@@ -82,15 +95,20 @@ def main() -> None:
                 for _ in range(args.repeats):
                     fns[c](x, g).block_until_ready()
                 times[c].append((time.perf_counter() - start) / args.repeats * 1e3)
-        row = {'shape': f'{args.batch}x{height}x{height}x{cin}->{cout}/s{stride}',
-               'ms': {c: round(statistics.median(t), 3) for c, t in times.items()},
-               'compile_s': {c: round(s, 3) for c, s in compile_s.items()}}
+        row = {
+            'shape': f'{args.batch}x{height}x{height}x{cin}->{cout}/s{stride}',
+            'ms': {c: round(statistics.median(t), 3) for c, t in times.items()},
+            'compile_s': {c: round(s, 3) for c, s in compile_s.items()},
+        }
         rows.append(row)
         if not args.json:
             best = min(row['ms'], key=row['ms'].get)
-            print(f"{row['shape']:<26} " + '  '.join(
-                f"{c}: {row['ms'][c]:7.2f} ms" for c in variants) + f'   fastest: {best}',
-                flush=True)
+            print(
+                f'{row["shape"]:<26} '
+                + '  '.join(f'{c}: {row["ms"][c]:7.2f} ms' for c in variants)
+                + f'   fastest: {best}',
+                flush=True,
+            )
     totals = {c: round(sum(r['ms'][c] for r in rows), 2) for c in variants}
     if args.json:
         print(json.dumps({'batch': args.batch, 'rows': rows, 'total_ms': totals}))

@@ -25,12 +25,12 @@ import subprocess
 import sys
 import time
 
-DEFAULT_NETS = ('cifar_resnet20:128', 'cifar_resnet56:128', 'cifar_resnet110:128',
-                'resnet50:16')
+DEFAULT_NETS = ('cifar_resnet20:128', 'cifar_resnet56:128', 'cifar_resnet110:128', 'resnet50:16')
 
 
-def torch_images_per_sec(name: str, batch: int, steps: int, warmup: int = 3,
-                         device: str = 'cpu', dtype: str = 'float32') -> float:
+def torch_images_per_sec(
+    name: str, batch: int, steps: int, warmup: int = 3, device: str = 'cpu', dtype: str = 'float32'
+) -> float:
     import torch
     import torch_nets
 
@@ -67,8 +67,12 @@ def main() -> int:
     parser.add_argument('--nets', nargs='+', default=list(DEFAULT_NETS), metavar='NAME:BATCH')
     parser.add_argument('--steps', type=int, default=5)
     parser.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'])
-    parser.add_argument('--rounds', type=int, default=3,
-                        help='alternate the two frameworks this many times per network')
+    parser.add_argument(
+        '--rounds',
+        type=int,
+        default=3,
+        help='alternate the two frameworks this many times per network',
+    )
     parser.add_argument('--rows-only', action='store_true', help=argparse.SUPPRESS)
     args = parser.parse_args()
     try:
@@ -84,25 +88,45 @@ def main() -> int:
     if len(args.nets) > 1:  # each network in a process of its own
         for i, spec in enumerate(args.nets):
             proc = subprocess.run(
-                [sys.executable, __file__, '--nets', spec, '--steps', str(args.steps),
-                 '--dtype', args.dtype, '--rounds', str(args.rounds),
-                 *(['--rows-only'] if i or args.rows_only else [])],
-                stdout=sys.stdout, stderr=sys.stderr)
+                [
+                    sys.executable,
+                    __file__,
+                    '--nets',
+                    spec,
+                    '--steps',
+                    str(args.steps),
+                    '--dtype',
+                    args.dtype,
+                    '--rounds',
+                    str(args.rounds),
+                    *(['--rows-only'] if i or args.rows_only else []),
+                ],
+                stdout=sys.stdout,
+                stderr=sys.stderr,
+            )
             if proc.returncode:
                 return proc.returncode
         return 0
     name, batch = args.nets[0].split(':')
     xla_options.configure(models.create_model(name).stage_sizes)  # before JAX starts
     import jax
+
     device = 'cuda' if jax.default_backend() == 'gpu' and torch.cuda.is_available() else 'cpu'
-    where = (f'{jax.devices()[0].device_kind}' if device == 'cuda'
-             else f'{len(os.sched_getaffinity(0))} CPU cores')
+    where = (
+        f'{jax.devices()[0].device_kind}'
+        if device == 'cuda'
+        else f'{len(os.sched_getaffinity(0))} CPU cores'
+    )
     if not args.rows_only:
-        print(f'{where}, jax {jax.__version__} ({jax.default_backend()}), torch '
-              f'{torch.__version__} ({device}), {args.dtype}, median of {args.rounds} '
-              f'alternating rounds of {args.steps} steps each')
-        print('| network, batch | PyTorch images/s | resnet_jax images/s | ratio | '
-              'resnet_jax compile s |')
+        print(
+            f'{where}, jax {jax.__version__} ({jax.default_backend()}), torch '
+            f'{torch.__version__} ({device}), {args.dtype}, median of {args.rounds} '
+            f'alternating rounds of {args.steps} steps each'
+        )
+        print(
+            '| network, batch | PyTorch images/s | resnet_jax images/s | ratio | '
+            'resnet_jax compile s |'
+        )
         print('|---|---|---|---|---|', flush=True)
     # A shared machine's speed drifts: the two alternate (one compile for resnet_jax), and
     # each reports the median of its rounds (each the median of --steps steps).
@@ -110,12 +134,20 @@ def main() -> int:
     config = base_config()
     config.model.name, config.model.dtype = name, args.dtype
     ours = benchmark.run(
-        config, int(batch), steps=args.steps, rounds=args.rounds,
-        between_rounds=lambda: theirs.append(torch_images_per_sec(
-            name, int(batch), args.steps, device=device, dtype=args.dtype)))
+        config,
+        int(batch),
+        steps=args.steps,
+        rounds=args.rounds,
+        between_rounds=lambda: theirs.append(
+            torch_images_per_sec(name, int(batch), args.steps, device=device, dtype=args.dtype)
+        ),
+    )
     jax_rate, torch_rate = ours['train_images_per_sec'], statistics.median(theirs)
-    print(f"| {name}, {batch} | {torch_rate:.1f} | {jax_rate:.1f} | "
-          f"{jax_rate / torch_rate:.2f} | {ours['compile_seconds']:.1f} |", flush=True)
+    print(
+        f'| {name}, {batch} | {torch_rate:.1f} | {jax_rate:.1f} | '
+        f'{jax_rate / torch_rate:.2f} | {ours["compile_seconds"]:.1f} |',
+        flush=True,
+    )
     return 0
 
 

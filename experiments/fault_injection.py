@@ -42,11 +42,17 @@ FAULTS = ('kill', 'corrupt', 'disk-full', 'unwritable')
 
 
 def command(workdir: pathlib.Path, steps: int, data_dir: str | None) -> list[str]:
-    args = [sys.executable, '-m', 'resnet_jax.main', f'--workdir={workdir}',
-            f'--config.num_train_steps={steps}',
-            f'--config.lr_boundaries=({steps // 2},{3 * steps // 4})',
-            '--config.log_every_steps=5', '--config.eval_every_steps=20',
-            '--config.checkpoint_every_steps=10']
+    args = [
+        sys.executable,
+        '-m',
+        'resnet_jax.main',
+        f'--workdir={workdir}',
+        f'--config.num_train_steps={steps}',
+        f'--config.lr_boundaries=({steps // 2},{3 * steps // 4})',
+        '--config.log_every_steps=5',
+        '--config.eval_every_steps=20',
+        '--config.checkpoint_every_steps=10',
+    ]
     if data_dir:
         args.append(f'--config.dataset.data_dir={data_dir}')
     return args
@@ -69,8 +75,10 @@ def same_results(clean: pathlib.Path, faulty: pathlib.Path) -> tuple[bool, str]:
     a = json.loads((clean / 'results.json').read_text())
     b = json.loads((faulty / 'results.json').read_text())
     a.pop('wall_seconds'), b.pop('wall_seconds')
-    history = (json.loads((clean / 'history.json').read_text())['eval'] ==
-               json.loads((faulty / 'history.json').read_text())['eval'])
+    history = (
+        json.loads((clean / 'history.json').read_text())['eval']
+        == json.loads((faulty / 'history.json').read_text())['eval']
+    )
     return a == b and history, json.dumps(b, sort_keys=True)
 
 
@@ -91,16 +99,22 @@ def fault_kill(args, rng, root, steps) -> dict:
     rows = []
     for kill in range(1, args.kills + 1):
         before = latest_step(faulty)
-        proc = subprocess.Popen(command(faulty, steps, args.data_dir), cwd=REPO,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            command(faulty, steps, args.data_dir),
+            cwd=REPO,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         delay = rng.uniform(6.0, 30.0)
         try:
             proc.wait(timeout=delay)
         except subprocess.TimeoutExpired:
             proc.send_signal(sig)
             proc.wait(timeout=120)
-        rows.append(f'kill {kill} after {delay:.1f} s: resumed from {before}, checkpoint '
-                    f'after {latest_step(faulty)}, exit {proc.returncode}')
+        rows.append(
+            f'kill {kill} after {delay:.1f} s: resumed from {before}, checkpoint '
+            f'after {latest_step(faulty)}, exit {proc.returncode}'
+        )
     code, resumed = relaunch(command(faulty, steps, args.data_dir))
     return {'workdir': faulty, 'details': rows, 'final': f'exit {code}, {resumed}'}
 
@@ -110,8 +124,10 @@ def fault_corrupt(args, rng, root, steps) -> dict:
     cmd = command(faulty, steps, args.data_dir)
     subprocess.run(cmd, cwd=REPO, check=True, capture_output=True)
     latest = latest_step(faulty)
-    files = sorted((faulty / 'checkpoints' / str(latest) / 'state').rglob('d/*'),
-                   key=lambda p: p.stat().st_size)
+    files = sorted(
+        (faulty / 'checkpoints' / str(latest) / 'state').rglob('d/*'),
+        key=lambda p: p.stat().st_size,
+    )
     target = files[-1]  # the largest: array data
     data = bytearray(target.read_bytes())
     start = rng.randrange(len(data) // 4, 3 * len(data) // 4)
@@ -122,13 +138,16 @@ def fault_corrupt(args, rng, root, steps) -> dict:
     final = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     warning = [line for line in final.stdout.splitlines() if line.startswith('warning:')]
     resumed = [line for line in final.stdout.splitlines() if line.startswith('resumed')]
-    return {'workdir': faulty,
-            'details': [f'16 bytes flipped at offset {start} of {target.name} '
-                        f'({len(data)} bytes) in step {latest}',
-                        warning[0] if warning else 'no warning'],
-            'final': f'exit {final.returncode}, {resumed[0] if resumed else "fresh"}',
-            'ok': bool(warning) and bool(resumed) and
-            resumed[0] == f'resumed from step {latest - 10}'}
+    return {
+        'workdir': faulty,
+        'details': [
+            f'16 bytes flipped at offset {start} of {target.name} '
+            f'({len(data)} bytes) in step {latest}',
+            warning[0] if warning else 'no warning',
+        ],
+        'final': f'exit {final.returncode}, {resumed[0] if resumed else "fresh"}',
+        'ok': bool(warning) and bool(resumed) and resumed[0] == f'resumed from step {latest - 10}',
+    }
 
 
 def _stopped(proc, started) -> tuple[int, float, str]:
@@ -141,13 +160,19 @@ def fault_disk_full(args, rng, root, steps) -> dict:
         return {'skipped': 'needs root (a tmpfs mount)'}
     mount = root / 'small_disk'
     mount.mkdir()
-    subprocess.run(['mount', '-t', 'tmpfs', '-o', f'size={args.disk_kb}k', 'tmpfs',
-                    str(mount)], check=True)
+    subprocess.run(
+        ['mount', '-t', 'tmpfs', '-o', f'size={args.disk_kb}k', 'tmpfs', str(mount)], check=True
+    )
     try:
         faulty = mount / 'run'
         started = time.time()
-        proc = subprocess.Popen(command(faulty, steps, args.data_dir), cwd=REPO,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(
+            command(faulty, steps, args.data_dir),
+            cwd=REPO,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         code, seconds, line = _stopped(proc, started)
         last = latest_step(faulty)
         moved = root / 'disk_full'
@@ -156,18 +181,30 @@ def fault_disk_full(args, rng, root, steps) -> dict:
         subprocess.run(['umount', '-l', str(mount)], check=True)
     # Moved to a disk with room: the same command (in its new place) resumes it.
     final_code, resumed = relaunch(command(moved, steps, args.data_dir))
-    ok = (code == 1 and f'the last complete checkpoint is step {last} (kept)' in line
-          and 'No space left on device' in line and resumed == f'resumed from step {last}')
-    return {'workdir': moved,
-            'details': [f'{args.disk_kb} KB disk: exit {code} after {seconds:.1f} s: {line}'],
-            'final': f'exit {final_code}, {resumed}', 'ok': ok}
+    ok = (
+        code == 1
+        and f'the last complete checkpoint is step {last} (kept)' in line
+        and 'No space left on device' in line
+        and resumed == f'resumed from step {last}'
+    )
+    return {
+        'workdir': moved,
+        'details': [f'{args.disk_kb} KB disk: exit {code} after {seconds:.1f} s: {line}'],
+        'final': f'exit {final_code}, {resumed}',
+        'ok': ok,
+    }
 
 
 def fault_unwritable(args, rng, root, steps) -> dict:
     faulty = root / 'unwritable'
     started = time.time()
-    proc = subprocess.Popen(command(faulty, steps, args.data_dir), cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        command(faulty, steps, args.data_dir),
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     at = 10 * rng.randint(2, max(2, steps // 20))
     wait_for_step(faulty, proc, min(at, steps - 10))
     folder = faulty / 'checkpoints'
@@ -184,12 +221,20 @@ def fault_unwritable(args, rng, root, steps) -> dict:
         else:
             folder.chmod(0o755)
     final_code, resumed = relaunch(command(faulty, steps, args.data_dir))
-    ok = (code == 1 and f'the last complete checkpoint is step {last} (kept)' in line
-          and resumed == f'resumed from step {last}')
-    return {'workdir': faulty,
-            'details': [f'made unwritable after step {min(at, steps - 10)}: exit {code} after '
-                        f'{seconds:.1f} s: {line}'],
-            'final': f'exit {final_code}, {resumed}', 'ok': ok}
+    ok = (
+        code == 1
+        and f'the last complete checkpoint is step {last} (kept)' in line
+        and resumed == f'resumed from step {last}'
+    )
+    return {
+        'workdir': faulty,
+        'details': [
+            f'made unwritable after step {min(at, steps - 10)}: exit {code} after '
+            f'{seconds:.1f} s: {line}'
+        ],
+        'final': f'exit {final_code}, {resumed}',
+        'ok': ok,
+    }
 
 
 def main() -> int:
@@ -198,19 +243,24 @@ def main() -> int:
     parser.add_argument('--kills', type=int, default=5)
     parser.add_argument('--signal', choices=['KILL', 'TERM', 'INT'], default='KILL')
     parser.add_argument('--steps', type=int, default=200)
-    parser.add_argument('--disk_kb', type=int, default=6000,
-                        help='disk-full: the size of the small file system (the default '
-                             'run\'s checkpoints take ~2.3 MB each)')
+    parser.add_argument(
+        '--disk_kb',
+        type=int,
+        default=6000,
+        help='disk-full: the size of the small file system (the default '
+        "run's checkpoints take ~2.3 MB each)",
+    )
     parser.add_argument('--seed', type=int, default=0)
-    parser.add_argument('--data_dir', default=None, help='tfds data_dir (default: tfds\')')
+    parser.add_argument('--data_dir', default=None, help="tfds data_dir (default: tfds')")
     args = parser.parse_args()
     rng = random.Random(args.seed)
     root = pathlib.Path(tempfile.mkdtemp(prefix='fault_injection_'))
     clean = root / 'uninterrupted'
 
     start = time.time()
-    subprocess.run(command(clean, args.steps, args.data_dir), cwd=REPO, check=True,
-                   capture_output=True)
+    subprocess.run(
+        command(clean, args.steps, args.data_dir), cwd=REPO, check=True, capture_output=True
+    )
     print(f'uninterrupted run ({args.steps} steps): {time.time() - start:.0f} s')
     a = json.loads((clean / 'results.json').read_text())
     a.pop('wall_seconds')
@@ -229,8 +279,10 @@ def main() -> int:
         print(f'   final relaunch: {outcome["final"]}')
         equal, results = same_results(clean, outcome['workdir'])
         ok = equal and outcome.get('ok', True)
-        print(f'   results.json and eval history equal bit for bit (wall_seconds aside): '
-              f'{equal}; {"PASS" if ok else "FAIL"}')
+        print(
+            f'   results.json and eval history equal bit for bit (wall_seconds aside): '
+            f'{equal}; {"PASS" if ok else "FAIL"}'
+        )
         if not equal:
             print(f'   its results: {results}')
         passed &= ok

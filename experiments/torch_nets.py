@@ -34,7 +34,7 @@ class Shortcut(nn.Module):
         if self.projects:
             return self.proj_bn(self.proj_conv(x))
         if self.strides != 1:  # option A: subsample and zero-pad the new channels
-            x = x[:, :, ::self.strides, ::self.strides]
+            x = x[:, :, :: self.strides, :: self.strides]
         return F.pad(x, (0, 0, 0, 0, 0, self.extra)) if self.extra > 0 else x
 
 
@@ -46,7 +46,11 @@ class Block(nn.Module):
         self.residual = model.residual
         if model.block_cls is models.BottleneckBlock:
             s1, s3 = (strides, 1) if model.stride_in_1x1 else (1, strides)
-            shapes = [(cin, filters, 1, s1), (filters, filters, 3, s3), (filters, 4 * filters, 1, 1)]
+            shapes = [
+                (cin, filters, 1, s1),
+                (filters, filters, 3, s3),
+                (filters, 4 * filters, 1, 1),
+            ]
         else:
             shapes = [(cin, filters, 3, strides), (filters, filters, 3, 1)]
         self.convs = len(shapes)
@@ -71,8 +75,9 @@ class TorchResNet(nn.Module):
         super().__init__()
         self.stem = model.stem
         kernel = 7 if model.stem == 'imagenet' else 3
-        self.conv1 = nn.Conv2d(3, model.width, kernel, 2 if kernel == 7 else 1,
-                               (kernel - 1) // 2, bias=False)
+        self.conv1 = nn.Conv2d(
+            3, model.width, kernel, 2 if kernel == 7 else 1, (kernel - 1) // 2, bias=False
+        )
         self.bn1 = nn.BatchNorm2d(model.width)
         self.blocks = nn.ModuleDict()
         cin = model.width
@@ -100,6 +105,7 @@ def torch_net(model: models.ResNet) -> TorchResNet:
 
 def load_flax_variables(net: TorchResNet, variables) -> None:
     """Copies a flax model's ``{'params', 'batch_stats'}`` into ``net`` (same names)."""
+
     def visit(tree, path):
         for key, value in tree.items():
             if isinstance(value, dict) or hasattr(value, 'items'):
@@ -110,15 +116,23 @@ def load_flax_variables(net: TorchResNet, variables) -> None:
     modules = dict(net.named_modules())
     for collection in ('params', 'batch_stats'):
         for path, key, value in visit(variables.get(collection, {}), ()):
-            module = modules['.'.join(('blocks',) + path if path[0].startswith('conv') and
-                                      '_' in path[0] else path)]
+            module = modules[
+                '.'.join(
+                    ('blocks',) + path if path[0].startswith('conv') and '_' in path[0] else path
+                )
+            ]
             if isinstance(module, nn.Conv2d):
                 target, value = module.weight, value.transpose(3, 2, 0, 1)
             elif isinstance(module, nn.Linear):
-                target, value = ((module.weight, value.T) if key == 'kernel'
-                                 else (module.bias, value))
+                target, value = (
+                    (module.weight, value.T) if key == 'kernel' else (module.bias, value)
+                )
             else:
-                target = {'scale': module.weight, 'bias': module.bias,
-                          'mean': module.running_mean, 'var': module.running_var}[key]
+                target = {
+                    'scale': module.weight,
+                    'bias': module.bias,
+                    'mean': module.running_mean,
+                    'var': module.running_var,
+                }[key]
             with torch.no_grad():
                 target.copy_(torch.from_numpy(np.array(value)))

@@ -1,11 +1,5 @@
-"""``python -m resnet_jax.main``: ``resnet-jax train`` (the quickstart's command).
-
-    python -m resnet_jax.main [--config=cifar10.py:resnet110] [--workdir=workdirs/run]
-        [--config.<field>=<value> ...]
-
-With no ``--config`` it trains the embedded default (``configs/default.py``); the same
-command again resumes. Every flag: ``python -m resnet_jax.main --help``.
-"""
+"""``python -m resnet_jax.main [--config=...] [--workdir=...]``: ``resnet-jax train``, the
+quickstart's command (no ``--config``: the embedded default); the same command resumes."""
 
 import sys
 

@@ -1,9 +1,5 @@
-"""The paper's reported errors, in one place: what the configs' docstrings cite and what
-``experiments/reproduce.py`` sets each run beside.
-
-All numbers are % error on ImageNet val (top-1, top-5; ``None`` where the paper gives
-none) or on the CIFAR-10 test set.
-"""
+"""The paper's reported % errors on ImageNet val (top-1, top-5; ``None``: not given) or the
+CIFAR-10 test set, which the configs cite and ``experiments/reproduce.py`` compares with."""
 
 # Tables 2 and 3: 10-crop testing. Keys are the names of configs/imagenet.py's variants.
 TEN_CROP = {
@@ -27,17 +23,11 @@ MULTISCALE = {
     'resnet152': (19.38, 4.49),
 }
 
-# Table 6: CIFAR-10 test error of the residual nets, by depth (ResNet-110: the best of 5
-# runs; their mean is 6.61 +- 0.16).
+# Table 6: CIFAR-10 test error by depth (ResNet-110: the best of 5 runs, mean 6.61 +- 0.16).
 CIFAR10 = {20: 8.75, 32: 7.51, 44: 7.17, 56: 6.97, 110: 6.43, 1202: 7.93}
 
-# Not He et al.: the large-batch recipes of later papers that configs/imagenet.py carries
-# (resnet50_goyal8k, resnet50_lars32k), as % top-1 error of a single centre 224 crop, and
-# where each number comes from.
-LARGE_BATCH = {
-    'resnet50_goyal8k': (23.74, None),
-    'resnet50_lars32k': (24.6, None),
-}
+# Not He et al.: configs/imagenet.py's large-batch recipes, % top-1 error of one centre crop.
+LARGE_BATCH = {'resnet50_goyal8k': (23.74, None), 'resnet50_lars32k': (24.6, None)}
 LARGE_BATCH_SOURCES = {
     'resnet50_goyal8k': 'Goyal et al. 2017, Table 1 (batch 8k; 23.60 at 256)',
     'resnet50_lars32k': 'You et al. 2018, 75.4% top-1 accuracy at batch 32k, 90 epochs',

@@ -1,19 +1,16 @@
-"""Data parallelism: placement over a mesh of every device of every host, and the
-compilation cache.
-
-One 1-D ``Mesh`` over every device of every process: batches are split along it
-(``P('data')``), the train state is replicated (``P()``).
-"""
+"""Data parallelism over one 1-D mesh of every device of every process (batches split along
+``'data'``, the state replicated), and the compilation cache."""
 
 import os
 import sys
 import threading
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import numpy as np
 from clu import metrics
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 
 def cluster_launch() -> str | None:
@@ -29,43 +26,47 @@ def cluster_launch() -> str | None:
     return None
 
 
-def initialize_distributed(coordinator_address: str | None = None,
-                           num_processes: int | None = None, process_id: int | None = None,
-                           heartbeat_timeout_seconds: int = 100,
-                           startup_timeout_seconds: int = 300,
-                           on_timeout: Callable[[str], None] | None = None) -> None:
+def initialize_distributed(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    heartbeat_timeout_seconds: int = 100,
+    startup_timeout_seconds: int = 300,
+    on_timeout: Callable[[str], None] | None = None,
+) -> None:
     """Joins the processes of a multi-process run: given a coordinator, or in a detected
-    cluster (SLURM, Open MPI, TPU pods); a single process otherwise (nothing to do). The
-    same for ``resnet_jax.main`` and ``resnet-jax evaluate``.
-
-    When the processes have not all joined within ``startup_timeout_seconds``, JAX's
-    client aborts the process with a C++ stack trace; a watchdog calls
-    ``on_timeout(message)`` first (default: the message on stderr and exit code 2), the
-    message naming the coordinator waited for. ``ValueError`` for flags that cannot make
-    a run (``num_processes > 1`` with no coordinator and no cluster, a ``process_id``
-    out of range)."""
+    cluster (SLURM, Open MPI, TPU pods); nothing for a single process. If not all join in
+    ``startup_timeout_seconds``, a watchdog calls ``on_timeout(message)`` (default: stderr,
+    exit code 2) before JAX's client aborts with a C++ stack trace. ValueError for flags
+    that cannot make a run."""
     cluster = cluster_launch()
     if coordinator_address is None and cluster is None:
         if num_processes not in (None, 1) or process_id not in (None, 0):
-            raise ValueError(f'--num_processes={num_processes} needs --coordinator_address '
-                             '(host:port of process 0) outside SLURM, Open MPI or a TPU pod')
+            raise ValueError(
+                f'--num_processes={num_processes} needs --coordinator_address '
+                '(host:port of process 0) outside SLURM, Open MPI or a TPU pod'
+            )
         return
     if num_processes is not None and num_processes < 1:
         raise ValueError(f'--num_processes must be positive; got {num_processes}')
-    if process_id is not None and num_processes is not None and \
-            not 0 <= process_id < num_processes:
+    if process_id is not None and num_processes is not None and not 0 <= process_id < num_processes:
         raise ValueError(f'--process_id={process_id} is not in [0, {num_processes})')
     if startup_timeout_seconds < 1 or heartbeat_timeout_seconds < 1:
-        raise ValueError('--startup_timeout_seconds and --heartbeat_timeout_seconds must be '
-                         'positive')
+        raise ValueError(
+            '--startup_timeout_seconds and --heartbeat_timeout_seconds must be positive'
+        )
     where = coordinator_address or f'the coordinator of the {cluster} launch'
     if process_id:
-        message = (f'no answer within {startup_timeout_seconds} s from {where} (process 0): '
-                   'is it running and reachable? (--startup_timeout_seconds)')
+        message = (
+            f'no answer within {startup_timeout_seconds} s from {where} (process 0): '
+            'is it running and reachable? (--startup_timeout_seconds)'
+        )
     else:
         others = f'the other {num_processes - 1}' if num_processes else 'the other'
-        message = (f'{others} process(es) did not join {where} within '
-                   f'{startup_timeout_seconds} s (--startup_timeout_seconds)')
+        message = (
+            f'{others} process(es) did not join {where} within '
+            f'{startup_timeout_seconds} s (--startup_timeout_seconds)'
+        )
     watchdog = threading.Timer(startup_timeout_seconds, on_timeout or _exit_with, (message,))
     watchdog.daemon = True
     # CPU processes exchange gradients over gloo (this setting only concerns the CPU backend).
@@ -73,10 +74,13 @@ def initialize_distributed(coordinator_address: str | None = None,
     watchdog.start()
     try:
         # JAX's own deadline a little later: the watchdog reports first.
-        jax.distributed.initialize(coordinator_address=coordinator_address,
-                                   num_processes=num_processes, process_id=process_id,
-                                   initialization_timeout=startup_timeout_seconds + 30,
-                                   heartbeat_timeout_seconds=heartbeat_timeout_seconds)
+        jax.distributed.initialize(
+            coordinator_address=coordinator_address,
+            num_processes=num_processes,
+            process_id=process_id,
+            initialization_timeout=startup_timeout_seconds + 30,
+            heartbeat_timeout_seconds=heartbeat_timeout_seconds,
+        )
     finally:
         watchdog.cancel()
 
@@ -89,14 +93,9 @@ def _exit_with(message: str) -> None:
 
 
 def enable_compilation_cache(path: str, min_compile_seconds: float = 0.0) -> None:
-    """JAX's persistent compilation cache in ``path``: a relaunch of the same config
-    loads its compiled steps instead of compiling them.
-
-    Every program is kept by default, the small ones too: initialising a CIFAR ResNet
-    op by op compiles about 120 of them, which the cache turns from most of a first
-    launch's start-up into a small part of a relaunch's
-    (``experiments/results/performance.md``).
-    """
+    """JAX's persistent compilation cache in ``path``, every program kept by default: the
+    ~120 small ones of a CIFAR ResNet's op-by-op init are most of a first launch's start-up
+    (``experiments/results/performance.md``)."""
     jax.config.update('jax_compilation_cache_dir', os.path.expanduser(path))
     jax.config.update('jax_persistent_cache_min_compile_time_secs', min_compile_seconds)
 
@@ -111,22 +110,24 @@ def shard_batch(mesh: Mesh, local_batch: dict[str, np.ndarray]) -> dict[str, jax
     """Builds global arrays, split over the mesh, from this host's slice of a batch."""
     sharding = NamedSharding(mesh, P('data'))
     return jax.tree_util.tree_map(
-        lambda x: jax.make_array_from_process_local_data(sharding, x), local_batch)
+        lambda x: jax.make_array_from_process_local_data(sharding, x), local_batch
+    )
 
 
 def host_values(collection: metrics.Collection) -> dict[str, float]:
     """A metrics collection's values as floats (its arrays are replicated: any shard will do,
     which also works when the arrays span several processes)."""
     local = jax.tree_util.tree_map(
-        lambda x: np.asarray(x.addressable_data(0)) if isinstance(x, jax.Array) else x,
-        collection)
+        lambda x: np.asarray(x.addressable_data(0)) if isinstance(x, jax.Array) else x, collection
+    )
     return {k: float(v) for k, v in local.compute().items()}
 
 
 def replicate(mesh: Mesh, value: np.ndarray) -> jax.Array:
     """A host array (the same on every process) replicated over the mesh."""
-    return jax.make_array_from_callback(value.shape, NamedSharding(mesh, P()),
-                                        lambda index: value[index])
+    return jax.make_array_from_callback(
+        value.shape, NamedSharding(mesh, P()), lambda index: value[index]
+    )
 
 
 def replicated_scalar(mesh: Mesh, value: float) -> jax.Array:

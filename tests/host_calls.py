@@ -8,6 +8,7 @@ import atexit
 import collections
 import functools
 import json
+import pathlib
 import sys
 
 from jax.experimental import multihost_utils
@@ -23,6 +24,7 @@ def counted(name, fn):
     def wrapper(*args, **kwargs):
         COUNTS[name] += 1
         return fn(*args, **kwargs)
+
     return wrapper
 
 
@@ -37,13 +39,18 @@ class CountingClient:
         return counted(f'client.{name}', value) if callable(value) else value
 
 
-for name in ('process_allgather', 'sync_global_devices', 'broadcast_one_to_all',
-             'reached_preemption_sync_point'):
+for name in (
+    'process_allgather',
+    'sync_global_devices',
+    'broadcast_one_to_all',
+    'reached_preemption_sync_point',
+):
     setattr(multihost_utils, name, counted(name, getattr(multihost_utils, name)))
 
 
 def train_counting(*args, **kwargs):
     from jax._src import distributed  # the backend holds the real client by now
+
     if distributed.global_state.client is not None:
         distributed.global_state.client = CountingClient(distributed.global_state.client)
     return original(*args, **kwargs)
@@ -51,5 +58,5 @@ def train_counting(*args, **kwargs):
 
 original, loop.train_and_evaluate = loop.train_and_evaluate, train_counting
 out = sys.argv.pop(1)
-atexit.register(lambda: open(out, 'w').write(json.dumps(COUNTS)))
+atexit.register(lambda: pathlib.Path(out).write_text(json.dumps(COUNTS)))
 main.run()

@@ -18,10 +18,16 @@ class Photos(tfds.core.GeneratorBasedBuilder):
     VERSION = tfds.core.Version('1.0.0')
 
     def _info(self):
-        return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
-            'image': tfds.features.Image(encoding_format='jpeg'),
-            'label': tfds.features.ClassLabel(num_classes=2)}),
-            supervised_keys=('image', 'label'))
+        return tfds.core.DatasetInfo(
+            builder=self,
+            features=tfds.features.FeaturesDict(
+                {
+                    'image': tfds.features.Image(encoding_format='jpeg'),
+                    'label': tfds.features.ClassLabel(num_classes=2),
+                }
+            ),
+            supervised_keys=('image', 'label'),
+        )
 
     def _split_generators(self, dl_manager):
         return {'train': self._generate_examples(), 'validation': self._generate_examples()}

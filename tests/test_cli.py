@@ -10,14 +10,20 @@ import sys
 import zipfile
 
 import pytest
-
 from conftest import REPO
+
 from resnet_jax import cli
 
 
 def resnet_jax(*args, cwd=REPO, env=None, timeout=300):
-    return subprocess.run([sys.executable, '-m', 'resnet_jax', *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, '-m', 'resnet_jax', *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def test_every_command_has_help_with_one_spelling():
@@ -30,32 +36,46 @@ def test_every_command_has_help_with_one_spelling():
         assert flags_of[name], proc.stdout
     every = {flag for flags in flags_of.values() for flag in flags}
     assert not [f for f in every if '-' in f]  # --batch_size, never --batch-size
-    shared = {'workdir': {'train', 'evaluate', 'convert'},
-              'config': {'train', 'evaluate', 'summary', 'benchmark'},
-              'batch_size': {'evaluate', 'benchmark'}, 'image_size': {'summary', 'benchmark',
-                                                                      'prepare'},
-              'model': {'convert', 'summary', 'benchmark'}, 'data_dir': {'evaluate', 'prepare'},
-              'startup_timeout_seconds': {'train', 'evaluate'},
-              'compilation_cache_dir': {'train', 'evaluate', 'benchmark'}}
+    shared = {
+        'workdir': {'train', 'evaluate', 'convert'},
+        'config': {'train', 'evaluate', 'summary', 'benchmark'},
+        'batch_size': {'evaluate', 'benchmark'},
+        'image_size': {'summary', 'benchmark', 'prepare'},
+        'model': {'convert', 'summary', 'benchmark'},
+        'data_dir': {'evaluate', 'prepare'},
+        'startup_timeout_seconds': {'train', 'evaluate'},
+        'compilation_cache_dir': {'train', 'evaluate', 'benchmark'},
+    }
     for flag, commands in shared.items():
         assert {c for c, flags in flags_of.items() if flag in flags} == commands, flag
     listing = resnet_jax('--help')
     assert listing.returncode == 0
     assert all(f'  {name} ' in listing.stdout for name in cli.COMMANDS)
-    main = subprocess.run([sys.executable, '-m', 'resnet_jax.main', '--help'], cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
+    main = subprocess.run(
+        [sys.executable, '-m', 'resnet_jax.main', '--help'],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert main.returncode == 0 and main.stdout.startswith('usage: resnet-jax train ')
 
 
-@pytest.mark.parametrize('args, message', [
-    (['fit'], "error: unknown command 'fit'; commands: train, evaluate, convert, summary, "
-     'benchmark, prepare, plot'),
-    (['summary', '--model=resnet51'], "error: unknown model 'resnet51'"),
-    (['summary', '--batch-size=3'], 'error: unknown flag --batch-size (see --help)'),
-    (['summary', 'resnet50'], "error: unexpected argument 'resnet50' (flags are --name=value"),
-    (['plot'], 'error: name the runs to plot: resnet-jax plot WORKDIR'),
-    (['evaluate'], 'error: --workdir is required (see --help)'),
-])
+@pytest.mark.parametrize(
+    'args, message',
+    [
+        (
+            ['fit'],
+            "error: unknown command 'fit'; commands: train, evaluate, convert, summary, "
+            'benchmark, prepare, plot',
+        ),
+        (['summary', '--model=resnet51'], "error: unknown model 'resnet51'"),
+        (['summary', '--batch-size=3'], 'error: unknown flag --batch-size (see --help)'),
+        (['summary', 'resnet50'], "error: unexpected argument 'resnet50' (flags are --name=value"),
+        (['plot'], 'error: name the runs to plot: resnet-jax plot WORKDIR'),
+        (['evaluate'], 'error: --workdir is required (see --help)'),
+    ],
+)
 def test_bad_command_lines_are_one_line(args, message):
     proc = resnet_jax(*args)
     assert proc.returncode == 2, proc.stderr[-2000:]
@@ -63,30 +83,60 @@ def test_bad_command_lines_are_one_line(args, message):
     assert len(lines) == 1 and lines[0].startswith(message), proc.stderr[-2000:]
 
 
+def _config_file(spec: str):
+    """``--config=<spec>`` read as the CLI reads it: resolved, then loaded by config_flags."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    from resnet_jax import config as config_lib
+
+    flag_values = flags.FlagValues()
+    config_flags.DEFINE_config_file('config', flag_values=flag_values)
+    flag_values(['resnet-jax', '--config=' + config_lib.resolve_config_path(spec)])
+    return flag_values.config
+
+
 def test_a_shipped_config_is_named_by_its_file_name(tmp_path, monkeypatch):
     """``cifar10.py:resnet20`` and ``configs/cifar10.py:resnet20`` are the shipped config
     from any folder; a path of one's own is read as given."""
     from resnet_jax import config as config_lib
+
     monkeypatch.chdir(tmp_path)
     shipped = config_lib.shipped_configs_dir()
     for spec in ('cifar10.py:resnet20', 'configs/cifar10.py:resnet20'):
         path, _, arg = config_lib.resolve_config_path(spec).partition(':')
         assert pathlib.Path(path) == shipped / 'cifar10.py' and arg == 'resnet20'
-        assert config_lib.load_file(spec).model.name == 'cifar_resnet20'
+        assert _config_file(spec).model.name == 'cifar_resnet20'
     (tmp_path / 'mine').mkdir()
     mine = tmp_path / 'mine' / 'cifar10.py'
-    mine.write_text('from resnet_jax.config import base_config\n\ndef get_config():\n'
-                    '    c = base_config()\n    c.batch_size = 64\n    return c\n')
+    mine.write_text(
+        'from resnet_jax.config import base_config\n\ndef get_config():\n'
+        '    c = base_config()\n    c.batch_size = 64\n    return c\n'
+    )
     assert config_lib.resolve_config_path(str(mine)) == str(mine)
-    assert config_lib.load_file(str(mine)).batch_size == 64
+    assert _config_file(str(mine)).batch_size == 64
 
 
 @pytest.fixture(scope='module')
 def wheel(tmp_path_factory):
     out = tmp_path_factory.mktemp('wheel')
-    proc = subprocess.run([sys.executable, '-m', 'pip', 'wheel', '--no-deps',
-                           '--no-build-isolation', '-q', '-w', str(out), str(REPO)],
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            '-m',
+            'pip',
+            'wheel',
+            '--no-deps',
+            '--no-build-isolation',
+            '-q',
+            '-w',
+            str(out),
+            str(REPO),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return next(out.glob('resnet_jax-*.whl'))
 
@@ -95,43 +145,85 @@ def test_the_wheel_carries_the_configs_and_the_command(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
     for config in ('default.py', 'cifar10.py', 'imagenet.py', 'finetune.py'):
         assert f'resnet_jax/configs/{config}' in names
-    for module in ('cli.py', 'models/resnet.py', 'data/pipeline.py', 'training/loop.py',
-                   'evaluation/protocols.py', 'backends/plans.py', 'tools/convert.py'):
+    for module in (
+        'cli.py',
+        'models/resnet.py',
+        'data/pipeline.py',
+        'training/loop.py',
+        'evaluation/protocols.py',
+        'backends/plans.py',
+        'tools/convert.py',
+    ):
         assert f'resnet_jax/{module}' in names
     entry_points = next(n for n in names if n.endswith('entry_points.txt'))
-    assert 'resnet-jax = resnet_jax.cli:run' in zipfile.ZipFile(wheel).read(
-        entry_points).decode()
+    assert 'resnet-jax = resnet_jax.cli:run' in zipfile.ZipFile(wheel).read(entry_points).decode()
 
 
 @pytest.mark.slow
-def test_the_installed_wheel_trains_from_a_folder_outside_the_checkout(wheel, data_dir,
-                                                                      tmp_path):
+def test_the_installed_wheel_trains_from_a_folder_outside_the_checkout(wheel, data_dir, tmp_path):
     """The wheel installed on its own (its dependencies are this environment's), run from
     an empty folder: the default job and a paper config named by its file name each reach
     their first checkpoint."""
     site = tmp_path / 'site'
-    proc = subprocess.run([sys.executable, '-m', 'pip', 'install', '-q', '--no-deps',
-                           '--target', str(site), str(wheel)], capture_output=True, text=True,
-                          timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            '-m',
+            'pip',
+            'install',
+            '-q',
+            '--no-deps',
+            '--target',
+            str(site),
+            str(wheel),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     elsewhere = tmp_path / 'elsewhere'
     elsewhere.mkdir()
-    env = dict(os.environ, PYTHONPATH=str(site),
-               XLA_FLAGS='--xla_force_host_platform_device_count=1')
-    where = subprocess.run([sys.executable, '-c', 'import resnet_jax; print(resnet_jax.__file__)'],
-                           cwd=elsewhere, env=env, capture_output=True, text=True, timeout=120)
+    env = dict(
+        os.environ, PYTHONPATH=str(site), XLA_FLAGS='--xla_force_host_platform_device_count=1'
+    )
+    where = subprocess.run(
+        [sys.executable, '-c', 'import resnet_jax; print(resnet_jax.__file__)'],
+        cwd=elsewhere,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert where.stdout.strip() == str(site / 'resnet_jax' / '__init__.py'), where.stderr
-    small = ['--config.num_train_steps=2', '--config.checkpoint_every_steps=1',
-             '--config.batch_size=16', '--config.model.bn_group_size=4',
-             '--config.model.name=cifar_resnet8', f'--config.dataset.data_dir={data_dir}']
-    launches = {'default': ['-m', 'resnet_jax.main'],  # the quickstart's command
-                'cifar10': ['-m', 'resnet_jax', 'train', '--config=cifar10.py:resnet20',
-                            '--config.dataset.name=digits']}
+    small = [
+        '--config.num_train_steps=2',
+        '--config.checkpoint_every_steps=1',
+        '--config.batch_size=16',
+        '--config.model.bn_group_size=4',
+        '--config.model.name=cifar_resnet8',
+        f'--config.dataset.data_dir={data_dir}',
+    ]
+    launches = {
+        'default': ['-m', 'resnet_jax.main'],  # the quickstart's command
+        'cifar10': [
+            '-m',
+            'resnet_jax',
+            'train',
+            '--config=cifar10.py:resnet20',
+            '--config.dataset.name=digits',
+        ],
+    }
     for name, command in launches.items():
         workdir = elsewhere / name
-        proc = subprocess.run([sys.executable, *command, f'--workdir={workdir}', *small],
-                              cwd=elsewhere, env=env, capture_output=True, text=True,
-                              timeout=600)
+        proc = subprocess.run(
+            [sys.executable, *command, f'--workdir={workdir}', *small],
+            cwd=elsewhere,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert (workdir / 'checkpoints' / '1').is_dir()
         assert 'training cifar_resnet8 on digits for 2 steps' in proc.stdout

@@ -9,10 +9,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import REPO
 
 from resnet_jax import models
 from resnet_jax.evaluation import responses as analysis
-from conftest import REPO
 
 spec = importlib.util.spec_from_file_location('reproduce', REPO / 'experiments' / 'reproduce.py')
 reproduce = importlib.util.module_from_spec(spec)
@@ -37,10 +37,12 @@ def test_dry_run_prints_every_run_and_the_paper_targets(name, capsys, tmp_path):
     assert len(lines) == 2 * len(experiment.runs)  # the run and its target, its launch line
     for run, launch in zip(experiment.runs, lines[1::2]):
         workdir = tmp_path / name / run.name
-        assert launch.strip() == (f'python -m resnet_jax.main --config={run.config} '
-                                  f'--workdir={workdir} {" ".join(run.overrides)}'.rstrip()
-                                  + f' && python -m resnet_jax evaluate --workdir={workdir} '
-                                  f'--protocol={run.protocol}')
+        assert launch.strip() == (
+            f'python -m resnet_jax.main --config={run.config} '
+            f'--workdir={workdir} {" ".join(run.overrides)}'.rstrip()
+            + f' && python -m resnet_jax evaluate --workdir={workdir} '
+            f'--protocol={run.protocol}'
+        )
     assert not list(tmp_path.iterdir())  # nothing ran
     if name == 'table6':
         assert 'resnet20: paper: top-1 8.75% (center)' in out
@@ -53,22 +55,35 @@ def test_print_commands_emits_train_and_eval_lines(name, capsys):
     assert reproduce.main([name, '--print-commands']) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == len(reproduce.EXPERIMENTS[name].runs)
-    assert all(line.startswith('python -m resnet_jax.main --config=configs/') and
-               '&& python -m resnet_jax evaluate' in line for line in lines)
+    assert all(
+        line.startswith('python -m resnet_jax.main --config=configs/')
+        and '&& python -m resnet_jax evaluate' in line
+        for line in lines
+    )
 
 
 def fake_workdir(root, run, top1, top5=None, protocol=None):
     workdir = root / run
     workdir.mkdir(parents=True)
-    history = {'train': [{'step': s, 'train_top1_error': 0.9 - s / 2000} for s in (10, 20, 30)],
-               'eval': [{'step': s, 'eval_top1_error': 0.95 - s / 2000} for s in (10, 30)]}
+    history = {
+        'train': [{'step': s, 'train_top1_error': 0.9 - s / 2000} for s in (10, 20, 30)],
+        'eval': [{'step': s, 'eval_top1_error': 0.95 - s / 2000} for s in (10, 30)],
+    }
     (workdir / 'history.json').write_text(json.dumps(history))
-    (workdir / 'results.json').write_text(json.dumps({
-        'step': 30, 'eval_top1_error': top1 / 100, 'eval_top5_error': (top5 or 1.0) / 100,
-        'train_top1_error': 0.5}))
+    (workdir / 'results.json').write_text(
+        json.dumps(
+            {
+                'step': 30,
+                'eval_top1_error': top1 / 100,
+                'eval_top5_error': (top5 or 1.0) / 100,
+                'train_top1_error': 0.5,
+            }
+        )
+    )
     if protocol:
-        (workdir / f'eval_{protocol}.json').write_text(json.dumps({
-            'top1_error': top1 / 100 - 0.01, 'top5_error': (top5 or 1.0) / 100}))
+        (workdir / f'eval_{protocol}.json').write_text(
+            json.dumps({'top1_error': top1 / 100 - 0.01, 'top5_error': (top5 or 1.0) / 100})
+        )
     return workdir
 
 
@@ -105,8 +120,7 @@ def test_layer_responses_follow_fig7s_definition():
     images = jax.random.normal(jax.random.key(1), (4, 32, 32, 3))
     stds = analysis.layer_responses(model, variables, images)
     assert len(stds) == 1 + 6  # the 3x3 stem and 6 3x3 convs (option A: no projections)
-    _, state = model.apply(variables, images, capture_intermediates=True,
-                           mutable=['intermediates'])
+    _, state = model.apply(variables, images, capture_intermediates=True, mutable=['intermediates'])
     bn = state['intermediates']['conv3_1']['bn2']['__call__'][0]  # before the addition
     assert stds[4] == pytest.approx(float(np.std(np.asarray(bn, np.float64))), rel=1e-6)
     plain = models.create_model('cifar_plain20')
@@ -117,8 +131,8 @@ def test_layer_responses_follow_fig7s_definition():
 def trained_like_workdir(root, run, data_dir):
     """A workdir with a real checkpoint (freshly initialised) of the run's CIFAR net on the
     digits, plus fake results and history: enough for every part of a report."""
-    from resnet_jax.training import checkpoints
     from resnet_jax.config import base_config
+    from resnet_jax.training import runs
 
     workdir = fake_workdir(root, run, 10.0)
     config = base_config()
@@ -126,7 +140,7 @@ def trained_like_workdir(root, run, data_dir):
     config.dataset.data_dir = data_dir
     model = models.create_model(config.model.name)
     variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
-    checkpoints.save_variables(workdir, variables, config)
+    runs.save_variables(workdir, variables, config)
     return workdir
 
 
@@ -137,8 +151,9 @@ def test_report_of_every_experiment(name, tmp_path, data_dir):
     if experiment.figure == 'responses':
         dirs = [trained_like_workdir(tmp_path, r, data_dir) for r in runs]
     else:
-        dirs = [fake_workdir(tmp_path, r, 30.0, 9.0, protocol=experiment.runs[0].protocol)
-                for r in runs]
+        dirs = [
+            fake_workdir(tmp_path, r, 30.0, 9.0, protocol=experiment.runs[0].protocol) for r in runs
+        ]
     text = reproduce.report(name, dirs, tmp_path / 'out').read_text()
     assert text.startswith(f'# {name}: ') and all(f'| {r} |' in text for r in runs)
     for run in experiment.runs[:2]:
@@ -155,12 +170,15 @@ def test_plot_cli_overlays_runs(tmp_path):
     dirs = [fake_workdir(tmp_path, n, 10.0) for n in ('a', 'b')]
     out = tmp_path / 'overlay.png'
     plot = [sys.executable, '-m', 'resnet_jax', 'plot']
-    proc = subprocess.run([*plot, *map(str, dirs), f'--output={out}'], capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run(
+        [*plot, *map(str, dirs), f'--output={out}'], capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert out.stat().st_size > 10_000
-    proc = subprocess.run([*plot, str(tmp_path / 'missing')], capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run(
+        [*plot, str(tmp_path / 'missing')], capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 2
-    assert proc.stderr.strip() == (f'error: {tmp_path / "missing"} has no history.json (is '
-                                   'it a finished run?)')
+    assert proc.stderr.strip() == (
+        f'error: {tmp_path / "missing"} has no history.json (is it a finished run?)'
+    )

@@ -1,18 +1,6 @@
-"""The operations of the XLA:CPU execution plan: the same functions in the forms XLA:CPU
-runs fastest.
-
-Each takes the arguments of the operation it replaces and computes the same values and
-gradients (``tests/backends``); ``resnet_jax.backends`` hands them to the model
-on the CPU backend. Their gradients are ``jax.custom_vjp`` rules, which reverse-mode AD
-uses and forward-mode AD cannot: under ``jax.jvp`` / ``jax.jacfwd`` / ``jax.hessian`` they
-raise ``TypeError`` naming how to run without them.
-
-* ``conv_general_dilated``: ``pointwise_conv`` for 1x1 kernels, else ``canonical_conv``.
-* ``canonical_conv``: a k x k convolution whose gradients are convolutions in the
-  forward's layout, the weight gradient summed over chunks of the batch.
-* ``pointwise_conv``: a 1x1 convolution as a matrix product.
-* ``sliced_max_pool``: a max pool as the maximum of strided slices.
-"""
+"""The XLA:CPU plan's operations: the arguments, values and gradients of those they replace
+(``tests/backends``), in the forms XLA:CPU runs fastest. Their gradients are
+``jax.custom_vjp`` rules, so forward-mode AD raises a ``TypeError`` saying what to do."""
 
 from __future__ import annotations
 
@@ -23,18 +11,19 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-
 _NHWC = ('NHWC', 'HWIO', 'NHWC')
 
 FORWARD_MODE_MESSAGE = (
     "forward-mode AD (jax.jvp, jax.jacfwd, jax.hessian) cannot go through resnet_jax's "
-    "XLA:CPU execution plan, whose gradients are custom VJPs: use the model without the "
-    "plan (models.create_model(...) as it is, or execution.get_plan('xla')), or "
-    "--config.execution=xla")
+    'XLA:CPU execution plan, whose gradients are custom VJPs: use the model without the '
+    "plan (models.create_model(...) as it is, or plans.get_plan('xla')), or "
+    '--config.execution=xla'
+)
 
 
 def _reverse_mode_only(fn):
     """``fn`` with JAX's forward-mode error replaced by one that says what to do."""
+
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
@@ -43,42 +32,76 @@ def _reverse_mode_only(fn):
             if 'forward-mode' in str(e):
                 raise TypeError(FORWARD_MODE_MESSAGE) from None
             raise
+
     return wrapper
 
 
-def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
-                         rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
-                         precision=None):
-    """``lax.conv_general_dilated`` in XLA:CPU's fast forms: a 1x1 kernel as a matrix
-    product (``pointwise_conv``), any other with canonical gradients (``canonical_conv``)."""
+def conv_general_dilated(
+    lhs,
+    rhs,
+    window_strides,
+    padding,
+    lhs_dilation=None,
+    rhs_dilation=None,
+    dimension_numbers=None,
+    feature_group_count=1,
+    precision=None,
+):
+    """``lax.conv_general_dilated``: ``pointwise_conv`` for 1x1 kernels, else ``canonical_conv``."""
     impl = pointwise_conv if rhs.shape[:2] == (1, 1) else canonical_conv
-    return impl(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
-                dimension_numbers, feature_group_count, precision)
+    return impl(
+        lhs,
+        rhs,
+        window_strides,
+        padding,
+        lhs_dilation,
+        rhs_dilation,
+        dimension_numbers,
+        feature_group_count,
+        precision,
+    )
 
 
 def _is_nhwc(lhs, rhs, dimension_numbers) -> bool:
-    return (lhs.ndim == 4 and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
-            == lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC))
+    return lhs.ndim == 4 and lax.conv_dimension_numbers(
+        lhs.shape, rhs.shape, dimension_numbers
+    ) == lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC)
 
 
-def pointwise_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
-                   dimension_numbers=None, feature_group_count=1, precision=None):
-    """A 1x1 ``lax.conv_general_dilated`` as a matrix product of the (strided) pixels.
-
-    XLA:CPU runs a matrix product faster than the same 1x1 convolution, forward and
-    backward (``experiments/results/performance.md``); the gradients are matrix products
-    too. Takes ``lax.conv_general_dilated``'s arguments and
-    handles an NHWC/HWIO 1x1 kernel without padding, dilation or groups; anything else
-    goes to ``lax.conv_general_dilated`` unchanged.
-    """
-    simple = (rhs.shape[:2] == (1, 1) and feature_group_count == 1
-              and not isinstance(padding, str) and all(p == 0 for pair in padding for p in pair)
-              and all(d in (None, 1) for d in (*(lhs_dilation or ()), *(rhs_dilation or ())))
-              and _is_nhwc(lhs, rhs, dimension_numbers))
+def pointwise_conv(
+    lhs,
+    rhs,
+    window_strides,
+    padding,
+    lhs_dilation=None,
+    rhs_dilation=None,
+    dimension_numbers=None,
+    feature_group_count=1,
+    precision=None,
+):
+    """An NHWC/HWIO 1x1 convolution without padding, dilation or groups as a matrix product,
+    which XLA:CPU runs faster forward and backward (``experiments/results/performance.md``);
+    anything else goes to ``lax.conv_general_dilated``."""
+    simple = (
+        rhs.shape[:2] == (1, 1)
+        and feature_group_count == 1
+        and not isinstance(padding, str)
+        and all(p == 0 for pair in padding for p in pair)
+        and all(d in (None, 1) for d in (*(lhs_dilation or ()), *(rhs_dilation or ())))
+        and _is_nhwc(lhs, rhs, dimension_numbers)
+    )
     if not simple:
         return lax.conv_general_dilated(
-            lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
-            feature_group_count, precision=precision)
+            lhs,
+            rhs,
+            window_strides,
+            padding,
+            lhs_dilation,
+            rhs_dilation,
+            dimension_numbers,
+            feature_group_count,
+            precision=precision,
+        )
     sh, sw = window_strides
     x = lhs[:, ::sh, ::sw, :] if (sh, sw) != (1, 1) else lhs
     return _reverse_mode_only(_pixels_dot)(x, rhs[0, 0], precision)
@@ -97,8 +120,7 @@ def _pixels_dot_fwd(x, w, precision):
 def _pixels_dot_bwd(precision, residuals, g):
     x, w = residuals
     dx = lax.dot_general(g, w, (((3,), (1,)), ((), ())), precision=precision)
-    # The weight gradient contracts over every pixel; XLA:CPU copies the product's first
-    # operand transposed to do that, so the one with fewer channels goes first.
+    # XLA:CPU copies the first operand transposed: the one with fewer channels goes first.
     pixels = ((0, 1, 2), (0, 1, 2))
     if x.shape[-1] <= g.shape[-1]:
         dw = lax.dot_general(x, g, (pixels, ((), ())), precision=precision)
@@ -114,16 +136,21 @@ def _window_slices(xp, window, stride, out_h, out_w):
     n, _, _, c = xp.shape
     for i in range(window):
         for j in range(window):
-            yield (i, j), lax.slice(xp, (0, i, j, 0),
-                                    (n, i + stride * (out_h - 1) + 1,
-                                     j + stride * (out_w - 1) + 1, c), (1, stride, stride, 1))
+            yield (
+                (i, j),
+                lax.slice(
+                    xp,
+                    (0, i, j, 0),
+                    (n, i + stride * (out_h - 1) + 1, j + stride * (out_w - 1) + 1, c),
+                    (1, stride, stride, 1),
+                ),
+            )
 
 
 def sliced_max_pool(x, window: int, stride: int, padding: int):
-    """``layers.max_pool`` (NHWC, square window, symmetric padding) as the maximum of the
-    window's strided slices; the gradient goes to each window's first maximum, as XLA's
-    select-and-scatter, by padding the slices' shares back into place. XLA:CPU runs it
-    faster, forward and backward, than its reduce-window for ResNet's 3x3/2 stem pool."""
+    """``layers.max_pool`` as the maximum of the window's strided slices, the gradient to
+    each window's first maximum (as XLA's select-and-scatter); XLA:CPU runs it faster,
+    forward and backward, than its reduce-window for the 3x3/2 stem pool."""
     return _reverse_mode_only(_sliced_max_pool)(x, window, stride, padding)
 
 
@@ -137,8 +164,9 @@ def _sliced_max_pool_fwd(x, window, stride, padding):
     xp = jnp.pad(x, pad, constant_values=-jnp.inf)
     out_h = (xp.shape[1] - window) // stride + 1
     out_w = (xp.shape[2] - window) // stride + 1
-    y = functools.reduce(jnp.maximum, (s for _, s in _window_slices(
-        xp, window, stride, out_h, out_w)))
+    y = functools.reduce(
+        jnp.maximum, (s for _, s in _window_slices(xp, window, stride, out_h, out_w))
+    )
     return y, (xp, y)
 
 
@@ -151,51 +179,70 @@ def _sliced_max_pool_bwd(window, stride, padding, residuals, g):
         first = (s == y) & ~taken  # the window's first maximum, in row-major order
         taken = taken | first
         share = jnp.where(first, g, 0)
-        dxp = dxp + lax.pad(share, jnp.zeros((), g.dtype), (
-            (0, 0, 0), (i, xp.shape[1] - i - stride * (out_h - 1) - 1, stride - 1),
-            (j, xp.shape[2] - j - stride * (out_w - 1) - 1, stride - 1), (0, 0, 0)))
+        dxp = dxp + lax.pad(
+            share,
+            jnp.zeros((), g.dtype),
+            (
+                (0, 0, 0),
+                (i, xp.shape[1] - i - stride * (out_h - 1) - 1, stride - 1),
+                (j, xp.shape[2] - j - stride * (out_w - 1) - 1, stride - 1),
+                (0, 0, 0),
+            ),
+        )
     h, w = xp.shape[1] - 2 * padding, xp.shape[2] - 2 * padding
-    return (dxp[:, padding:padding + h, padding:padding + w, :],)
+    return (dxp[:, padding : padding + h, padding : padding + w, :],)
 
 
 _sliced_max_pool.defvjp(_sliced_max_pool_fwd, _sliced_max_pool_bwd)
 
 
-def canonical_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
-                   dimension_numbers=None, feature_group_count=1, precision=None):
+def canonical_conv(
+    lhs,
+    rhs,
+    window_strides,
+    padding,
+    lhs_dilation=None,
+    rhs_dilation=None,
+    dimension_numbers=None,
+    feature_group_count=1,
+    precision=None,
+):
     """``lax.conv_general_dilated`` whose gradients are convolutions in the forward layout.
 
-    JAX's own transpose rules give the input gradient an OI kernel layout and the weight
-    gradient a (feature, spatial, batch) input layout. XLA:CPU rewrites such convolutions
-    into its one fast form (NHWC x HWIO -> NHWC, plus transposes) in a program's main
-    computation but not inside loops, where they fall back to a naive loop nest that is
-    ~50x slower; the plan runs a stage's blocks in a loop (``execution.scanned_stage``).
-    This function writes both gradients in that form itself: the input gradient as the
-    convolution of the dilated output gradient with the flipped, in/out-swapped kernel;
-    the weight gradient as a convolution over the input's channels-as-batch with the
-    output gradient as the (dilated) window, summed over chunks of the batch on the CPU
-    (``weight_grad_chunk``). The values are those of JAX's rules (up to the order of the
-    weight gradient's float32 sums).
-
-    Takes ``lax.conv_general_dilated``'s arguments (``flax.linen.Conv`` passes them) and
-    handles NHWC/HWIO with explicit padding, no dilation and one group, as ``conv``
-    builds; anything else goes to ``lax.conv_general_dilated`` unchanged.
+    XLA:CPU rewrites JAX's transposed gradient convolutions into its fast NHWC x HWIO form
+    in a program's main computation but not inside loops (``plans.scanned_stage``), where
+    they run ~50x slower. Handles NHWC/HWIO with explicit padding, no dilation and one
+    group; anything else goes to ``lax.conv_general_dilated``.
     """
-    simple = (feature_group_count == 1 and not isinstance(padding, str)
-              and all(d in (None, 1) for d in (*(lhs_dilation or ()), *(rhs_dilation or ())))
-              and _is_nhwc(lhs, rhs, dimension_numbers) and len(set(window_strides)) == 1)
+    simple = (
+        feature_group_count == 1
+        and not isinstance(padding, str)
+        and all(d in (None, 1) for d in (*(lhs_dilation or ()), *(rhs_dilation or ())))
+        and _is_nhwc(lhs, rhs, dimension_numbers)
+        and len(set(window_strides)) == 1
+    )
     if not simple:
         return lax.conv_general_dilated(
-            lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
-            feature_group_count, precision=precision)
-    return _reverse_mode_only(_conv_nhwc)(lhs, rhs, window_strides[0],
-                                          tuple(map(tuple, padding)), precision)
+            lhs,
+            rhs,
+            window_strides,
+            padding,
+            lhs_dilation,
+            rhs_dilation,
+            dimension_numbers,
+            feature_group_count,
+            precision=precision,
+        )
+    return _reverse_mode_only(_conv_nhwc)(
+        lhs, rhs, window_strides[0], tuple(map(tuple, padding)), precision
+    )
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def _conv_nhwc(x, w, stride, padding, precision):
-    return lax.conv_general_dilated(x, w, (stride, stride), padding, dimension_numbers=_NHWC,
-                                    precision=precision)
+    return lax.conv_general_dilated(
+        x, w, (stride, stride), padding, dimension_numbers=_NHWC, precision=precision
+    )
 
 
 def _conv_nhwc_fwd(x, w, stride, padding, precision):
@@ -212,48 +259,54 @@ def _conv_nhwc_bwd(stride, padding, precision, residuals, g):
     skip_w = (width + left + right - kw) % stride
     flipped = jnp.flip(w, (0, 1)).transpose(0, 1, 3, 2)
     dx = lax.conv_general_dilated(
-        g, flipped, (1, 1), ((kh - 1 - top, kh - 1 - bottom + skip_h),
-                             (kw - 1 - left, kw - 1 - right + skip_w)),
-        lhs_dilation=(stride, stride), dimension_numbers=_NHWC, precision=precision)
+        g,
+        flipped,
+        (1, 1),
+        ((kh - 1 - top, kh - 1 - bottom + skip_h), (kw - 1 - left, kw - 1 - right + skip_w)),
+        lhs_dilation=(stride, stride),
+        dimension_numbers=_NHWC,
+        precision=precision,
+    )
     dw = weight_grad(x, g, (kh, kw), stride, padding, precision, weight_grad_chunk(x.shape))
     return dx.astype(x.dtype), dw.transpose(1, 2, 0, 3).astype(w.dtype)
 
 
 def weight_grad(x, g, kernel_size, stride, padding, precision, chunk):
-    """``canonical_conv``'s weight gradient, [C_in, kh, kw, C_out]: the convolution
-    [C_in, H, W, N] (*) [out_h, out_w, N, C_out], summed over chunks of ``chunk`` examples
-    (see ``weight_grad_chunk``)."""
+    """``canonical_conv``'s weight gradient [C_in, kh, kw, C_out]: [C_in, H, W, N] (*)
+    [out_h, out_w, N, C_out], summed over chunks of ``chunk`` examples."""
     (kh, kw), ((top, _), (left, _)) = kernel_size, padding
     height, width = x.shape[1:3]
     out_h, out_w = g.shape[1:3]
 
     def one(x, g):
         return lax.conv_general_dilated(
-            x.transpose(3, 1, 2, 0), g.transpose(1, 2, 0, 3), (1, 1),
-            ((top, kh + (out_h - 1) * stride - height - top),
-             (left, kw + (out_w - 1) * stride - width - left)),
-            rhs_dilation=(stride, stride), dimension_numbers=_NHWC, precision=precision)
-    return functools.reduce(operator.add, (one(x[i:i + chunk], g[i:i + chunk])
-                                           for i in range(0, x.shape[0], chunk)))
+            x.transpose(3, 1, 2, 0),
+            g.transpose(1, 2, 0, 3),
+            (1, 1),
+            (
+                (top, kh + (out_h - 1) * stride - height - top),
+                (left, kw + (out_w - 1) * stride - width - left),
+            ),
+            rhs_dilation=(stride, stride),
+            dimension_numbers=_NHWC,
+            precision=precision,
+        )
+
+    return functools.reduce(
+        operator.add, (one(x[i : i + chunk], g[i : i + chunk]) for i in range(0, x.shape[0], chunk))
+    )
 
 
 _conv_nhwc.defvjp(_conv_nhwc_fwd, _conv_nhwc_bwd)
 
 
-# Weight-gradient chunks: this many examples each, and at most this many chunks per
-# convolution (the program grows with their number).
+# At most _MAX_CHUNKS weight-gradient chunks: the program grows with their number.
 _CHUNK_EXAMPLES = 16
 _MAX_CHUNKS = 16
 
 
 def weight_grad_chunk(input_shape: tuple[int, ...]) -> int:
-    """Examples per chunk of ``canonical_conv``'s weight gradient for an NHWC input.
-
-    The weight gradient of a k x k convolution is a convolution whose window is the whole
-    output gradient and whose contracted features are the examples. XLA:CPU's (Eigen)
-    kernel ran it fastest with 16 examples at a time (at batch 128, as a sum over 8 chunks
-    rather than in one piece; at ImageNet's batch 16, in one piece):
-    ``experiments/results/performance.md``.
-    """
+    """Examples per chunk of ``canonical_conv``'s weight gradient for an NHWC input: XLA:CPU
+    ran it fastest 16 at a time (``experiments/results/performance.md``)."""
     n = input_shape[0]
     return min(n, max(_CHUNK_EXAMPLES, -(-n // _MAX_CHUNKS)))

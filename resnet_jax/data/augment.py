@@ -1,15 +1,6 @@
-"""The paper's augmentation and test views (sec. 3.4, 4.2), one function per operation.
-
-Images are HWC numpy arrays: uint8 until ``normalize``, float32 in [0, 1] units minus the
-mean after it. Random choices are *parameters* drawn by ``draw_params`` from a seeded
-generator, so every function here is deterministic and separately testable, and the
-pipeline can draw the parameters of a whole global batch from ``(seed, step)``.
-
-The training crop of each image (``train_crop``) is cut straight from the decoded PIL
-image, possibly a JPEG decoded at 1/2, 1/4 or 1/8 scale (``sources.decode``), and flipped
-by PIL; the colour operations (``train_batch``: PCA lighting, mean subtraction) run over
-the whole batch of crops at once.
-"""
+"""The paper's augmentation and test views (sec. 3.4, 4.2), one function per operation, on
+HWC uint8 numpy images. Random choices are parameters (``draw_params``), so every function
+is deterministic and the pipeline draws a global batch's from ``(seed, step)``."""
 
 from __future__ import annotations
 
@@ -18,27 +9,30 @@ import math
 import numpy as np
 from PIL import Image
 
-from resnet_jax.models.preprocessing import (CAFFE_BGR_MEAN, IMAGENET_CHANNEL_MEAN, STYLES,
-                                            TORCHVISION_STD)
+from resnet_jax.models.preprocessing import (
+    CAFFE_BGR_MEAN,
+    IMAGENET_CHANNEL_MEAN,
+    STYLES,
+    TORCHVISION_STD,
+)
 
-# AlexNet-style PCA lighting: the standard eigenvalues / eigenvectors of ImageNet's RGB
-# pixel covariance (for pixels in [0, 1]), as used by fb.resnet.torch and its ports.
+# AlexNet's PCA lighting: ImageNet's RGB covariance eigen-decomposition, as fb.resnet.torch.
 IMAGENET_EIGVAL = np.array([0.2175, 0.0188, 0.0045], np.float32)
-IMAGENET_EIGVEC = np.array([[-0.5675, 0.7192, 0.4009],
-                            [-0.5808, -0.0045, -0.8140],
-                            [-0.5836, -0.6948, 0.4203]], np.float32)
-# Per-channel RGB mean of ImageNet in [0, 1] units: the fallback when no mean image is stored.
+IMAGENET_EIGVEC = np.array(
+    [[-0.5675, 0.7192, 0.4009], [-0.5808, -0.0045, -0.8140], [-0.5836, -0.6948, 0.4203]], np.float32
+)
 
 MULTISCALE_SIZES = (224, 256, 384, 480, 640)  # Table 4: shorter sides of the test scales
 
 
-# --- geometry --------------------------------------------------------------------------------
-
-def resize(image: np.ndarray | Image.Image, height: int, width: int,
-           box: tuple[float, float, float, float] | None = None) -> np.ndarray:
-    """Bilinear resize of a uint8 image (an array or a decoded PIL image), or of its region
-    ``box`` = (left, top, right, bottom) in source pixels (PIL's ``box``: the filter still
-    reads pixels outside it)."""
+def resize(
+    image: np.ndarray | Image.Image,
+    height: int,
+    width: int,
+    box: tuple[float, float, float, float] | None = None,
+) -> np.ndarray:
+    """Bilinear resize of a uint8 image (array or PIL), or of its region ``box`` (left, top,
+    right, bottom; PIL's, whose filter still reads pixels outside it)."""
     if isinstance(image, Image.Image):
         return np.asarray(image.resize((width, height), Image.BILINEAR, box=box))
     if box is None and image.shape[:2] == (height, width):
@@ -56,12 +50,11 @@ def shorter_side_shape(height: int, width: int, size: int) -> tuple[int, int]:
 
 
 def resize_shorter_side(image: np.ndarray, size: int) -> np.ndarray:
-    """Resizes so that the shorter side is ``size`` (the paper's scale augmentation)."""
     return resize(image, *shorter_side_shape(*image.shape[:2], size))
 
 
 def crop(image: np.ndarray, top: int, left: int, height: int, width: int) -> np.ndarray:
-    return image[top:top + height, left:left + width]
+    return image[top : top + height, left : left + width]
 
 
 def crop_offset(u: float, length: int, crop_length: int) -> int:
@@ -78,10 +71,6 @@ def center_crop(image: np.ndarray, size: int) -> np.ndarray:
     return crop(image, (h - size) // 2, (w - size) // 2, size, size)
 
 
-# --- colour ----------------------------------------------------------------------------------
-
-# How pixels in [0, 1] become network inputs: the paper's mean subtraction, or the input
-# convention of weights converted from another framework.
 PREPROCESSING = STYLES  # models.preprocess: the same arithmetic in jax.numpy
 
 
@@ -90,29 +79,24 @@ def to_unit(image: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
 
 
 def _rows(x: np.ndarray) -> np.ndarray:
-    """(..., H, W, C) as (..., H, W*C): numpy then loops over whole rows of pixels, not
-    over each pixel's C channels, when a per-channel vector is broadcast against it."""
+    """(..., H, W, C) as (..., H, W*C), so that numpy broadcasts over rows, not pixels."""
     return x.reshape(x.shape[:-2] + (x.shape[-2] * x.shape[-1],))
 
 
 def _as_rows(v: np.ndarray, width: int) -> np.ndarray:
-    """A per-channel vector (C,) or (N, C), or a per-pixel image (H, W, C), laid out to
-    broadcast against ``_rows`` of images ``width`` pixels wide."""
+    """A per-channel vector (C,) or (N, C), or an image (H, W, C), laid out as ``_rows``."""
     if v.ndim == 3:
         return _rows(v)
-    tiled = np.tile(v, width)  # (..., W*C)
+    tiled = np.tile(v, width)
     return tiled if v.ndim == 1 else tiled[:, None, :]
 
 
-def standardize(image: np.ndarray, mean: np.ndarray, style: str = 'mean',
-                out: np.ndarray | None = None) -> np.ndarray:
-    """Pixels in [0, 1] (one image (H, W, C) or a batch (N, H, W, C)) to network inputs,
-    into ``out`` if given (which may be ``image`` itself).
-
-    'mean': minus the mean (a per-pixel mean image or a per-channel mean), the paper's;
-    'torchvision': minus ImageNet's channel mean, divided by its std (RGB);
-    'caffe': BGR, 0..255, minus ImageNet's BGR channel mean (Keras' ResNets).
-    """
+def standardize(
+    image: np.ndarray, mean: np.ndarray, style: str = 'mean', out: np.ndarray | None = None
+) -> np.ndarray:
+    """Pixels in [0, 1] (HWC or NHWC) to network inputs, into ``out`` if given (may be
+    ``image``): 'mean' minus ``mean`` (an image or channel mean), 'torchvision' minus
+    ImageNet's channel mean over its std, 'caffe' BGR 0..255 minus the BGR mean."""
     width, rows = image.shape[-2], _rows(image)
     target = None if out is None else _rows(out)
     if style == 'mean':
@@ -125,17 +109,19 @@ def standardize(image: np.ndarray, mean: np.ndarray, style: str = 'mean',
         result = np.multiply(bgr, np.float32(255.0), out=target)
         result -= _as_rows(CAFFE_BGR_MEAN, width)
     else:
-        raise ValueError(f'unknown preprocessing {style!r}; allowed: '
-                         f'{", ".join(PREPROCESSING)}')
+        raise ValueError(f'unknown preprocessing {style!r}; allowed: {", ".join(PREPROCESSING)}')
     return result.reshape(image.shape)
 
 
-def normalize(image: np.ndarray, mean: np.ndarray, style: str = 'mean',
-              lighting_alpha: np.ndarray | None = None,
-              out: np.ndarray | None = None) -> np.ndarray:
-    """uint8 pixels (one image or a batch) to float32 network inputs (``standardize``),
-    with each image's PCA lighting shift added first when ``lighting_alpha`` (N, 3) is
-    given; written into ``out`` if given (three passes over the batch, no temporaries)."""
+def normalize(
+    image: np.ndarray,
+    mean: np.ndarray,
+    style: str = 'mean',
+    lighting_alpha: np.ndarray | None = None,
+    out: np.ndarray | None = None,
+) -> np.ndarray:
+    """uint8 pixels to float32 inputs (``standardize``), each image's PCA lighting shift
+    added first if ``lighting_alpha`` (N, 3) is given; into ``out`` with no temporaries."""
     out = to_unit(image, out)
     if lighting_alpha is not None:
         rows = _rows(out)
@@ -143,36 +129,41 @@ def normalize(image: np.ndarray, mean: np.ndarray, style: str = 'mean',
     return standardize(out, mean, style, out=out)
 
 
-def lighting_shift(alpha: np.ndarray, eigval: np.ndarray = IMAGENET_EIGVAL,
-                   eigvec: np.ndarray = IMAGENET_EIGVEC) -> np.ndarray:
-    """The RGB shift ``eigvec @ (alpha * eigval)`` of AlexNet's PCA colour augmentation,
-    for one ``alpha`` (3,) or a batch (N, 3); written out elementwise, so an image's shift
-    is the same whatever batch it is computed in."""
+def lighting_shift(
+    alpha: np.ndarray, eigval: np.ndarray = IMAGENET_EIGVAL, eigvec: np.ndarray = IMAGENET_EIGVEC
+) -> np.ndarray:
+    """AlexNet's PCA shift ``eigvec @ (alpha * eigval)`` for ``alpha`` (3,) or (N, 3),
+    written out elementwise so that an image's shift does not depend on its batch."""
     weights = np.asarray(alpha, np.float32) * eigval
     return sum(weights[..., j, None] * eigvec[:, j] for j in range(3)).astype(np.float32)
 
 
-def lighting(image: np.ndarray, alpha: np.ndarray, eigval: np.ndarray = IMAGENET_EIGVAL,
-             eigvec: np.ndarray = IMAGENET_EIGVEC) -> np.ndarray:
-    """AlexNet's PCA colour augmentation: adds ``eigvec @ (alpha * eigval)`` to every pixel.
-
-    ``alpha`` (3,) is drawn from N(0, std^2), std 0.1 in the paper's recipe.
-    """
+def lighting(
+    image: np.ndarray,
+    alpha: np.ndarray,
+    eigval: np.ndarray = IMAGENET_EIGVAL,
+    eigvec: np.ndarray = IMAGENET_EIGVEC,
+) -> np.ndarray:
+    """Adds AlexNet's PCA shift (``alpha`` ~ N(0, 0.1^2) in the recipe) to every pixel."""
     return image + lighting_shift(alpha, eigval, eigvec)
 
 
-# --- parameters ------------------------------------------------------------------------------
-
-def draw_params(rng: np.random.Generator, n: int, *, min_scale: int = 256,
-                max_scale: int = 480, lighting_std: float = 0.1) -> dict[str, np.ndarray]:
-    """Random choices for n training images: everything ``train_crop`` and
-    ``train_batch`` need."""
+def draw_params(
+    rng: np.random.Generator,
+    n: int,
+    *,
+    min_scale: int = 256,
+    max_scale: int = 480,
+    lighting_std: float = 0.1,
+) -> dict[str, np.ndarray]:
+    """Random choices for n training images (``train_crop``, ``train_batch``)."""
     return {
         'scale': rng.integers(min_scale, max_scale + 1, size=n),  # shorter side
-        'u': rng.random(n), 'v': rng.random(n),                   # crop position
+        'u': rng.random(n),
+        'v': rng.random(n),  # crop position
         'flip': rng.random(n) < 0.5,
         'alpha': rng.normal(0.0, lighting_std, size=(n, 3)).astype(np.float32),
-        'area': rng.uniform(0.08, 1.0, size=n),                   # Inception crop only
+        'area': rng.uniform(0.08, 1.0, size=n),  # Inception crop only
         'log_ratio': rng.uniform(math.log(3 / 4), math.log(4 / 3), size=n),
     }
 
@@ -181,37 +172,40 @@ def params_at(params: dict[str, np.ndarray], i: int) -> dict:
     return {k: v[i] for k, v in params.items()}
 
 
-# --- training views --------------------------------------------------------------------------
-
-def scale_crop(image: np.ndarray | Image.Image, scale: int, u: float, v: float,
-               size: int = 224, full_shape: tuple[int, int] | None = None,
-               factor: float = 1.0, flip: bool = False) -> np.ndarray:
-    """Sec. 3.4's scale augmentation: the size x size crop at (u, v) of the image resized
-    to shorter side ``scale``, mirrored if ``flip``.
-
-    Only the crop is resampled: the source region under it is resized straight to
-    size x size at the same scale (the pixels of resize-then-crop, up to rounding), which
-    is 3-7x less resampling than resizing the whole image to a shorter side of 256-480.
-    ``image`` may be a JPEG decoded ``factor`` times smaller than the full image of
-    ``full_shape`` (``sources.decode``): the crop is the same region of the picture.
-    """
+def scale_crop(
+    image: np.ndarray | Image.Image,
+    scale: int,
+    u: float,
+    v: float,
+    size: int = 224,
+    full_shape: tuple[int, int] | None = None,
+    factor: float = 1.0,
+    flip: bool = False,
+) -> np.ndarray:
+    """Sec. 3.4's scale augmentation: the size x size crop at (u, v) of the image resized to
+    shorter side ``scale``, mirrored if ``flip``. Only the crop is resampled (3-7x less work
+    than resizing the image, the same pixels up to rounding); ``image`` may be a JPEG
+    decoded ``factor`` times smaller than ``full_shape`` (``sources.decode``)."""
     h0, w0 = full_shape or _shape(image)
     h, w = shorter_side_shape(h0, w0, scale)
     top, left = crop_offset(v, h, size), crop_offset(u, w, size)
     sy, sx = h0 / h / factor, w0 / w / factor
-    return _resized_box(image, size, (left * sx, top * sy, (left + size) * sx,
-                                      (top + size) * sy), flip)
+    return _resized_box(
+        image, size, (left * sx, top * sy, (left + size) * sx, (top + size) * sy), flip
+    )
 
 
-def _resized_box(image: np.ndarray | Image.Image, size: int, box: tuple, flip: bool,
-                 ) -> np.ndarray:
-    """The region ``box`` of ``image`` resized to size x size (cut out when it has that
-    size already), mirrored if ``flip``: by PIL on the crop, which is faster than mirroring
-    the uint8 batch with numpy, whose innermost axis would be a pixel's 3 channels."""
+def _resized_box(image: np.ndarray | Image.Image, size: int, box: tuple, flip: bool) -> np.ndarray:
+    """``box`` of ``image`` resized to size x size, mirrored by PIL if ``flip`` (faster than
+    numpy on the uint8 batch, whose innermost axis is a pixel's 3 channels)."""
     pil = image if isinstance(image, Image.Image) else Image.fromarray(image)
     left, top, right, bottom = box
-    if right - left == size and bottom - top == size and float(left).is_integer() \
-            and float(top).is_integer():
+    if (
+        right - left == size
+        and bottom - top == size
+        and float(left).is_integer()
+        and float(top).is_integer()
+    ):
         out = pil.crop((int(left), int(top), int(right), int(bottom)))
     else:
         out = pil.resize((size, size), Image.BILINEAR, box=box)
@@ -230,16 +224,10 @@ def _shape(image) -> tuple[int, int]:
     return (image.height, image.width) if isinstance(image, Image.Image) else image.shape[:2]
 
 
-def scale_augment(image: np.ndarray, scale: int, u: float, v: float, flip: bool,
-                  size: int = 224) -> np.ndarray:
-    """``scale_crop`` of one array image."""
-    return scale_crop(image, scale, u, v, size, flip=flip)
-
-
-def inception_box(full_shape: tuple[int, int], area: float, log_ratio: float, u: float,
-                  v: float) -> tuple[int, int, int, int]:
-    """(top, left, height, width) of a box of ``area`` of the image and aspect ratio
-    exp(log_ratio), clipped to the image, at (u, v)."""
+def inception_box(
+    full_shape: tuple[int, int], area: float, log_ratio: float, u: float, v: float
+) -> tuple[int, int, int, int]:
+    """(top, left, height, width) of a box of ``area`` and aspect exp(log_ratio) at (u, v)."""
     h, w = full_shape
     ratio = math.exp(log_ratio)
     cw = min(w, max(1, round(math.sqrt(area * h * w * ratio))))
@@ -247,59 +235,70 @@ def inception_box(full_shape: tuple[int, int], area: float, log_ratio: float, u:
     return crop_offset(v, h, ch), crop_offset(u, w, cw), ch, cw
 
 
-def inception_crop(image: np.ndarray | Image.Image, area: float, log_ratio: float, u: float,
-                   v: float, size: int = 224, full_shape: tuple[int, int] | None = None,
-                   factor: float = 1.0, flip: bool = False) -> np.ndarray:
-    """Inception-style crop (a modern option): ``inception_box`` resized to size x size
-    (``image``, ``full_shape``, ``factor`` and ``flip`` as in ``scale_crop``)."""
+def inception_crop(
+    image: np.ndarray | Image.Image,
+    area: float,
+    log_ratio: float,
+    u: float,
+    v: float,
+    size: int = 224,
+    full_shape: tuple[int, int] | None = None,
+    factor: float = 1.0,
+    flip: bool = False,
+) -> np.ndarray:
+    """Inception-style crop: ``inception_box`` resized to size x size (as ``scale_crop``)."""
     top, left, ch, cw = inception_box(full_shape or _shape(image), area, log_ratio, u, v)
-    return _resized_box(image, size, (left / factor, top / factor, (left + cw) / factor,
-                                      (top + ch) / factor), flip)
+    return _resized_box(
+        image, size, (left / factor, top / factor, (left + cw) / factor, (top + ch) / factor), flip
+    )
 
 
-def inception_crop_shorter_side(full_shape: tuple[int, int], area: float, log_ratio: float,
-                                size: int = 224) -> int:
-    """The shorter side ``inception_crop`` needs the decoded image to keep."""
+def inception_crop_shorter_side(
+    full_shape: tuple[int, int], area: float, log_ratio: float, size: int = 224
+) -> int:
     _, _, ch, cw = inception_box(full_shape, area, log_ratio, 0.0, 0.0)
     return math.ceil(min(full_shape) * size / min(ch, cw))
 
 
-def random_resized_crop(image: np.ndarray, area: float, log_ratio: float, u: float, v: float,
-                        flip: bool, size: int = 224) -> np.ndarray:
-    """``inception_crop`` of one array image."""
-    return inception_crop(image, area, log_ratio, u, v, size, flip=flip)
-
-
-def train_crop(image: np.ndarray | Image.Image, p: dict, *, size: int = 224,
-               crop_style: str = 'scale', full_shape: tuple[int, int] | None = None,
-               factor: float = 1.0) -> np.ndarray:
-    """The uint8 training crop of one image with parameters ``p`` (``draw_params``),
-    flipped; the colour operations run over the whole batch (``train_batch``)."""
+def train_crop(
+    image: np.ndarray | Image.Image,
+    p: dict,
+    *,
+    size: int = 224,
+    crop_style: str = 'scale',
+    full_shape: tuple[int, int] | None = None,
+    factor: float = 1.0,
+) -> np.ndarray:
+    """The uint8 training crop of one image with parameters ``p`` (``draw_params``)."""
     if crop_style == 'inception':
-        return inception_crop(image, p['area'], p['log_ratio'], p['u'], p['v'], size,
-                              full_shape, factor, p['flip'])
+        return inception_crop(
+            image, p['area'], p['log_ratio'], p['u'], p['v'], size, full_shape, factor, p['flip']
+        )
     return scale_crop(image, p['scale'], p['u'], p['v'], size, full_shape, factor, p['flip'])
 
 
-def train_crop_shorter_side(full_shape: tuple[int, int], p: dict, *, size: int = 224,
-                            crop_style: str = 'scale') -> int:
-    """The shorter side ``train_crop`` needs the decoded image to keep (no upsampling)."""
+def train_crop_shorter_side(
+    full_shape: tuple[int, int], p: dict, *, size: int = 224, crop_style: str = 'scale'
+) -> int:
     if crop_style == 'inception':
         return inception_crop_shorter_side(full_shape, p['area'], p['log_ratio'], size)
     return scale_crop_shorter_side(full_shape, p['scale'])
 
 
-def train_batch(crops: np.ndarray, params: dict[str, np.ndarray], mean: np.ndarray, *,
-                lighting_std: float = 0.1, preprocessing: str = 'mean',
-                out: np.ndarray | None = None) -> np.ndarray:
-    """The rest of the training transform, over a batch of uint8 crops (N, S, S, C)
-    (``train_crop``) with their parameters: lighting, then mean subtraction (or another
-    ``preprocessing``), as float32 network inputs."""
+def train_batch(
+    crops: np.ndarray,
+    params: dict[str, np.ndarray],
+    mean: np.ndarray,
+    *,
+    lighting_std: float = 0.1,
+    preprocessing: str = 'mean',
+    out: np.ndarray | None = None,
+) -> np.ndarray:
+    """Lighting, then mean subtraction (or another ``preprocessing``), of uint8 crops
+    (N, S, S, C) with their parameters: float32 network inputs."""
     alpha = params['alpha'] if lighting_std > 0 else None
     return normalize(crops, mean, preprocessing, lighting_alpha=alpha, out=out)
 
-
-# --- test views (the three protocols) ----------------------------------------------------------
 
 def center_view(image: np.ndarray, resize_size: int = 256, size: int = 224) -> np.ndarray:
     """Shorter side ``resize_size``, the centre size x size crop."""
@@ -307,21 +306,18 @@ def center_view(image: np.ndarray, resize_size: int = 256, size: int = 224) -> n
 
 
 def ten_crop_views(image: np.ndarray, resize_size: int = 256, size: int = 224) -> np.ndarray:
-    """The 4 corners and the centre of the resized image, and their flips: (10, s, s, C).
-
-    View 4 is the centre crop, identical to ``center_view``.
-    """
+    """The 4 corners and the centre (view 4, ``center_view``), and their flips: (10, s, s, C)."""
     image = resize_shorter_side(image, resize_size)
     h, w = image.shape[:2]
     corners = [(0, 0), (0, w - size), (h - size, 0), (h - size, w - size)]
-    views = [crop(image, t, l, size, size) for t, l in corners] + [center_crop(image, size)]
+    views = [crop(image, top, left, size, size) for top, left in corners]
+    views.append(center_crop(image, size))
     return np.stack(views + [flip_left_right(v) for v in views])
 
 
 def multiscale_view(image: np.ndarray, shorter: int, multiple: int = 32) -> np.ndarray:
-    """The whole image, shorter side ``shorter``, longer side rounded to a multiple of
-    ``multiple`` (a <3% stretch that bounds the number of distinct shapes to compile), and
-    its flip: (2, H, W, C). The network is applied fully convolutionally."""
+    """The whole image at shorter side ``shorter`` and its flip, (2, H, W, C); the longer side
+    rounds to a ``multiple`` (a <3% stretch that bounds the shapes to compile)."""
     h, w = shorter_side_shape(*image.shape[:2], shorter)
     if h > w:
         h = max(shorter, multiple * round(h / multiple))

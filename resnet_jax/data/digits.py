@@ -1,13 +1,7 @@
-"""The embedded default dataset: scikit-learn's handwritten digits as a tfds dataset.
-
-1,797 real 8x8 grey-scale digits (the UCI optdigits test set that scikit-learn ships, so
-nothing is downloaded), upsampled to 32x32x3 so that they flow through the CIFAR pipeline
-and the CIFAR nets unchanged:
-
-* pixel values 0..16 are scaled to 0..255 and resized bilinearly to 32x32, then repeated
-  over three channels;
-* the split is fixed: a permutation of the 1,797 images drawn with seed 0, the first
-  1,437 images are ``train`` and the last 360 ``test`` (20%).
+"""The embedded default dataset: scikit-learn's 1,797 handwritten 8x8 digits (nothing to
+download) as a tfds dataset, scaled to 0..255, resized bilinearly to 32x32 and repeated over
+three channels, so they flow through the CIFAR pipeline and nets unchanged. The split is
+fixed: a permutation drawn with seed 0, the first 1,437 ``train``, the last 360 ``test``.
 """
 
 from __future__ import annotations
@@ -26,8 +20,9 @@ def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
 
     digits = load_digits()
     small = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)
-    big = np.stack([np.asarray(Image.fromarray(im).resize((SIZE, SIZE), Image.BILINEAR))
-                    for im in small])
+    big = np.stack(
+        [np.asarray(Image.fromarray(im).resize((SIZE, SIZE), Image.BILINEAR)) for im in small]
+    )
     return np.repeat(big[..., None], 3, axis=-1), digits.target.astype(np.int64)
 
 
@@ -41,10 +36,12 @@ class Digits(tfds.core.GeneratorBasedBuilder):
         return tfds.core.DatasetInfo(
             builder=self,
             description=__doc__,
-            features=tfds.features.FeaturesDict({
-                'image': tfds.features.Image(shape=(SIZE, SIZE, 3)),
-                'label': tfds.features.ClassLabel(num_classes=10),
-            }),
+            features=tfds.features.FeaturesDict(
+                {
+                    'image': tfds.features.Image(shape=(SIZE, SIZE, 3)),
+                    'label': tfds.features.ClassLabel(num_classes=10),
+                }
+            ),
             supervised_keys=('image', 'label'),
             homepage='https://scikit-learn.org/stable/datasets/toy_dataset.html',
         )

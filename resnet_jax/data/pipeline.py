@@ -1,22 +1,9 @@
-"""Input pipelines, deterministic at any scale: tfds datasets and folders of images.
-
-Determinism: the contents and augmentation of global batch ``k`` are a function of
-``(seed, k)`` only. Example ``p = k * batch_size + i`` of the stream is item ``p mod N`` of
-epoch ``p // N``'s permutation (drawn from ``(seed, epoch)``), and the augmentation
-parameters of the whole global batch are drawn from ``(seed, k)`` (a few numbers per
-image), so the number of hosts, devices or worker processes and restarts change nothing.
-Each host then reads, decodes and augments only its own slice of the batch. No example is
-dropped: batches run across epoch boundaries.
-
-Why random access (and not a shuffled tf.data stream): a stream's order depends on its
-shuffle buffer and on how it was sharded over hosts, and resuming it at step ``k`` means
-replaying it. With random access, reading item ``i`` costs the same wherever it is, so
-any host can build any slice of any batch directly. Small datasets (the digits, CIFAR-10)
-are read into memory once and augmented in the training process, vectorised over the
-batch; the others (ImageNet, imagenette, a folder of images) are read through
-``tfds.data_source`` over ArrayRecord files or from the folder's files, and decoded and
-augmented in worker processes (``resnet_jax.data.workers``, grain), each building whole
-slices of batches, which come back in order.
+"""Input pipelines, deterministic at any scale: global batch ``k``'s examples and
+augmentation are a function of ``(seed, k)`` only (example ``p`` of the stream is item
+``p mod N`` of epoch ``p // N``'s permutation), so hosts, devices, workers and restarts
+change nothing, and no example is dropped. Random access, not a shuffled stream, lets any
+host build its slice of any batch without replaying; small datasets are augmented in
+memory, vectorised, the others in worker processes (``workers``).
 """
 
 from __future__ import annotations
@@ -26,21 +13,17 @@ import itertools
 import logging
 import queue
 import threading
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import tensorflow_datasets as tfds
 
-from resnet_jax.data import augment
-from resnet_jax.data import folder
-from resnet_jax.data import workers
+from resnet_jax.data import augment, folder, workers
 from resnet_jax.data.prepare import IN_MEMORY_DATASETS, check_dataset, load_arrays, stored_mean
 from resnet_jax.data.sources import CorruptImage, TfdsSource, decode, decode_array
 
 CIFAR_PAD = 4  # sec. 4.2: 4 pixels padded on each side, then a random 32x32 crop
 
-
-# --- the paper's CIFAR augmentation (sec. 4.2), vectorised over a batch ----------------------
 
 def mean_image(images: np.ndarray) -> np.ndarray:
     """The per-pixel mean of uint8 images, in [0, 1] units (H, W, C) float32."""
@@ -52,8 +35,9 @@ def crop_flip_params(rng: np.random.Generator, n: int, pad: int = CIFAR_PAD):
     return rng.integers(0, 2 * pad + 1, size=(n, 2)), rng.random(n) < 0.5
 
 
-def pad_crop_flip(images: np.ndarray, offsets: np.ndarray, flips: np.ndarray,
-                  pad: int = CIFAR_PAD) -> np.ndarray:
+def pad_crop_flip(
+    images: np.ndarray, offsets: np.ndarray, flips: np.ndarray, pad: int = CIFAR_PAD
+) -> np.ndarray:
     """Zero-pads ``pad`` pixels per side, crops the original size at ``offsets``, flips."""
     n, h, w, _ = images.shape
     padded = np.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
@@ -62,8 +46,6 @@ def pad_crop_flip(images: np.ndarray, offsets: np.ndarray, flips: np.ndarray,
     cols = np.where(flips[:, None], cols[:, ::-1], cols)
     return padded[np.arange(n)[:, None, None], rows[:, :, None], cols[:, None, :]]
 
-
-# --- deterministic global batches ------------------------------------------------------------
 
 def _permutation(seed: int, epoch: int, n: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(n)
@@ -94,22 +76,20 @@ IMAGES_PER_TASK = 256  # a worker builds at most this many images of a batch as 
 
 def _concat(parts: list[dict]) -> dict:
     """The chunks of one host batch, built by different workers, as one batch."""
-    return {k: (sum((p[k] for p in parts), []) if k == 'skipped'
-                else np.concatenate([p[k] for p in parts])) for k in parts[0]}
+    return {
+        k: (
+            sum((p[k] for p in parts), [])
+            if k == 'skipped'
+            else np.concatenate([p[k] for p in parts])
+        )
+        for k in parts[0]
+    }
 
 
 class Pipeline:
-    """Training batches and evaluation images of one dataset (see the module docstring).
-
-    Args:
-      dataset: the ``config.dataset`` fields (name, data_dir, validation_split, augment,
-        image_size, min_scale, max_scale, crop, lighting_std, num_workers, preprocessing).
-      seed: the data seed.
-
-    ``corrupt_records`` counts the records skipped because they could not be read (each
-    is replaced by the next record, up to ``MAX_CORRUPT_IN_A_ROW`` in a row), in worker
-    processes too: their counts come back with the batches.
-    """
+    """Training batches and evaluation images of ``dataset`` (the ``config.dataset`` fields)
+    with data ``seed``. ``corrupt_records`` counts the unreadable records skipped (each
+    replaced by the next, up to ``MAX_CORRUPT_IN_A_ROW`` in a row), in workers too."""
 
     def __init__(self, dataset, seed: int):
         self.seed = seed
@@ -138,8 +118,9 @@ class Pipeline:
             builder = tfds.builder(name, data_dir=data_dir)
             splits = builder.info.splits
             test = 'validation' if 'validation' in splits else 'test'
-            train_split, eval_split = (('train[:98%]', 'train[98%:]')
-                                       if dataset.validation_split else ('train', test))
+            train_split, eval_split = (
+                ('train[:98%]', 'train[98%:]') if dataset.validation_split else ('train', test)
+            )
             self.train = TfdsSource(name, train_split, data_dir)
             self.eval = TfdsSource(name, eval_split, data_dir)
             self.num_classes = builder.info.features['label'].num_classes
@@ -152,8 +133,9 @@ class Pipeline:
     def channel_mean(self) -> np.ndarray:
         return self.mean.reshape(-1, self.mean.shape[-1]).mean(0)
 
-    def normalize(self, images: np.ndarray, channel_mean: bool = False,
-                  out: np.ndarray | None = None) -> np.ndarray:
+    def normalize(
+        self, images: np.ndarray, channel_mean: bool = False, out: np.ndarray | None = None
+    ) -> np.ndarray:
         """uint8 views (one or a batch) to network inputs, by ``dataset.preprocessing``;
         ``channel_mean`` for views whose size differs from the mean image's."""
         mean = self.channel_mean if channel_mean else self.mean
@@ -161,8 +143,6 @@ class Pipeline:
 
     def image_shape(self) -> tuple[int, int, int]:
         return (self.image_size, self.image_size, 3)
-
-    # --- reading records ------------------------------------------------------------------
 
     def first_readable(self, source, i: int, fn: Callable) -> tuple:
         """``(fn(encoded image), label, skipped)`` of item ``i``, or of the next readable
@@ -176,40 +156,39 @@ class Pipeline:
             except CorruptImage as e:
                 where = source.path(j) if hasattr(source, 'path') else f'record {j}'
                 skipped.append(f'{where}: {e}')
-        raise CorruptImage(f'{MAX_CORRUPT_IN_A_ROW} corrupt records in a row from index {i}: '
-                           + '; '.join(skipped))
+        raise CorruptImage(
+            f'{MAX_CORRUPT_IN_A_ROW} corrupt records in a row from index {i}: ' + '; '.join(skipped)
+        )
 
     def _count(self, skipped: list[str]) -> None:
-        """Counts (and logs) the corrupt records skipped here or in a worker."""
         for what in skipped:
             self.corrupt_records += 1
-            logging.warning('skipped corrupt record (%d so far): %s', self.corrupt_records,
-                            what)
+            logging.warning('skipped corrupt record (%d so far): %s', self.corrupt_records, what)
 
     def _received(self, batch: dict) -> dict:
-        """A batch from a worker: its skipped records counted, its arrays moved out of
-        shared memory (released at once, whatever the caller keeps)."""
+        """A batch with its skipped records counted."""
         self._count(batch.pop('skipped'))
-        return workers.to_local(batch)
+        return batch
 
     def _read(self, source, i: int, shorter_side: int | None = None) -> tuple[np.ndarray, int]:
         """Image and label of item i; a corrupt record is skipped (the next one is used)."""
         image, label, skipped = self.first_readable(
-            source, i, functools.partial(decode_array, min_shorter_side=shorter_side))
+            source, i, functools.partial(decode_array, min_shorter_side=shorter_side)
+        )
         self._count(skipped)
         return image, label
 
-    # --- training batches -----------------------------------------------------------------
-
-    def train_batch(self, step: int, batch_size: int, process_index: int = 0,
-                    process_count: int = 1) -> dict[str, np.ndarray]:
+    def train_batch(
+        self, step: int, batch_size: int, process_index: int = 0, process_count: int = 1
+    ) -> dict[str, np.ndarray]:
         """This host's slice of global training batch ``step``, augmented and normalised
         (built in this process; ``train_iterator`` builds them in worker processes)."""
         mine = host_slice(batch_size, process_index, process_count)
         return self._received(self.train_examples(step, batch_size, mine.start, mine.stop))
 
-    def train_examples(self, step: int, batch_size: int, start: int, stop: int,
-                      alloc: Callable = np.empty) -> dict:
+    def train_examples(
+        self, step: int, batch_size: int, start: int, stop: int, alloc: Callable = np.empty
+    ) -> dict:
         """Examples ``start:stop`` of global batch ``step``, with the corrupt records
         skipped to build them; the images in an array from ``alloc(shape, dtype)``."""
         idx = batch_indices(self.seed, step, batch_size, len(self.train))[start:stop]
@@ -219,11 +198,15 @@ class Pipeline:
             images = self.train.images[idx]
             if self.cfg.augment:
                 images = pad_crop_flip(images, offsets[start:stop], flips[start:stop])
-            return {'image': self.normalize(images), 'label': self.train.labels[idx],
-                    'skipped': []}
+            return {'image': self.normalize(images), 'label': self.train.labels[idx], 'skipped': []}
         cfg, size = self.cfg, self.image_size
-        params = augment.draw_params(rng, batch_size, min_scale=cfg.min_scale,
-                                     max_scale=cfg.max_scale, lighting_std=cfg.lighting_std)
+        params = augment.draw_params(
+            rng,
+            batch_size,
+            min_scale=cfg.min_scale,
+            max_scale=cfg.max_scale,
+            lighting_std=cfg.lighting_std,
+        )
         params = {k: v[start:stop] for k, v in params.items()}
         crops = np.empty((stop - start, size, size, 3), np.uint8)
         labels = np.empty(stop - start, np.int32)
@@ -236,37 +219,54 @@ class Pipeline:
             crops[k], labels[k], s = self.first_readable(self.train, i, crop_fn)
             skipped += s
         out = alloc(crops.shape, np.float32)
-        images = (augment.train_batch(crops, params, self.mean, lighting_std=cfg.lighting_std,
-                                      preprocessing=cfg.preprocessing, out=out)
-                  if cfg.augment else self.normalize(crops, out=out))
+        images = (
+            augment.train_batch(
+                crops,
+                params,
+                self.mean,
+                lighting_std=cfg.lighting_std,
+                preprocessing=cfg.preprocessing,
+                out=out,
+            )
+            if cfg.augment
+            else self.normalize(crops, out=out)
+        )
         return {'image': images, 'label': labels, 'skipped': skipped}
 
     def _train_crop(self, p: dict, data: bytes) -> np.ndarray:
         size, style = self.image_size, self.cfg.crop
-        image, factor, shape = decode(data, functools.partial(
-            augment.train_crop_shorter_side, p=p, size=size, crop_style=style))
-        return augment.train_crop(image, p, size=size, crop_style=style, full_shape=shape,
-                                  factor=factor)
+        image, factor, shape = decode(
+            data,
+            functools.partial(augment.train_crop_shorter_side, p=p, size=size, crop_style=style),
+        )
+        return augment.train_crop(
+            image, p, size=size, crop_style=style, full_shape=shape, factor=factor
+        )
 
     def _center_crop(self, data: bytes) -> np.ndarray:
-        return augment.center_view(decode_array(data, self.resize_size), self.resize_size,
-                                   self.image_size)
+        return augment.center_view(
+            decode_array(data, self.resize_size), self.resize_size, self.image_size
+        )
 
-    def _host_batches(self, build: Callable, first: int, stop: int,
-                      host_batch: int) -> Iterator[dict]:
-        """``build(b, start, stop)`` (examples start:stop of this host's slice of batch b)
-        for batches ``first, first + 1, ...`` below ``stop``, in worker processes: tasks of
-        at most ``IMAGES_PER_TASK`` images, joined back into host batches here."""
+    def _host_batches(
+        self, build: Callable, first: int, stop: int, host_batch: int
+    ) -> Iterator[dict]:
+        """``build(b, start, stop)`` (examples of this host's slice of batch b) for batches
+        ``first..stop - 1`` in worker processes, in tasks of ``IMAGES_PER_TASK`` at most."""
         chunks = -(-host_batch // IMAGES_PER_TASK)
         per_chunk = -(-host_batch // chunks)
         task = functools.partial(_chunk_task, build, chunks, per_chunk, host_batch)
-        return workers.map_in_workers(task, range(first * chunks, stop * chunks),
-                                      self.num_workers, group=chunks, combine=_concat)
+        return workers.map_in_workers(
+            task,
+            range(first * chunks, stop * chunks),
+            self.num_workers,
+            group=chunks,
+            combine=_concat,
+        )
 
-    # --- evaluation -----------------------------------------------------------------------
-
-    def eval_images(self, indices, view: Callable | None = None,
-                    shorter_side: int | None = None) -> Iterator[tuple]:
+    def eval_images(
+        self, indices, view: Callable | None = None, shorter_side: int | None = None
+    ) -> Iterator[tuple]:
         """(image, label) of the eval split's items ``indices``, in order, or
         ``(view(image), label)``; encoded images are decoded (at a reduced scale that
         keeps ``shorter_side``, if given) in worker processes."""
@@ -281,7 +281,7 @@ class Pipeline:
         try:  # exactly len(indices) items: the workers stop at close(), not by exhaustion
             for out, label, skipped in itertools.islice(items, len(indices)):
                 self._count(skipped)
-                yield workers.to_local(out), int(label)
+                yield out, int(label)
         finally:
             items.close()
 
@@ -291,8 +291,9 @@ class Pipeline:
             return self.normalize(image)
         return self.normalize(augment.center_view(image, self.resize_size, self.image_size))
 
-    def eval_batches(self, batch_size: int, process_index: int = 0, process_count: int = 1,
-                     view=None) -> Iterator[dict[str, np.ndarray]]:
+    def eval_batches(
+        self, batch_size: int, process_index: int = 0, process_count: int = 1, view=None
+    ) -> Iterator[dict[str, np.ndarray]]:
         """The whole eval split in order, one view per image (default: the centre view);
         the last batch is padded and its padding masked out (``mask``)."""
         mine = host_slice(batch_size, process_index, process_count)
@@ -315,32 +316,42 @@ class Pipeline:
         idx = np.where(mask, idx, 0)
         if self.small:
             images = self.eval.images[idx]
-            return {'image': np.stack([view(im) for im in images]) if view
-                    else self.normalize(images), 'label': self.eval.labels[idx],
-                    'mask': mask, 'skipped': []}
+            return {
+                'image': np.stack([view(im) for im in images]) if view else self.normalize(images),
+                'label': self.eval.labels[idx],
+                'mask': mask,
+                'skipped': [],
+            }
         fn = functools.partial(_decoded_view, view) if view else self._center_crop
         outs, labels, skipped = zip(*(self.first_readable(self.eval, i, fn) for i in idx))
         images = np.stack(outs)
-        return {'image': images if view else self.normalize(images),
-                'label': np.asarray(labels, np.int32), 'mask': mask,
-                'skipped': sum(skipped, [])}
+        return {
+            'image': images if view else self.normalize(images),
+            'label': np.asarray(labels, np.int32),
+            'mask': mask,
+            'skipped': sum(skipped, []),
+        }
 
 
 # Tasks run in worker processes: module-level functions of picklable arguments.
+
 
 def _chunk_task(build: Callable, chunks: int, per_chunk: int, host_batch: int, key: int):
     b, c = divmod(key, chunks)
     return build(b, c * per_chunk, min(host_batch, (c + 1) * per_chunk))
 
 
-def _train_task(pipeline: Pipeline, batch_size: int, offset: int, step: int, start: int,
-                stop: int) -> dict:
-    return pipeline.train_examples(step, batch_size, offset + start, offset + stop,
-                                  alloc=workers.shared_array)
+def _train_task(
+    pipeline: Pipeline, batch_size: int, offset: int, step: int, start: int, stop: int
+) -> dict:
+    return pipeline.train_examples(
+        step, batch_size, offset + start, offset + stop, alloc=workers.shared_array
+    )
 
 
-def _eval_task(pipeline: Pipeline, batch_size: int, view, offset: int, b: int, start: int,
-               stop: int) -> dict:
+def _eval_task(
+    pipeline: Pipeline, batch_size: int, view, offset: int, b: int, start: int, stop: int
+) -> dict:
     return pipeline.eval_examples(batch_size, view, b, offset + start, offset + stop)
 
 
@@ -350,11 +361,10 @@ def _decoded_view(view: Callable, data: bytes):
 
 def _eval_image_task(pipeline: Pipeline, view, shorter_side, i: int):
     image, label, skipped = pipeline.first_readable(
-        pipeline.eval, i, functools.partial(decode_array, min_shorter_side=shorter_side))
+        pipeline.eval, i, functools.partial(decode_array, min_shorter_side=shorter_side)
+    )
     return (view(image) if view else image), label, skipped
 
-
-# --- feeding the devices -------------------------------------------------------------------
 
 def prefetch(iterator: Iterator, put, size: int = 2) -> Iterator:
     """Runs ``put(next(iterator))`` (e.g. a host-to-device copy) ``size`` batches ahead in
@@ -399,11 +409,11 @@ def prefetch(iterator: Iterator, put, size: int = 2) -> Iterator:
         thread.join(timeout=30)
 
 
-def train_iterator(pipeline: Pipeline, start_step: int, batch_size: int, process_index: int,
-                   process_count: int) -> Iterator[dict[str, np.ndarray]]:
-    """This host's slices of the global batches ``start_step, start_step + 1, ...``: built
-    in this process for in-memory datasets (vectorised numpy), in worker processes for
-    encoded images. Closing it stops the workers."""
+def train_iterator(
+    pipeline: Pipeline, start_step: int, batch_size: int, process_index: int, process_count: int
+) -> Iterator[dict[str, np.ndarray]]:
+    """This host's slices of the global batches from ``start_step`` on (encoded images built
+    in worker processes); closing it stops the workers."""
     mine = host_slice(batch_size, process_index, process_count)
     build = functools.partial(_train_task, pipeline, batch_size, mine.start)
     if pipeline.small:
@@ -415,4 +425,3 @@ def train_iterator(pipeline: Pipeline, start_step: int, batch_size: int, process
             yield pipeline._received(batch)
     finally:
         batches.close()
-

@@ -1,10 +1,6 @@
-"""Random-access sources of labelled images, and image decoding.
-
-A source has ``len(source)``, ``record(i) -> {'image': encoded bytes, 'label': int}``
-(sources of encoded images) and ``image(i)`` / ``label(i)``. Sources are pickled into the
-input pipeline's worker processes, so they hold only what is cheap to pickle and open
-their files lazily, in the process that reads them.
-"""
+"""Random-access sources of labelled images (``len``, ``image(i)``, ``label(i)``; encoded
+ones also ``record(i)``), and decoding. Sources are pickled into worker processes, so they
+open their files lazily, in the process that reads them."""
 
 from __future__ import annotations
 
@@ -12,7 +8,7 @@ import dataclasses
 import io
 import math
 import warnings
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -26,8 +22,7 @@ class CorruptImage(ValueError):
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
-    """Decodes ``image`` as RGB: grayscale, palette and CMYK are converted; transparent
-    pixels (PNG alpha, palette transparency) are composited over white."""
+    """``image`` as RGB, transparent pixels composited over white."""
     if image.mode == 'RGB':
         image.load()
         return image
@@ -39,34 +34,21 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert('RGB')
 
 
-def decode(data: bytes, min_shorter_side: Callable[[tuple[int, int]], int | None] | int
-           | None = None) -> tuple[Image.Image, float, tuple[int, int]]:
-    """Decodes an encoded image to RGB, upright by its EXIF orientation.
+def decode(
+    data: bytes, min_shorter_side: Callable[[tuple[int, int]], int | None] | int | None = None
+) -> tuple[Image.Image, float, tuple[int, int]]:
+    """Decodes an encoded image (anything PIL reads) to RGB, upright by its EXIF orientation.
 
-    Args:
-      data: the encoded image (JPEG, PNG, ... anything PIL reads).
-      min_shorter_side: the shorter side the caller needs, or a function of the image's
-        (height, width) giving it. A JPEG is then decoded at 1/2, 1/4 or 1/8 scale inside
-        the DCT (PIL's ``draft``) when its shorter side stays at least that long.
-
-    Returns:
-      ``(image, factor, (height, width))``: the decoded PIL image, the factor by which it
-      is smaller than the full image, and the full image's (upright) size. A point (x, y)
-      of the full image is (x / factor, y / factor) in the decoded one.
-
-    Raises:
-      CorruptImage: for data PIL cannot identify or decode, and for images above twice
-        PIL's decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS``), which PIL refuses.
-
-    PIL's ``DecompressionBombWarning`` (an image above the limit, up to twice it) is not
-    shown: such an image is decoded like any other, and preparing a folder counts them
-    once (``Scan.oversized``, ``over_pixel_limit``) rather than each worker process
-    warning once per image.
+    ``min_shorter_side``: the shorter side the caller needs, or a function of the image's
+    (height, width) giving it; a JPEG is then decoded at 1/2, 1/4 or 1/8 scale (PIL's
+    ``draft``) where that still covers it. Returns ``(image, factor, (height, width))``: the
+    PIL image, how many times smaller than the full image it is, and the full upright size.
+    Raises CorruptImage for data PIL cannot decode or refuses (above twice
+    ``PIL.Image.MAX_IMAGE_PIXELS``). PIL's ``DecompressionBombWarning`` is not shown:
+    preparing a folder counts such images once (``Scan.oversized``).
     """
-    # Scoped to this call, not a process-wide filter that would also hide the warning from
-    # the caller's own uses of PIL. (``catch_warnings`` swaps the module's filters: not
-    # thread-safe before Python 3.14; images are decoded in the pipeline's worker
-    # processes, one at a time, or in the caller's thread.)
+    # Scoped to this call: a process-wide filter would hide the warning from the caller's
+    # own PIL (catch_warnings is not thread-safe before 3.14; decoding is one at a time).
     with warnings.catch_warnings():
         warnings.simplefilter('ignore', Image.DecompressionBombWarning)
         return _decode(data, min_shorter_side)
@@ -75,8 +57,7 @@ def decode(data: bytes, min_shorter_side: Callable[[tuple[int, int]], int | None
 def _decode(data: bytes, min_shorter_side) -> tuple[Image.Image, float, tuple[int, int]]:
     try:
         image = Image.open(io.BytesIO(data))
-        orientation = (image.getexif().get(EXIF_ORIENTATION, 1)
-                       if 'exif' in image.info else 1)
+        orientation = image.getexif().get(EXIF_ORIENTATION, 1) if 'exif' in image.info else 1
         w, h = image.size
         shape = (w, h) if orientation in _SWAPS_SIDES else (h, w)
         need = min_shorter_side(shape) if callable(min_shorter_side) else min_shorter_side
@@ -98,8 +79,7 @@ def _decode(data: bytes, min_shorter_side) -> tuple[Image.Image, float, tuple[in
 
 def over_pixel_limit(shape: tuple[int, int]) -> bool:
     """Whether an image of ``shape`` (height, width) is above PIL's decompression-bomb
-    limit, ``PIL.Image.MAX_IMAGE_PIXELS`` in this process (PIL's own test): one that
-    ``decode`` reads without PIL's warning (above twice the limit, PIL refuses it)."""
+    limit in this process (``decode`` reads it without PIL's warning)."""
     limit = Image.MAX_IMAGE_PIXELS
     return limit is not None and max(1, shape[0]) * max(1, shape[1]) > limit
 
@@ -112,6 +92,7 @@ def decode_array(data: bytes, min_shorter_side: int | None = None) -> np.ndarray
 @dataclasses.dataclass(frozen=True)
 class ArraySource:
     """Decoded images (N, H, W, C) uint8 and labels (N,) in host memory."""
+
     images: np.ndarray
     labels: np.ndarray
 
@@ -139,8 +120,12 @@ class TfdsSource:
             import tensorflow_datasets as tfds
 
             self._source = tfds.data_source(
-                self.name, split=self.split, data_dir=self.data_dir, download=False,
-                decoders={'image': tfds.decode.SkipDecoding()})
+                self.name,
+                split=self.split,
+                data_dir=self.data_dir,
+                download=False,
+                decoders={'image': tfds.decode.SkipDecoding()},
+            )
         return self._source
 
     def __getstate__(self):
@@ -162,29 +147,31 @@ class TfdsSource:
         return int(self.record(i)['label'])
 
 
-# --- reading every image once (mean images, preparing a folder) ------------------------------
-
 @dataclasses.dataclass
 class Scan:
-    """What one pass over records found: the sum and count of the centre views of the
-    readable ones, which were unreadable, and which were read although above PIL's
-    decompression-bomb limit (``oversized``), by the processes that read them: their
-    ``pixel_limit`` (``PIL.Image.MAX_IMAGE_PIXELS`` there: worker processes import PIL
-    afresh, with its default, whatever this process set)."""
+    """One pass over records: the sum and count of the readable ones' centre views, the
+    unreadable ones, those above PIL's pixel limit (``oversized``), and that limit in the
+    worker processes (which import PIL afresh, with its default)."""
+
     total: np.ndarray
     count: int = 0
     unreadable: list = dataclasses.field(default_factory=list)
     oversized: list = dataclasses.field(default_factory=list)
     pixel_limit: int | None = None
 
-    def merge(self, other: 'Scan') -> 'Scan':
-        return Scan(self.total + other.total, self.count + other.count,
-                    self.unreadable + other.unreadable, self.oversized + other.oversized,
-                    self.pixel_limit if self.pixel_limit is not None else other.pixel_limit)
+    def merge(self, other: Scan) -> Scan:
+        return Scan(
+            self.total + other.total,
+            self.count + other.count,
+            self.unreadable + other.unreadable,
+            self.oversized + other.oversized,
+            self.pixel_limit if self.pixel_limit is not None else other.pixel_limit,
+        )
 
 
-def _scan_chunk(source, indices: np.ndarray, summed: np.ndarray, size: int,
-                resize_size: int) -> Scan:
+def _scan_chunk(
+    source, indices: np.ndarray, summed: np.ndarray, size: int, resize_size: int
+) -> Scan:
     from resnet_jax.data import augment
 
     scan = Scan(np.zeros((size, size, 3), np.float64), pixel_limit=Image.MAX_IMAGE_PIXELS)
@@ -203,14 +190,17 @@ def _scan_chunk(source, indices: np.ndarray, summed: np.ndarray, size: int,
     return scan
 
 
-def scan(source, indices: np.ndarray, size: int, num_workers: int,
-         progress: Callable[[int, int], None] | None = None,
-         summed: np.ndarray | None = None, chunk: int = 64) -> Scan:
-    """Decodes records ``indices`` of ``source`` in worker processes, summing the centre
-    views (shorter side ``size * 256 / 224``, centre ``size`` crop) of the readable ones
-    where ``summed`` (default: all), and reports ``progress(done, total)``. The result
-    lists the unreadable records and those above PIL's decompression-bomb limit, as the
-    workers found them."""
+def scan(
+    source,
+    indices: np.ndarray,
+    size: int,
+    num_workers: int,
+    progress: Callable[[int, int], None] | None = None,
+    summed: np.ndarray | None = None,
+    chunk: int = 64,
+) -> Scan:
+    """Decodes records ``indices`` of ``source`` in worker processes into a ``Scan``, summing
+    the readable ones' centre views where ``summed`` (default: all); ``progress(done, total)``."""
     import functools
 
     from resnet_jax.data import workers
@@ -222,9 +212,12 @@ def scan(source, indices: np.ndarray, size: int, num_workers: int,
     if not len(indices):
         return result
     tasks = workers.map_in_workers(
-        functools.partial(_scan_chunk_at, source, indices, summed, chunk, size,
-                          round(size * 256 / 224)),
-        starts, num_workers)
+        functools.partial(
+            _scan_chunk_at, source, indices, summed, chunk, size, round(size * 256 / 224)
+        ),
+        starts,
+        num_workers,
+    )
     try:
         for start, part in zip(starts, tasks):
             result = result.merge(dataclasses.replace(part, total=np.array(part.total)))
@@ -236,5 +229,6 @@ def scan(source, indices: np.ndarray, size: int, num_workers: int,
 
 
 def _scan_chunk_at(source, indices, summed, chunk, size, resize_size, start):
-    return _scan_chunk(source, indices[start:start + chunk], summed[start:start + chunk],
-                       size, resize_size)
+    return _scan_chunk(
+        source, indices[start : start + chunk], summed[start : start + chunk], size, resize_size
+    )

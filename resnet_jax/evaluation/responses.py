@@ -11,7 +11,6 @@ from resnet_jax.models import layers
 
 
 def _is_3x3_bn(path: tuple[str, ...], model: models.ResNet) -> bool:
-    """Whether the BatchNorm at ``path`` follows a 3x3 conv (Fig. 7 counts those layers)."""
     *parents, name = path
     if 'shortcut' in parents:
         return False  # the 1x1 projections
@@ -23,15 +22,17 @@ def _is_3x3_bn(path: tuple[str, ...], model: models.ResNet) -> bool:
 
 
 def layer_responses(model: models.ResNet, variables, images) -> np.ndarray:
-    """The std of each 3x3 layer's response, in layer order (Fig. 7, sec. 4.2).
-
-    A response is the output of a 3x3 conv after its BatchNorm and before the ReLU or the
-    addition; its std is taken over every element (images, positions and channels) of
-    ``images`` with the network in eval mode.
-    """
-    _, state = model.apply(variables, images, train=False, mutable=['intermediates'],
-                           capture_intermediates=lambda mdl, method: isinstance(
-                               mdl, layers.BatchNorm) and method == '__call__')
+    """The std of each 3x3 layer's response (after its BatchNorm, before the ReLU or the
+    addition) over every element of ``images``, in eval mode, in layer order (Fig. 7)."""
+    _, state = model.apply(
+        variables,
+        images,
+        train=False,
+        mutable=['intermediates'],
+        capture_intermediates=lambda mdl, method: (
+            isinstance(mdl, layers.BatchNorm) and method == '__call__'
+        ),
+    )
     responses = []
 
     def visit(tree, path):

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import collections
 import math
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -60,8 +61,9 @@ def _walk(jaxpr, scope: str, times: int, out: dict[str, int]) -> None:
 def macs_by_scope(model, input_shape: Sequence[int], train: bool = False) -> Mapping[str, int]:
     """Multiply-adds per module path (e.g. ``'ResNet/conv2_1/conv1'``), for one forward pass."""
     x = jax.ShapeDtypeStruct(tuple(input_shape), jnp.float32)
-    variables = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(x.shape),
-                                                  train=False))
+    variables = jax.eval_shape(
+        lambda: model.init(jax.random.key(0), jnp.zeros(x.shape), train=False)
+    )
 
     def forward(v, images):
         if train:

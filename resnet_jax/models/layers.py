@@ -1,19 +1,13 @@
-"""The building blocks shared by every network: conv, BatchNorm, the shortcuts and the stem's
-max pool.
+"""Conv, BatchNorm, shortcuts and max pool shared by every net (sec. 3.4's conventions).
 
-One conv factory (``conv``) and one BatchNorm (``BatchNorm``) serve every layer of every net,
-so the paper's layer conventions live in one place (sec. 3.4):
-
-* convolutions have no bias and He initialisation [He et al. 2015, "Delving deep"];
-* padding is symmetric, ``(k - 1) // 2`` on each side, as in the paper's Caffe models,
-  torchvision and Keras (flax's ``'SAME'`` pads asymmetrically for stride 2, which would
-  make converted weights compute a different function);
-* BatchNorm follows every conv, before the activation, with momentum 0.9 and epsilon 1e-5.
+Padding is symmetric, ``(k - 1) // 2`` a side, as in Caffe, torchvision and Keras: flax's
+``'SAME'`` pads stride 2 asymmetrically, so converted weights would compute another function.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -22,29 +16,38 @@ import jax.numpy as jnp
 Dtype = Any
 Initializer = Callable[..., jax.Array]
 
-# He initialisation (fan_out, normal), the convention torchvision uses for ResNets.
+# fan_out, normal: torchvision's initialisation of ResNets.
 he_normal = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 
 
-def conv(features: int, kernel_size: int, strides: int = 1, *, dtype: Dtype = jnp.float32,
-         name: str | None = None,
-         conv_general_dilated: Callable[..., jax.Array] | None = None) -> nn.Conv:
-    """A bias-free k x k convolution with symmetric padding and He initialisation.
-
-    ``conv_general_dilated`` is the function ``flax.linen.Conv`` computes with (default
-    ``jax.lax.conv_general_dilated``); another implementation of the same function can be
-    handed in (see ``resnet_jax.backends``).
-    """
+def conv(
+    features: int,
+    kernel_size: int,
+    strides: int = 1,
+    *,
+    dtype: Dtype = jnp.float32,
+    name: str | None = None,
+    conv_general_dilated: Callable[..., jax.Array] | None = None,
+) -> nn.Conv:
+    """A bias-free k x k convolution with symmetric padding and He initialisation;
+    ``conv_general_dilated`` replaces ``lax``'s (``resnet_jax.backends``)."""
     pad = (kernel_size - 1) // 2
-    return nn.Conv(features, (kernel_size, kernel_size), strides=(strides, strides),
-                   padding=((pad, pad), (pad, pad)), use_bias=False, kernel_init=he_normal,
-                   dtype=dtype, param_dtype=jnp.float32, name=name,
-                   conv_general_dilated=conv_general_dilated)
+    return nn.Conv(
+        features,
+        (kernel_size, kernel_size),
+        strides=(strides, strides),
+        padding=((pad, pad), (pad, pad)),
+        use_bias=False,
+        kernel_init=he_normal,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        name=name,
+        conv_general_dilated=conv_general_dilated,
+    )
 
 
 def max_pool(x: jax.Array, window: int, stride: int, padding: int) -> jax.Array:
-    """A ``window`` x ``window`` max pool of an NHWC batch with symmetric ``padding``
-    (the stem's 3x3/2 pool of Table 1)."""
+    """A square max pool of an NHWC batch with symmetric ``padding``."""
     pad = ((padding, padding), (padding, padding))
     return nn.max_pool(x, (window, window), strides=(stride, stride), padding=pad)
 
@@ -52,16 +55,9 @@ def max_pool(x: jax.Array, window: int, stride: int, padding: int) -> jax.Array:
 class BatchNorm(nn.Module):
     """BatchNorm over groups of ``group_size`` examples ("ghost" batches), or the whole batch.
 
-    The paper trained on 8 GPUs x 32 images with each GPU normalising its own 32 images
-    (sec. 3.4); ``group_size=32`` reproduces that on any number of devices, because the
-    groups are a function of the global batch only, not of how it is sharded. With
-    ``group_size=0`` the statistics are taken over the whole (global) batch, which under
-    ``jax.jit`` with a sharded batch is synchronised BatchNorm.
-
-    The variables are named like ``flax.linen.BatchNorm``'s (``params/{scale,bias}``,
-    ``batch_stats/{mean,var}``). The running statistics are the average of the groups'
-    statistics, as averaging the per-GPU running averages of the original runs.
-    Statistics are always computed in float32, whatever the compute dtype.
+    ``group_size=32`` is the paper's 8 GPUs x 32 images (sec. 3.4) on any devices: groups
+    depend on the global batch only; 0 is synchronised BatchNorm under ``jit``. Variables
+    are named as ``flax.linen.BatchNorm``'s; statistics are float32 whatever ``dtype``.
     """
 
     use_running_average: bool
@@ -82,21 +78,24 @@ class BatchNorm(nn.Module):
         if self.use_running_average:
             mean, var = ra_mean.value, ra_var.value
             mul = scale * jax.lax.rsqrt(var + self.epsilon)
-            return (x * mul.astype(self.dtype) + (bias - mean * mul).astype(self.dtype))
+            return x * mul.astype(self.dtype) + (bias - mean * mul).astype(self.dtype)
 
         n = x.shape[0]
         if n == 0:
-            raise ValueError('BatchNorm: an empty batch has no statistics to normalise with '
-                             '(train=True); evaluate it with train=False')
+            raise ValueError(
+                'BatchNorm: an empty batch has no statistics to normalise with '
+                '(train=True); evaluate it with train=False'
+            )
         group = min(self.group_size, n) if self.group_size > 0 else n
         if n % group:
-            raise ValueError(f'BatchNorm: a batch of {n} does not split into groups of '
-                             f'{group} (bn_group_size); use a batch that is a multiple of it.')
+            raise ValueError(
+                f'BatchNorm: a batch of {n} does not split into groups of '
+                f'{group} (bn_group_size); use a batch that is a multiple of it.'
+            )
         xg = x.reshape((n // group, group) + x.shape[1:]).astype(jnp.float32)
         axes = tuple(range(1, xg.ndim - 1))
         mean = jnp.mean(xg, axes, keepdims=True)
-        # E[x^2] - E[x]^2 as flax.linen.BatchNorm (use_fast_variance): the two sums read
-        # x once and need no full-size broadcast of the mean.
+        # E[x^2] - E[x]^2 (flax's use_fast_variance): reads x once, broadcasts no mean.
         var = jnp.maximum(jnp.mean(jnp.square(xg), axes, keepdims=True) - jnp.square(mean), 0.0)
         mul = scale * jax.lax.rsqrt(var + self.epsilon)
         y = xg * mul + (bias - mean * mul)
@@ -108,13 +107,9 @@ class BatchNorm(nn.Module):
 
 
 class FrozenBatchNorm(nn.Module):
-    """BatchNorm with its statistics and affine parameters fixed, in training too, as
-    detection and segmentation code fine-tunes a backbone (Detectron's
-    ``FrozenBatchNorm2d``): always the running statistics, no gradient to any of the four
-    (``stop_gradient``), no update. The variables and the function are ``BatchNorm``'s
-    in evaluation, so weights load and export unchanged. (The parameters stay in
-    ``params``: with weight decay on every parameter an optimiser would still move them;
-    the recipe decays only the kernels.)"""
+    """BatchNorm fixed in training too, as detection code fine-tunes a backbone (Detectron's
+    ``FrozenBatchNorm2d``): running statistics, no gradient, no update; ``BatchNorm``'s
+    variables and evaluation function, so weights load and export unchanged."""
 
     epsilon: float = 1e-5
     dtype: Dtype = jnp.float32
@@ -138,25 +133,21 @@ SHORTCUT_OPTIONS = ('A', 'B', 'C')
 
 def check_shortcut(option: str) -> None:
     if option not in SHORTCUT_OPTIONS:
-        raise ValueError(f'unknown shortcut option {option!r}; allowed: A, B, C '
-                         '(Table 3: A zero-pads, B projects where dimensions increase, '
-                         'C projects everywhere).')
+        raise ValueError(
+            f'unknown shortcut option {option!r}; allowed: A, B, C '
+            '(Table 3: A zero-pads, B projects where dimensions increase, '
+            'C projects everywhere).'
+        )
 
 
 def projects(option: str, strides: int, in_features: int, features: int) -> bool:
-    """Whether a shortcut is a projection (eq. 2) under ``option``: C always, B where the
-    dimensions change (stride or width), A never."""
+    """Whether a shortcut projects (eq. 2): C always, B where dimensions change, A never."""
     return option == 'C' or (option == 'B' and (strides != 1 or in_features != features))
 
 
 class Shortcut(nn.Module):
-    """The identity / projection shortcut of eq. (1) and (2), by the options of Table 3.
-
-    * A: identity; where dimensions increase, subsample with stride and zero-pad the new
-      channels (no parameters).
-    * B: a 1x1 projection + BN where dimensions increase, identity elsewhere.
-    * C: a 1x1 projection + BN on every block.
-    """
+    """The shortcut of eq. (1)/(2) by Table 3's options: A identity, strided and zero-padded
+    where dimensions increase; B a 1x1 projection + BN there; C one on every block."""
 
     features: int
     strides: int
@@ -170,8 +161,7 @@ class Shortcut(nn.Module):
         if projects(self.option, self.strides, x.shape[-1], self.features):
             x = self.conv(self.features, 1, self.strides, dtype=self.dtype, name='proj_conv')(x)
             return self.norm(name='proj_bn')(x)
-        if self.strides != 1:  # a strided slice: the stride-2 conv's output size, also
-            # on the symbolic sizes of jax.export (floor((h - 1) / s) + 1 both)
+        if self.strides != 1:  # a slice keeps the conv's size on jax.export's symbolic shapes
             x = jax.lax.slice(x, (0, 0, 0, 0), x.shape, (1, self.strides, self.strides, 1))
         extra = self.features - x.shape[-1]
         if extra > 0:

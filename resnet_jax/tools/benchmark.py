@@ -1,24 +1,16 @@
-"""Training and evaluation throughput on synthetic data.
-
-    resnet-jax benchmark --model=cifar_resnet56 --batch_size=128 [--image_size=32]
-        [--steps=10] [--config.model.dtype=bfloat16] [--config.execution=xla] [--json]
-
-Prints train and eval images/s (medians over steps after compilation), the train step's
-compile time, peak host memory, and the achieved FLOP/s (6 x the forward multiply-adds
-per step) beside this machine's measured matmul rate. With ``--json`` the last line is one
-JSON object.
-"""
+"""Training and evaluation throughput on synthetic data (``resnet-jax benchmark``): images/s
+(medians after compilation), compile time, peak host memory, and the achieved FLOP/s beside
+this machine's measured matmul rate."""
 
 from __future__ import annotations
 
 import resource
 import statistics
 import time
-from typing import Callable
+from collections.abc import Callable
 
 
-def matmul_flops_per_sec(dtype: str = 'float32', n: int | None = None,
-                         repeats: int = 5) -> float:
+def matmul_flops_per_sec(dtype: str = 'float32', n: int | None = None, repeats: int = 5) -> float:
     """The device's matmul rate in ``dtype`` (median of a few n x n products on random
     data; n = 2048 on CPU, 8192 on accelerators, large enough to fill them)."""
     import jax
@@ -35,14 +27,15 @@ def matmul_flops_per_sec(dtype: str = 'float32', n: int | None = None,
     return 2 * n**3 / statistics.median(times)
 
 
-def setup(config, batch_size: int | None = None, image_size: int | None = None,
-          compiler_options: dict | None = None) -> dict:
-    """The recipe of ``config`` for its model on every device, ready to time: the model
-    (1,000 classes for the ImageNet nets, 10 for the CIFAR ones), mesh, config (its
-    ``batch_size`` set, BatchNorm over the whole batch), train state, a synthetic batch
-    (fixed seed) and the jitted train and eval steps (not yet compiled), run by the
-    execution plan ``config.execution`` of the devices' platform, with
-    ``compiler_options`` added to the plan's own."""
+def setup(
+    config,
+    batch_size: int | None = None,
+    image_size: int | None = None,
+    compiler_options: dict | None = None,
+) -> dict:
+    """The recipe of ``config`` on every device, ready to time: model, mesh, config (BatchNorm
+    over the whole batch), train state, a synthetic batch and the jitted, uncompiled steps
+    (plan ``config.execution``, ``compiler_options`` added)."""
     import jax
     import numpy as np
 
@@ -62,28 +55,43 @@ def setup(config, batch_size: int | None = None, image_size: int | None = None,
     tx = optim.create_optimizer(config, lr_fn)
     state = steps.init_train_state(model, tx, jax.random.key(0), (size, size, 3), mesh)
     rng = np.random.default_rng(0)
-    batch = parallel.shard_batch(mesh, {
-        'image': rng.normal(size=(config.batch_size, size, size, 3)).astype(np.float32),
-        'label': rng.integers(0, model.num_classes, config.batch_size).astype(np.int32),
-        'mask': np.ones(config.batch_size, bool)})
-    train_fn, eval_fn, layout = steps.compile_steps(model, tx, lr_fn, config, mesh,
-                                                    compiler_options=compiler_options)
+    batch = parallel.shard_batch(
+        mesh,
+        {
+            'image': rng.normal(size=(config.batch_size, size, size, 3)).astype(np.float32),
+            'label': rng.integers(0, model.num_classes, config.batch_size).astype(np.int32),
+            'mask': np.ones(config.batch_size, bool),
+        },
+    )
+    train_fn, eval_fn, layout = steps.compile_steps(
+        model, tx, lr_fn, config, mesh, compiler_options=compiler_options
+    )
     state = layout.from_model(state)  # as the steps hold it
-    return {'model': model, 'mesh': mesh, 'plan': plans.plan_for_mesh(mesh, config.execution),
-            'config': config, 'size': size, 'state': state, 'batch': batch,
-            'train_fn': train_fn, 'eval_fn': eval_fn}
+    return {
+        'model': model,
+        'mesh': mesh,
+        'plan': plans.plan_for_mesh(mesh, config.execution),
+        'config': config,
+        'size': size,
+        'state': state,
+        'batch': batch,
+        'train_fn': train_fn,
+        'eval_fn': eval_fn,
+    }
 
 
-def run(config, batch_size: int | None = None, image_size: int | None = None,
-        steps: int = 10, warmup: int = 2, rounds: int = 1,
-        between_rounds: Callable[[], None] | None = None) -> dict:
-    """Compiles the train and eval steps of ``config``'s model once and times them on
-    synthetic data (``setup``).
-
-    The train step is timed in ``rounds`` rounds of ``steps`` steps, ``between_rounds``
-    called after each (e.g. another framework's timing, so both see the same drift of a
-    shared machine); its figures are the median round's, each round the median step.
-    """
+def run(
+    config,
+    batch_size: int | None = None,
+    image_size: int | None = None,
+    steps: int = 10,
+    warmup: int = 2,
+    rounds: int = 1,
+    between_rounds: Callable[[], None] | None = None,
+) -> dict:
+    """Compiles ``config``'s train and eval steps once and times them on synthetic data; the
+    train step in ``rounds`` of ``steps`` steps, ``between_rounds`` called after each (e.g.
+    another framework's timing, under the same drift): the median round's median step."""
     import jax
 
     from resnet_jax.backends import xla_options
@@ -114,6 +122,7 @@ def run(config, batch_size: int | None = None, image_size: int | None = None,
         nonlocal state
         state, m = compiled(state, batch)
         return state.params
+
     timed(train_once, warmup)
     round_steps = []
     for _ in range(rounds):
@@ -126,11 +135,15 @@ def run(config, batch_size: int | None = None, image_size: int | None = None,
     dtype = config.model.dtype
     machine = matmul_flops_per_sec(dtype)
     return {
-        'model': config.model.name, 'batch_size': batch_size, 'image_size': size,
-        'dtype': dtype, 'execution': plan.name,
+        'model': config.model.name,
+        'batch_size': batch_size,
+        'image_size': size,
+        'dtype': dtype,
+        'execution': plan.name,
         'scanned_blocks': sum(map(len, plan.scan_groups(model))),
         'process_options': xla_options.process_options(),
-        'backend': jax.default_backend(), 'devices': jax.device_count(),
+        'backend': jax.default_backend(),
+        'devices': jax.device_count(),
         'device_kind': jax.devices()[0].device_kind,
         'train_images_per_sec': batch_size / train_step,
         'eval_images_per_sec': batch_size / statistics.median(eval_times),
@@ -145,15 +158,18 @@ def run(config, batch_size: int | None = None, image_size: int | None = None,
 
 def report(r: dict) -> str:
     """``run``'s figures as the lines the command prints."""
-    return '\n'.join([
-        f"{r['model']} batch {r['batch_size']} at {r['image_size']}px, {r['dtype']}, "
-        f"{r['devices']} x {r['device_kind']} ({r['backend']}), "
-        f"execution plan {r['execution']!r} ({r['scanned_blocks']} blocks scanned"
-        f"{', ' + ', '.join(r['process_options']) if r['process_options'] else ''})",
-        f"  train: {r['train_images_per_sec']:.1f} images/s "
-        f"({r['train_step_seconds'] * 1e3:.0f} ms/step), eval: "
-        f"{r['eval_images_per_sec']:.1f} images/s",
-        f"  compile {r['compile_seconds']:.1f} s, peak RSS {r['peak_rss_mb']:.0f} MB, "
-        f"{r['train_flops_per_sec'] / 1e9:.1f} GFLOP/s = "
-        f"{100 * r['fraction_of_matmul_rate']:.0f}% of the matmul rate "
-        f"({r['matmul_flops_per_sec'] / 1e9:.0f} GFLOP/s)"])
+    return '\n'.join(
+        [
+            f'{r["model"]} batch {r["batch_size"]} at {r["image_size"]}px, {r["dtype"]}, '
+            f'{r["devices"]} x {r["device_kind"]} ({r["backend"]}), '
+            f'execution plan {r["execution"]!r} ({r["scanned_blocks"]} blocks scanned'
+            f'{", " + ", ".join(r["process_options"]) if r["process_options"] else ""})',
+            f'  train: {r["train_images_per_sec"]:.1f} images/s '
+            f'({r["train_step_seconds"] * 1e3:.0f} ms/step), eval: '
+            f'{r["eval_images_per_sec"]:.1f} images/s',
+            f'  compile {r["compile_seconds"]:.1f} s, peak RSS {r["peak_rss_mb"]:.0f} MB, '
+            f'{r["train_flops_per_sec"] / 1e9:.1f} GFLOP/s = '
+            f'{100 * r["fraction_of_matmul_rate"]:.0f}% of the matmul rate '
+            f'({r["matmul_flops_per_sec"] / 1e9:.0f} GFLOP/s)',
+        ]
+    )

@@ -20,20 +20,39 @@ def draw_history(ax, history: dict, label: str, color: str, with_label: bool = T
     of its weights' moving average (dotted) when it has one."""
     train, evals = history.get('train', []), history.get('eval', [])
     if train:
-        ax.plot([r['step'] for r in train], [100 * r['train_top1_error'] for r in train],
-                '--', color=color, linewidth=1, alpha=0.85,
-                label=f'{label} train' if with_label else None)
+        ax.plot(
+            [r['step'] for r in train],
+            [100 * r['train_top1_error'] for r in train],
+            '--',
+            color=color,
+            linewidth=1,
+            alpha=0.85,
+            label=f'{label} train' if with_label else None,
+        )
     if evals:
-        ax.plot([r['step'] for r in evals], [100 * r['eval_top1_error'] for r in evals],
-                '-', color=color, linewidth=2.5, label=f'{label} test' if with_label else None)
+        ax.plot(
+            [r['step'] for r in evals],
+            [100 * r['eval_top1_error'] for r in evals],
+            '-',
+            color=color,
+            linewidth=2.5,
+            label=f'{label} test' if with_label else None,
+        )
     ema = [r for r in evals if 'eval_ema_top1_error' in r]
     if ema:
-        ax.plot([r['step'] for r in ema], [100 * r['eval_ema_top1_error'] for r in ema],
-                ':', color=color, linewidth=2, label=f'{label} test (EMA)' if with_label else None)
+        ax.plot(
+            [r['step'] for r in ema],
+            [100 * r['eval_ema_top1_error'] for r in ema],
+            ':',
+            color=color,
+            linewidth=2,
+            label=f'{label} test (EMA)' if with_label else None,
+        )
 
 
-def style_axes(ax, title: str | None = None, xlabel: str = 'iteration',
-               ylabel: str = 'error (%)') -> None:
+def style_axes(
+    ax, title: str | None = None, xlabel: str = 'iteration', ylabel: str = 'error (%)'
+) -> None:
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_ylim(bottom=0)

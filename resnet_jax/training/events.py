@@ -1,11 +1,5 @@
-"""The run's event file for TensorBoard and its metric lines on the console.
-
-``RunWriter`` writes TensorBoard's ``Event`` records itself (scalars as ``simple_value``,
-framed by TensorBoard's own ``RecordWriter``): clu's ``metric_writers`` and TensorBoard's
-``EventFileWriter`` write the same records through TensorFlow's file API, and importing
-TensorFlow costs every launch several seconds of start-up, which the runs on the
-embedded and in-memory datasets otherwise never pay (``experiments/results/performance.md``).
-"""
+"""The run's TensorBoard event file and console metric lines, written without TensorFlow,
+whose import costs every launch seconds (``experiments/results/performance.md``)."""
 
 from __future__ import annotations
 
@@ -20,19 +14,14 @@ from etils import epath
 
 from resnet_jax.training import progress
 
-
 # Event files of this process: two writers opened in the same second never share a name.
 _EVENT_FILES = itertools.count()
 
 
 class RunWriter:
-    """The run's scalars on process 0: a line on the console per step (the speed and ETA
-    scalars are on the console as the progress line instead) and a TensorBoard event file
-    in the workdir. The loop passes numbers already on the host; the console line is
-    printed at once, in order with the progress line, and the file is written from one
-    background thread, so the loop never waits on the file system (as with clu's
-    ``AsyncMultiWriter``). A failed write is raised by the next ``write_scalars`` or by
-    ``close``."""
+    """The run's scalars on process 0: a console line per step (speed and ETA go to the
+    progress line) and an event file written from a background thread, so the loop never
+    waits on the file system; a failed write is raised by the next call or ``close``."""
 
     def __init__(self, workdir: epath.Path | None):
         self._records = None
@@ -41,8 +30,10 @@ class RunWriter:
             from tensorboard.summary.writer.record_writer import RecordWriter
 
             self._event = event_pb2.Event
-            name = (f'events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.'
-                    f'{os.getpid()}.{next(_EVENT_FILES)}')  # TensorBoard's naming
+            name = (
+                f'events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.'
+                f'{os.getpid()}.{next(_EVENT_FILES)}'
+            )  # TensorBoard's naming
             self._records = RecordWriter(open(os.path.join(workdir, name), 'xb'))  # noqa: SIM115
             self._append(self._event(wall_time=time.time(), file_version='brain.Event:2'))
         self._thread = concurrent.futures.ThreadPoolExecutor(1, 'resnet_jax_metric_writer')
@@ -70,11 +61,13 @@ class RunWriter:
         scalars = {k: float(v) for k, v in scalars.items()}
         console = {k: v for k, v in scalars.items() if k not in progress.SCALARS}
         if console:
-            progress.print_line(f'[{step}] ' + ', '.join(f'{k}={v:.6g}'
-                                                         for k, v in console.items()))
+            progress.print_line(
+                f'[{step}] ' + ', '.join(f'{k}={v:.6g}' for k, v in console.items())
+            )
         self._raise_failures(wait=False)
-        self._pending.append(self._thread.submit(self._write_event, int(step), scalars,
-                                                 time.time()))
+        self._pending.append(
+            self._thread.submit(self._write_event, int(step), scalars, time.time())
+        )
 
     def close(self, raise_failures: bool = True) -> None:
         """Waits for the pending writes and closes the file; ``raise_failures=False`` when
@@ -94,6 +87,5 @@ class RunWriter:
 
 
 def create_writer(workdir: epath.Path) -> RunWriter:
-    """The run's metric writer: TensorBoard and the console on process 0, nothing
-    elsewhere."""
+    """The run's metric writer: TensorBoard and the console on process 0 only."""
     return RunWriter(workdir if jax.process_index() == 0 else None)

@@ -1,13 +1,5 @@
-"""What long runs meet: preemption signals, diverging losses, shared workdirs.
-
-* ``StopRequest``: SIGTERM / SIGINT ask the loop to finish its step, checkpoint and exit;
-  on several hosts JAX's preemption service agrees on the step in the background, so
-  that all stop at the same step without a per-step exchange.
-* ``NonFiniteGuard``: finds the first step whose loss is not finite, one step behind the
-  device (no pipeline stall), and always before a checkpoint is written.
-* ``WorkdirLock``: one run per workdir, so two runs never interleave checkpoints.
-* ``check_workdir``: an unwritable workdir is refused before anything runs.
-"""
+"""What long runs meet: preemption (``StopRequest``), diverging losses (``NonFiniteGuard``),
+shared workdirs (``WorkdirLock``) and unwritable ones (``check_workdir``)."""
 
 from __future__ import annotations
 
@@ -32,14 +24,9 @@ def _is_closed_loop_callback(error: BaseException) -> bool:
 
 
 def quiet_closed_loop_callbacks() -> None:
-    """Drops the tracebacks of callbacks that find their asyncio event loop closed.
-
-    When an orbax save or restore fails (a full disk, a corrupt file), orbax closes the
-    event loop of that operation while tensorstore still completes the operation's other
-    reads or writes; each completion then calls ``loop.call_soon_threadsafe`` on the
-    closed loop from a tensorstore thread, whose ``RuntimeError('Event loop is closed')``
-    Python prints as a traceback. They change nothing (the failure itself is raised and
-    reported), so the launchers drop them; every other error is printed as before."""
+    """Drops the tracebacks of callbacks that find their asyncio loop closed: when an orbax
+    save or restore fails, tensorstore still completes its other operations on the closed
+    loop; the failure itself is raised and reported. Other errors print as before."""
     previous_excepthook, previous_unraisable = sys.excepthook, sys.unraisablehook
 
     def excepthook(kind, value, traceback):
@@ -54,26 +41,27 @@ def quiet_closed_loop_callbacks() -> None:
 
 
 class NonFiniteLossError(RuntimeError):
-    """The loss or the parameters became NaN or infinite; the run stops without
-    checkpointing that state. ``checkpoints`` (the loop adds it) lists the checkpoints on
-    disk with their loss and parameter norm, so that a blown-up one can be told apart and
-    the run resumed from an earlier one (``--resume_step``)."""
+    """The loss or parameters became NaN or infinite; the run stops without checkpointing
+    that state. ``checkpoints``: those on disk with their loss and norm, to resume from."""
 
     def __init__(self, step: int, what: str, value: float, checkpoints: str | None = None):
         self.step, self.what, self.value, self.checkpoints = step, what, value, checkpoints
         advice = 'Lower the learning rate or add warm-up'
         if checkpoints:
-            advice = (f'Checkpoints on disk: {checkpoints}. {advice}, and relaunch with '
-                      '--resume_step=STEP to resume from an earlier one (the later ones are '
-                      'kept aside)')
-        super().__init__(f'the training {what} is {value} at step {step}; stopped without '
-                         f'saving that state. {advice}.')
+            advice = (
+                f'Checkpoints on disk: {checkpoints}. {advice}, and relaunch with '
+                '--resume_step=STEP to resume from an earlier one (the later ones are '
+                'kept aside)'
+            )
+        super().__init__(
+            f'the training {what} is {value} at step {step}; stopped without '
+            f'saving that state. {advice}.'
+        )
 
 
 def check_workdir(workdir: pathlib.Path) -> None:
     """Creates ``workdir`` if needed and checks that files can be written in it; raises
-    ConfigError (one line) if not, whatever the reason (a file in the way, permissions,
-    a read-only or virtual file system)."""
+    ConfigError (one line) if not, whatever the reason."""
     path = pathlib.Path(workdir).absolute()
     existing = path
     while not existing.exists():
@@ -93,14 +81,13 @@ def check_writable(path: pathlib.Path, what: str, shown=None) -> None:
         with tempfile.TemporaryFile(dir=path):
             pass
     except OSError as e:
-        raise ConfigError(f'{what} {shown or path} is not writable: {e.strerror or e}'
-                          ) from None
+        raise ConfigError(f'{what} {shown or path} is not writable: {e.strerror or e}') from None
 
 
-# What a file system says when it cannot take a write: no space, a quota, a read-only
-# mount, permissions, a file-size limit, an I/O error.
-WRITE_ERRNOS = frozenset((errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM,
-                          errno.EFBIG, errno.EIO))
+# What a file system says when it cannot take a write.
+WRITE_ERRNOS = frozenset(
+    (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG, errno.EIO)
+)
 
 
 def is_write_failure(error: OSError, workdir) -> bool:
@@ -111,8 +98,7 @@ def is_write_failure(error: OSError, workdir) -> bool:
 
 
 def write_atomically(path, text: str) -> None:
-    """``path`` holds ``text`` whole, or its previous contents (a temporary file renamed
-    over it)."""
+    """``path`` holds ``text`` whole or its previous contents (a temporary file renamed)."""
     path = pathlib.Path(path)
     temporary = path.with_name(f'.{path.name}.tmp-{os.getpid()}')
     try:
@@ -123,10 +109,8 @@ def write_atomically(path, text: str) -> None:
 
 
 class WorkdirLock(contextlib.AbstractContextManager):
-    """An exclusive advisory lock on ``workdir/.lock``, held by process 0 for the run.
-
-    The kernel releases it when the process dies, even by ``kill -9``.
-    """
+    """An exclusive advisory lock on ``workdir/.lock`` held by process 0 for the run; the
+    kernel releases it when the process dies, even by ``kill -9``."""
 
     def __init__(self, workdir: pathlib.Path):
         self.path = pathlib.Path(workdir) / '.lock'
@@ -144,8 +128,10 @@ class WorkdirLock(contextlib.AbstractContextManager):
             owner = self.file.read().strip() or 'another process'
             self.file.close()
             self.file = None
-            raise ConfigError(f'workdir {self.path.parent} is in use by another run '
-                              f'({owner}); wait for it or use another --workdir') from None
+            raise ConfigError(
+                f'workdir {self.path.parent} is in use by another run '
+                f'({owner}); wait for it or use another --workdir'
+            ) from None
         self.file.seek(0)
         self.file.truncate()
         self.file.write(f'pid {os.getpid()} on {os.uname().nodename}')
@@ -161,17 +147,10 @@ class WorkdirLock(contextlib.AbstractContextManager):
 
 
 class StopRequest(contextlib.AbstractContextManager):
-    """SIGTERM / SIGINT ask the loop to stop at a step that every process reaches, while the
-    loop runs (the previous handlers come back after).
-
-    One process: a signal handler sets a flag. Several processes: JAX's preemption service
-    (``multihost_utils.reached_preemption_sync_point``, what orbax uses) takes SIGTERM in
-    any process, agrees in the background on the next step every process has yet to reach,
-    and ``requested`` is true at that step on all of them: no step waits on another host.
-    SIGINT is handed to it as a SIGTERM. Where the service is off, the processes agree with
-    one all-gather at the steps ``requested`` is told are boundaries (log and checkpoint
-    steps).
-    """
+    """SIGTERM / SIGINT ask the loop to stop at a step that every process reaches. On several
+    processes JAX's preemption service (what orbax uses) agrees on that step in the
+    background, so no step waits on another host (SIGINT is handed to it as a SIGTERM);
+    without the service, one all-gather at the ``boundary`` steps."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -187,10 +166,7 @@ class StopRequest(contextlib.AbstractContextManager):
             signal.raise_signal(signal.SIGTERM)  # to the preemption service's handler
 
     def __enter__(self):
-        # JAX starts its preemption service with jax.distributed.initialize unless the
-        # option says not to.
-        self._service = jax.process_count() > 1 and bool(
-            jax.config.jax_enable_preemption_service)
+        self._service = jax.process_count() > 1 and bool(jax.config.jax_enable_preemption_service)
         # With the service, SIGTERM stays with its (C++) handler.
         signals = (signal.SIGINT,) if self._service else self.SIGNALS
         if threading.current_thread() is threading.main_thread():
@@ -204,13 +180,13 @@ class StopRequest(contextlib.AbstractContextManager):
         return False
 
     def requested(self, step: int, boundary: bool = True) -> bool:
-        """Whether to stop after ``step``: the same answer on every process. Every process
-        calls it after every step; ``boundary`` marks the steps at which processes without
-        the preemption service may exchange their flags."""
+        """Whether to stop after ``step``, the same on every process (each calls it after every
+        step); ``boundary``: a step where processes without the service may exchange flags."""
         local = self.signal_name is not None
         if jax.process_count() == 1:
             return local
         from jax.experimental import multihost_utils
+
         if self._service:
             return multihost_utils.reached_preemption_sync_point(step)
         if not boundary:

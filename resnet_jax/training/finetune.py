@@ -1,24 +1,16 @@
 """Fine-tuning: pretrained variables into a model with another head, or into your module.
 
-    model = resnet_jax.create_model('resnet50', num_classes=10, stride_in_1x1=False)
-    fresh = model.init(jax.random.key(0), jnp.zeros((1, 224, 224, 3)))
-    moved = resnet_jax.transfer(fresh, 'workdirs/r50_tv')  # a workdir, converted weights
-    print(moved)  # kept 265 variables; freshly initialised: params/fc/bias, params/fc/kernel
-    variables = moved.variables
-
-``transfer`` takes the pretrained variables from a workdir (a training run or converted
-weights), a ``(model, variables)`` pair as the converters return it, or a variables tree;
-the network's variables are found in either tree wherever they are nested (a user's
-module holding the ResNet as ``'backbone'``), or where ``at`` / ``source_at`` say.
-Every leaf of the same path and shape is taken; the rest stays as initialised and is
-named in the report, with the pretrained leaves nothing took (an fc a headless model
-does not have).
+model = resnet_jax.create_model('resnet50', num_classes=10, stride_in_1x1=False)
+fresh = model.init(jax.random.key(0), jnp.zeros((1, 224, 224, 3)))
+moved = resnet_jax.transfer(fresh, 'workdirs/r50_tv')  # a workdir, converted weights
+print(moved)  # kept 265 variables; freshly initialised: params/fc/bias, params/fc/kernel
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any, Mapping, NamedTuple, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -30,10 +22,10 @@ COLLECTIONS = ('params', 'batch_stats')
 
 
 class Transfer(NamedTuple):
-    """What ``transfer`` returns: the variables, and the paths (``'params/fc/kernel'``)
-    taken from the pretrained ones (``kept``), left as initialised (``fresh``: another
-    shape, not in the pretrained tree, or outside the ResNet: a user's head) and
-    pretrained but not used (``unused``)."""
+    """``transfer``'s result: the variables and the paths (``'params/fc/kernel'``) ``kept``
+    from the pretrained ones, left ``fresh`` (another shape, absent, or outside the ResNet)
+    and pretrained but ``unused``."""
+
     variables: Any
     kept: list[str]
     fresh: list[str]
@@ -42,14 +34,15 @@ class Transfer(NamedTuple):
     def __str__(self) -> str:
         def names(paths):
             return ', '.join(paths) if paths else 'nothing'
+
         text = f'kept {len(self.kept)} variables; freshly initialised: {names(self.fresh)}'
         return text + (f'; not used: {names(self.unused)}' if self.unused else '')
 
 
-def resnet_path(variables: Mapping[str, Any], at: Sequence[str] | str | None,
-                what: str) -> tuple[str, ...]:
-    """``at`` (checked), or the one place in ``variables['params']`` that holds a ResNet's
-    variables (``models.locate_resnet``)."""
+def resnet_path(
+    variables: Mapping[str, Any], at: Sequence[str] | str | None, what: str
+) -> tuple[str, ...]:
+    """``at`` (checked), or where ``variables['params']`` holds its one ResNet."""
     if 'params' not in variables:
         raise ValueError(f'{what}: no params collection (got {sorted(variables)})')
     try:
@@ -65,31 +58,38 @@ def _subtree(tree: Mapping, path: tuple[str, ...]) -> Any:
 
 
 def _flat(tree: Any) -> dict[str, Any]:
-    return {'/'.join(str(getattr(k, 'key', k)) for k in path): leaf
-            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    return {
+        '/'.join(str(getattr(k, 'key', k)) for k in path): leaf
+        for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+    }
 
 
 def _pretrained_variables(pretrained: Any) -> Mapping[str, Any]:
     if isinstance(pretrained, (str, os.PathLike)):
-        from resnet_jax.training import checkpoints  # orbax: only for a workdir
-        return checkpoints.load_variables(pretrained)[0]
+        from resnet_jax.training import runs  # orbax: only for a workdir
+
+        return runs.load_variables(pretrained)[0]
     if isinstance(pretrained, tuple) and len(pretrained) == 2:
         return pretrained[1]  # (model, variables) of a converter
     if isinstance(pretrained, Mapping):
         return pretrained
-    raise ValueError(f'pretrained: a workdir, a (model, variables) pair or a variables '
-                     f'mapping; got {type(pretrained).__name__}')
+    raise ValueError(
+        f'pretrained: a workdir, a (model, variables) pair or a variables '
+        f'mapping; got {type(pretrained).__name__}'
+    )
 
 
-def transfer(variables: Mapping[str, Any], pretrained: Any, at: Sequence[str] | None = None,
-             source_at: Sequence[str] | None = None) -> Transfer:
-    """``variables`` (``init``'s, of a ResNet or of a module holding one) with the
-    ResNet's leaves taken from ``pretrained`` (a workdir, a converter's ``(model,
-    variables)`` or a variables tree) where path and shape agree; the ResNet is found in
-    each tree (``at`` in ``variables``, ``source_at`` in ``pretrained``: e.g.
-    ``('backbone',)``; default: the one ResNet there). Collections other than params and
-    batch_stats (and everything outside the ResNet) are left as they are. Taken leaves get
-    the dtype and the sharding of the leaf they replace."""
+def transfer(
+    variables: Mapping[str, Any],
+    pretrained: Any,
+    at: Sequence[str] | None = None,
+    source_at: Sequence[str] | None = None,
+) -> Transfer:
+    """``variables`` (``init``'s, of a ResNet or of a module holding one) with the ResNet's
+    leaves taken from ``pretrained`` (a workdir, a converter's ``(model, variables)`` or a
+    variables tree) where path and shape agree. ``at`` / ``source_at`` locate the ResNet in
+    each tree (e.g. ``('backbone',)``; default: the one there); other collections and leaves
+    stay as they are. Taken leaves get the dtype and sharding of those they replace."""
     source = _pretrained_variables(pretrained)
     target_at = resnet_path(variables, at, 'variables')
     from_at = resnet_path(source, source_at, 'pretrained')
@@ -116,13 +116,17 @@ def transfer(variables: Mapping[str, Any], pretrained: Any, at: Sequence[str] | 
             return jax.device_put(value, sharding) if sharding is not None else value
 
         merged = jax.tree_util.tree_map_with_path(pick, target)
-        unused += ['/'.join((collection, *from_at, name)) for name in sorted(available)
-                   if name not in used]
+        unused += [
+            '/'.join((collection, *from_at, name)) for name in sorted(available) if name not in used
+        ]
         out[collection] = _replace(variables[collection], target_at, merged)
         if target_at:  # the user's own layers around the ResNet: as initialised
             inside = '/'.join(target_at) + '/'
-            fresh += [f'{collection}/{name}' for name in _flat(variables[collection])
-                      if not name.startswith(inside)]
+            fresh.extend(
+                f'{collection}/{name}'
+                for name in _flat(variables[collection])
+                if not name.startswith(inside)
+            )
     return Transfer(out, kept, fresh, unused)
 
 

@@ -1,28 +1,13 @@
-"""The train loop: ``train_and_evaluate(config, workdir)``, the paper's recipe run over
-compiled steps (``resnet_jax.training.steps``).
-
-Phases, each a function or method below:
-
-1. checks: every config field, then what depends on the devices, the data and the workdir
-   (``validate_config``, ``check_workdir``), before anything is written;
-2. the run (``Run.__init__``): data, model and optimiser, the state (the latest good
-   checkpoint, weights to start from, or a fresh init), the compiled steps;
-3. the loop (``Run.train``): per step, train; then, when due, log, evaluate, checkpoint,
-   stop on request;
-4. the results (``Run.results``): the final evaluation, ``results.json``,
-   ``history.json`` and the curves.
-
-Data parallelism: one ``jax.jit`` step over a 1-D ``Mesh`` of every device of every host.
-The state is replicated, the batch split along its first axis, and XLA inserts the
-gradient all-reduce. BatchNorm statistics are computed per ``bn_group_size`` examples of
-the *global* batch (``models.layers.BatchNorm``), so a step computes the same function on
-1 device or 1,000; the running statistics are replicated, i.e. already identical
-("averaged") on every device when evaluating or saving. The state is always in the
-model's own tree, as the checkpoints hold it.
+"""The train loop: ``train_and_evaluate(config, workdir)``, the paper's recipe over compiled
+``steps``, in phases: checks before anything is written, the run (``Run.__init__``), the
+loop (``Run.train``), the results (``Run.results``). One ``jax.jit`` step over a 1-D mesh
+of every device; BatchNorm groups are of the global batch, so a step computes the same
+function on 1 device or 1,000.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -31,70 +16,82 @@ import time
 import jax
 import ml_collections
 from etils import epath
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from resnet_jax import config as config_lib
 from resnet_jax import parallel
 from resnet_jax.config import ConfigError
 from resnet_jax.data import pipeline as data_pipeline
 from resnet_jax.data import prepare
-from resnet_jax.training import (checkpoints, curves, events, faults, finetune, optim,
-                                 progress, steps)
+from resnet_jax.training import (
+    checkpoints,
+    curves,
+    events,
+    faults,
+    finetune,
+    optim,
+    progress,
+    run_identity,
+    runs,
+    steps,
+)
 
 
-# --- 1. checks -------------------------------------------------------------------------------
-
-def validate_config(config: ml_collections.ConfigDict, num_devices: int,
-                    progress_fn=None) -> None:
-    """Raises ConfigError on a config that cannot run, before anything is built: every
-    field (``resnet_jax.config.validate``), then what depends on the devices and the data
-    (a folder dataset is prepared here on first use, reporting ``progress_fn(done,
-    total)``)."""
+def validate_config(config: ml_collections.ConfigDict, num_devices: int, progress_fn=None) -> None:
+    """Raises ConfigError on a config that cannot run, before anything is built (a folder
+    dataset is prepared here on first use, reporting ``progress_fn(done, total)``)."""
     config_lib.validate(config)
     for field in ('batch_size', 'eval_batch_size'):
         value = config[field]
         if value % num_devices or value % jax.process_count():
-            raise ConfigError(f'{field}={value} does not divide across {num_devices} devices '
-                              f'({jax.process_count()} processes); use a multiple of '
-                              f'{num_devices}')
+            raise ConfigError(
+                f'{field}={value} does not divide across {num_devices} devices '
+                f'({jax.process_count()} processes); use a multiple of '
+                f'{num_devices}'
+            )
     k = config.grad_accum_steps
     micro = config.batch_size // k
     if k > 1 and (micro % num_devices or micro % jax.process_count()):
-        raise ConfigError(f'micro-batches of {micro} (batch_size={config.batch_size} / '
-                          f'grad_accum_steps={k}) do not divide across {num_devices} devices '
-                          f'({jax.process_count()} processes)')
+        raise ConfigError(
+            f'micro-batches of {micro} (batch_size={config.batch_size} / '
+            f'grad_accum_steps={k}) do not divide across {num_devices} devices '
+            f'({jax.process_count()} processes)'
+        )
     if config.init_from and not os.path.isdir(os.path.join(config.init_from, 'checkpoints')):
-        raise ConfigError(f'init_from {config.init_from} holds no checkpoints (a training '
-                          'workdir or the output of resnet-jax convert)')
+        raise ConfigError(
+            f'init_from {config.init_from} holds no checkpoints (a training '
+            'workdir or the output of resnet-jax convert)'
+        )
     prepare.check_config(config.dataset, progress_fn)
 
 
-def check_workdir(config: ml_collections.ConfigDict, workdir: str,
-                  resume_step: int | None = None) -> None:
+def check_workdir(
+    config: ml_collections.ConfigDict, workdir: str, resume_step: int | None = None
+) -> None:
     """Raises ConfigError unless the run can write in ``workdir`` (created if needed) and
     its checkpoints there, if any, are this config's (``resume_step``: one of them).
     Changes nothing in an existing workdir."""
     faults.check_workdir(workdir)
     directory = epath.Path(os.path.abspath(workdir)) / 'checkpoints'
-    checkpoints.check_resume(directory, config, resume_step)
+    run_identity.check_resume(directory, config, resume_step)
     if directory.is_dir():
         faults.check_writable(directory, 'checkpoint folder')
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=None,
-                       resume_step: int | None = None,
-                       prepare_progress=None) -> dict[str, float]:
+def train_and_evaluate(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    devices=None,
+    resume_step: int | None = None,
+    prepare_progress=None,
+) -> dict[str, float]:
     """Trains ``config`` in ``workdir`` (resuming from its latest good checkpoint, or from
-    checkpoint ``resume_step``: see ``Checkpointer.roll_back``) and returns the final
-    metrics, also written to ``workdir/results.json``. ``prepare_progress(done, total)``
-    reports the preparation of a folder dataset on first use.
-
-    Stopped by SIGTERM/SIGINT, it checkpoints and returns ``{'stopped_by': <signal>,
-    'step': N}`` without writing results. A config or workdir that cannot run raises
-    ``ConfigError`` before anything is written (``config.json`` is written with the
-    run's first checkpoint); a non-finite loss, ``faults.NonFiniteLossError`` naming the
-    checkpoints on disk; a checkpoint (or another file of the run) that cannot be written,
-    ``checkpoints.CheckpointWriteError``, at once.
+    ``resume_step``) and returns the final metrics, also in ``workdir/results.json``;
+    stopped by SIGTERM/SIGINT, it checkpoints and returns ``{'stopped_by': <signal>,
+    'step': N}``. Raises ConfigError before anything is written; a non-finite loss,
+    ``faults.NonFiniteLossError`` naming the checkpoints on disk; a file of the run that
+    cannot be written, ``checkpoints.CheckpointWriteError``.
     """
     start_time = time.time()
     mesh = parallel.create_mesh(devices)
@@ -104,12 +101,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
 
     def write_config():  # with the first checkpoint of this launch
         if jax.process_index() == 0:
-            faults.write_atomically(workdir / 'config.json',
-                                    config.to_json_best_effort(indent=2))
+            faults.write_atomically(workdir / 'config.json', config.to_json_best_effort(indent=2))
 
     with faults.WorkdirLock(workdir), faults.StopRequest() as stop:
-        ckpt = checkpoints.Checkpointer(workdir / 'checkpoints', config,
-                                        on_first_save=write_config)
+        ckpt = checkpoints.Checkpointer(workdir / 'checkpoints', config, on_first_save=write_config)
         failed = True
         try:
             if resume_step is not None:
@@ -122,8 +117,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
             return results
         except faults.NonFiniteLossError as e:
             ckpt.wait()
-            raise faults.NonFiniteLossError(e.step, e.what, e.value,
-                                            checkpoints=ckpt.describe()) from None
+            raise faults.NonFiniteLossError(
+                e.step, e.what, e.value, checkpoints=ckpt.describe()
+            ) from None
         except OSError as e:
             if not faults.is_write_failure(e, workdir):
                 raise
@@ -131,54 +127,65 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
             raise ckpt.write_error(e, target=e.filename or f'in {workdir}') from None
         finally:
             if failed:  # the run's own error is the one to report
-                try:
+                with contextlib.suppress(checkpoints.CheckpointWriteError):
                     ckpt.close()
-                except checkpoints.CheckpointWriteError:
-                    pass
             else:
                 ckpt.close()
 
-
-# --- 2. the run ------------------------------------------------------------------------------
 
 class Run:
     """One launch of a training run: its data, model, optimiser, state and compiled steps
     (built by ``__init__``), trained by ``train`` and reported by ``results``."""
 
-    def __init__(self, config: ml_collections.ConfigDict, workdir: epath.Path, mesh: Mesh,
-                 ckpt: checkpoints.Checkpointer, start_time: float):
+    def __init__(
+        self,
+        config: ml_collections.ConfigDict,
+        workdir: epath.Path,
+        mesh: Mesh,
+        ckpt: checkpoints.Checkpointer,
+        start_time: float,
+    ):
         self.config, self.workdir, self.mesh, self.ckpt = config, workdir, mesh, ckpt
         self.start_time = start_time
         self.lead = jax.process_index() == 0
 
-        # Data.
         self.pipeline = data_pipeline.Pipeline(config.dataset, config.seed)
 
-        # Model and optimiser.
         self.model = config_lib.model_from_config(config, self.pipeline.num_classes)
         self.learning_rate_fn = optim.create_learning_rate_fn(config)
         self.tx = optim.create_optimizer(config, self.learning_rate_fn)
 
-        # Compiled steps, run by the execution plan of the mesh's platform.
         self.train_fn, self.eval_fn, layout = steps.compile_steps(
-            self.model, self.tx, self.learning_rate_fn, config, mesh)
+            self.model, self.tx, self.learning_rate_fn, config, mesh
+        )
 
-        # State: the latest good checkpoint, weights to start from, or a fresh init, in the
-        # layout the steps hold it (the checkpointer converts it, to and from the model's).
+        # In the steps' layout: the checkpointer converts it to and from the model's.
         self.ema = config.ema_decay > 0
-        fresh = steps.init_train_state(self.model, self.tx, jax.random.key(config.seed),
-                                       self.pipeline.image_shape(), mesh, ema=self.ema)
-        self.empty_metrics = jax.device_put(steps.TrainMetrics.empty(),
-                                            NamedSharding(mesh, P()))
+        fresh = steps.init_train_state(
+            self.model,
+            self.tx,
+            jax.random.key(config.seed),
+            self.pipeline.image_shape(),
+            mesh,
+            ema=self.ema,
+        )
+        self.empty_metrics = jax.device_put(steps.TrainMetrics.empty(), NamedSharding(mesh, P()))
         self.guard = faults.NonFiniteGuard()
         self.initialised_from = None
-        start = ckpt.start(fresh, self.empty_metrics, layout,
-                           start_from=self._start_from if config.init_from else None)
+        start = ckpt.start(
+            fresh,
+            self.empty_metrics,
+            layout,
+            start_from=self._start_from if config.init_from else None,
+        )
         self.state, self.train_metrics, self.history = start.state, start.metrics, start.history
         if self.lead:
-            print(f'training {config.model.name} on {config.dataset.name} for '
-                  f'{config.num_train_steps} steps on {mesh.size} device(s) '
-                  f'({mesh.devices.flat[0].platform}); workdir {workdir}', flush=True)
+            print(
+                f'training {config.model.name} on {config.dataset.name} for '
+                f'{config.num_train_steps} steps on {mesh.size} device(s) '
+                f'({mesh.devices.flat[0].platform}); workdir {workdir}',
+                flush=True,
+            )
             if start.resumed_step is not None:
                 print(f'resumed from step {start.resumed_step}', flush=True)
             elif self.initialised_from:
@@ -186,37 +193,43 @@ class Run:
         self.last_eval = self.history['eval'][-1] if self.history['eval'] else None
 
     def _start_from(self, state: steps.TrainState) -> steps.TrainState:
-        """``state`` (fresh) with the weights of another run (or converted ones,
-        ``config.init_from``); a layer of another shape (an fc for other classes) stays
-        freshly initialised."""
+        """``state`` (fresh) with the weights of ``config.init_from``; a layer of another
+        shape (an fc for other classes) stays freshly initialised."""
         workdir = self.config.init_from
-        pretrained, from_step = checkpoints.load_variables(workdir)
-        moved = finetune.transfer({'params': state.params, 'batch_stats': state.batch_stats},
-                                  pretrained)
-        state = state.replace(params=moved.variables['params'],
-                              batch_stats=moved.variables['batch_stats'])
+        pretrained, from_step = runs.load_variables(workdir)
+        moved = finetune.transfer(
+            {'params': state.params, 'batch_stats': state.batch_stats}, pretrained
+        )
+        state = state.replace(
+            params=moved.variables['params'], batch_stats=moved.variables['batch_stats']
+        )
         self.initialised_from = f'initialised from {workdir} (step {from_step}): {moved}'
         return steps.add_ema(state) if self.ema else state
 
-    # --- 3. the loop -------------------------------------------------------------------------
-
     def train(self, stop: faults.StopRequest) -> dict:
-        """Trains to ``config.num_train_steps`` (or until a stop request), logging,
-        evaluating and checkpointing when due; returns ``{'step': N}`` and, when stopped,
-        ``'stopped_by'``."""
+        """Trains to ``num_train_steps`` or a stop request, logging, evaluating and
+        checkpointing when due; returns ``{'step': N}`` (and ``'stopped_by'``)."""
         config, step = self.config, int(self.state.step)
         writer = events.create_writer(self.workdir)
-        report = progress.Progress(config.num_train_steps, config.batch_size, self.mesh.size,
-                                   self.start_time, writer.write_scalars,
-                                   progress.print_line if self.lead else None)
+        report = progress.Progress(
+            config.num_train_steps,
+            config.batch_size,
+            self.mesh.size,
+            self.start_time,
+            writer.write_scalars,
+            progress.print_line if self.lead else None,
+        )
         profile = None
         if config.profile and self.lead:
             from clu import periodic_actions
+
             profile = periodic_actions.Profile(logdir=str(self.workdir), num_profile_steps=5)
         batches = data_pipeline.prefetch(
-            data_pipeline.train_iterator(self.pipeline, step, config.batch_size,
-                                         jax.process_index(), jax.process_count()),
-            functools.partial(parallel.shard_batch, self.mesh))
+            data_pipeline.train_iterator(
+                self.pipeline, step, config.batch_size, jax.process_index(), jax.process_count()
+            ),
+            functools.partial(parallel.shard_batch, self.mesh),
+        )
         stopped_by = None
         try:  # the event file is closed, the input workers stopped, whatever happens
             previous = None  # the last step's metrics, on the host once the guard checked them
@@ -240,8 +253,9 @@ class Run:
                 if step % config.eval_every_steps == 0 or last:
                     self._evaluate(step, writer)
                 checkpoint_now = step % config.checkpoint_every_steps == 0 or last
-                stop_now = stop.requested(step, boundary=checkpoint_now or
-                                          step % config.log_every_steps == 0)
+                stop_now = stop.requested(
+                    step, boundary=checkpoint_now or step % config.log_every_steps == 0
+                )
                 if checkpoint_now or stop_now:
                     self._checkpoint(step)
                 if stop_now:
@@ -270,21 +284,27 @@ class Run:
         the error feeds the reduce-on-plateau schedule."""
         result = {'step': step, **{f'eval_{k}': v for k, v in self._eval(self.state).items()}}
         if self.ema:
-            result.update({f'eval_ema_{k}': v for k, v in
-                           self._eval(steps.with_ema_weights(self.state)).items()})
+            result.update(
+                {
+                    f'eval_ema_{k}': v
+                    for k, v in self._eval(steps.with_ema_weights(self.state)).items()
+                }
+            )
         if writer is not None:
             writer.write_scalars(step, {k: v for k, v in result.items() if k != 'step'})
             self.history['eval'].append(result)
-            self.state = self.state.replace(plateau_metric=parallel.replicated_scalar(
-                self.mesh, result['eval_top1_error']))
+            self.state = self.state.replace(
+                plateau_metric=parallel.replicated_scalar(self.mesh, result['eval_top1_error'])
+            )
         self.last_eval = result
         return result
 
     def _eval(self, state: steps.TrainState) -> dict[str, float]:
         """Metrics over the complete split (the padded tail is masked, never dropped)."""
         total = None
-        for batch in self.pipeline.eval_batches(self.config.eval_batch_size,
-                                                jax.process_index(), jax.process_count()):
+        for batch in self.pipeline.eval_batches(
+            self.config.eval_batch_size, jax.process_index(), jax.process_count()
+        ):
             m = self.eval_fn(state, parallel.shard_batch(self.mesh, batch))
             total = m if total is None else total.merge(m)
         return parallel.host_values(total)
@@ -295,8 +315,6 @@ class Run:
         loss_sum, norm = self.guard.values_at(step)  # the step's summed per-example losses
         loss = None if loss_sum is None else loss_sum / self.config.batch_size
         self.ckpt.save(step, self.state, self.train_metrics, self.history, loss, norm)
-
-    # --- 4. the results ----------------------------------------------------------------------
 
     def results(self) -> dict[str, float]:
         """The final metrics (evaluating the last step if it was not), written with the
@@ -320,6 +338,5 @@ class Run:
         if self.lead:
             (self.workdir / 'results.json').write_text(json.dumps(results, indent=2))
             (self.workdir / 'history.json').write_text(json.dumps(self.history))
-            curves.plot_runs({self.config.model.name: self.history},
-                             self.workdir / 'curves.png')
+            curves.plot_runs({self.config.model.name: self.history}, self.workdir / 'curves.png')
         return results

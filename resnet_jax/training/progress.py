@@ -1,26 +1,20 @@
-"""The progress line of a training run: where it is, how fast it goes and when it ends.
+"""The training run's progress line, printed on process 0 and written as scalars:
 
-    [12,800/64,000] 20.0% | 2,350 img/s (588/device) | elapsed 12m03s | ETA 1h42m | loss 0.4132
-
-``Progress`` prints it on process 0 when the loop asks (every log step) and whenever
-``every_secs`` passed without one, and writes ``images_per_sec``, ``eta_seconds`` (and
-``steps_per_sec``, ``images_per_sec_per_device``) to the run's metric writer. It never
-touches the device: the loss it shows is one the loop already has on the host.
+[12,800/64,000] 20.0% | 2,350 img/s (588/device) | elapsed 12m03s | ETA 1h42m | loss 0.4132
 """
 
 from __future__ import annotations
 
 import sys
 import time
-from typing import Callable
+from collections.abc import Callable
 
 # The scalars written for TensorBoard; the console shows them as the progress line.
 SCALARS = ('steps_per_sec', 'images_per_sec', 'images_per_sec_per_device', 'eta_seconds')
 
 
 def print_line(line: str) -> None:
-    """Prints ``line`` with one write, so that lines printed by other threads (the metric
-    writer's) never cut into it."""
+    """Prints ``line`` in one write, so that other threads' lines never cut into it."""
     sys.stdout.write(line + '\n')
     sys.stdout.flush()
 
@@ -40,10 +34,16 @@ def format_duration(seconds: float) -> str:
     return f'{secs}s'
 
 
-def progress_line(step: int, total: int, images_per_sec: float | None, num_devices: int,
-                  elapsed: float, eta: float | None, loss: float | None) -> str:
-    """One line: step/total, percent, images/s (global and per device), elapsed, ETA and
-    the latest train loss (``None``: not measured yet)."""
+def progress_line(
+    step: int,
+    total: int,
+    images_per_sec: float | None,
+    num_devices: int,
+    elapsed: float,
+    eta: float | None,
+    loss: float | None,
+) -> str:
+    """The progress line; ``None``: not measured yet."""
     parts = [f'[{step:,}/{total:,}] {100 * step / total:.1f}%']
     if images_per_sec is not None:
         parts.append(f'{images_per_sec:,.0f} img/s ({images_per_sec / num_devices:,.0f}/device)')
@@ -55,32 +55,27 @@ def progress_line(step: int, total: int, images_per_sec: float | None, num_devic
 
 
 class Progress:
-    """Reports the loop's progress (see the module docstring).
+    """Reports the loop's progress when asked and whenever ``every_secs`` passed without a
+    line: images/s over the steps since the last report, the ETA from the mean speed since
+    the first ``start`` (after the compiling step; evaluations and checkpoints included, as
+    they recur). ``print_fn=None``: no console (processes other than 0)."""
 
-    Speeds are measured from the first ``start`` (after the first step, which compiles):
-    images/s over the steps since the previous report, the ETA from the mean speed of
-    the run so far (evaluations and checkpoints included, as they will recur).
-
-    Args:
-      total_steps: the run's ``num_train_steps``.
-      batch_size: the global batch.
-      num_devices: devices the batch is split over.
-      start_time: when the run began (``time.time()``), for the elapsed time.
-      write_scalars: ``writer.write_scalars`` of the run (TensorBoard).
-      print_fn: prints the line (``None``: no console, e.g. on processes other than 0).
-      every_secs: the longest time without a line.
-      clock: ``time.time`` (tests pass their own).
-    """
-
-    def __init__(self, total_steps: int, batch_size: int, num_devices: int, start_time: float,
-                 write_scalars: Callable[[int, dict], None],
-                 print_fn: Callable[[str], None] | None = print, every_secs: float = 30.0,
-                 clock: Callable[[], float] = time.time):
+    def __init__(
+        self,
+        total_steps: int,
+        batch_size: int,
+        num_devices: int,
+        start_time: float,
+        write_scalars: Callable[[int, dict], None],
+        print_fn: Callable[[str], None] | None = print,
+        every_secs: float = 30.0,
+        clock: Callable[[], float] = time.time,
+    ):
         self.total_steps, self.batch_size, self.num_devices = total_steps, batch_size, num_devices
         self.start_time, self.write_scalars, self.print_fn = start_time, write_scalars, print_fn
         self.every_secs, self.clock = every_secs, clock
         self._first: tuple[int, float] | None = None  # (step, time) speeds count from
-        self._last: tuple[int, float] | None = None   # the previous report
+        self._last: tuple[int, float] | None = None  # the previous report
         self.last_report_time = clock()
 
     def start(self, step: int) -> None:
@@ -89,7 +84,6 @@ class Progress:
             self._first = self._last = (step, self.clock())
 
     def due(self) -> bool:
-        """Whether ``every_secs`` passed since the last line."""
         return self.clock() - self.last_report_time >= self.every_secs
 
     def report(self, step: int, loss: float | None = None) -> str:
@@ -102,14 +96,24 @@ class Progress:
         if step > last_step and now > last_time:
             steps_per_sec = (step - last_step) / (now - last_time)
             images_per_sec = steps_per_sec * self.batch_size
-            scalars = {'steps_per_sec': steps_per_sec, 'images_per_sec': images_per_sec,
-                       'images_per_sec_per_device': images_per_sec / self.num_devices}
+            scalars = {
+                'steps_per_sec': steps_per_sec,
+                'images_per_sec': images_per_sec,
+                'images_per_sec_per_device': images_per_sec / self.num_devices,
+            }
         if step > first_step and now > first_time:
             mean_steps_per_sec = (step - first_step) / (now - first_time)
             eta = (self.total_steps - step) / mean_steps_per_sec
             scalars['eta_seconds'] = eta
-        line = progress_line(step, self.total_steps, images_per_sec, self.num_devices,
-                             now - self.start_time, eta, loss)
+        line = progress_line(
+            step,
+            self.total_steps,
+            images_per_sec,
+            self.num_devices,
+            now - self.start_time,
+            eta,
+            loss,
+        )
         if scalars:
             self.write_scalars(step, scalars)
         if self.print_fn is not None:

@@ -1,17 +1,9 @@
-"""Pure step functions and their compiled, mesh-sharded forms.
-
-What a train loop, a benchmark or research code needs to run the model: the train state,
-``train_step`` / ``eval_step`` (pure functions of model, state and batch) and
-``compile_steps`` (the recipe's steps compiled over a device ``Mesh`` by the execution
-plan of its platform: ``resnet_jax.backends.plans.compile_steps``). A step may run its
-global batch as micro-batches (exact gradient accumulation, ``split_micro_batches``) and
-keep an exponential moving average of the weights (``EmaTrainState``). Nothing here reads
-data, writes files or imports TensorFlow; the loop around these is
-``resnet_jax.training.loop``.
-"""
+"""Pure train and eval steps and their compiled, mesh-sharded forms (``compile_steps``),
+with exact gradient accumulation and an EMA of the weights. Reads no data, writes no files."""
 
 import functools
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax.struct
 import jax
@@ -19,7 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from clu import metrics
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from resnet_jax import models, parallel
 from resnet_jax.backends import plans
@@ -28,9 +21,9 @@ from resnet_jax.training import optim
 
 @flax.struct.dataclass
 class TrainState:
-    """What a train step updates: ``params`` and ``batch_stats`` keyed like the model's
-    variables (``model.init``'s; the compiled steps may hold a scanned stage's blocks
-    stacked: ``plans.StateLayout``), the optimiser's state keyed like them."""
+    """``params`` and ``batch_stats`` keyed like the model's variables (the compiled steps may
+    stack a scanned stage's: ``plans.StateLayout``), the optimiser's state like them."""
+
     step: jax.Array
     params: Any
     batch_stats: Any
@@ -40,15 +33,14 @@ class TrainState:
 
 @flax.struct.dataclass
 class EmaTrainState(TrainState):
-    """A ``TrainState`` with an exponential moving average of the weights and BatchNorm
-    statistics (``config.ema_decay > 0``). A subclass, not an optional field, so that the
-    checkpoints of runs without it keep the layout they always had."""
+    """A ``TrainState`` with an EMA of the weights and statistics; a subclass, not an
+    optional field, so that runs without it keep their checkpoint layout."""
+
     ema: Any  # {'params': ..., 'batch_stats': ...}, keyed like the model's variables
 
 
 def with_ema_weights(state: EmaTrainState) -> TrainState:
-    """``state`` with the EMA's weights and statistics in place of the raw ones (what
-    evaluating the EMA runs)."""
+    """``state`` with the EMA's weights and statistics in place of the raw ones."""
     return state.replace(params=state.ema['params'], batch_stats=state.ema['batch_stats'])
 
 
@@ -68,76 +60,94 @@ class EvalMetrics(metrics.Collection):
     top5_error: metrics.Average.from_output('top5_error')
 
 
-# --- model and state --------------------------------------------------------------------------
-
-def create_train_state(model: models.ResNet, tx: optax.GradientTransformation,
-                       rng: jax.Array, image_shape: tuple[int, ...],
-                       ema: bool = False) -> TrainState:
+def create_train_state(
+    model: models.ResNet,
+    tx: optax.GradientTransformation,
+    rng: jax.Array,
+    image_shape: tuple[int, ...],
+    ema: bool = False,
+) -> TrainState:
     """A fresh state of ``model.init``'s variables, in the model's own tree; with ``ema``
     an ``EmaTrainState`` whose average starts at those variables."""
     variables = model.init(rng, jnp.zeros((1, *image_shape), jnp.float32), train=False)
     params = variables['params']
-    state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                       batch_stats=variables.get('batch_stats', {}),
-                       opt_state=tx.init(params), plateau_metric=jnp.ones((), jnp.float32))
+    state = TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        batch_stats=variables.get('batch_stats', {}),
+        opt_state=tx.init(params),
+        plateau_metric=jnp.ones((), jnp.float32),
+    )
     return add_ema(state) if ema else state
 
 
 def add_ema(state: TrainState) -> EmaTrainState:
     """``state`` with an EMA that starts at its weights and statistics."""
     fields = {f: getattr(state, f) for f in TrainState.__dataclass_fields__}
-    copy = lambda tree: jax.tree_util.tree_map(jnp.array, tree)
-    return EmaTrainState(**fields, ema={'params': copy(state.params),
-                                        'batch_stats': copy(state.batch_stats)})
+
+    def copy(tree):
+        return jax.tree_util.tree_map(jnp.array, tree)
+
+    return EmaTrainState(
+        **fields, ema={'params': copy(state.params), 'batch_stats': copy(state.batch_stats)}
+    )
 
 
-def init_train_state(model: models.ResNet, tx: optax.GradientTransformation, rng: jax.Array,
-                     image_shape: tuple[int, ...], mesh: Mesh, ema: bool = False) -> TrainState:
-    """``create_train_state``, replicated over ``mesh`` (all processes compute the same).
-
-    The state is built op by op, not as one jitted program: XLA:CPU takes minutes to
-    compile the unrolled init of a very deep net (ResNet-1202), op by op it takes seconds,
-    and the values are the same.
-    """
+def init_train_state(
+    model: models.ResNet,
+    tx: optax.GradientTransformation,
+    rng: jax.Array,
+    image_shape: tuple[int, ...],
+    mesh: Mesh,
+    ema: bool = False,
+) -> TrainState:
+    """``create_train_state`` replicated over ``mesh``, built op by op: XLA:CPU takes minutes
+    to compile ResNet-1202's init as one program, seconds op by op."""
     state = create_train_state(model, tx, rng, image_shape, ema)
     return jax.tree_util.tree_map(lambda x: parallel.replicate(mesh, np.asarray(x)), state)
 
 
-# --- steps -----------------------------------------------------------------------------------
-
-def classification_metrics(logits: jax.Array, labels: jax.Array,
-                           label_smoothing: float = 0.0) -> dict[str, jax.Array]:
+def classification_metrics(
+    logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0
+) -> dict[str, jax.Array]:
     """Per-example loss and top-1 / top-5 errors."""
     targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing)
     loss = optax.softmax_cross_entropy(logits, targets)
     _, top = jax.lax.top_k(logits, min(5, logits.shape[-1]))
     hit = top == labels[:, None]
-    return {'loss': loss, 'top1_error': 1.0 - hit[:, 0].astype(jnp.float32),
-            'top5_error': 1.0 - hit.any(-1).astype(jnp.float32)}
+    return {
+        'loss': loss,
+        'top1_error': 1.0 - hit[:, 0].astype(jnp.float32),
+        'top5_error': 1.0 - hit.any(-1).astype(jnp.float32),
+    }
 
 
-def split_micro_batches(batch: dict[str, jax.Array], steps: int, num_shards: int = 1,
-                        group_size: int = 0, sharding: NamedSharding | None = None
-                        ) -> dict[str, jax.Array]:
-    """The global batch (B, ...) as ``steps`` micro-batches of B / steps, stacked:
-    (steps, B / steps, ...).
-
-    Each micro-batch is a set of whole BatchNorm groups (``group_size`` consecutive
-    examples) of the global batch, so the groups, and with them every statistic, are the
-    ones the full batch has. The batch is cut into ``s`` equal blocks, ``s`` the largest
-    divisor of ``num_shards`` whose blocks split into ``steps`` parts of whole groups, and
-    micro-batch i takes the i-th part of every block: with ``s = num_shards`` each device
-    keeps its own examples (no data moves). ``sharding`` (e.g. ``P(None, 'data')``) splits
-    every micro-batch over the mesh.
-    """
+def split_micro_batches(
+    batch: dict[str, jax.Array],
+    steps: int,
+    num_shards: int = 1,
+    group_size: int = 0,
+    sharding: NamedSharding | None = None,
+) -> dict[str, jax.Array]:
+    """The global batch (B, ...) as ``steps`` micro-batches, stacked: (steps, B / steps, ...).
+    Each is whole BatchNorm groups (``group_size``), so every statistic is the full batch's;
+    micro-batch i takes the i-th part of each of ``s`` equal blocks, ``s`` the largest
+    divisor of ``num_shards`` that allows it (``num_shards``: no data moves). ``sharding``
+    (e.g. ``P(None, 'data')``) splits every micro-batch over the mesh."""
     size = len(jax.tree_util.tree_leaves(batch)[0])
     part = size // steps
     if part * steps != size or (group_size and part % group_size):
-        raise ValueError(f'a batch of {size} does not split into {steps} micro-batches of '
-                         f'whole BatchNorm groups of {group_size}')
-    blocks = max(s for s in range(1, num_shards + 1) if num_shards % s == 0 and
-                 size % (s * steps) == 0 and
-                 (not group_size or (size // (s * steps)) % group_size == 0))
+        raise ValueError(
+            f'a batch of {size} does not split into {steps} micro-batches of '
+            f'whole BatchNorm groups of {group_size}'
+        )
+    blocks = max(
+        s
+        for s in range(1, num_shards + 1)
+        if num_shards % s == 0
+        and size % (s * steps) == 0
+        and (not group_size or (size // (s * steps)) % group_size == 0)
+    )
 
     def split(x):
         x = x.reshape((blocks, steps, size // (blocks * steps)) + x.shape[1:])
@@ -147,31 +157,35 @@ def split_micro_batches(batch: dict[str, jax.Array], steps: int, num_shards: int
     return jax.tree_util.tree_map(split, batch)
 
 
-def train_step(model: models.ResNet, tx: optax.GradientTransformationExtraArgs,
-               learning_rate_fn: optax.Schedule, label_smoothing: float, state: TrainState,
-               batch: dict[str, jax.Array], *,
-               micro_batches: Callable[[dict], dict] | None = None,
-               ema_decay: float = 0.0) -> tuple[TrainState, TrainMetrics]:
-    """One SGD (or LARS) step on a global batch.
-
-    With ``micro_batches`` (e.g. ``split_micro_batches``: the batch as (k, B / k, ...)),
-    the micro-batches run one after another (``lax.scan``) from the same state and the
-    step takes the mean of their gradients and of their new BatchNorm statistics: with
-    micro-batches of whole BN groups, the step of the full batch (mean loss over equal
-    parts = the mean of the parts' means; ``m * ra + (1 - m) * g_i`` averaged over i =
-    ``m * ra + (1 - m) * mean_i g_i``), with the memory of one micro-batch. With
-    ``ema_decay`` (an ``EmaTrainState``) the EMA moves towards the new weights and
-    statistics.
-    """
+def train_step(
+    model: models.ResNet,
+    tx: optax.GradientTransformationExtraArgs,
+    learning_rate_fn: optax.Schedule,
+    label_smoothing: float,
+    state: TrainState,
+    batch: dict[str, jax.Array],
+    *,
+    micro_batches: Callable[[dict], dict] | None = None,
+    ema_decay: float = 0.0,
+) -> tuple[TrainState, TrainMetrics]:
+    """One SGD (or LARS) step on a global batch. With ``micro_batches`` (e.g.
+    ``split_micro_batches``) they run in turn (``lax.scan``) from the same state and the step
+    takes the mean of their gradients and BatchNorm statistics: the full batch's step, with
+    one micro-batch's memory. With ``ema_decay`` the EMA moves towards the new weights."""
 
     mutable = ['batch_stats'] if state.batch_stats else []  # none with e.g. GroupNorm
 
     def gradients(batch):
         def loss_fn(params):
-            logits, updates = model.apply({'params': params, 'batch_stats': state.batch_stats},
-                                          batch['image'], train=True, mutable=mutable)
+            logits, updates = model.apply(
+                {'params': params, 'batch_stats': state.batch_stats},
+                batch['image'],
+                train=True,
+                mutable=mutable,
+            )
             per_example = classification_metrics(logits, batch['label'], label_smoothing)
             return per_example['loss'].mean(), (per_example, updates.get('batch_stats', {}))
+
         return jax.grad(loss_fn, has_aux=True)(state.params)
 
     if micro_batches is None:
@@ -189,50 +203,61 @@ def train_step(model: models.ResNet, tx: optax.GradientTransformationExtraArgs,
         grads, batch_stats = jax.tree_util.tree_map(lambda x: x / steps, (grads, batch_stats))
         per_example = jax.tree_util.tree_map(lambda x: x.reshape(-1), per_example)
 
-    updates, opt_state = tx.update(grads, state.opt_state, state.params,
-                                   value=state.plateau_metric)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params, value=state.plateau_metric)
     params = optax.apply_updates(state.params, updates)
     lr = learning_rate_fn(state.step) * optim.plateau_scale(state.opt_state)
-    new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
-                              opt_state=opt_state)
+    new_state = state.replace(
+        step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state
+    )
     if ema_decay:
-        new_state = new_state.replace(ema=jax.tree_util.tree_map(
-            lambda average, new: ema_decay * average + (1 - ema_decay) * new, state.ema,
-            {'params': params, 'batch_stats': batch_stats}))
+        new_state = new_state.replace(
+            ema=jax.tree_util.tree_map(
+                lambda average, new: ema_decay * average + (1 - ema_decay) * new,
+                state.ema,
+                {'params': params, 'batch_stats': batch_stats},
+            )
+        )
     return new_state, TrainMetrics.single_from_model_output(
-        learning_rate=lr, param_norm=optim.global_norm(params), **per_example)
+        learning_rate=lr, param_norm=optim.global_norm(params), **per_example
+    )
 
 
-def eval_step(model: models.ResNet, state: TrainState,
-              batch: dict[str, jax.Array]) -> EvalMetrics:
+def eval_step(model: models.ResNet, state: TrainState, batch: dict[str, jax.Array]) -> EvalMetrics:
     """Metrics of one (possibly padded) eval batch; ``batch['mask']`` marks real examples."""
-    logits = model.apply({'params': state.params, 'batch_stats': state.batch_stats},
-                         batch['image'], train=False)
+    logits = model.apply(
+        {'params': state.params, 'batch_stats': state.batch_stats}, batch['image'], train=False
+    )
     per_example = classification_metrics(logits, batch['label'])
     return EvalMetrics.single_from_model_output(mask=batch['mask'], **per_example)
 
 
-# --- compiled steps -------------------------------------------------------------------------
-
-def compile_steps(model, tx, learning_rate_fn, config, mesh: Mesh,
-                  compiler_options: dict | None = None) -> plans.CompiledSteps:
-    """The jitted train and eval steps of ``model`` with the recipe of ``config``, over
-    ``mesh`` (the state replicated, the batch split), run by the execution plan
-    ``config.execution`` of the mesh's platform (``plans.compile_steps``); the train step
-    accumulates ``config.grad_accum_steps`` micro-batches (each split over the mesh) and
-    updates the EMA with ``config.ema_decay``. Both take the state in the plan's
-    ``StateLayout`` (returned with them: ``layout.from_model(state)``, which a run's
-    checkpointer applies); ``compiler_options`` are added to the plan's (measurements of
-    XLA's options)."""
+def compile_steps(
+    model, tx, learning_rate_fn, config, mesh: Mesh, compiler_options: dict | None = None
+) -> plans.CompiledSteps:
+    """The jitted train and eval steps of ``model`` with ``config``'s recipe over ``mesh``, by
+    the plan ``config.execution`` (``plans.compile_steps``): ``grad_accum_steps``
+    micro-batches, the EMA at ``ema_decay``. Both take the state in the returned ``layout``
+    (``layout.from_model(state)``); ``compiler_options`` are added to the plan's."""
     micro_batches = None
     if config.grad_accum_steps > 1:
         micro_batches = functools.partial(
-            split_micro_batches, steps=config.grad_accum_steps, num_shards=mesh.size,
-            group_size=config.model.bn_group_size, sharding=NamedSharding(mesh, P(None, 'data')))
+            split_micro_batches,
+            steps=config.grad_accum_steps,
+            num_shards=mesh.size,
+            group_size=config.model.bn_group_size,
+            sharding=NamedSharding(mesh, P(None, 'data')),
+        )
 
     def train(model, state, batch):
-        return train_step(model, tx, learning_rate_fn, config.label_smoothing, state, batch,
-                          micro_batches=micro_batches, ema_decay=config.ema_decay)
+        return train_step(
+            model,
+            tx,
+            learning_rate_fn,
+            config.label_smoothing,
+            state,
+            batch,
+            micro_batches=micro_batches,
+            ema_decay=config.ema_decay,
+        )
 
-    return plans.compile_steps(train, eval_step, model, mesh, config.execution,
-                               compiler_options)
+    return plans.compile_steps(train, eval_step, model, mesh, config.execution, compiler_options)

@@ -17,9 +17,15 @@ def test_process_options_are_for_deep_nets_under_the_cpu_plan():
     loops = ('xla_cpu_disable_loop_unrolling', 'xla_cpu_disable_slp_vectorizer')
     siblings = 'xla_cpu_use_multi_output_fusion'
     assert set(xla_options.PROCESS_OPTIONS) == {*loops, siblings}
-    for name, expected in (('cifar_resnet20', ()), ('cifar_resnet32', ()), ('resnet50', ()),
-                           ('cifar_resnet56', loops), ('cifar_plain56', loops),
-                           ('cifar_resnet110', loops), ('cifar_resnet1202', (*loops, siblings))):
+    for name, expected in (
+        ('cifar_resnet20', ()),
+        ('cifar_resnet32', ()),
+        ('resnet50', ()),
+        ('cifar_resnet56', loops),
+        ('cifar_plain56', loops),
+        ('cifar_resnet110', loops),
+        ('cifar_resnet1202', (*loops, siblings)),
+    ):
         stages = models.create_model(name).stage_sizes
         assert xla_options.options_for(stages) == expected, name
     deep = models.create_model('cifar_resnet110').stage_sizes
@@ -29,13 +35,14 @@ def test_process_options_are_for_deep_nets_under_the_cpu_plan():
 
 def test_the_module_imports_no_jax():
     """Loaded on its own (as a launcher may, before anything imports JAX)."""
-    code = ('import importlib.util, sys; spec = importlib.util.spec_from_file_location('
-            f'"xla_options", {xla_options.__file__!r}); module = importlib.util.'
-            'module_from_spec(spec); spec.loader.exec_module(module); '
-            'module.configure((200, 200, 200)); '
-            'print(sorted(m for m in sys.modules if m.split(".")[0] in ("jax", "jaxlib")))')
-    proc = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
-                          timeout=120)
+    code = (
+        'import importlib.util, sys; spec = importlib.util.spec_from_file_location('
+        f'"xla_options", {xla_options.__file__!r}); module = importlib.util.'
+        'module_from_spec(spec); spec.loader.exec_module(module); '
+        'module.configure((200, 200, 200)); '
+        'print(sorted(m for m in sys.modules if m.split(".")[0] in ("jax", "jaxlib")))'
+    )
+    proc = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip() == '[]'
 
@@ -43,11 +50,15 @@ def test_the_module_imports_no_jax():
 def test_process_options_join_the_users_xla_flags():
     add = xla_options.xla_flags_with
     assert add(['a', 'b']) == '--xla_backend_extra_options=a,b'
-    assert add(['a'], '--xla_force_host_platform_device_count=4') == \
-        '--xla_force_host_platform_device_count=4 --xla_backend_extra_options=a'
+    assert (
+        add(['a'], '--xla_force_host_platform_device_count=4')
+        == '--xla_force_host_platform_device_count=4 --xla_backend_extra_options=a'
+    )
     # The user's backend options stay, in one flag; options already there are not repeated.
-    assert add(['a', 'b'], '--x=1 --xla_backend_extra_options=c,b=0 --y') == \
-        '--x=1 --y --xla_backend_extra_options=c,b=0,a'
+    assert (
+        add(['a', 'b'], '--x=1 --xla_backend_extra_options=c,b=0 --y')
+        == '--x=1 --y --xla_backend_extra_options=c,b=0,a'
+    )
     assert add(['a'], '--xla_backend_extra_options=a --y') == '--xla_backend_extra_options=a --y'
     assert add([], '--y') == '--y'
 
@@ -66,16 +77,21 @@ print(sum(' fusion(' in line and line.split('=', 1)[1].lstrip().startswith('(')
 """
 
 
-
-@pytest.mark.parametrize('name, fused', [('cifar_resnet20', 0), ('cifar_resnet110', 0),
-                                         ('cifar_resnet1202', 1)])
+@pytest.mark.parametrize(
+    'name, fused', [('cifar_resnet20', 0), ('cifar_resnet110', 0), ('cifar_resnet1202', 1)]
+)
 def test_process_options_make_xla_cpu_fuse_sibling_kernels(name, fused):
     """A fresh process configured for a net of 64-block stages compiles sibling fusions
     as one kernel with several outputs (fewer kernels to generate); ResNet-110's and
     ResNet-20's keep XLA's separate kernels."""
     env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1')
-    proc = subprocess.run([sys.executable, '-c', _SIBLINGS, name], capture_output=True,
-                          text=True, env=env, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, '-c', _SIBLINGS, name],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     options, multi_output = proc.stdout.strip().splitlines()[-2:]
     assert options == str(xla_options.options_for(models.create_model(name).stage_sizes))
@@ -101,31 +117,51 @@ main.run()
 """
 
 
-@pytest.mark.parametrize('flags, expected', [
-    ((), '(3, 3, 3) auto False () []'),
-    (('--config.model.name=cifar_resnet56',), "(9, 9, 9) auto False ('xla_cpu_disable_loop_"
-     "unrolling', 'xla_cpu_disable_slp_vectorizer') ['xla_cpu_disable_loop_unrolling', "
-     "'xla_cpu_disable_slp_vectorizer']"),
-    (('--config.model.name=cifar_resnet1202',), "(200, 200, 200) auto False ('xla_cpu_disable_"
-     "loop_unrolling', 'xla_cpu_disable_slp_vectorizer', 'xla_cpu_use_multi_output_fusion') "
-     "['xla_cpu_disable_loop_unrolling', 'xla_cpu_disable_slp_vectorizer', "
-     "'xla_cpu_use_multi_output_fusion']"),
-    (('--config.model.name=cifar_resnet56', '--config.execution=xla'),
-     '(9, 9, 9) xla False () []')])
+@pytest.mark.parametrize(
+    'flags, expected',
+    [
+        ((), '(3, 3, 3) auto False () []'),
+        (
+            ('--config.model.name=cifar_resnet56',),
+            "(9, 9, 9) auto False ('xla_cpu_disable_loop_"
+            "unrolling', 'xla_cpu_disable_slp_vectorizer') ['xla_cpu_disable_loop_unrolling', "
+            "'xla_cpu_disable_slp_vectorizer']",
+        ),
+        (
+            ('--config.model.name=cifar_resnet1202',),
+            "(200, 200, 200) auto False ('xla_cpu_disable_"
+            "loop_unrolling', 'xla_cpu_disable_slp_vectorizer', 'xla_cpu_use_multi_output_fusion') "
+            "['xla_cpu_disable_loop_unrolling', 'xla_cpu_disable_slp_vectorizer', "
+            "'xla_cpu_use_multi_output_fusion']",
+        ),
+        (
+            ('--config.model.name=cifar_resnet56', '--config.execution=xla'),
+            '(9, 9, 9) xla False () []',
+        ),
+    ],
+)
 def test_the_launcher_sets_the_process_options_before_jax_starts(tmp_path, flags, expected):
-    proc = subprocess.run([sys.executable, '-c', _LAUNCH, f'--workdir={tmp_path}', *flags],
-                          capture_output=True, text=True, timeout=300,
-                          cwd=pathlib.Path(__file__).resolve().parent.parent.parent,
-                          env=dict(os.environ, XLA_FLAGS=''))
+    proc = subprocess.run(
+        [sys.executable, '-c', _LAUNCH, f'--workdir={tmp_path}', *flags],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=pathlib.Path(__file__).resolve().parent.parent.parent,
+        env=dict(os.environ, XLA_FLAGS=''),
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip().splitlines()[-1] == expected
 
 
 def test_the_launcher_validates_the_config_before_the_process_options(tmp_path):
     """A bad config is refused before the options are looked at (one line, exit 2)."""
-    proc = subprocess.run([sys.executable, '-c', _LAUNCH, f'--workdir={tmp_path}',
-                           '--config.model.name=resnet51'], capture_output=True, text=True,
-                          timeout=300, env=dict(os.environ, XLA_FLAGS=''))
+    proc = subprocess.run(
+        [sys.executable, '-c', _LAUNCH, f'--workdir={tmp_path}', '--config.model.name=resnet51'],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, XLA_FLAGS=''),
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("error: unknown model 'resnet51'")
     assert proc.stdout == ''

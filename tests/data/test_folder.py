@@ -11,17 +11,14 @@ import warnings
 
 import numpy as np
 import pytest
+from conftest import REPO, run_main
 from PIL import Image
 from skimage import data as skdata
 from sklearn.datasets import load_sample_images
 
-from resnet_jax.data import augment
-from resnet_jax.data import folder
-from resnet_jax.data import pipeline as input_pipeline
-from resnet_jax.data import prepare
-from resnet_jax.data import sources
 from resnet_jax.config import ConfigError, base_config
-from conftest import REPO, run_main
+from resnet_jax.data import augment, folder, prepare, sources
+from resnet_jax.data import pipeline as input_pipeline
 
 
 def _jpeg(array, quality=90, **kwargs) -> bytes:
@@ -34,8 +31,9 @@ def _small(array, short=160):
     """A real photograph scaled to shorter side ``short`` (keeps the tests fast)."""
     image = Image.fromarray(array)
     w, h = image.size
-    return np.asarray(image.resize((round(w * short / min(w, h)), round(h * short / min(w, h))),
-                                   Image.BILINEAR))
+    return np.asarray(
+        image.resize((round(w * short / min(w, h)), round(h * short / min(w, h))), Image.BILINEAR)
+    )
 
 
 def make_photo_folder(root, layout='classes'):
@@ -45,25 +43,34 @@ def make_photo_folder(root, layout='classes'):
     china, flower = load_sample_images().images
     cat, coffee, rocket = skdata.chelsea(), skdata.coffee(), skdata.rocket()
     files = {
-        'cat': {'chelsea.jpg': _jpeg(_small(cat)), 'chelsea_flip.jpg': _jpeg(_small(cat[:, ::-1])),
-                'chelsea_crop.jpg': _jpeg(_small(cat[40:260, 60:400])),
-                'nested/chelsea_low.jpg': _jpeg(_small(cat, 120))},
-        'coffee': {'coffee.jpg': _jpeg(_small(coffee)),
-                   'coffee_crop.jpg': _jpeg(_small(coffee[50:350, 100:500])),
-                   'flower.jpg': _jpeg(_small(flower)),
-                   'coffee_cmyk.jpg': _cmyk_jpeg(_small(coffee)),
-                   'broken.jpg': _jpeg(_small(coffee))[:400]},
-        'space': {'rocket.jpg': _jpeg(_small(rocket)), 'china.jpg': _jpeg(_small(china)),
-                  'camera_gray.jpg': _gray_jpeg(skdata.camera()),
-                  'rocket_alpha.png': _png(_with_alpha(_small(rocket))),
-                  'retina_large.jpg': _jpeg(skdata.retina()),
-                  'notes.txt': b'these are rocket photos\n'},
+        'cat': {
+            'chelsea.jpg': _jpeg(_small(cat)),
+            'chelsea_flip.jpg': _jpeg(_small(cat[:, ::-1])),
+            'chelsea_crop.jpg': _jpeg(_small(cat[40:260, 60:400])),
+            'nested/chelsea_low.jpg': _jpeg(_small(cat, 120)),
+        },
+        'coffee': {
+            'coffee.jpg': _jpeg(_small(coffee)),
+            'coffee_crop.jpg': _jpeg(_small(coffee[50:350, 100:500])),
+            'flower.jpg': _jpeg(_small(flower)),
+            'coffee_cmyk.jpg': _cmyk_jpeg(_small(coffee)),
+            'broken.jpg': _jpeg(_small(coffee))[:400],
+        },
+        'space': {
+            'rocket.jpg': _jpeg(_small(rocket)),
+            'china.jpg': _jpeg(_small(china)),
+            'camera_gray.jpg': _gray_jpeg(skdata.camera()),
+            'rocket_alpha.png': _png(_with_alpha(_small(rocket))),
+            'retina_large.jpg': _jpeg(skdata.retina()),
+            'notes.txt': b'these are rocket photos\n',
+        },
     }
     for cls, members in files.items():
         for name, payload in members.items():
             if layout == 'train/val':
-                split = 'val' if name.startswith(('chelsea_flip', 'coffee_crop', 'china')) \
-                    else 'train'
+                split = (
+                    'val' if name.startswith(('chelsea_flip', 'coffee_crop', 'china')) else 'train'
+                )
                 path = root / split / cls / name
             else:
                 path = root / cls / name
@@ -110,6 +117,7 @@ def folder_config(path, **overrides):
 
 # --- decoding -------------------------------------------------------------------------------
 
+
 def test_grayscale_cmyk_and_transparent_images_decode_as_rgb(photo_folder):
     for name in ('space/camera_gray.jpg', 'coffee/coffee_cmyk.jpg', 'space/rocket_alpha.png'):
         image = sources.decode_array((photo_folder / name).read_bytes())
@@ -137,8 +145,9 @@ def test_exif_orientation_is_applied():
     exif[sources.EXIF_ORIENTATION] = 6  # stored rotated: shown turned 90 degrees clockwise
     image, factor, shape = sources.decode(_jpeg(photo, exif=exif.tobytes()))
     assert shape == (photo.shape[1], photo.shape[0]) == (image.height, image.width)
-    np.testing.assert_array_equal(np.asarray(image),
-                                  np.rot90(sources.decode_array(_jpeg(photo)), -1))
+    np.testing.assert_array_equal(
+        np.asarray(image), np.rot90(sources.decode_array(_jpeg(photo)), -1)
+    )
 
 
 def test_jpeg_draft_decodes_at_reduced_scale_only_when_the_crop_allows_it():
@@ -161,12 +170,19 @@ def test_jpeg_draft_decodes_at_reduced_scale_only_when_the_crop_allows_it():
 
 # --- the folder dataset ------------------------------------------------------------------------
 
+
 def test_folder_classes_splits_index_and_mean(tmp_path):
     root = make_photo_folder(tmp_path / 'flat')
     store = folder.prepare(f'folder:{root}', image_size=64, num_workers=2)
     assert store == str(root / '.resnet_jax')
-    assert sorted(os.listdir(store)) == ['info.json', 'labels.npy', 'mean_image_64.npy',
-                                         'offsets.npy', 'paths.npy', 'splits.npy']
+    assert sorted(os.listdir(store)) == [
+        'info.json',
+        'labels.npy',
+        'mean_image_64.npy',
+        'offsets.npy',
+        'paths.npy',
+        'splits.npy',
+    ]
     info = json.loads((root / '.resnet_jax' / 'info.json').read_text())
     assert info['classes'] == ['cat', 'coffee', 'space']
     assert info['num_files'] == 15 and info['num_val'] == 3  # one held out per class
@@ -200,7 +216,10 @@ def test_folder_classes_splits_index_and_mean(tmp_path):
     store = folder.prepare(f'folder:{split}', image_size=64, num_workers=1)
     val = folder.FolderSource(str(split), store, folder.VAL)
     assert sorted(os.path.basename(val.path(i)) for i in range(len(val))) == [
-        'chelsea_flip.jpg', 'china.jpg', 'coffee_crop.jpg']
+        'chelsea_flip.jpg',
+        'china.jpg',
+        'coffee_crop.jpg',
+    ]
 
 
 def test_read_only_folder_keeps_its_index_in_the_cache(tmp_path, monkeypatch):
@@ -212,17 +231,33 @@ def test_read_only_folder_keeps_its_index_in_the_cache(tmp_path, monkeypatch):
     assert not (root / '.resnet_jax').exists()
 
 
-@pytest.mark.parametrize('make, message', [
-    (lambda root: None, 'does not exist'),
-    (lambda root: root.mkdir(), 'has no class subfolders'),
-    (lambda root: (root / 'a').mkdir(parents=True) or (root / 'b').mkdir(), "class 'a' .* "
-     'has no images'),
-    (lambda root: [(root / c).mkdir(parents=True) or (root / c / 'x.txt').write_text('no')
-                   for c in 'ab'], "class 'a' .* has no images"),
-    (lambda root: [(root / c).mkdir(parents=True, exist_ok=True)
-                   or (root / c / f'{k}.jpg').write_text('no') for c in 'ab' for k in range(2)],
-     "class 'a' .* has no readable image for training"),
-])
+@pytest.mark.parametrize(
+    'make, message',
+    [
+        (lambda root: None, 'does not exist'),
+        (lambda root: root.mkdir(), 'has no class subfolders'),
+        (
+            lambda root: (root / 'a').mkdir(parents=True) or (root / 'b').mkdir(),
+            "class 'a' .* has no images",
+        ),
+        (
+            lambda root: [
+                (root / c).mkdir(parents=True) or (root / c / 'x.txt').write_text('no')
+                for c in 'ab'
+            ],
+            "class 'a' .* has no images",
+        ),
+        (
+            lambda root: [
+                (root / c).mkdir(parents=True, exist_ok=True)
+                or (root / c / f'{k}.jpg').write_text('no')
+                for c in 'ab'
+                for k in range(2)
+            ],
+            "class 'a' .* has no readable image for training",
+        ),
+    ],
+)
 def test_unusable_folders_are_config_errors_and_write_nothing(tmp_path, make, message):
     root = tmp_path / 'data'
     make(root)
@@ -233,13 +268,14 @@ def test_unusable_folders_are_config_errors_and_write_nothing(tmp_path, make, me
 
 # --- symlinks: each real folder entered once, each real file indexed once ----------------------
 
+
 def _tiny_photos(n, short=20):
     """``n`` different tiny JPEGs: crops of real photographs (fast to prepare)."""
     photos = [skdata.coffee(), skdata.chelsea(), skdata.rocket(), skdata.astronaut()]
     out = []
     for k in range(n):
         top, left = 10 * (k // 4 % 10), 15 * (k // 4 % 10)  # within all four photos
-        out.append(_jpeg(_small(photos[k % 4][top:top + 200, left:left + 260], short)))
+        out.append(_jpeg(_small(photos[k % 4][top : top + 200, left : left + 260], short)))
     return out
 
 
@@ -251,9 +287,13 @@ def _write(root, names):
 
 
 def _split_paths(root, store):
-    return [[folder.FolderSource(str(root), store, split).path(i)
-             for i in range(len(folder.FolderSource(str(root), store, split)))]
-            for split in (folder.TRAIN, folder.VAL)]
+    return [
+        [
+            folder.FolderSource(str(root), store, split).path(i)
+            for i in range(len(folder.FolderSource(str(root), store, split)))
+        ]
+        for split in (folder.TRAIN, folder.VAL)
+    ]
 
 
 def _assert_each_real_file_once(root, store, real_files):
@@ -267,43 +307,60 @@ def _assert_each_real_file_once(root, store, real_files):
 
 
 def _skipped_lines(caplog):
-    return [r.getMessage() for r in caplog.records if 'indexes each real file once' in
-            r.getMessage()]
+    return [
+        r.getMessage() for r in caplog.records if 'indexes each real file once' in r.getMessage()
+    ]
 
 
 def test_symlink_loops_are_entered_once_in_bounded_time(tmp_path, caplog):
     """One loop (dog/loop -> .) and two (cat/x/a -> .., cat/x/b -> ..): listed in a
     process of its own with a timeout (an unbounded walk fails the test rather than hangs
     it), each real file once; then prepared, with no file in both splits."""
-    one = _write(tmp_path / 'one', [f'{c}/{k}.jpg' for c in ('cat', 'dog') for k in range(8)]
-                 + ['dog/nested/n.jpg'])
+    one = _write(
+        tmp_path / 'one',
+        [f'{c}/{k}.jpg' for c in ('cat', 'dog') for k in range(8)] + ['dog/nested/n.jpg'],
+    )
     (one / 'dog' / 'loop').symlink_to('.')
-    two = _write(tmp_path / 'two', [f'{c}/{k}.jpg' for c in ('cat', 'dog') for k in range(8)]
-                 + ['cat/x/x.jpg'])
+    two = _write(
+        tmp_path / 'two',
+        [f'{c}/{k}.jpg' for c in ('cat', 'dog') for k in range(8)] + ['cat/x/x.jpg'],
+    )
     (two / 'cat' / 'x' / 'a').symlink_to('..')
     (two / 'cat' / 'x' / 'b').symlink_to('..')
     (two / 'dog' / 'up').symlink_to('..')  # the dataset folder itself
-    script = ('import json, sys\nfrom resnet_jax.data import folder\n'
-              'print(json.dumps([folder.list_folder(r)["files"] for r in sys.argv[1:]]))')
+    script = (
+        'import json, sys\nfrom resnet_jax.data import folder\n'
+        'print(json.dumps([folder.list_folder(r)["files"] for r in sys.argv[1:]]))'
+    )
     try:
-        proc = subprocess.run([sys.executable, '-c', script, str(one), str(two)], cwd=REPO,
-                              capture_output=True, text=True, timeout=120)
+        proc = subprocess.run(
+            [sys.executable, '-c', script, str(one), str(two)],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
     except subprocess.TimeoutExpired:
         pytest.fail('listing folders with symlink loops did not end in 120 s')
     assert proc.returncode == 0, proc.stderr[-3000:]
     listed = json.loads(proc.stdout)
-    assert listed == [[f'cat/{k}.jpg' for k in range(8)] + [f'dog/{k}.jpg' for k in range(8)]
-                      + ['dog/nested/n.jpg'],
-                      [f'cat/{k}.jpg' for k in range(8)] + ['cat/x/x.jpg']
-                      + [f'dog/{k}.jpg' for k in range(8)]]
+    assert listed == [
+        [f'cat/{k}.jpg' for k in range(8)]
+        + [f'dog/{k}.jpg' for k in range(8)]
+        + ['dog/nested/n.jpg'],
+        [f'cat/{k}.jpg' for k in range(8)] + ['cat/x/x.jpg'] + [f'dog/{k}.jpg' for k in range(8)],
+    ]
     # One loop, as the index stores it (prepare writes these arrays): the issue's case,
     # where the loop's copies of the held-out images were in the training split too.
     listing = folder.list_folder(str(one))
     assert listing['revisited'] == ['dog/loop'] and not listing['duplicates']
     assert folder.skipped_message(listing).endswith(
-        'skipped 1 folder reached again through symlinks (not entered again): dog/loop')
-    train, val = (folder.FolderSource(str(one), split=split, arrays=folder.encode(listing))
-                  for split in (folder.TRAIN, folder.VAL))
+        'skipped 1 folder reached again through symlinks (not entered again): dog/loop'
+    )
+    train, val = (
+        folder.FolderSource(str(one), split=split, arrays=folder.encode(listing))
+        for split in (folder.TRAIN, folder.VAL)
+    )
     real = [os.path.realpath(s.path(i)) for s in (train, val) for i in range(len(s))]
     assert len(val) == 2 and len(real) == len(set(real)) == 17
     # Two loops, prepared: the stored index, and the one line saying what was skipped.
@@ -314,17 +371,27 @@ def test_symlink_loops_are_entered_once_in_bounded_time(tmp_path, caplog):
     lines = _skipped_lines(caplog)
     assert len(lines) == 1 and lines[0].endswith(
         'skipped 3 folders reached again through symlinks (not entered again): cat/x/a, '
-        'cat/x/b, dog/up'), lines
+        'cat/x/b, dog/up'
+    ), lines
 
 
-def test_linked_folder_and_file_into_another_class_and_outside_are_indexed_once(tmp_path,
-                                                                               caplog):
+def test_linked_folder_and_file_into_another_class_and_outside_are_indexed_once(tmp_path, caplog):
     """cat/more_dogs -> ../dog/puppies, a file symlink cat/alias.jpg -> ../dog/d0.jpg, and
     a folder outside the dataset linked from both classes: each followed once, its files
     under the first path in sorted walk order (so in cat), each real file once."""
-    root = _write(tmp_path / 'data', ['cat/c0.jpg', 'cat/c1.jpg', 'cat/c2.jpg', 'dog/d0.jpg',
-                                      'dog/d1.jpg', 'dog/d2.jpg', 'dog/puppies/p0.jpg',
-                                      'dog/puppies/p1.jpg'])
+    root = _write(
+        tmp_path / 'data',
+        [
+            'cat/c0.jpg',
+            'cat/c1.jpg',
+            'cat/c2.jpg',
+            'dog/d0.jpg',
+            'dog/d1.jpg',
+            'dog/d2.jpg',
+            'dog/puppies/p0.jpg',
+            'dog/puppies/p1.jpg',
+        ],
+    )
     outside = _write(tmp_path / 'elsewhere', ['e0.jpg', 'e1.jpg'])
     (root / 'cat' / 'more_dogs').symlink_to('../dog/puppies')
     (root / 'cat' / 'alias.jpg').symlink_to('../dog/d0.jpg')
@@ -334,57 +401,98 @@ def test_linked_folder_and_file_into_another_class_and_outside_are_indexed_once(
     (root / 'dog' / 'cats').symlink_to('../cat')  # a class folder: never entered twice
     listing = folder.list_folder(str(root))
     assert listing['files'] == [
-        'cat/alias.jpg', 'cat/c0.jpg', 'cat/c1.jpg', 'cat/c2.jpg', 'cat/ext/e0.jpg',
-        'cat/ext/e1.jpg', 'cat/more_dogs/p0.jpg', 'cat/more_dogs/p1.jpg', 'dog/d1.jpg',
-        'dog/d2.jpg']
+        'cat/alias.jpg',
+        'cat/c0.jpg',
+        'cat/c1.jpg',
+        'cat/c2.jpg',
+        'cat/ext/e0.jpg',
+        'cat/ext/e1.jpg',
+        'cat/more_dogs/p0.jpg',
+        'cat/more_dogs/p1.jpg',
+        'dog/d1.jpg',
+        'dog/d2.jpg',
+    ]
     assert listing['labels'].tolist() == [0] * 8 + [1] * 2
     assert listing['duplicates'] == ['dog/d0.jpg']
     assert listing['revisited'] == ['dog/again', 'dog/cats', 'dog/ext', 'dog/puppies']
     store = folder.prepare(f'folder:{root}', image_size=32, num_workers=1)
-    _assert_each_real_file_once(root, store, [
-        'dog/d0.jpg', 'cat/c0.jpg', 'cat/c1.jpg', 'cat/c2.jpg', '../elsewhere/e0.jpg',
-        '../elsewhere/e1.jpg', 'dog/puppies/p0.jpg', 'dog/puppies/p1.jpg', 'dog/d1.jpg',
-        'dog/d2.jpg'])
+    _assert_each_real_file_once(
+        root,
+        store,
+        [
+            'dog/d0.jpg',
+            'cat/c0.jpg',
+            'cat/c1.jpg',
+            'cat/c2.jpg',
+            '../elsewhere/e0.jpg',
+            '../elsewhere/e1.jpg',
+            'dog/puppies/p0.jpg',
+            'dog/puppies/p1.jpg',
+            'dog/d1.jpg',
+            'dog/d2.jpg',
+        ],
+    )
     lines = _skipped_lines(caplog)
     assert len(lines) == 1, lines
-    assert ('skipped 1 path to a file indexed under another path (the first in sorted order '
-            'is kept), 4 folders reached again through symlinks (not entered again): '
-            'dog/d0.jpg, dog/again, dog/cats, dog/ext, dog/puppies') in lines[0]
+    assert (
+        'skipped 1 path to a file indexed under another path (the first in sorted order '
+        'is kept), 4 folders reached again through symlinks (not entered again): '
+        'dog/d0.jpg, dog/again, dog/cats, dog/ext, dog/puppies'
+    ) in lines[0]
     caplog.clear()
     folder.prepare(f'folder:{root}', image_size=32, num_workers=1)  # reused: said once
     assert not _skipped_lines(caplog)
 
 
 def test_files_shared_by_train_and_val_are_evaluated_on_not_trained_on(tmp_path, caplog):
-    root = _write(tmp_path / 'data', [f'train/cat/c{k}.jpg' for k in range(4)]
-                  + [f'train/dog/d{k}.jpg' for k in range(3)]
-                  + ['train/dog/sub/s0.jpg', 'train/dog/sub/s1.jpg', 'val/cat/v0.jpg',
-                     'val/dog/v1.jpg'])
+    root = _write(
+        tmp_path / 'data',
+        [f'train/cat/c{k}.jpg' for k in range(4)]
+        + [f'train/dog/d{k}.jpg' for k in range(3)]
+        + ['train/dog/sub/s0.jpg', 'train/dog/sub/s1.jpg', 'val/cat/v0.jpg', 'val/dog/v1.jpg'],
+    )
     (root / 'val' / 'cat' / 'c0.jpg').symlink_to('../../train/cat/c0.jpg')
     (root / 'val' / 'dog' / 'sub').symlink_to('../../train/dog/sub')
     (root / 'train' / 'dog' / 'val_cats').symlink_to('../../val/cat')
     store = folder.prepare(f'folder:{root}', image_size=32, num_workers=1)
     train, val = _assert_each_real_file_once(
-        root, store, [f'train/cat/c{k}.jpg' for k in range(4)]
+        root,
+        store,
+        [f'train/cat/c{k}.jpg' for k in range(4)]
         + [f'train/dog/d{k}.jpg' for k in range(3)]
-        + ['train/dog/sub/s0.jpg', 'train/dog/sub/s1.jpg', 'val/cat/v0.jpg', 'val/dog/v1.jpg'])
+        + ['train/dog/sub/s0.jpg', 'train/dog/sub/s1.jpg', 'val/cat/v0.jpg', 'val/dog/v1.jpg'],
+    )
     assert [os.path.relpath(p, root) for p in val] == [
-        'val/cat/c0.jpg', 'val/cat/v0.jpg', 'val/dog/v1.jpg', 'val/dog/sub/s0.jpg',
-        'val/dog/sub/s1.jpg']
+        'val/cat/c0.jpg',
+        'val/cat/v0.jpg',
+        'val/dog/v1.jpg',
+        'val/dog/sub/s0.jpg',
+        'val/dog/sub/s1.jpg',
+    ]
     assert len(train) == 6
     lines = _skipped_lines(caplog)
-    assert len(lines) == 1 and ('skipped 3 train/ paths to files that val/ holds (evaluated '
-                                'on, not trained on), 1 folder reached again') in lines[0]
+    assert (
+        len(lines) == 1
+        and (
+            'skipped 3 train/ paths to files that val/ holds (evaluated '
+            'on, not trained on), 1 folder reached again'
+        )
+        in lines[0]
+    )
     # A class whose every training file is in val/ too has nothing to train on.
     shutil.rmtree(root / 'val' / 'cat')
     (root / 'val' / 'cat').symlink_to('../train/cat')
-    with pytest.raises(ConfigError, match="class 'cat' .* has no images of its own: its 4 "
-                                          'files are indexed under other paths .* or held '
-                                          'by val/'):
+    with pytest.raises(
+        ConfigError,
+        match="class 'cat' .* has no images of its own: its 4 "
+        'files are indexed under other paths .* or held '
+        'by val/',
+    ):
         folder.list_folder(str(root))
 
 
 # --- images above PIL's decompression-bomb limit --------------------------------------------
+
 
 class _EncodedImages:
     def __init__(self, images):
@@ -410,8 +518,9 @@ def test_images_over_the_pixel_limit_are_read_without_warning_and_counted(monkey
         with pytest.raises(sources.CorruptImage, match='decompression bomb'):
             sources.decode(large)  # 4x the pixels of medium
     assert image.size[0] * image.size[1] == pixels
-    scan = sources._scan_chunk(_EncodedImages([small, medium, large, small]), np.arange(4),
-                               np.ones(4, bool), 16, 18)
+    scan = sources._scan_chunk(
+        _EncodedImages([small, medium, large, small]), np.arange(4), np.ones(4, bool), 16, 18
+    )
     assert scan.oversized == [1] and scan.unreadable == [2] and scan.count == 3
     assert scan.pixel_limit == pixels - 1
     merged = scan.merge(scan)
@@ -432,12 +541,14 @@ def huge_jpegs():
     return out
 
 
-def test_folder_with_images_over_the_pixel_limit_says_so_once(tmp_path, huge_jpegs, caplog,
-                                                               capfd):
+def test_folder_with_images_over_the_pixel_limit_says_so_once(tmp_path, huge_jpegs, caplog, capfd):
     """The real thing: worker processes (PIL's default limit) prepare the folder and
     evaluate on it; PIL's warning is printed by none of them, one line counts the image."""
-    root = _write(tmp_path / 'data', [f'train/{c}/{k}.jpg' for c in ('cat', 'dog')
-                                      for k in range(2)] + ['val/cat/v.jpg', 'val/dog/v.jpg'])
+    root = _write(
+        tmp_path / 'data',
+        [f'train/{c}/{k}.jpg' for c in ('cat', 'dog') for k in range(2)]
+        + ['val/cat/v.jpg', 'val/dog/v.jpg'],
+    )
     (root / 'val' / 'cat' / 'big.jpg').write_bytes(huge_jpegs[0])
     (root / 'train' / 'dog' / 'bomb.jpg').write_bytes(huge_jpegs[1])
     prepare.check_dataset(f'folder:{root}', None, image_size=32, num_workers=1)
@@ -445,11 +556,12 @@ def test_folder_with_images_over_the_pixel_limit_says_so_once(tmp_path, huge_jpe
     assert info['oversized'] == ['val/cat/big.jpg']
     assert info['unreadable'] == ['train/dog/bomb.jpg']
     lines = [r.getMessage() for r in caplog.records if 'decompression-bomb' in r.getMessage()]
-    assert lines == [f"1 image in {root} is larger than PIL's decompression-bomb limit "
-                     '(PIL.Image.MAX_IMAGE_PIXELS, 89478485 pixels); read anyway: '
-                     'val/cat/big.jpg']
-    pipeline = input_pipeline.Pipeline(folder_config(root, image_size=32, num_workers=1),
-                                       seed=0)
+    assert lines == [
+        f"1 image in {root} is larger than PIL's decompression-bomb limit "
+        '(PIL.Image.MAX_IMAGE_PIXELS, 89478485 pixels); read anyway: '
+        'val/cat/big.jpg'
+    ]
+    pipeline = input_pipeline.Pipeline(folder_config(root, image_size=32, num_workers=1), seed=0)
     batches = list(pipeline.eval_batches(2))
     assert sum(int(b['mask'].sum()) for b in batches) == 3
     del batches
@@ -459,19 +571,20 @@ def test_folder_with_images_over_the_pixel_limit_says_so_once(tmp_path, huge_jpe
 
 # --- worker processes ------------------------------------------------------------------------
 
-def test_worker_batches_equal_in_process_batches_for_any_worker_count(photo_folder,
-                                                                      monkeypatch):
+
+@pytest.mark.slow
+def test_worker_batches_equal_in_process_batches_for_any_worker_count(photo_folder, monkeypatch):
     """Batch k is the same for 1 or 2 worker processes, in one task or split in several,
     per host slice; corrupt records are counted in the workers and reported here."""
     prepare.check_dataset(f'folder:{photo_folder}', None, image_size=64, num_workers=2)
     monkeypatch.setattr(input_pipeline, 'IMAGES_PER_TASK', 3)  # 6 per host: 2 tasks
     reference = input_pipeline.Pipeline(folder_config(photo_folder), seed=5)
-    expected = {(p, step): reference.train_batch(step, 12, p, 2)
-                for p in range(2) for step in range(2, 6)}
+    expected = {
+        (p, step): reference.train_batch(step, 12, p, 2) for p in range(2) for step in range(2, 6)
+    }
     assert reference.corrupt_records > 0
     for workers in (1, 2):
-        pipeline = input_pipeline.Pipeline(folder_config(photo_folder, num_workers=workers),
-                                           seed=5)
+        pipeline = input_pipeline.Pipeline(folder_config(photo_folder, num_workers=workers), seed=5)
         for p in range(2):
             batches = input_pipeline.train_iterator(pipeline, 2, 12, p, 2)
             for step, batch in zip(range(2, 6), batches):
@@ -482,16 +595,22 @@ def test_worker_batches_equal_in_process_batches_for_any_worker_count(photo_fold
         del batch
 
 
+@pytest.mark.slow
 def test_eval_batches_in_workers_pad_and_mask_the_tail(photo_folder):
     prepare.check_dataset(f'folder:{photo_folder}', None, image_size=64, num_workers=2)
     pipeline = input_pipeline.Pipeline(folder_config(photo_folder), seed=0)
     batches = list(pipeline.eval_batches(2))
     assert len(pipeline.eval) == 3 and [b['mask'].tolist() for b in batches] == [
-        [True, True], [True, False]]
+        [True, True],
+        [True, False],
+    ]
     images = np.concatenate([b['image'] for b in batches])[:3]
-    expected = [pipeline.center_view(sources.decode_array(pipeline.eval.record(i)['image'],
-                                                          pipeline.resize_size))
-                for i in range(3)]
+    expected = [
+        pipeline.center_view(
+            sources.decode_array(pipeline.eval.record(i)['image'], pipeline.resize_size)
+        )
+        for i in range(3)
+    ]
     np.testing.assert_allclose(images, expected, atol=1e-6)
     views = list(pipeline.eval_images(range(3), shorter_side=pipeline.resize_size))
     assert [label for _, label in views] == [pipeline.eval.label(i) for i in range(3)]
@@ -500,16 +619,25 @@ def test_eval_batches_in_workers_pad_and_mask_the_tail(photo_folder):
 
 # --- end to end ------------------------------------------------------------------------------
 
+
 @pytest.mark.slow
 def test_folder_trains_and_evaluates_end_to_end(tmp_path):
     photos = make_photo_folder(tmp_path / 'photos')
     workdir = tmp_path / 'work'
-    args = [f'--workdir={workdir}', '--config=configs/imagenet.py:resnet18',
-            f'--config.dataset.name=folder:{photos}', '--config.dataset.image_size=64',
-            '--config.dataset.num_workers=2', '--config.batch_size=8',
-            '--config.eval_batch_size=4', '--config.model.bn_group_size=4',
-            '--config.num_train_steps=3', '--config.eval_every_steps=3',
-            '--config.checkpoint_every_steps=3', '--config.log_every_steps=1']
+    args = [
+        f'--workdir={workdir}',
+        '--config=configs/imagenet.py:resnet18',
+        f'--config.dataset.name=folder:{photos}',
+        '--config.dataset.image_size=64',
+        '--config.dataset.num_workers=2',
+        '--config.batch_size=8',
+        '--config.eval_batch_size=4',
+        '--config.model.bn_group_size=4',
+        '--config.num_train_steps=3',
+        '--config.eval_every_steps=3',
+        '--config.checkpoint_every_steps=3',
+        '--config.log_every_steps=1',
+    ]
     proc = run_main(*args, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert 'preparing folder:' in proc.stderr and '15/15 images' in proc.stderr
@@ -517,30 +645,57 @@ def test_folder_trains_and_evaluates_end_to_end(tmp_path):
     assert results['step'] == 3 and 0 <= results['eval_top1_error'] <= 1
     assert results['corrupt_records_skipped'] >= 1  # the corrupt JPEG and the text file
     assert 'Traceback' not in proc.stderr and 'leaked' not in proc.stderr
-    proc = subprocess.run([sys.executable, '-m', 'resnet_jax', 'evaluate', f'--workdir={workdir}',
-                           '--protocol=ten_crop'], capture_output=True, text=True,
-                          timeout=600, cwd=REPO)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            '-m',
+            'resnet_jax',
+            'evaluate',
+            f'--workdir={workdir}',
+            '--protocol=ten_crop',
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=REPO,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = json.loads(proc.stdout.strip().splitlines()[-1])
     assert line['num_images'] == 3 and line['protocol'] == 'ten_crop'
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('make, message', [
-    (lambda root: None, 'dataset folder .* does not exist'),
-    (lambda root: (root / 'loose.jpg').parent.mkdir() or (root / 'loose.jpg').write_bytes(
-        _jpeg(load_sample_images().images[0])), 'has no class subfolders'),
-    (lambda root: [(root / c).mkdir(parents=True) or (root / c / 'x.txt').write_text('no')
-                   for c in 'ab'], "class 'a' .* has no images"),
-])
+@pytest.mark.parametrize(
+    'make, message',
+    [
+        (lambda root: None, 'dataset folder .* does not exist'),
+        (
+            lambda root: (
+                (root / 'loose.jpg').parent.mkdir()
+                or (root / 'loose.jpg').write_bytes(_jpeg(load_sample_images().images[0]))
+            ),
+            'has no class subfolders',
+        ),
+        (
+            lambda root: [
+                (root / c).mkdir(parents=True) or (root / c / 'x.txt').write_text('no')
+                for c in 'ab'
+            ],
+            "class 'a' .* has no images",
+        ),
+    ],
+)
 def test_unusable_folder_exits_2_with_one_line_and_no_checkpoint(tmp_path, make, message):
     import re
 
     root = tmp_path / 'data'
     make(root)
     workdir = tmp_path / 'work'
-    proc = run_main(f'--workdir={workdir}', '--config=configs/imagenet.py:resnet18',
-                    f'--config.dataset.name=folder:{root}')
+    proc = run_main(
+        f'--workdir={workdir}',
+        '--config=configs/imagenet.py:resnet18',
+        f'--config.dataset.name=folder:{root}',
+    )
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith('error: ') and re.search(message, lines[0])
@@ -559,12 +714,20 @@ def test_stopped_folder_run_resumes_to_exactly_the_uninterrupted_result(tmp_path
     """Exact resume through worker processes: 2 steps, then a relaunch to 4, ends with the
     results and history of 4 uninterrupted steps."""
     photos = make_photo_folder(tmp_path / 'photos')
-    common = ['--config.model.name=cifar_resnet8', f'--config.dataset.name=folder:{photos}',
-              '--config.dataset.image_size=32', '--config.dataset.min_scale=36',
-              '--config.dataset.max_scale=64', '--config.dataset.num_workers=2',
-              '--config.batch_size=8', '--config.eval_batch_size=4',
-              '--config.model.bn_group_size=4', '--config.log_every_steps=1',
-              '--config.eval_every_steps=2', '--config.checkpoint_every_steps=2']
+    common = [
+        '--config.model.name=cifar_resnet8',
+        f'--config.dataset.name=folder:{photos}',
+        '--config.dataset.image_size=32',
+        '--config.dataset.min_scale=36',
+        '--config.dataset.max_scale=64',
+        '--config.dataset.num_workers=2',
+        '--config.batch_size=8',
+        '--config.eval_batch_size=4',
+        '--config.model.bn_group_size=4',
+        '--config.log_every_steps=1',
+        '--config.eval_every_steps=2',
+        '--config.checkpoint_every_steps=2',
+    ]
     full = run_main(f'--workdir={tmp_path / "full"}', *common, '--config.num_train_steps=4')
     assert full.returncode == 0, full.stderr[-3000:]
     first = run_main(f'--workdir={tmp_path / "resumed"}', *common, '--config.num_train_steps=2')
@@ -580,6 +743,7 @@ def test_stopped_folder_run_resumes_to_exactly_the_uninterrupted_result(tmp_path
             b.pop('corrupt_records_skipped')
         else:  # the resumed run logged the first run's end (step 2) once more
             b['train'] = [r for r in b['train'] if r['step'] != 2] + [
-                r for r in a['train'] if r['step'] == 2]
+                r for r in a['train'] if r['step'] == 2
+            ]
             b['train'].sort(key=lambda r: r['step'])
         assert a == b, name

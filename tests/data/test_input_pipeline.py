@@ -6,9 +6,9 @@ import tensorflow_datasets as tfds
 from photos import PHOTOS, photos_config
 
 from resnet_jax.config import ConfigError
-from resnet_jax.data import augment
+from resnet_jax.data import augment, prepare
 from resnet_jax.data import pipeline as input_pipeline
-from resnet_jax.data import prepare
+
 
 def test_in_memory_dataset_is_built_as_array_record_and_read_as_tfrecord_too(tmp_path):
     """A first run builds the digits as ArrayRecord (read without TensorFlow); a copy
@@ -29,6 +29,7 @@ def test_in_memory_dataset_is_built_as_array_record_and_read_as_tfrecord_too(tmp
 
 # --- the ImageNet training augmentation --------------------------------------------------
 
+
 def test_scale_augmentation_draws_cover_256_to_480_and_crop_comes_from_that_scale():
     params = augment.draw_params(np.random.default_rng(0), 5000)
     assert params['scale'].min() == 256 and params['scale'].max() == 480
@@ -36,14 +37,14 @@ def test_scale_augmentation_draws_cover_256_to_480_and_crop_comes_from_that_scal
     photo = PHOTOS[0]
     for i in range(5):
         p = augment.params_at(params, i)
-        out = augment.scale_augment(photo, p['scale'], p['u'], p['v'], False)
+        out = augment.scale_crop(photo, p['scale'], p['u'], p['v'])
         assert out.shape == (224, 224, 3)
         resized = augment.resize_shorter_side(photo, p['scale'])
         assert min(resized.shape[:2]) == p['scale']
         top = augment.crop_offset(p['v'], resized.shape[0], 224)
         left = augment.crop_offset(p['u'], resized.shape[1], 224)
         # Only the crop is resampled: resize-then-crop's pixels up to coefficient rounding.
-        diff = np.abs(out.astype(int) - resized[top:top + 224, left:left + 224])
+        diff = np.abs(out.astype(int) - resized[top : top + 224, left : left + 224])
         assert diff.max() <= 2 and diff.mean() < 0.05, (diff.max(), diff.mean())
 
 
@@ -58,16 +59,15 @@ def test_pipeline_train_crops_come_from_scales_in_range(photos_dir):
         p = augment.params_at(params, i)
         assert 256 <= p['scale'] <= 480
         raw = pipeline.train.image(idx[i])
-        expected = augment.normalize(augment.scale_augment(raw, p['scale'], p['u'], p['v'],
-                                                           p['flip']), pipeline.mean)
+        expected = augment.normalize(augment.train_crop(raw, p), pipeline.mean)
         np.testing.assert_allclose(batch['image'][i], expected, atol=1e-6)
 
 
 def test_flips_happen_about_half_the_time_and_mirror_the_crop():
     flips = augment.draw_params(np.random.default_rng(1), 4000)['flip']
     assert 0.47 < flips.mean() < 0.53
-    a = augment.scale_augment(PHOTOS[1], 300, 0.3, 0.6, False)
-    b = augment.scale_augment(PHOTOS[1], 300, 0.3, 0.6, True)
+    a = augment.scale_crop(PHOTOS[1], 300, 0.3, 0.6, flip=False)
+    b = augment.scale_crop(PHOTOS[1], 300, 0.3, 0.6, flip=True)
     np.testing.assert_array_equal(b, a[:, ::-1])
 
 
@@ -77,14 +77,14 @@ def test_lighting_noise_has_the_configured_std():
     image = np.zeros((4, 4, 3), np.float32)
     shifts = np.stack([augment.lighting(image, a)[0, 0] for a in alpha[:5000]])
     # Every pixel moves by the same RGB shift, eigvec @ (alpha * eigval).
-    expected_std = 0.1 * np.sqrt((augment.IMAGENET_EIGVEC ** 2) @ augment.IMAGENET_EIGVAL ** 2)
+    expected_std = 0.1 * np.sqrt((augment.IMAGENET_EIGVEC**2) @ augment.IMAGENET_EIGVAL**2)
     np.testing.assert_allclose(shifts.std(0), expected_std, rtol=0.05)
     out = augment.lighting(image, alpha[0])
     np.testing.assert_allclose(out, np.broadcast_to(out[0, 0], out.shape))
 
 
 def test_inception_crop_option():
-    out = augment.random_resized_crop(PHOTOS[0], 0.3, 0.1, 0.5, 0.5, True, 224)
+    out = augment.inception_crop(PHOTOS[0], 0.3, 0.1, 0.5, 0.5, 224, flip=True)
     assert out.shape == (224, 224, 3)
 
 
@@ -99,15 +99,16 @@ def test_mean_subtraction_uses_the_stored_mean(photos_dir):
     raw = pipeline.eval.image(0)
     view = pipeline.center_view(raw)
     np.testing.assert_allclose(view + stored, augment.center_view(raw) / 255.0, atol=1e-6)
-    expected = np.mean([augment.center_view(pipeline.train.image(i)) / 255.0
-                        for i in range(len(pipeline.train))], axis=0)
+    expected = np.mean(
+        [augment.center_view(pipeline.train.image(i)) / 255.0 for i in range(len(pipeline.train))],
+        axis=0,
+    )
     np.testing.assert_allclose(stored, expected, atol=1e-5)
 
 
 def test_cifar_augmentation_pads_crops_and_flips():
     images = np.arange(2 * 32 * 32 * 3, dtype=np.uint8).reshape(2, 32, 32, 3)
-    out = input_pipeline.pad_crop_flip(images, np.array([[4, 4], [0, 8]]),
-                                       np.array([False, True]))
+    out = input_pipeline.pad_crop_flip(images, np.array([[4, 4], [0, 8]]), np.array([False, True]))
     np.testing.assert_array_equal(out[0], images[0])  # offset 4 = the original view
     # Rows from offset 0: 4 rows of padding, then original rows 0..27. Columns from
     # offset 8, flipped: output column j is original column 35 - j (32..35 are padding).
@@ -116,6 +117,7 @@ def test_cifar_augmentation_pads_crops_and_flips():
 
 
 # --- determinism ---------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize('dataset', ['digits', 'photos'])
 def test_global_batches_are_a_function_of_seed_and_step(dataset, data_dir, photos_dir):
@@ -128,11 +130,11 @@ def test_global_batches_are_a_function_of_seed_and_step(dataset, data_dir, photo
         whole = one.train_batch(step, batch_size)
         halves = [one.train_batch(step, batch_size, p, 2) for p in range(2)]
         for key in ('image', 'label'):
-            np.testing.assert_array_equal(whole[key],
-                                          np.concatenate([h[key] for h in halves]))
+            np.testing.assert_array_equal(whole[key], np.concatenate([h[key] for h in halves]))
     restarted = input_pipeline.Pipeline(cfg, seed=7)  # a new process resuming at step 5
-    np.testing.assert_array_equal(restarted.train_batch(5, batch_size)['image'],
-                                  one.train_batch(5, batch_size)['image'])
+    np.testing.assert_array_equal(
+        restarted.train_batch(5, batch_size)['image'], one.train_batch(5, batch_size)['image']
+    )
     other_seed = input_pipeline.Pipeline(cfg, seed=8).train_batch(5, batch_size)['image']
     assert not np.array_equal(other_seed, one.train_batch(5, batch_size)['image'])
 
@@ -146,8 +148,11 @@ def test_every_example_is_seen_once_per_epoch():
 def test_corrupt_records_are_skipped_and_counted(photos_dir, monkeypatch):
     pipeline = input_pipeline.Pipeline(photos_config(photos_dir), seed=0)
     original = pipeline.train.record
-    monkeypatch.setattr(pipeline.train, 'record', lambda i: (
-        {'image': b'not a jpeg', 'label': 0} if int(i) == 2 else original(i)))
+    monkeypatch.setattr(
+        pipeline.train,
+        'record',
+        lambda i: {'image': b'not a jpeg', 'label': 0} if int(i) == 2 else original(i),
+    )
     with pytest.raises(input_pipeline.CorruptImage):
         pipeline.train.image(2)
     image, label = pipeline._read(pipeline.train, 2)

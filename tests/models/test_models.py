@@ -15,7 +15,7 @@ from resnet_jax import models
 from resnet_jax.models import layers
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def abstract_variables(name, size=224, **overrides):
     model = models.create_model(name, **overrides)
     x = jnp.zeros((1, size, size, 3))
@@ -24,8 +24,11 @@ def abstract_variables(name, size=224, **overrides):
 
 # --- Table 6 and Table 1 parameter counts --------------------------------------------------
 
-@pytest.mark.parametrize('depth, expected', [
-    (20, 269_722), (32, 0.46e6), (44, 0.66e6), (56, 0.85e6), (110, 1.7e6), (1202, 19.4e6)])
+
+@pytest.mark.parametrize(
+    'depth, expected',
+    [(20, 269_722), (32, 0.46e6), (44, 0.66e6), (56, 0.85e6), (110, 1.7e6), (1202, 19.4e6)],
+)
 def test_cifar_parameter_counts_match_table6(depth, expected):
     n = resnet_jax.count_params(abstract_variables(f'cifar_resnet{depth}', 32)['params'])
     if isinstance(expected, int):
@@ -37,13 +40,21 @@ def test_cifar_parameter_counts_match_table6(depth, expected):
 
 
 def test_cifar_resnet1202_exact_count():
-    assert resnet_jax.count_params(
-        abstract_variables('cifar_resnet1202', 32)['params']) == 19_421_274
+    assert (
+        resnet_jax.count_params(abstract_variables('cifar_resnet1202', 32)['params']) == 19_421_274
+    )
 
 
-@pytest.mark.parametrize('name, expected', [
-    ('resnet18', 11_689_512), ('resnet34', 21_797_672), ('resnet50', 25_557_032),
-    ('resnet101', 44_549_160), ('resnet152', 60_192_808)])
+@pytest.mark.parametrize(
+    'name, expected',
+    [
+        ('resnet18', 11_689_512),
+        ('resnet34', 21_797_672),
+        ('resnet50', 25_557_032),
+        ('resnet101', 44_549_160),
+        ('resnet152', 60_192_808),
+    ],
+)
 def test_imagenet_option_b_counts_equal_torchvision(name, expected):
     assert resnet_jax.count_params(abstract_variables(name)['params']) == expected
 
@@ -57,16 +68,25 @@ def test_option_a_resnet34_has_plain34_count():
 
 # --- Table 1 multiply-adds -------------------------------------------------------------------
 
-@pytest.mark.parametrize('name, paper', [
-    ('resnet18', 1.8), ('resnet34', 3.6), ('resnet50', 3.8), ('resnet101', 7.6),
-    ('resnet152', 11.3)])
+
+@pytest.mark.parametrize(
+    'name, paper',
+    [
+        ('resnet18', 1.8),
+        ('resnet34', 3.6),
+        ('resnet50', 3.8),
+        ('resnet101', 7.6),
+        ('resnet152', 11.3),
+    ],
+)
 def test_macs_match_table1(name, paper):
     macs = resnet_jax.count_macs(models.create_model(name), (1, 224, 224, 3)) / 1e9
     assert abs(macs - paper) / paper < 0.02
 
 
-@pytest.mark.parametrize('name, expected', [
-    ('resnet50', 4.09), ('resnet101', 7.80), ('resnet152', 11.51)])
+@pytest.mark.parametrize(
+    'name, expected', [('resnet50', 4.09), ('resnet101', 7.80), ('resnet152', 11.51)]
+)
 def test_macs_v1_5(name, expected):
     model = models.create_model(name, stride_in_1x1=False)
     macs = resnet_jax.count_macs(model, (1, 224, 224, 3)) / 1e9
@@ -83,7 +103,11 @@ def test_macs_follow_input_size_and_batch():
 
 # --- output shapes of every registered model ---------------------------------------------
 
-@pytest.mark.parametrize('name', models.list_models())
+
+@pytest.mark.parametrize(
+    'name',  # the 1202-layer nets' traces take ~7 s each: in the marked tier
+    [pytest.param(n, marks=pytest.mark.slow) if '1202' in n else n for n in models.list_models()],
+)
 @pytest.mark.parametrize('train', [False, True])
 def test_output_shapes(name, train):
     model = models.create_model(name)
@@ -93,10 +117,11 @@ def test_output_shapes(name, train):
         variables = abstract_variables(name, 32 if name.startswith('cifar') else 224)
         if train:
             logits, state = jax.eval_shape(
-                lambda v, x: model.apply(v, x, train=True, mutable=['batch_stats']),
-                variables, x)
-            assert jax.tree_util.tree_structure(state['batch_stats']) == \
-                jax.tree_util.tree_structure(variables['batch_stats'])
+                lambda v, x: model.apply(v, x, train=True, mutable=['batch_stats']), variables, x
+            )
+            assert jax.tree_util.tree_structure(
+                state['batch_stats']
+            ) == jax.tree_util.tree_structure(variables['batch_stats'])
         else:
             logits = jax.eval_shape(lambda v, x: model.apply(v, x, train=False), variables, x)
         assert logits.shape == (2, model.num_classes)
@@ -115,21 +140,28 @@ def test_fully_convolutional_forward_on_small_non_square_inputs():
 def test_stage_output_sizes_follow_table1():
     model = models.create_model('resnet34')
     variables = abstract_variables('resnet34')
-    _, state = jax.eval_shape(lambda v: model.apply(
-        v, jnp.zeros((1, 224, 224, 3)), capture_intermediates=True,
-        mutable=['intermediates']), variables)
+    _, state = jax.eval_shape(
+        lambda v: model.apply(
+            v, jnp.zeros((1, 224, 224, 3)), capture_intermediates=True, mutable=['intermediates']
+        ),
+        variables,
+    )
     out = state['intermediates']
     assert out['conv1']['__call__'][0].shape == (1, 112, 112, 64)
-    for stage, (n, size, width) in enumerate(zip((3, 4, 6, 3), (56, 28, 14, 7),
-                                                  (64, 128, 256, 512))):
+    for stage, (n, size, width) in enumerate(
+        zip((3, 4, 6, 3), (56, 28, 14, 7), (64, 128, 256, 512))
+    ):
         assert out[f'conv{stage + 2}_{n}']['__call__'][0].shape == (1, size, size, width)
 
 
 def test_cifar_stage_sizes_follow_section_4_2():
     model = models.create_model('cifar_resnet20')
-    _, state = jax.eval_shape(lambda v: model.apply(
-        v, jnp.zeros((1, 32, 32, 3)), capture_intermediates=True,
-        mutable=['intermediates']), abstract_variables('cifar_resnet20', 32))
+    _, state = jax.eval_shape(
+        lambda v: model.apply(
+            v, jnp.zeros((1, 32, 32, 3)), capture_intermediates=True, mutable=['intermediates']
+        ),
+        abstract_variables('cifar_resnet20', 32),
+    )
     out = state['intermediates']
     for stage, (size, width) in enumerate(zip((32, 16, 8), (16, 32, 64))):
         assert out[f'conv{stage + 2}_3']['__call__'][0].shape == (1, size, size, width)
@@ -138,6 +170,7 @@ def test_cifar_stage_sizes_follow_section_4_2():
 
 # --- the blocks, shortcuts and stride placement ------------------------------------------
 
+
 def _shortcut_params(variables):
     return {k for k, v in variables['params'].items() if 'shortcut' in v}
 
@@ -145,13 +178,21 @@ def _shortcut_params(variables):
 def test_shortcut_options_place_projections_as_table3():
     assert _shortcut_params(abstract_variables('resnet34', shortcut='A')) == set()
     assert _shortcut_params(abstract_variables('resnet34', shortcut='B')) == {
-        'conv3_1', 'conv4_1', 'conv5_1'}
-    every = {k for k in abstract_variables('resnet34')['params'] if k.startswith('conv') and
-             '_' in k}
+        'conv3_1',
+        'conv4_1',
+        'conv5_1',
+    }
+    every = {
+        k for k in abstract_variables('resnet34')['params'] if k.startswith('conv') and '_' in k
+    }
     assert _shortcut_params(abstract_variables('resnet34', shortcut='C')) == every
     # Bottleneck nets: dimensions also increase in conv2_1 (64 -> 256).
     assert _shortcut_params(abstract_variables('resnet50')) == {
-        'conv2_1', 'conv3_1', 'conv4_1', 'conv5_1'}
+        'conv2_1',
+        'conv3_1',
+        'conv4_1',
+        'conv5_1',
+    }
     proj = abstract_variables('resnet50')['params']['conv3_1']['shortcut']['proj_conv']
     assert proj['kernel'].shape == (1, 1, 256, 512)
 
@@ -177,9 +218,14 @@ def test_plain_net_is_the_same_stack_without_shortcuts():
 
 def test_zero_residual_branch_gives_relu_of_input():
     """Eq. (1): with F = 0 (last BN scale 0), a stride-1 block computes relu(x)."""
-    block = models.BasicBlock(filters=4, strides=1, shortcut='A', zero_init_residual=True,
-                              conv=layers.conv,
-                              norm=functools.partial(layers.BatchNorm, use_running_average=True))
+    block = models.BasicBlock(
+        filters=4,
+        strides=1,
+        shortcut='A',
+        zero_init_residual=True,
+        conv=layers.conv,
+        norm=functools.partial(layers.BatchNorm, use_running_average=True),
+    )
     x = jax.random.normal(jax.random.key(0), (2, 8, 8, 4))
     variables = block.init(jax.random.key(1), x)
     np.testing.assert_allclose(block.apply(variables, x), jax.nn.relu(x), atol=1e-6)
@@ -190,9 +236,12 @@ def test_zero_residual_branch_gives_relu_of_input():
 @pytest.mark.parametrize('stride_in_1x1, halved', [(True, 'conv1'), (False, 'conv2')])
 def test_bottleneck_stride_placement(stride_in_1x1, halved):
     model = models.create_model('resnet50', stride_in_1x1=stride_in_1x1)
-    _, state = jax.eval_shape(lambda v: model.apply(
-        v, jnp.zeros((1, 224, 224, 3)), capture_intermediates=True,
-        mutable=['intermediates']), abstract_variables('resnet50'))
+    _, state = jax.eval_shape(
+        lambda v: model.apply(
+            v, jnp.zeros((1, 224, 224, 3)), capture_intermediates=True, mutable=['intermediates']
+        ),
+        abstract_variables('resnet50'),
+    )
     block = state['intermediates']['conv3_1']
     assert block[halved]['__call__'][0].shape[1:3] == (28, 28)
     other = 'conv2' if halved == 'conv1' else 'conv1'
@@ -201,6 +250,7 @@ def test_bottleneck_stride_placement(stride_in_1x1, halved):
 
 
 # --- initialisation, BatchNorm, dtype -------------------------------------------------------
+
 
 def test_he_init_bn_init_and_no_conv_bias():
     model = models.create_model('cifar_resnet20')
@@ -229,11 +279,13 @@ def test_batchnorm_groups_normalise_separately_and_update_running_stats():
     np.testing.assert_allclose(state['batch_stats']['mean'], 0.1 * group_means, rtol=1e-5)
     whole = layers.BatchNorm(use_running_average=False, group_size=0)
     y0, _ = whole.apply(variables, x, mutable=['batch_stats'])
-    np.testing.assert_allclose(y0, (x - x.mean((0, 1, 2))) / jnp.sqrt(x.var((0, 1, 2)) + 1e-5),
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        y0, (x - x.mean((0, 1, 2))) / jnp.sqrt(x.var((0, 1, 2)) + 1e-5), atol=1e-5
+    )
     with pytest.raises(ValueError, match='groups of 3'):
         layers.BatchNorm(use_running_average=False, group_size=3).apply(
-            variables, x, mutable=['batch_stats'])
+            variables, x, mutable=['batch_stats']
+        )
 
 
 def test_train_mode_updates_batch_stats_and_eval_uses_them():
@@ -263,11 +315,18 @@ def test_bfloat16_compute_keeps_float32_params_and_logits():
 
 # --- names and errors ---------------------------------------------------------------------
 
+
 def test_registry_names():
     names = models.list_models()
-    for expected in ['plain18', 'plain34', 'resnet18', 'resnet34', 'resnet50', 'resnet101',
-                     'resnet152'] + [f'cifar_{k}{d}' for k in ('resnet', 'plain')
-                                     for d in (20, 32, 44, 56, 110, 1202)]:
+    for expected in [
+        'plain18',
+        'plain34',
+        'resnet18',
+        'resnet34',
+        'resnet50',
+        'resnet101',
+        'resnet152',
+    ] + [f'cifar_{k}{d}' for k in ('resnet', 'plain') for d in (20, 32, 44, 56, 110, 1202)]:
         assert expected in names
     assert models.create_model('cifar_resnet14').stage_sizes == (2, 2, 2)
     assert models.create_model('resnet50').shortcut == 'B'
@@ -276,14 +335,17 @@ def test_registry_names():
     assert models.create_model('resnet50', num_classes=7).num_classes == 7
 
 
-@pytest.mark.parametrize('name, overrides, message', [
-    ('resnet51', {}, 'unknown model'),
-    ('cifar_resnet21', {}, '6n\\+2'),
-    ('cifar_resnet2', {}, '6n\\+2'),
-    ('resnet50', {'shortcut': 'D'}, 'allowed: A, B, C'),
-    ('resnet50', {'widht': 3}, 'unknown model option'),
-    ('resnet50', {'scan_blocks': True}, 'unknown model option'),
-])
+@pytest.mark.parametrize(
+    'name, overrides, message',
+    [
+        ('resnet51', {}, 'unknown model'),
+        ('cifar_resnet21', {}, '6n\\+2'),
+        ('cifar_resnet2', {}, '6n\\+2'),
+        ('resnet50', {'shortcut': 'D'}, 'allowed: A, B, C'),
+        ('resnet50', {'widht': 3}, 'unknown model option'),
+        ('resnet50', {'scan_blocks': True}, 'unknown model option'),
+    ],
+)
 def test_bad_names_and_options_raise_value_error(name, overrides, message):
     with pytest.raises(ValueError, match=message):
         models.create_model(name, **overrides)
@@ -295,7 +357,10 @@ def test_models_are_linen_modules():
 
 # --- the model API research code relies on (default options, any backend) -----------------
 
-AD_CASES = [('cifar_resnet20', {}, 16), ('resnet50', dict(width=4, num_classes=7), 32)]
+AD_CASES = [
+    ('cifar_resnet20', {}, 16),
+    pytest.param('resnet50', {'width': 4, 'num_classes': 7}, 32, marks=pytest.mark.slow),
+]
 
 
 @pytest.mark.parametrize('name, overrides, size', AD_CASES)
@@ -306,7 +371,8 @@ def test_forward_mode_ad_and_hessian_vector_products(name, overrides, size):
     x = jax.random.normal(jax.random.key(0), (2, size, size, 3))
     variables = jax.jit(model.init)(jax.random.key(1), x)
     y, dy = jax.jit(lambda x, t: jax.jvp(lambda x: model.apply(variables, x), (x,), (t,)))(
-        x, jnp.ones_like(x))
+        x, jnp.ones_like(x)
+    )
     assert dy.shape == y.shape and bool(jnp.isfinite(dy).all()) and float(jnp.abs(dy).max()) > 0
 
     def loss(params):
@@ -329,14 +395,18 @@ def test_jacfwd_and_hessian_of_a_cifar_net():
     assert hess.shape == (1, 4, 4, 3, 1, 4, 4, 3) and bool(jnp.isfinite(hess).all())
 
 
-@pytest.mark.parametrize('name, overrides, size, blocks', [
-    ('cifar_resnet20', {}, 16, 9), ('resnet50', dict(width=4, num_classes=7), 32, 16)])
+@pytest.mark.parametrize(
+    'name, overrides, size, blocks',
+    [('cifar_resnet20', {}, 16, 9), ('resnet50', {'width': 4, 'num_classes': 7}, 32, 16)],
+)
 def test_capture_intermediates_sees_every_block(name, overrides, size, blocks):
     model = models.create_model(name, **overrides)
     x = jnp.ones((1, size, size, 3))
     variables = abstract_variables(name, size, **overrides)
-    _, state = jax.eval_shape(lambda v: model.apply(
-        v, x, capture_intermediates=True, mutable=['intermediates']), variables)
+    _, state = jax.eval_shape(
+        lambda v: model.apply(v, x, capture_intermediates=True, mutable=['intermediates']),
+        variables,
+    )
     names = [k for k in state['intermediates'] if re.fullmatch(r'conv\d_\d+', k)]
     expected = [n for i, k in enumerate(model.stage_sizes) for n in models.block_names(i, k)]
     assert len(expected) == blocks and sorted(names) == sorted(expected)
@@ -362,33 +432,42 @@ def test_the_model_can_be_named_as_a_submodule():
     assert variables['params']['head']['kernel'].shape == (64, 3)
 
 
-@pytest.mark.parametrize('name, size, features', [
-    ('cifar_resnet20', 16, 64), ('resnet50', 32, 2048), ('resnet18', 32, 512)])
+@pytest.mark.parametrize(
+    'name, size, features',
+    [('cifar_resnet20', 16, 64), ('resnet50', 32, 2048), ('resnet18', 32, 512)],
+)
 def test_num_classes_zero_gives_the_pooled_features(name, size, features):
     full = models.create_model(name)
     headless = models.create_model(name, num_classes=0)
     x = jax.random.normal(jax.random.key(0), (2, size, size, 3))
     variables = jax.eval_shape(lambda: full.init(jax.random.key(1), x))
-    out = jax.eval_shape(lambda v: headless.apply(v, x), {
-        **variables, 'params': {k: v for k, v in variables['params'].items() if k != 'fc'}})
+    out = jax.eval_shape(
+        lambda v: headless.apply(v, x),
+        {**variables, 'params': {k: v for k, v in variables['params'].items() if k != 'fc'}},
+    )
     assert out.shape == (2, features) and out.dtype == jnp.float32
     # The features are what the fc layer sees: fc(features) == the full model's logits.
     if name == 'cifar_resnet20':
         concrete = full.init(jax.random.key(1), x)
-        pooled = headless.apply({**concrete, 'params': {
-            k: v for k, v in concrete['params'].items() if k != 'fc'}}, x)
+        pooled = headless.apply(
+            {**concrete, 'params': {k: v for k, v in concrete['params'].items() if k != 'fc'}}, x
+        )
         fc = concrete['params']['fc']
-        np.testing.assert_allclose(pooled @ fc['kernel'] + fc['bias'],
-                                   full.apply(concrete, x), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(
+            pooled @ fc['kernel'] + fc['bias'], full.apply(concrete, x), rtol=1e-5, atol=1e-5
+        )
 
 
-@pytest.mark.parametrize('name, shape, message', [
-    ('resnet50', (1, 16, 16, 3), 'at least 32x32 pixels; got 16x16'),
-    ('resnet50', (1, 31, 64, 3), 'at least 32x32 pixels; got 31x64'),
-    ('cifar_resnet20', (1, 2, 2, 3), 'at least 4x4 pixels'),
-    ('cifar_resnet20', (2, 3, 32, 32), 'NCHW\\? use x.transpose\\(0, 2, 3, 1\\)'),
-    ('cifar_resnet20', (32, 32, 3), 'NHWC images'),
-])
+@pytest.mark.parametrize(
+    'name, shape, message',
+    [
+        ('resnet50', (1, 16, 16, 3), 'at least 32x32 pixels; got 16x16'),
+        ('resnet50', (1, 31, 64, 3), 'at least 32x32 pixels; got 31x64'),
+        ('cifar_resnet20', (1, 2, 2, 3), 'at least 4x4 pixels'),
+        ('cifar_resnet20', (2, 3, 32, 32), 'NCHW\\? use x.transpose\\(0, 2, 3, 1\\)'),
+        ('cifar_resnet20', (32, 32, 3), 'NHWC images'),
+    ],
+)
 def test_inputs_the_net_cannot_take_raise_value_error(name, shape, message):
     model = models.create_model(name)
     with pytest.raises(ValueError, match=message):
@@ -400,7 +479,7 @@ def test_smallest_inputs_run():
         model = models.create_model(name)
         assert model.min_input_size() == size
         x = jnp.zeros((1, size, size, 3))
-        logits = jax.eval_shape(lambda: model.init_with_output(jax.random.key(0), x)[0])
+        logits = jax.eval_shape(lambda m=model, x=x: m.init_with_output(jax.random.key(0), x)[0])
         assert logits.shape == (1, model.num_classes)
 
 

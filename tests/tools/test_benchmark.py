@@ -11,50 +11,71 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import REPO
 
 # Runs `resnet-jax benchmark ARGS` as if TensorFlow and tfds were not installed (a None
 # entry in sys.modules: `import` fails, `importlib.util.find_spec` says absent).
-_WITHOUT_TF = r'''
+_WITHOUT_TF = r"""
 import sys
 sys.modules.update(tensorflow=None, tensorflow_datasets=None)
 from resnet_jax import cli
 cli.main(['resnet-jax', 'benchmark', *sys.argv[1:]])
-'''
+"""
 
 
 def _run(code_or_module, *args, timeout=300):
     env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1')
-    cmd = ([sys.executable, '-c', code_or_module] if '\n' in code_or_module
-           else [sys.executable, code_or_module])
-    return subprocess.run([*cmd, *args], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    cmd = (
+        [sys.executable, '-c', code_or_module]
+        if '\n' in code_or_module
+        else [sys.executable, code_or_module]
+    )
+    return subprocess.run(
+        [*cmd, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
+@pytest.mark.slow
 def test_benchmark_json_without_tensorflow(tmp_path):
     cache = tmp_path / 'cache'
-    args = ('--model=cifar_resnet20', '--batch_size=8', '--steps=2', '--json',
-            f'--compilation_cache_dir={cache}')
+    args = (
+        '--model=cifar_resnet20',
+        '--batch_size=8',
+        '--steps=2',
+        '--json',
+        f'--compilation_cache_dir={cache}',
+    )
     first = _run(_WITHOUT_TF, *args)
     assert first.returncode == 0, first.stderr[-3000:]
     r = json.loads(first.stdout.strip().splitlines()[-1])
-    for key in ('train_images_per_sec', 'eval_images_per_sec', 'compile_seconds',
-                'peak_rss_mb', 'train_flops_per_sec', 'matmul_flops_per_sec'):
+    for key in (
+        'train_images_per_sec',
+        'eval_images_per_sec',
+        'compile_seconds',
+        'peak_rss_mb',
+        'train_flops_per_sec',
+        'matmul_flops_per_sec',
+    ):
         assert r[key] > 0, key
     assert (r['model'], r['batch_size'], r['image_size'], r['backend']) == (
-        'cifar_resnet20', 8, 32, 'cpu')
+        'cifar_resnet20',
+        8,
+        32,
+        'cpu',
+    )
     assert r['execution'] == 'cpu' and r['scanned_blocks'] == 6  # the CPU plan, by default
     assert r['process_options'] == []  # XLA's defaults for a net this shallow
     # 6 x forward MACs per image (41M MACs for ResNet-20 at 32x32), over the step time.
     assert r['train_flops_per_sec'] * r['train_step_seconds'] / 8 == pytest.approx(
-        6 * 40.55e6, rel=0.02)
+        6 * 40.55e6, rel=0.02
+    )
     assert any(cache.iterdir()), 'the compilation cache is empty'
     # The second launch loads the train step from the cache instead of compiling it.
     second = _run(_WITHOUT_TF, *args)
     assert second.returncode == 0, second.stderr[-3000:]
-    assert json.loads(second.stdout.strip().splitlines()[-1])['compile_seconds'] < \
-        r['compile_seconds']
+    assert (
+        json.loads(second.stdout.strip().splitlines()[-1])['compile_seconds'] < r['compile_seconds']
+    )
 
 
 def test_benchmark_unknown_model_is_one_line_error():
@@ -67,9 +88,18 @@ def test_benchmark_unknown_model_is_one_line_error():
 @pytest.mark.interop
 def test_benchmark_vs_pytorch_table():
     pytest.importorskip('torch')
-    proc = _run(str(REPO / 'experiments' / 'benchmark_vs_pytorch.py'), '--nets',
-                'cifar_resnet20:8', 'cifar_resnet8:4', '--steps', '1', '--rounds', '2',
-                '--dtype', 'bfloat16')
+    proc = _run(
+        str(REPO / 'experiments' / 'benchmark_vs_pytorch.py'),
+        '--nets',
+        'cifar_resnet20:8',
+        'cifar_resnet8:4',
+        '--steps',
+        '1',
+        '--rounds',
+        '2',
+        '--dtype',
+        'bfloat16',
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.strip().splitlines()
     assert sum(line.startswith('|---') for line in lines) == 1  # one table, a process a net
@@ -78,8 +108,9 @@ def test_benchmark_vs_pytorch_table():
         assert row[0].strip() == net
         theirs, ours, ratio = (float(c) for c in row[1:4])
         # The table rounds images/s to 0.1 and the ratio to 0.01 (up to 0.005 off).
-        assert theirs > 0 and ours > 0 and ratio == pytest.approx(ours / theirs, rel=0.01,
-                                                                  abs=0.006)
+        assert (
+            theirs > 0 and ours > 0 and ratio == pytest.approx(ours / theirs, rel=0.01, abs=0.006)
+        )
     assert 'bfloat16' in proc.stdout
 
 
@@ -88,14 +119,19 @@ def test_accelerator_readiness_script_runs_at_toy_size(tmp_path):
     """experiments/accelerator_readiness.py, as run on a GPU host, at CPU size: real JPEGs
     through the input pipeline beside synthetic data, and two depths ready to train."""
     log = tmp_path / 'readiness.log'
-    proc = _run(str(REPO / 'experiments' / 'accelerator_readiness.py'), '--toy',
-                f'--log={log}', timeout=1200)
+    proc = _run(
+        str(REPO / 'experiments' / 'accelerator_readiness.py'),
+        '--toy',
+        f'--log={log}',
+        timeout=1200,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = json.loads(proc.stdout.strip().splitlines()[-1])
     real = r['real_jpeg']
     assert real['real_images_per_sec'] > 0 and real['synthetic_images_per_sec'] > 0
     assert real['real_over_synthetic'] == pytest.approx(
-        real['real_images_per_sec'] / real['synthetic_images_per_sec'])
+        real['real_images_per_sec'] / real['synthetic_images_per_sec']
+    )
     depth = r['depth']
     for name in ('cifar_resnet20', 'cifar_resnet8'):
         assert depth[name]['ready_seconds'] >= depth[name]['compile_seconds'] > 0

@@ -18,28 +18,45 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from conftest import REPO
 
 from resnet_jax.training import faults
-from conftest import REPO
 
 pytestmark = pytest.mark.slow
 
-TINY = ['--config.model.name=cifar_resnet8', '--config.batch_size=16',
-        '--config.model.bn_group_size=4', '--config.eval_batch_size=360']
+TINY = [
+    '--config.model.name=cifar_resnet8',
+    '--config.batch_size=16',
+    '--config.model.bn_group_size=4',
+    '--config.eval_batch_size=360',
+]
 
 
 def tiny_args(workdir, data_dir, steps=300, *extra):
-    return [f'--workdir={workdir}', f'--config.dataset.data_dir={data_dir}', *TINY,
-            f'--config.num_train_steps={steps}', f'--config.lr_boundaries=({steps // 2},)',
-            '--config.log_every_steps=7', '--config.eval_every_steps=100',
-            '--config.checkpoint_every_steps=20', *extra]
+    return [
+        f'--workdir={workdir}',
+        f'--config.dataset.data_dir={data_dir}',
+        *TINY,
+        f'--config.num_train_steps={steps}',
+        f'--config.lr_boundaries=({steps // 2},)',
+        '--config.log_every_steps=7',
+        '--config.eval_every_steps=100',
+        '--config.checkpoint_every_steps=20',
+        *extra,
+    ]
 
 
 def launch(args, devices=1, **kwargs):
     env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
-    return subprocess.Popen([sys.executable, '-m', 'resnet_jax.main', *args], cwd=REPO,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, **kwargs)
+    return subprocess.Popen(
+        [sys.executable, '-m', 'resnet_jax.main', *args],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kwargs,
+    )
 
 
 def finish(proc, timeout=300):
@@ -53,8 +70,9 @@ def finish(proc, timeout=300):
 
 
 def steps_in(workdir):
-    return sorted(int(p.name) for p in (pathlib.Path(workdir) / 'checkpoints').glob('*')
-                  if p.name.isdigit())
+    return sorted(
+        int(p.name) for p in (pathlib.Path(workdir) / 'checkpoints').glob('*') if p.name.isdigit()
+    )
 
 
 def wait_for_checkpoint(workdir, proc, timeout=180):
@@ -80,8 +98,9 @@ def uninterrupted(data_dir, tmp_path_factory):
 
 
 @pytest.mark.parametrize('sig', [signal.SIGKILL, signal.SIGTERM])
-def test_killed_run_resumes_to_exactly_the_uninterrupted_result(sig, uninterrupted, data_dir,
-                                                               tmp_path):
+def test_killed_run_resumes_to_exactly_the_uninterrupted_result(
+    sig, uninterrupted, data_dir, tmp_path
+):
     proc = launch(tiny_args(tmp_path, data_dir))
     wait_for_checkpoint(tmp_path, proc)
     time.sleep(random.Random(sig).uniform(0.0, 1.5))  # a random moment after it
@@ -101,8 +120,7 @@ def test_killed_run_resumes_to_exactly_the_uninterrupted_result(sig, uninterrupt
     assert history == json.loads((uninterrupted / 'history.json').read_text())
 
 
-def test_corrupt_latest_checkpoint_falls_back_to_the_previous(uninterrupted, data_dir,
-                                                              tmp_path):
+def test_corrupt_latest_checkpoint_falls_back_to_the_previous(uninterrupted, data_dir, tmp_path):
     workdir = tmp_path / 'run'
     code, _, err = finish(launch(tiny_args(workdir, data_dir, 60)))
     assert code == 0, err[-2000:]
@@ -122,9 +140,14 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous(uninterrupted, dat
 
 
 def test_non_finite_loss_stops_naming_the_step_and_keeps_good_checkpoints(data_dir, tmp_path):
-    args = tiny_args(tmp_path, data_dir, 200, '--config.learning_rate=1e30',
-                     '--config.scale_lr_with_batch=False',
-                     '--config.checkpoint_every_steps=1')
+    args = tiny_args(
+        tmp_path,
+        data_dir,
+        200,
+        '--config.learning_rate=1e30',
+        '--config.scale_lr_with_batch=False',
+        '--config.checkpoint_every_steps=1',
+    )
     code, out, err = finish(launch(args))
     assert code == 1
     line = err.strip().splitlines()[-1]
@@ -133,8 +156,7 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_good_checkpoints(data_d
     saved = steps_in(tmp_path)
     assert all(s < bad_step for s in saved)
     for step in saved[-1:]:
-        state = ocp.StandardCheckpointer().restore(
-            tmp_path / 'checkpoints' / str(step) / 'state')
+        state = ocp.StandardCheckpointer().restore(tmp_path / 'checkpoints' / str(step) / 'state')
         leaves = [np.asarray(x) for x in jax.tree_util.tree_leaves(state['params'])]
         assert all(np.isfinite(x).all() for x in leaves)
 
@@ -145,7 +167,8 @@ def test_second_run_on_a_workdir_in_use_is_refused(data_dir, tmp_path):
     assert code == 2
     assert err.strip().splitlines() == [
         f'error: workdir {tmp_path} is in use by another run (pid {os.getpid()} on '
-        f'{os.uname().nodename}); wait for it or use another --workdir']
+        f'{os.uname().nodename}); wait for it or use another --workdir'
+    ]
     assert not (tmp_path / 'checkpoints').exists()
 
 
@@ -156,14 +179,31 @@ def _free_port():
 
 
 def test_two_processes_match_one_process_with_four_devices(data_dir, tmp_path):
-    common = [f'--config.dataset.data_dir={data_dir}', *TINY, '--config.num_train_steps=6',
-              '--config.lr_boundaries=(3,)', '--config.log_every_steps=1',
-              '--config.eval_every_steps=3', '--config.checkpoint_every_steps=3']
+    common = [
+        f'--config.dataset.data_dir={data_dir}',
+        *TINY,
+        '--config.num_train_steps=6',
+        '--config.lr_boundaries=(3,)',
+        '--config.log_every_steps=1',
+        '--config.eval_every_steps=3',
+        '--config.checkpoint_every_steps=3',
+    ]
     one = launch([f'--workdir={tmp_path / "one"}', *common], devices=4)
     port = _free_port()
-    two = [launch([f'--workdir={tmp_path / "two"}', *common, f'--coordinator_address=127.0.0.1:'
-                   f'{port}', '--num_processes=2', f'--process_id={i}',
-                   '--heartbeat_timeout_seconds=20'], devices=2) for i in range(2)]
+    two = [
+        launch(
+            [
+                f'--workdir={tmp_path / "two"}',
+                *common,
+                f'--coordinator_address=127.0.0.1:{port}',
+                '--num_processes=2',
+                f'--process_id={i}',
+                '--heartbeat_timeout_seconds=20',
+            ],
+            devices=2,
+        )
+        for i in range(2)
+    ]
     try:
         for proc in [one, *two]:
             code, out, err = finish(proc, timeout=240)
@@ -182,8 +222,14 @@ def test_two_processes_match_one_process_with_four_devices(data_dir, tmp_path):
 
 def test_a_dead_process_takes_the_other_down_with_a_message(data_dir, tmp_path):
     port = _free_port()
-    args = tiny_args(tmp_path, data_dir, 100_000, f'--coordinator_address=127.0.0.1:{port}',
-                     '--num_processes=2', '--heartbeat_timeout_seconds=5')
+    args = tiny_args(
+        tmp_path,
+        data_dir,
+        100_000,
+        f'--coordinator_address=127.0.0.1:{port}',
+        '--num_processes=2',
+        '--heartbeat_timeout_seconds=5',
+    )
     procs = [launch(args + [f'--process_id={i}'], devices=2) for i in range(2)]
     try:
         wait_for_checkpoint(tmp_path, procs[0], timeout=240)
@@ -203,13 +249,24 @@ def _two_processes(command, devices=2):
     """Two processes of ``python <command>`` (``{i}`` in an argument: the process index)
     joined on 127.0.0.1, with ``devices`` CPU devices each."""
     port = _free_port()
-    return [subprocess.Popen(
-        [sys.executable, *(arg.replace('{i}', str(i)) for arg in command),
-         f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2', f'--process_id={i}',
-         '--heartbeat_timeout_seconds=20'], cwd=REPO, stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, text=True,
-        env=dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}'))
-        for i in range(2)]
+    return [
+        subprocess.Popen(
+            [
+                sys.executable,
+                *(arg.replace('{i}', str(i)) for arg in command),
+                f'--coordinator_address=127.0.0.1:{port}',
+                '--num_processes=2',
+                f'--process_id={i}',
+                '--heartbeat_timeout_seconds=20',
+            ],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}'),
+        )
+        for i in range(2)
+    ]
 
 
 def _finish_all(procs, timeout=300):
@@ -228,19 +285,29 @@ def test_steady_state_steps_make_no_cross_host_call(data_dir, tmp_path):
     and it is local (JAX's preemption service agrees on a stop step in the background)."""
     counts = {}
     for steps in (4, 12):
-        args = [f'--workdir={tmp_path / str(steps)}', f'--config.dataset.data_dir={data_dir}',
-                *TINY, f'--config.num_train_steps={steps}', '--config.lr_boundaries=(100,)',
-                *(f'--config.{k}_every_steps={steps}' for k in ('log', 'eval', 'checkpoint'))]
-        command = [str(REPO / 'tests' / 'host_calls.py'),
-                   str(tmp_path / f'calls{steps}_{{i}}.json'), *args]
-        for code, out, err in _finish_all(_two_processes(command)):
+        args = [
+            f'--workdir={tmp_path / str(steps)}',
+            f'--config.dataset.data_dir={data_dir}',
+            *TINY,
+            f'--config.num_train_steps={steps}',
+            '--config.lr_boundaries=(100,)',
+            *(f'--config.{k}_every_steps={steps}' for k in ('log', 'eval', 'checkpoint')),
+        ]
+        command = [
+            str(REPO / 'tests' / 'host_calls.py'),
+            str(tmp_path / f'calls{steps}_{{i}}.json'),
+            *args,
+        ]
+        for code, _out, err in _finish_all(_two_processes(command)):
             assert code == 0, err[-3000:]
-        counts[steps] = [json.loads((tmp_path / f'calls{steps}_{i}.json').read_text())
-                         for i in range(2)]
+        counts[steps] = [
+            json.loads((tmp_path / f'calls{steps}_{i}.json').read_text()) for i in range(2)
+        ]
     for short, long in zip(counts[4], counts[12]):
         # One preemption check per step (orbax's checkpoint saves check it too).
         checks = long.pop('reached_preemption_sync_point') - short.pop(
-            'reached_preemption_sync_point')
+            'reached_preemption_sync_point'
+        )
         assert checks == 12 - 4
         assert short == long and sum(short.values()) > 0, (short, long)  # set-up, final save
 
@@ -267,17 +334,29 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step(data_dir, tmp_path):
 
 
 def _evaluate(workdir, protocol, processes):
-    args = ['-m', 'resnet_jax', 'evaluate', f'--workdir={workdir}', f'--protocol={protocol}',
-            '--batch_size=128']
+    args = [
+        '-m',
+        'resnet_jax',
+        'evaluate',
+        f'--workdir={workdir}',
+        f'--protocol={protocol}',
+        '--batch_size=128',
+    ]
     if processes == 1:
-        procs = [subprocess.Popen([sys.executable, *args], cwd=REPO, stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, text=True, env=dict(
-                                      os.environ,
-                                      XLA_FLAGS='--xla_force_host_platform_device_count=4'))]
+        procs = [
+            subprocess.Popen(
+                [sys.executable, *args],
+                cwd=REPO,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                env=dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4'),
+            )
+        ]
     else:
         procs = _two_processes(args)
     results = _finish_all(procs)
-    for code, out, err in results:
+    for code, _, err in results:
         assert code == 0, err[-3000:]
     for _, out, _ in results[1:]:  # process 0 alone reports
         assert 'top-1 error' not in out and '"protocol"' not in out
@@ -302,7 +381,9 @@ def test_processes_agree_on_view_shapes_they_do_not_share(monkeypatch):
     """Multi-scale views have per-image shapes: every process runs every shape any process
     has (padded rows where it has none), in one order, with each shape's largest count."""
     from jax.experimental import multihost_utils
+
     from resnet_jax.evaluation import protocols
+
     mine = {(224, 288, 3): 6, (224, 224, 3): 2}
     theirs = {(224, 224, 3): 4, (288, 224, 3): 2, (256, 320, 3): 2}
 
@@ -318,7 +399,11 @@ def test_processes_agree_on_view_shapes_they_do_not_share(monkeypatch):
     monkeypatch.setattr(jax, 'process_count', lambda: 2)
     monkeypatch.setattr(multihost_utils, 'process_allgather', allgather)
     assert protocols.agree_on_shapes(mine, multiple=4) == [
-        ((224, 224, 3), 4), ((224, 288, 3), 8), ((256, 320, 3), 4), ((288, 224, 3), 4)]
+        ((224, 224, 3), 4),
+        ((224, 288, 3), 8),
+        ((256, 320, 3), 4),
+        ((288, 224, 3), 4),
+    ]
     calls = []
 
     def predict(views, rows):
@@ -327,8 +412,9 @@ def test_processes_agree_on_view_shapes_they_do_not_share(monkeypatch):
 
     images = [np.zeros((1, 1, 3))]
     views_of = lambda image: [np.zeros((2, 224, 288, 3), np.float32)]
-    scores = protocols.average_scores(predict, views_of, images, 2,
-                                     lambda local: protocols.agree_on_shapes(local, 4))
+    scores = protocols.average_scores(
+        predict, views_of, images, 2, lambda local: protocols.agree_on_shapes(local, 4)
+    )
     assert [rows for _, rows in calls] == [4, 4, 4, 4]  # every agreed shape, in order
     assert calls[1][0] == (2, 224, 288, 3) and calls[0][0] == (0, 224, 224, 3)
     np.testing.assert_allclose(scores, 0.5)
