@@ -10,12 +10,14 @@ import json
 import jax
 import jax.numpy as jnp
 import numpy as np
+import photos
 import pytest
 from conftest import load_config
 from photos import photos_config
 
 from resnet_jax import models
 from resnet_jax.data import pipeline as input_pipeline
+from resnet_jax.data import prepare
 from resnet_jax.training import loop, runs
 
 # Within RTOL of an array's largest magnitude: on two stacks (jax 0.10 and 0.12) float32
@@ -117,14 +119,17 @@ def _summary(batch: dict) -> dict:
     }
 
 
-def test_batches(golden, data_dir, photos_dir):
+def test_batches(golden, data_dir, tmp_path):
     """Global batches of the in-memory digits (vectorised augmentation) and of JPEG photos
-    (decoded and augmented in worker processes): the same examples, crops and pixels."""
+    (decoded and augmented in worker processes, less their mean image as ``resnet-jax
+    prepare`` stores it): the same examples, crops and pixels."""
     config = load_config('default').dataset
     config.data_dir = data_dir
     digits = input_pipeline.Pipeline(config, seed=0)
-    photos = input_pipeline.Pipeline(photos_config(photos_dir), seed=0)
-    batches = input_pipeline.train_iterator(photos, 5, 4, 0, 1)
+    photos_dir = photos.build(str(tmp_path))  # its own: other tests leave another mean
+    prepare.compute_mean('photos', photos_dir, num_workers=2)
+    photos_pipeline = input_pipeline.Pipeline(photos_config(photos_dir), seed=0)
+    batches = input_pipeline.train_iterator(photos_pipeline, 5, 4, 0, 1)
     try:
         from_workers = [next(batches) for _ in range(2)]
     finally:
@@ -134,6 +139,6 @@ def test_batches(golden, data_dir, photos_dir):
             'digits_train': [_summary(digits.train_batch(step, 32)) for step in (0, 1, 200)],
             'digits_eval': _summary(next(digits.eval_batches(100))),
             'photos_train': [_summary(b) for b in from_workers],
-            'photos_eval': _summary(next(photos.eval_batches(4))),
+            'photos_eval': _summary(next(photos_pipeline.eval_batches(4))),
         }
     )
