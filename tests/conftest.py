@@ -250,10 +250,7 @@ class Golden:
         self.path = EXPECTED / (re.sub(r'[^\w.-]+', '_', name).strip('_') + '.json')
         self.update = update
 
-    def check(self, values: dict, rtol: float | None = None) -> None:
-        import test_golden
-
-        rtol = test_golden.RTOL if rtol is None else rtol
+    def check(self, values: dict, rtol: float) -> None:
         got = _plain(values)
         if self.update:
             EXPECTED.mkdir(exist_ok=True)

@@ -105,7 +105,8 @@ def test_training_trace(golden, data_dir, tmp_path, variant, fields):
             'checkpoint_abs_sum': float(
                 sum(np.abs(np.asarray(v, np.float64)).sum() for _, v in leaves)
             ),
-        }
+        },
+        rtol=RTOL,
     )
 
 
@@ -140,5 +141,6 @@ def test_batches(golden, data_dir, tmp_path):
             'digits_eval': _summary(next(digits.eval_batches(100))),
             'photos_train': [_summary(b) for b in from_workers],
             'photos_eval': _summary(next(photos_pipeline.eval_batches(4))),
-        }
+        },
+        rtol=RTOL,
     )
