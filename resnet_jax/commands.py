@@ -136,7 +136,12 @@ def define_evaluate() -> None:
 
     workdir_flag(None, 'The run (or converted weights) to evaluate.')
     flags.mark_flag_as_required('workdir')
-    flags.DEFINE_enum('protocol', 'center', protocols.PROTOCOLS, 'The test protocol.')
+    flags.DEFINE_multi_enum(
+        'protocol',
+        ['center'],
+        protocols.PROTOCOLS,
+        'The test protocol; repeat the flag for several (the run is loaded once).',
+    )
     config_flag(
         None,
         "The config to evaluate with (default: the run's own config.json); "
@@ -158,9 +163,9 @@ def define_evaluate() -> None:
 
 
 def run_evaluate(argv: list[str]) -> None:
-    """Evaluates a run with one of the paper's test protocols (center, 10-crop,
-    multi-scale) over the whole eval split; the result is kept as
-    ``eval_<protocol>.json`` in the workdir."""
+    """Evaluates a run with the paper's test protocols (center, 10-crop, multi-scale)
+    over the whole eval split; each result is kept as ``eval_<protocol>.json`` in the
+    workdir."""
     del argv
     config = validated(FLAGS.config) if FLAGS.config is not None else None
     joined('evaluation')
@@ -190,32 +195,28 @@ def run_evaluate(argv: list[str]) -> None:
         )
     except (ConfigError, ValueError, OSError) as e:
         fail(str(e).splitlines()[0])
-    result = protocols.evaluate_protocol(
-        model,
-        variables,
-        pipeline,
-        FLAGS.protocol,
-        FLAGS.batch_size,
-        execution_plan=config.execution,
-    )
-    record = {
-        'protocol': FLAGS.protocol,
-        'step': step,
-        'weights': FLAGS.weights,
-        'processes': jax.process_count(),
-        'devices': jax.device_count(),
-        **result,
-    }
-    if jax.process_index() == 0:  # one report, kept with the run
-        print(
-            f'{config.model.name} step {step} ({FLAGS.weights} weights), {FLAGS.protocol}: '
-            f'top-1 error {100 * result["top1_error"]:.2f}%, top-5 error '
-            f'{100 * result["top5_error"]:.2f}% on {result["num_images"]} images '
-            f'({result["images_per_sec"]:.1f} images/s on {jax.device_count()} devices)'
+    for protocol in dict.fromkeys(FLAGS.protocol):  # in the order given, each once
+        result = protocols.evaluate_protocol(
+            model, variables, pipeline, protocol, FLAGS.batch_size, execution_plan=config.execution
         )
-        suffix = '_ema' if FLAGS.weights == 'ema' else ''
-        (workdir / f'eval_{FLAGS.protocol}{suffix}.json').write_text(json.dumps(record, indent=2))
-        print(json.dumps(record))
+        record = {
+            'protocol': protocol,
+            'step': step,
+            'weights': FLAGS.weights,
+            'processes': jax.process_count(),
+            'devices': jax.device_count(),
+            **result,
+        }
+        if jax.process_index() == 0:  # one report, kept with the run
+            print(
+                f'{config.model.name} step {step} ({FLAGS.weights} weights), {protocol}: '
+                f'top-1 error {100 * result["top1_error"]:.2f}%, top-5 error '
+                f'{100 * result["top5_error"]:.2f}% on {result["num_images"]} images '
+                f'({result["images_per_sec"]:.1f} images/s on {jax.device_count()} devices)'
+            )
+            suffix = '_ema' if FLAGS.weights == 'ema' else ''
+            (workdir / f'eval_{protocol}{suffix}.json').write_text(json.dumps(record, indent=2))
+            print(json.dumps(record))
 
 
 def define_summary() -> None:

@@ -1,7 +1,8 @@
 """``python tests/host_calls.py OUT.json <resnet_jax.main flags>``: runs the launcher and
 writes, per process, how often it called anything that crosses hosts outside a compiled
 step: JAX's multihost helpers and every method of the distributed runtime client (the
-key-value store and barriers that orbax and JAX use).
+key-value store and barriers that orbax and JAX use). Also the counts so far at the first
+preemption check of each step (``by_step``), which the loop makes after every step.
 """
 
 import atexit
@@ -17,6 +18,7 @@ from resnet_jax import main
 from resnet_jax.training import loop
 
 COUNTS: collections.Counter = collections.Counter()
+BY_STEP: dict = {}
 
 
 def counted(name, fn):
@@ -39,13 +41,17 @@ class CountingClient:
         return counted(f'client.{name}', value) if callable(value) else value
 
 
-for name in (
-    'process_allgather',
-    'sync_global_devices',
-    'broadcast_one_to_all',
-    'reached_preemption_sync_point',
-):
+for name in ('process_allgather', 'sync_global_devices', 'broadcast_one_to_all'):
     setattr(multihost_utils, name, counted(name, getattr(multihost_utils, name)))
+
+
+def check(step, _reached=multihost_utils.reached_preemption_sync_point):
+    BY_STEP.setdefault(step, dict(COUNTS))
+    COUNTS['reached_preemption_sync_point'] += 1
+    return _reached(step)
+
+
+multihost_utils.reached_preemption_sync_point = check
 
 
 def train_counting(*args, **kwargs):
@@ -58,5 +64,7 @@ def train_counting(*args, **kwargs):
 
 original, loop.train_and_evaluate = loop.train_and_evaluate, train_counting
 out = sys.argv.pop(1)
-atexit.register(lambda: pathlib.Path(out).write_text(json.dumps(COUNTS)))
+atexit.register(
+    lambda: pathlib.Path(out).write_text(json.dumps({'counts': COUNTS, 'by_step': BY_STEP}))
+)
 main.run()

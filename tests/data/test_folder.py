@@ -621,50 +621,6 @@ def test_eval_batches_in_workers_pad_and_mask_the_tail(photo_folder):
 
 
 @pytest.mark.slow
-def test_folder_trains_and_evaluates_end_to_end(tmp_path):
-    photos = make_photo_folder(tmp_path / 'photos')
-    workdir = tmp_path / 'work'
-    args = [
-        f'--workdir={workdir}',
-        '--config=configs/imagenet.py:resnet18',
-        f'--config.dataset.name=folder:{photos}',
-        '--config.dataset.image_size=64',
-        '--config.dataset.num_workers=2',
-        '--config.batch_size=8',
-        '--config.eval_batch_size=4',
-        '--config.model.bn_group_size=4',
-        '--config.num_train_steps=3',
-        '--config.eval_every_steps=3',
-        '--config.checkpoint_every_steps=3',
-        '--config.log_every_steps=1',
-    ]
-    proc = run_main(*args, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert 'preparing folder:' in proc.stderr and '15/15 images' in proc.stderr
-    results = json.loads((workdir / 'results.json').read_text())
-    assert results['step'] == 3 and 0 <= results['eval_top1_error'] <= 1
-    assert results['corrupt_records_skipped'] >= 1  # the corrupt JPEG and the text file
-    assert 'Traceback' not in proc.stderr and 'leaked' not in proc.stderr
-    proc = subprocess.run(
-        [
-            sys.executable,
-            '-m',
-            'resnet_jax',
-            'evaluate',
-            f'--workdir={workdir}',
-            '--protocol=ten_crop',
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=REPO,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    line = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert line['num_images'] == 3 and line['protocol'] == 'ten_crop'
-
-
-@pytest.mark.slow
 @pytest.mark.parametrize(
     'make, message',
     [
@@ -710,16 +666,15 @@ def test_unknown_folder_error_mentions_folder_datasets(tmp_path):
 
 
 @pytest.mark.slow
-def test_stopped_folder_run_resumes_to_exactly_the_uninterrupted_result(tmp_path):
-    """Exact resume through worker processes: 2 steps, then a relaunch to 4, ends with the
-    results and history of 4 uninterrupted steps."""
+def test_folder_trains_evaluates_and_resumes_to_exactly_the_uninterrupted_result(tmp_path):
+    """The ImageNet recipe on a folder, end to end through worker processes: 4 steps and the
+    10-crop evaluation of the run; and exact resume, 2 steps, then a relaunch to 4, ending
+    with the results and history of the 4 uninterrupted steps."""
     photos = make_photo_folder(tmp_path / 'photos')
     common = [
-        '--config.model.name=cifar_resnet8',
+        '--config=configs/imagenet.py:resnet18',
         f'--config.dataset.name=folder:{photos}',
-        '--config.dataset.image_size=32',
-        '--config.dataset.min_scale=36',
-        '--config.dataset.max_scale=64',
+        '--config.dataset.image_size=64',
         '--config.dataset.num_workers=2',
         '--config.batch_size=8',
         '--config.eval_batch_size=4',
@@ -730,6 +685,20 @@ def test_stopped_folder_run_resumes_to_exactly_the_uninterrupted_result(tmp_path
     ]
     full = run_main(f'--workdir={tmp_path / "full"}', *common, '--config.num_train_steps=4')
     assert full.returncode == 0, full.stderr[-3000:]
+    assert 'preparing folder:' in full.stderr and '15/15 images' in full.stderr
+    assert 'Traceback' not in full.stderr and 'leaked' not in full.stderr
+    proc = subprocess.run(
+        [sys.executable, '-m', 'resnet_jax', 'evaluate', f'--workdir={tmp_path / "full"}']
+        + ['--protocol=ten_crop'],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=REPO,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert line['num_images'] == 3 and line['protocol'] == 'ten_crop'
+
     first = run_main(f'--workdir={tmp_path / "resumed"}', *common, '--config.num_train_steps=2')
     assert first.returncode == 0, first.stderr[-3000:]
     again = run_main(f'--workdir={tmp_path / "resumed"}', *common, '--config.num_train_steps=4')
@@ -739,7 +708,8 @@ def test_stopped_folder_run_resumes_to_exactly_the_uninterrupted_result(tmp_path
         b = json.loads((tmp_path / 'resumed' / name).read_text())
         if name == 'results.json':  # the corrupt-record count is the last process's
             a.pop('wall_seconds'), b.pop('wall_seconds')
-            assert a.pop('corrupt_records_skipped') > 0
+            assert a['step'] == 4 and 0 <= a['eval_top1_error'] <= 1
+            assert a.pop('corrupt_records_skipped') > 0  # the corrupt JPEG and the text file
             b.pop('corrupt_records_skipped')
         else:  # the resumed run logged the first run's end (step 2) once more
             b['train'] = [r for r in b['train'] if r['step'] != 2] + [

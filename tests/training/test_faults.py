@@ -5,6 +5,7 @@ tiny net, and bounds each process in time.
 """
 
 import json
+import math
 import os
 import pathlib
 import random
@@ -20,6 +21,7 @@ import orbax.checkpoint as ocp
 import pytest
 from conftest import REPO
 
+from resnet_jax.evaluation.protocols import PROTOCOLS
 from resnet_jax.training import faults
 
 pytestmark = pytest.mark.slow
@@ -89,10 +91,14 @@ def results_without_time(workdir):
     return results
 
 
+# The killed runs keep a moving average of the weights too: its state must resume exactly.
+EMA = '--config.ema_decay=0.9'
+
+
 @pytest.fixture(scope='module')
 def uninterrupted(data_dir, tmp_path_factory):
     workdir = tmp_path_factory.mktemp('uninterrupted')
-    code, out, err = finish(launch(tiny_args(workdir, data_dir)))
+    code, out, err = finish(launch(tiny_args(workdir, data_dir, 300, EMA)))
     assert code == 0, err[-2000:]
     return workdir
 
@@ -101,7 +107,7 @@ def uninterrupted(data_dir, tmp_path_factory):
 def test_killed_run_resumes_to_exactly_the_uninterrupted_result(
     sig, uninterrupted, data_dir, tmp_path
 ):
-    proc = launch(tiny_args(tmp_path, data_dir))
+    proc = launch(tiny_args(tmp_path, data_dir, 300, EMA))
     wait_for_checkpoint(tmp_path, proc)
     time.sleep(random.Random(sig).uniform(0.0, 1.5))  # a random moment after it
     proc.send_signal(sig)
@@ -113,11 +119,55 @@ def test_killed_run_resumes_to_exactly_the_uninterrupted_result(
         assert not (tmp_path / 'results.json').exists()
     else:  # killed (or it had already finished)
         assert code in (-signal.SIGKILL, 0), err[-2000:]
-    code, out, err = finish(launch(tiny_args(tmp_path, data_dir)))
+    code, out, err = finish(launch(tiny_args(tmp_path, data_dir, 300, EMA)))
     assert code == 0, err[-2000:]
     assert results_without_time(tmp_path) == results_without_time(uninterrupted)
     history = json.loads((tmp_path / 'history.json').read_text())
     assert history == json.loads((uninterrupted / 'history.json').read_text())
+
+
+def test_ema_weights_are_evaluated_loaded_and_kept_apart(uninterrupted, data_dir):
+    full = uninterrupted
+    r = results_without_time(full)
+    assert [k for k in r if k.startswith('eval_ema_')] == [
+        'eval_ema_loss',
+        'eval_ema_top1_error',
+        'eval_ema_top5_error',
+    ]
+    # The average of the last ~10 steps' weights is another network than the last one.
+    assert math.isfinite(r['eval_ema_loss']) and 0 <= r['eval_ema_top1_error'] <= 1
+    assert r['eval_ema_loss'] != r['eval_loss']
+    history = json.loads((full / 'history.json').read_text())
+    assert all('eval_ema_top1_error' in e for e in history['eval'])
+
+    # The EMA weights through the evaluation CLI and the Python loader.
+    proc = subprocess.run(
+        [sys.executable, '-m', 'resnet_jax', 'evaluate', f'--workdir={full}', '--weights=ema'],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    line = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert line['weights'] == 'ema'
+    assert line['top1_error'] == pytest.approx(r['eval_ema_top1_error'], abs=1e-9)
+    assert (full / 'eval_center_ema.json').exists()
+    import resnet_jax
+
+    raw, ema_run = resnet_jax.load(full), resnet_jax.load(full, weights='ema')
+    assert raw.step == ema_run.step == 300
+    assert not np.allclose(
+        raw.variables['params']['fc']['kernel'], ema_run.variables['params']['fc']['kernel']
+    )
+
+    # Resuming it without the EMA (or an EMA-less run with one) is refused in one line.
+    code, out, err = finish(launch(tiny_args(full, data_dir, 310)))
+    assert code == 2 and err.strip().splitlines() == [
+        f'error: the checkpoints in {full}/checkpoints (step 300) were written with ema_decay '
+        '0.9 (this config: 0.0); resume with the same values, use another --workdir for a new '
+        f'run, or start one from these weights with --config.init_from={full}'
+    ]
 
 
 def test_corrupt_latest_checkpoint_falls_back_to_the_previous(uninterrupted, data_dir, tmp_path):
@@ -279,37 +329,33 @@ def _finish_all(procs, timeout=300):
 
 
 def test_steady_state_steps_make_no_cross_host_call(data_dir, tmp_path):
-    """Between log steps nothing crosses hosts outside the compiled step: runs of 4 and of
-    12 steps (logging, evaluating and checkpointing at the last step only) make exactly
-    the same cross-host calls on each process; only the preemption check runs each step,
-    and it is local (JAX's preemption service agrees on a stop step in the background)."""
-    counts = {}
-    for steps in (4, 12):
-        args = [
-            f'--workdir={tmp_path / str(steps)}',
-            f'--config.dataset.data_dir={data_dir}',
-            *TINY,
-            f'--config.num_train_steps={steps}',
-            '--config.lr_boundaries=(100,)',
-            *(f'--config.{k}_every_steps={steps}' for k in ('log', 'eval', 'checkpoint')),
-        ]
-        command = [
-            str(REPO / 'tests' / 'host_calls.py'),
-            str(tmp_path / f'calls{steps}_{{i}}.json'),
-            *args,
-        ]
-        for code, _out, err in _finish_all(_two_processes(command)):
-            assert code == 0, err[-3000:]
-        counts[steps] = [
-            json.loads((tmp_path / f'calls{steps}_{i}.json').read_text()) for i in range(2)
-        ]
-    for short, long in zip(counts[4], counts[12]):
-        # One preemption check per step (orbax's checkpoint saves check it too).
-        checks = long.pop('reached_preemption_sync_point') - short.pop(
-            'reached_preemption_sync_point'
-        )
-        assert checks == 12 - 4
-        assert short == long and sum(short.values()) > 0, (short, long)  # set-up, final save
+    """Between log steps nothing crosses hosts outside the compiled step: in a run of 12
+    steps (logging, evaluating and checkpointing at the last step only) each process makes
+    the same cross-host calls by the end of step 1 as by the end of step 11; only the
+    preemption check runs each step, and it is local (JAX's preemption service agrees on a
+    stop step in the background)."""
+    args = [
+        f'--workdir={tmp_path / "run"}',
+        f'--config.dataset.data_dir={data_dir}',
+        *TINY,
+        '--config.num_train_steps=12',
+        '--config.lr_boundaries=(100,)',
+        *(f'--config.{k}_every_steps=12' for k in ('log', 'eval', 'checkpoint')),
+    ]
+    command = [str(REPO / 'tests' / 'host_calls.py'), str(tmp_path / 'calls_{i}.json'), *args]
+    for code, _out, err in _finish_all(_two_processes(command)):
+        assert code == 0, err[-3000:]
+    for i in range(2):
+        calls = json.loads((tmp_path / f'calls_{i}.json').read_text())
+        by_step = {int(step): counts for step, counts in calls['by_step'].items()}
+        assert sorted(by_step)[:12] == list(range(1, 13))
+        assert sum(by_step[1].values()) > 0  # the set-up's calls, counted
+        # One preemption check per step, and nothing else, from step 1 to step 11
+        assert by_step[11].pop('reached_preemption_sync_point') == 10
+        assert by_step[1].pop('reached_preemption_sync_point', 0) == 0
+        assert by_step[11] == by_step[1], (by_step[1], by_step[11])
+        final = calls['counts']  # the final log, evaluation and checkpoint do cross hosts
+        assert sum(final.values()) > sum(by_step[11].values()) + 10
 
 
 def test_sigterm_to_one_process_stops_both_at_the_same_step(data_dir, tmp_path):
@@ -333,15 +379,10 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step(data_dir, tmp_path):
     assert not (tmp_path / 'results.json').exists()
 
 
-def _evaluate(workdir, protocol, processes):
-    args = [
-        '-m',
-        'resnet_jax',
-        'evaluate',
-        f'--workdir={workdir}',
-        f'--protocol={protocol}',
-        '--batch_size=128',
-    ]
+def _evaluate(workdir, processes):
+    """Every protocol in one launch of ``evaluate``: its records, by protocol."""
+    args = ['-m', 'resnet_jax', 'evaluate', f'--workdir={workdir}', '--batch_size=128']
+    args += [f'--protocol={p}' for p in PROTOCOLS]
     if processes == 1:
         procs = [
             subprocess.Popen(
@@ -360,21 +401,21 @@ def _evaluate(workdir, protocol, processes):
         assert code == 0, err[-3000:]
     for _, out, _ in results[1:]:  # process 0 alone reports
         assert 'top-1 error' not in out and '"protocol"' not in out
-    record = json.loads(results[0][1].strip().splitlines()[-1])
-    assert (record['processes'], record['devices']) == (processes, 4)
-    return record
+    records = [json.loads(x) for x in results[0][1].splitlines() if x.startswith('{')]
+    assert [r['protocol'] for r in records] == list(PROTOCOLS)
+    assert {(r['processes'], r['devices']) for r in records} == {(processes, 4)}
+    return {r['protocol']: r for r in records}
 
 
-@pytest.mark.parametrize('protocol', ['center', 'ten_crop', 'multiscale'])
-def test_two_processes_evaluate_every_protocol_as_one_process(protocol, uninterrupted):
-    one = _evaluate(uninterrupted, protocol, 1)
-    two = _evaluate(uninterrupted, protocol, 2)
-    assert one['num_images'] == two['num_images'] == 360
-    assert two['top1_error'] == pytest.approx(one['top1_error'], abs=1e-9)
-    assert two['top5_error'] == pytest.approx(one['top5_error'], abs=1e-9)
-    if protocol == 'center':  # what the training loop measured on the same split
-        final = json.loads((uninterrupted / 'results.json').read_text())
-        assert one['top1_error'] == pytest.approx(final['eval_top1_error'], abs=1e-9)
+def test_two_processes_evaluate_every_protocol_as_one_process(uninterrupted):
+    one, two = _evaluate(uninterrupted, 1), _evaluate(uninterrupted, 2)
+    for protocol in PROTOCOLS:
+        assert one[protocol]['num_images'] == two[protocol]['num_images'] == 360
+        for key in ('top1_error', 'top5_error'):
+            assert two[protocol][key] == pytest.approx(one[protocol][key], abs=1e-9), protocol
+    # the centre crop: what the training loop measured on the same split
+    final = json.loads((uninterrupted / 'results.json').read_text())
+    assert one['center']['top1_error'] == pytest.approx(final['eval_top1_error'], abs=1e-9)
 
 
 def test_processes_agree_on_view_shapes_they_do_not_share(monkeypatch):
