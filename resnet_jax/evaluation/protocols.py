@@ -13,7 +13,6 @@ from __future__ import annotations
 import collections
 import functools
 import itertools
-import pathlib
 import time
 from collections.abc import Callable
 from typing import Any
@@ -23,7 +22,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from resnet_jax import parallel
+from resnet_jax import parallel, paths
 from resnet_jax.backends import plans
 from resnet_jax.data import augment, prepare
 from resnet_jax.data import pipeline as input_pipeline
@@ -210,7 +209,7 @@ def prepare_run(
     from resnet_jax.config import ConfigError
     from resnet_jax.training import runs
 
-    workdir = pathlib.Path(workdir)
+    workdir = paths.resolve(workdir)
     if not workdir.is_dir():
         raise ConfigError(
             f'workdir {workdir} does not exist'

@@ -25,6 +25,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from resnet_jax import config as config_lib
+from resnet_jax import paths
 from resnet_jax.training.checksums import CHECKSUM, CorruptCheckpoint, checksums, leaf_names, verify
 from resnet_jax.training.run_identity import (
     CheckpointMismatch,
@@ -93,7 +94,7 @@ class Checkpointer:
     ):
         self.config = config
         self.identity = config_lib.identity(config)
-        self.directory = epath.Path(os.path.abspath(directory))  # orbax needs absolute paths
+        self.directory = paths.resolve(directory)  # absolute, as orbax needs
         # Directories created in this thread, so that save() raises where that fails instead
         # of orbax's writer threads waiting for a directory that never comes.
         options = ocp.CheckpointManagerOptions(

@@ -13,6 +13,7 @@ import matplotlib
 
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402
+from etils import epath  # noqa: E402
 
 
 def draw_history(ax, history: dict, label: str, color: str, with_label: bool = True) -> None:
@@ -66,7 +67,8 @@ def save(fig, path, title: str | None = None) -> None:
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with epath.Path(path).open('wb') as f:  # a local file or an object in a bucket
+        fig.savefig(f, dpi=120, format='png')
     plt.close(fig)
 
 
@@ -80,4 +82,4 @@ def plot_runs(histories: dict[str, dict], path, title: str | None = None) -> Non
 
 
 def load_history(workdir: pathlib.Path) -> dict:
-    return json.loads((pathlib.Path(workdir) / 'history.json').read_text())
+    return json.loads((epath.Path(workdir) / 'history.json').read_text())

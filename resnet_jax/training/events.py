@@ -12,6 +12,7 @@ import time
 import jax
 from etils import epath
 
+from resnet_jax import paths
 from resnet_jax.training import progress
 
 # Event files of this process: two writers opened in the same second never share a name.
@@ -34,7 +35,10 @@ class RunWriter:
                 f'events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.'
                 f'{os.getpid()}.{next(_EVENT_FILES)}'
             )  # TensorBoard's naming
-            self._records = RecordWriter(open(os.path.join(workdir, name), 'xb'))  # noqa: SIM115
+            path = epath.Path(workdir) / name
+            # (in a bucket the object appears whole when the file is closed: at the end)
+            file = open(path, 'xb') if paths.is_local(path) else path.open('wb')  # noqa: SIM115
+            self._records = RecordWriter(file)
             self._append(self._event(wall_time=time.time(), file_version='brain.Event:2'))
         self._thread = concurrent.futures.ThreadPoolExecutor(1, 'resnet_jax_metric_writer')
         self._pending: list[concurrent.futures.Future] = []

@@ -7,15 +7,15 @@ import contextlib
 import errno
 import fcntl
 import os
-import pathlib
 import signal
 import sys
-import tempfile
 import threading
 
 import jax
 import numpy as np
+from etils import epath
 
+from resnet_jax import paths
 from resnet_jax.config import ConfigError
 
 
@@ -59,29 +59,25 @@ class NonFiniteLossError(RuntimeError):
         )
 
 
-def check_workdir(workdir: pathlib.Path) -> None:
+def check_workdir(workdir) -> None:
     """Creates ``workdir`` if needed and checks that files can be written in it; raises
-    ConfigError (one line) if not, whatever the reason."""
-    path = pathlib.Path(workdir).absolute()
-    existing = path
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir():
-        raise ConfigError(f'workdir {workdir} cannot be created: {existing} is not a directory')
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ConfigError(f'workdir {workdir} cannot be created: {e.strerror or e}') from None
+    ConfigError (one line) if not, whatever the reason. A bucket has no folders to create:
+    only the bucket must exist."""
+    path = paths.resolve(workdir)
+    if paths.is_local(workdir):
+        existing = path
+        while not existing.exists():
+            existing = existing.parent
+        if not existing.is_dir():
+            raise ConfigError(f'workdir {workdir} cannot be created: {existing} is not a directory')
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f'workdir {workdir} cannot be created: {e.strerror or e}') from None
     check_writable(path, 'workdir', workdir)
 
 
-def check_writable(path: pathlib.Path, what: str, shown=None) -> None:
-    """ConfigError (one line) unless a file can be created in the directory ``path``."""
-    try:
-        with tempfile.TemporaryFile(dir=path):
-            pass
-    except OSError as e:
-        raise ConfigError(f'{what} {shown or path} is not writable: {e.strerror or e}') from None
+check_writable = paths.check_writable
 
 
 # What a file system says when it cannot take a write.
@@ -93,13 +89,18 @@ WRITE_ERRNOS = frozenset(
 def is_write_failure(error: OSError, workdir) -> bool:
     """Whether ``error`` is a write in ``workdir`` that the file system refused."""
     if error.filename:
-        return os.path.abspath(str(error.filename)).startswith(os.path.abspath(str(workdir)))
+        return os.fspath(paths.resolve(error.filename)).startswith(
+            os.fspath(paths.resolve(workdir))
+        )
     return error.errno in WRITE_ERRNOS
 
 
-def write_atomically(path, text: str) -> None:
-    """``path`` holds ``text`` whole or its previous contents (a temporary file renamed)."""
-    path = pathlib.Path(path)
+def write_atomically(path: epath.Path, text: str) -> None:
+    """``path`` holds ``text`` whole or its previous contents: on a local disk a temporary
+    file renamed; in a bucket an object is replaced whole when its upload completes."""
+    if not paths.is_local(path):
+        path.write_text(text)
+        return
     temporary = path.with_name(f'.{path.name}.tmp-{os.getpid()}')
     try:
         temporary.write_text(text)
@@ -110,14 +111,16 @@ def write_atomically(path, text: str) -> None:
 
 class WorkdirLock(contextlib.AbstractContextManager):
     """An exclusive advisory lock on ``workdir/.lock`` held by process 0 for the run; the
-    kernel releases it when the process dies, even by ``kill -9``."""
+    kernel releases it when the process dies, even by ``kill -9``. A bucket has no such
+    lock (a lease object would outlive a killed run): there, one run per workdir is the
+    user's to keep."""
 
-    def __init__(self, workdir: pathlib.Path):
-        self.path = pathlib.Path(workdir) / '.lock'
+    def __init__(self, workdir: epath.Path):
+        self.path = workdir / '.lock'
         self.file = None
 
     def __enter__(self):
-        if jax.process_index() != 0:
+        if jax.process_index() != 0 or not paths.is_local(self.path):
             return self
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.file = open(self.path, 'a+')

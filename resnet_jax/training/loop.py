@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
-import os
 import time
 
 import jax
@@ -20,7 +19,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from resnet_jax import config as config_lib
-from resnet_jax import parallel
+from resnet_jax import parallel, paths
 from resnet_jax.config import ConfigError
 from resnet_jax.data import pipeline as data_pipeline
 from resnet_jax.data import prepare
@@ -58,7 +57,7 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int, progres
             f'grad_accum_steps={k}) do not divide across {num_devices} devices '
             f'({jax.process_count()} processes)'
         )
-    if config.init_from and not os.path.isdir(os.path.join(config.init_from, 'checkpoints')):
+    if config.init_from and not (paths.resolve(config.init_from) / 'checkpoints').is_dir():
         raise ConfigError(
             f'init_from {config.init_from} holds no checkpoints (a training '
             'workdir or the output of resnet-jax convert)'
@@ -73,7 +72,7 @@ def check_workdir(
     its checkpoints there, if any, are this config's (``resume_step``: one of them).
     Changes nothing in an existing workdir."""
     faults.check_workdir(workdir)
-    directory = epath.Path(os.path.abspath(workdir)) / 'checkpoints'
+    directory = paths.resolve(workdir) / 'checkpoints'
     run_identity.check_resume(directory, config, resume_step)
     if directory.is_dir():
         faults.check_writable(directory, 'checkpoint folder')
@@ -97,7 +96,7 @@ def train_and_evaluate(
     mesh = parallel.create_mesh(devices)
     validate_config(config, mesh.size, prepare_progress)
     check_workdir(config, workdir, resume_step)
-    workdir = epath.Path(os.path.abspath(workdir))  # orbax needs absolute paths
+    workdir = paths.resolve(workdir)  # absolute, as orbax needs
 
     def write_config():  # with the first checkpoint of this launch
         if jax.process_index() == 0:

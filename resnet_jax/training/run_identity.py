@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 
 import ml_collections
+import orbax.checkpoint as ocp
 from etils import epath
 
 from resnet_jax import config as config_lib
@@ -22,12 +23,16 @@ class CheckpointMismatch(ConfigError):
 
 
 def step_dirs(directory: epath.Path) -> list[int]:
-    """The complete steps in ``directory`` (orbax's temporary ones excluded), newest
-    first."""
+    """The complete steps in ``directory``, newest first: orbax's finalised ones (on a local
+    disk a temporary folder renamed; in a bucket, where nothing renames, a step folder with
+    its commit file)."""
     directory = epath.Path(directory)
     if not directory.is_dir():
         return []
-    return sorted((int(p.name) for p in directory.iterdir() if p.name.isdigit()), reverse=True)
+    steps = [p for p in directory.iterdir() if p.name.isdigit()]
+    return sorted(
+        (int(p.name) for p in steps if ocp.utils.is_checkpoint_finalized(p)), reverse=True
+    )
 
 
 def read_meta(directory: epath.Path, step: int) -> dict:

@@ -14,6 +14,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from resnet_jax import config as config_lib
+from resnet_jax import paths
 from resnet_jax.config import ConfigError
 from resnet_jax.training.checkpoints import describe_error, item_handlers
 from resnet_jax.training.checksums import CHECKSUM, CorruptCheckpoint, checksums, verify
@@ -67,7 +68,7 @@ def load_variables(
     previous one; a corrupt ``step``, asked for by number, is an error."""
     if weights not in WEIGHTS:
         raise ConfigError(f'unknown weights {weights!r}; allowed: {", ".join(WEIGHTS)}')
-    directory = epath.Path(workdir).absolute() / 'checkpoints'
+    directory = paths.resolve(workdir) / 'checkpoints'
     if not directory.is_dir():
         raise ConfigError(f'no checkpoints in {workdir}')
     steps = step_dirs(directory)
@@ -121,7 +122,7 @@ def _has_ema(meta: dict) -> bool:
 
 def run_config(workdir) -> ml_collections.ConfigDict:
     """The config a run's ``config.json`` records (ConfigError if it has none)."""
-    path = epath.Path(workdir) / 'config.json'
+    path = paths.resolve(workdir) / 'config.json'
     if not path.exists():
         raise ConfigError(f'{workdir} has no config.json: not a resnet_jax run; pass its config')
     try:
@@ -134,7 +135,7 @@ def check_run_model(workdir, config: ml_collections.ConfigDict, step: int | None
     """CheckpointMismatch (before anything is read but the meta files) when the
     checkpoint ``load_variables`` would read first (``step``, or the latest readable
     one) holds another network than ``config``'s."""
-    directory = epath.Path(workdir).absolute() / 'checkpoints'
+    directory = paths.resolve(workdir) / 'checkpoints'
     for candidate in [step] if step is not None else step_dirs(directory):
         try:
             meta = read_meta(directory, candidate)
@@ -180,7 +181,7 @@ def save_variables(
     """Writes ``variables`` (params and batch_stats) as step 0 of a workdir, with its
     ``config.json`` and checksums: what ``resnet-jax evaluate``, ``load`` and
     ``init_from`` read. Used for converted weights."""
-    workdir = epath.Path(workdir).absolute()
+    workdir = paths.resolve(workdir)
     if (workdir / 'config.json').exists() or (workdir / 'checkpoints').exists():
         raise ConfigError(
             f'{workdir} already holds a run (config.json or checkpoints/); '

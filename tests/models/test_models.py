@@ -105,10 +105,11 @@ def test_macs_follow_input_size_and_batch():
 
 
 @pytest.mark.parametrize(
-    'name',  # the 1202-layer nets' traces take ~7 s each: in the marked tier
-    [pytest.param(n, marks=pytest.mark.slow) if '1202' in n else n for n in models.list_models()],
+    'name, train',  # the 1202-layer nets' traces take ~7 s each: training mode (the larger
+    # trace, with the statistics' updates) in the marked tier
+    [(n, t) for n in models.list_models() if '1202' not in n for t in (False, True)]
+    + [pytest.param(n, True, marks=pytest.mark.slow) for n in models.list_models() if '1202' in n],
 )
-@pytest.mark.parametrize('train', [False, True])
 def test_output_shapes(name, train):
     model = models.create_model(name)
     sizes = [(32, 32)] if name.startswith('cifar') else [(224, 224), (256, 320)]

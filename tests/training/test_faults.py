@@ -7,7 +7,6 @@ tiny net, and bounds each process in time.
 import json
 import math
 import os
-import pathlib
 import random
 import signal
 import socket
@@ -20,7 +19,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 from conftest import REPO
+from etils import epath
 
+import resnet_jax
 from resnet_jax.evaluation.protocols import PROTOCOLS
 from resnet_jax.training import faults
 
@@ -72,8 +73,12 @@ def finish(proc, timeout=300):
 
 
 def steps_in(workdir):
-    return sorted(
-        int(p.name) for p in (pathlib.Path(workdir) / 'checkpoints').glob('*') if p.name.isdigit()
+    """The step folders in a workdir (local or in a bucket), written or being written."""
+    directory = epath.Path(workdir) / 'checkpoints'
+    return (
+        sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
+        if (directory.exists())
+        else []
     )
 
 
@@ -86,7 +91,7 @@ def wait_for_checkpoint(workdir, proc, timeout=180):
 
 
 def results_without_time(workdir):
-    results = json.loads((pathlib.Path(workdir) / 'results.json').read_text())
+    results = json.loads((epath.Path(workdir) / 'results.json').read_text())
     results.pop('wall_seconds')
     return results
 
@@ -103,27 +108,48 @@ def uninterrupted(data_dir, tmp_path_factory):
     return workdir
 
 
-@pytest.mark.parametrize('sig', [signal.SIGKILL, signal.SIGTERM])
+@pytest.mark.parametrize(
+    'sig, where', [(signal.SIGKILL, 'disk'), (signal.SIGTERM, 'disk'), (signal.SIGKILL, 'bucket')]
+)
 def test_killed_run_resumes_to_exactly_the_uninterrupted_result(
-    sig, uninterrupted, data_dir, tmp_path
+    sig, where, uninterrupted, data_dir, tmp_path, request
 ):
-    proc = launch(tiny_args(tmp_path, data_dir, 300, EMA))
-    wait_for_checkpoint(tmp_path, proc)
+    """On a local disk, or in a bucket (conftest's GCS server), where orbax marks a complete
+    step with a commit file instead of a rename."""
+    workdir = tmp_path if where == 'disk' else f'{request.getfixturevalue("gcs")()}/run'
+    proc = launch(tiny_args(workdir, data_dir, 300, EMA))
+    wait_for_checkpoint(workdir, proc)
     time.sleep(random.Random(sig).uniform(0.0, 1.5))  # a random moment after it
     proc.send_signal(sig)
     code, out, err = finish(proc)
     if sig == signal.SIGTERM and code == 0 and 'stopped by' in out:
         stopped_at = int(out.split('stopped by SIGTERM at step ')[1].split(';')[0])
-        assert steps_in(tmp_path)[-1] == stopped_at  # it checkpointed where it stopped
+        assert steps_in(workdir)[-1] == stopped_at  # it checkpointed where it stopped
         assert 'checkpoint saved' in out
         assert not (tmp_path / 'results.json').exists()
     else:  # killed (or it had already finished)
         assert code in (-signal.SIGKILL, 0), err[-2000:]
-    code, out, err = finish(launch(tiny_args(tmp_path, data_dir, 300, EMA)))
+    code, out, err = finish(launch(tiny_args(workdir, data_dir, 300, EMA)))
     assert code == 0, err[-2000:]
-    assert results_without_time(tmp_path) == results_without_time(uninterrupted)
-    history = json.loads((tmp_path / 'history.json').read_text())
+    assert results_without_time(workdir) == results_without_time(uninterrupted)
+    history = json.loads((epath.Path(workdir) / 'history.json').read_text())
     assert history == json.loads((uninterrupted / 'history.json').read_text())
+    if where == 'bucket':  # the README's evaluation command and the loader, from the bucket
+        proc = subprocess.run(
+            [sys.executable, '-m', 'resnet_jax', 'evaluate', f'--workdir={workdir}'],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            cwd=REPO,
+        )
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        line = json.loads(proc.stdout.strip().splitlines()[-1])
+        assert line['top1_error'] == results_without_time(uninterrupted)['eval_top1_error']
+        assert (epath.Path(workdir) / 'eval_center.json').exists()
+        np.testing.assert_array_equal(
+            resnet_jax.load(workdir).variables['params']['fc']['kernel'],
+            resnet_jax.load(uninterrupted).variables['params']['fc']['kernel'],
+        )
 
 
 def test_ema_weights_are_evaluated_loaded_and_kept_apart(uninterrupted, data_dir):
@@ -153,8 +179,6 @@ def test_ema_weights_are_evaluated_loaded_and_kept_apart(uninterrupted, data_dir
     assert line['weights'] == 'ema'
     assert line['top1_error'] == pytest.approx(r['eval_ema_top1_error'], abs=1e-9)
     assert (full / 'eval_center_ema.json').exists()
-    import resnet_jax
-
     raw, ema_run = resnet_jax.load(full), resnet_jax.load(full, weights='ema')
     assert raw.step == ema_run.step == 300
     assert not np.allclose(
