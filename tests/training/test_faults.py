@@ -97,13 +97,14 @@ def results_without_time(workdir):
 
 
 # The killed runs keep a moving average of the weights too: its state must resume exactly.
-EMA = '--config.ema_decay=0.9'
+# A kill lands within ~1.5 s of the first checkpoint (step 20), some 30 steps at most.
+EMA, STEPS = '--config.ema_decay=0.9', 120
 
 
 @pytest.fixture(scope='module')
 def uninterrupted(data_dir, tmp_path_factory):
     workdir = tmp_path_factory.mktemp('uninterrupted')
-    code, out, err = finish(launch(tiny_args(workdir, data_dir, 300, EMA)))
+    code, out, err = finish(launch(tiny_args(workdir, data_dir, STEPS, EMA)))
     assert code == 0, err[-2000:]
     return workdir
 
@@ -117,7 +118,7 @@ def test_killed_run_resumes_to_exactly_the_uninterrupted_result(
     """On a local disk, or in a bucket (conftest's GCS server), where orbax marks a complete
     step with a commit file instead of a rename."""
     workdir = tmp_path if where == 'disk' else f'{request.getfixturevalue("gcs")()}/run'
-    proc = launch(tiny_args(workdir, data_dir, 300, EMA))
+    proc = launch(tiny_args(workdir, data_dir, STEPS, EMA))
     wait_for_checkpoint(workdir, proc)
     time.sleep(random.Random(sig).uniform(0.0, 1.5))  # a random moment after it
     proc.send_signal(sig)
@@ -129,7 +130,7 @@ def test_killed_run_resumes_to_exactly_the_uninterrupted_result(
         assert not (tmp_path / 'results.json').exists()
     else:  # killed (or it had already finished)
         assert code in (-signal.SIGKILL, 0), err[-2000:]
-    code, out, err = finish(launch(tiny_args(workdir, data_dir, 300, EMA)))
+    code, out, err = finish(launch(tiny_args(workdir, data_dir, STEPS, EMA)))
     assert code == 0, err[-2000:]
     assert results_without_time(workdir) == results_without_time(uninterrupted)
     history = json.loads((epath.Path(workdir) / 'history.json').read_text())
@@ -180,15 +181,15 @@ def test_ema_weights_are_evaluated_loaded_and_kept_apart(uninterrupted, data_dir
     assert line['top1_error'] == pytest.approx(r['eval_ema_top1_error'], abs=1e-9)
     assert (full / 'eval_center_ema.json').exists()
     raw, ema_run = resnet_jax.load(full), resnet_jax.load(full, weights='ema')
-    assert raw.step == ema_run.step == 300
+    assert raw.step == ema_run.step == STEPS
     assert not np.allclose(
         raw.variables['params']['fc']['kernel'], ema_run.variables['params']['fc']['kernel']
     )
 
     # Resuming it without the EMA (or an EMA-less run with one) is refused in one line.
-    code, out, err = finish(launch(tiny_args(full, data_dir, 310)))
+    code, out, err = finish(launch(tiny_args(full, data_dir, STEPS + 10)))
     assert code == 2 and err.strip().splitlines() == [
-        f'error: the checkpoints in {full}/checkpoints (step 300) were written with ema_decay '
+        f'error: the checkpoints in {full}/checkpoints (step {STEPS}) were written with ema_decay '
         '0.9 (this config: 0.0); resume with the same values, use another --workdir for a new '
         f'run, or start one from these weights with --config.init_from={full}'
     ]
