@@ -333,7 +333,9 @@ def test_same_size_damage_falls_back_to_the_previous_checkpoint_bit_for_bit(
     copy_of, finished, data_dir
 ):
     """Bit rot in the latest checkpoint's arrays (no file shorter, none missing) is found by
-    its checksums: the run resumes from the step before and ends as the uninterrupted run."""
+    its checksums, or first by tensorstore where the damaged bytes fall in a part it checks
+    itself (the files' layout varies from save to save): the run resumes from the step
+    before and ends as the uninterrupted run."""
     workdir = copy_of(results=False)
     largest = max(
         (workdir / 'checkpoints' / '30' / 'state').rglob('d/*'), key=lambda p: p.stat().st_size
@@ -342,8 +344,8 @@ def test_same_size_damage_falls_back_to_the_previous_checkpoint_bit_for_bit(
     code, out, err = run(command(workdir, data_dir))
     assert code == 0, err[-3000:]
     assert re.search(
-        r'^warning: checkpoint step 30 is corrupt \(the contents of .* differ '
-        r'from the sha256 checksum recorded with it\); it is kept as corrupt-30-\*',
+        r'^warning: checkpoint step 30 is corrupt \((the contents of .* differ from the '
+        r'sha256 checksum recorded with it|.*reading array.*)\); it is kept as corrupt-30-\*',
         out,
         re.M,
     ), out
