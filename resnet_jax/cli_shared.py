@@ -4,17 +4,20 @@ cache; model), the one-line exit on bad input, joining a multi-process run."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 
 # TensorFlow only feeds the input pipelines: keep its start-up chatter off the console.
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
-# Bucket paths through fsspec (gcsfs, s3fs) rather than TensorFlow's file system, which
-# epath picks (once per process) where TensorFlow is installed: its import costs each launch
-# ~10 s (a run never imports TensorFlow otherwise) and its GCS client has no endpoint
-# setting (no emulator, no private endpoint). EPATH_USE_TF=1 keeps TensorFlow's.
-os.environ.setdefault('EPATH_USE_TF', 'false')
+# Bucket paths through fsspec (gcsfs, s3fs: the gcs and s3 extras) rather than TensorFlow's
+# file system, which epath picks (once per process) where TensorFlow is installed: its
+# import costs each launch ~10 s (a run never imports TensorFlow otherwise) and its GCS
+# client has no endpoint setting (no emulator, no private endpoint). Without gcsfs,
+# TensorFlow's as before; EPATH_USE_TF=1 keeps TensorFlow's.
+if importlib.util.find_spec('gcsfs'):
+    os.environ.setdefault('EPATH_USE_TF', 'false')
 
 from absl import flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
