@@ -40,7 +40,7 @@ def resolve(path) -> epath.Path:
     installation cannot open."""
     name = scheme(path)
     if name is None:
-        return epath.Path(os.path.abspath(os.path.expanduser(os.fspath(path))))
+        return epath.Path(os.path.abspath(os.path.expanduser(os.fspath(path))))  # local: no URL
     if name not in BUCKETS:
         raise ConfigError(
             f'{path}: cannot open {name}:// paths (local paths, '

@@ -101,6 +101,19 @@ def results_without_time(workdir):
 EMA, STEPS = '--config.ema_decay=0.9', 120
 
 
+def evaluate(workdir, *flags):
+    """``resnet-jax evaluate`` on ``workdir``, as the README gives it: its record."""
+    proc = subprocess.run(
+        [sys.executable, '-m', 'resnet_jax', 'evaluate', f'--workdir={workdir}', *flags],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 @pytest.fixture(scope='module')
 def uninterrupted(data_dir, tmp_path_factory):
     workdir = tmp_path_factory.mktemp('uninterrupted')
@@ -136,15 +149,7 @@ def test_killed_run_resumes_to_exactly_the_uninterrupted_result(
     history = json.loads((epath.Path(workdir) / 'history.json').read_text())
     assert history == json.loads((uninterrupted / 'history.json').read_text())
     if where == 'bucket':  # the README's evaluation command and the loader, from the bucket
-        proc = subprocess.run(
-            [sys.executable, '-m', 'resnet_jax', 'evaluate', f'--workdir={workdir}'],
-            capture_output=True,
-            text=True,
-            timeout=300,
-            cwd=REPO,
-        )
-        assert proc.returncode == 0, proc.stderr[-2000:]
-        line = json.loads(proc.stdout.strip().splitlines()[-1])
+        line = evaluate(workdir)
         assert line['top1_error'] == results_without_time(uninterrupted)['eval_top1_error']
         assert (epath.Path(workdir) / 'eval_center.json').exists()
         np.testing.assert_array_equal(
@@ -168,15 +173,7 @@ def test_ema_weights_are_evaluated_loaded_and_kept_apart(uninterrupted, data_dir
     assert all('eval_ema_top1_error' in e for e in history['eval'])
 
     # The EMA weights through the evaluation CLI and the Python loader.
-    proc = subprocess.run(
-        [sys.executable, '-m', 'resnet_jax', 'evaluate', f'--workdir={full}', '--weights=ema'],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=REPO,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    line = json.loads(proc.stdout.strip().splitlines()[-1])
+    line = evaluate(full, '--weights=ema')
     assert line['weights'] == 'ema'
     assert line['top1_error'] == pytest.approx(r['eval_ema_top1_error'], abs=1e-9)
     assert (full / 'eval_center_ema.json').exists()
