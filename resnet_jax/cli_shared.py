@@ -27,8 +27,17 @@ FLAGS = flags.FLAGS
 
 def fail(message: str, code: int = 2) -> None:
     """One clear line and an exit code: bad input never gets a traceback."""
-    print(f'error: {message}', file=sys.stderr, flush=True)
+    print(f'{process_tag()}error: {message}', file=sys.stderr, flush=True)
     sys.exit(code)
+
+
+def process_tag() -> str:
+    """``[process N] `` in a multi-process run, whose processes' logs are read side by
+    side (a pod's workers, Slurm's tasks); nothing otherwise."""
+    jax = sys.modules.get('jax')  # not imported for a flag refused before the run starts
+    if jax is None or not jax.distributed.is_initialized():
+        return ''
+    return f'[process {jax.process_index()}] '
 
 
 def config_flag(default: str | None, help_text: str) -> None:

@@ -18,6 +18,7 @@ from resnet_jax.cli_shared import (
     joined,
     model_flags,
     multihost_flags,
+    process_tag,
     quiet,
     validated,
     with_model,
@@ -95,14 +96,13 @@ def run_train(argv: list[str]) -> None:
         # waiting or may complain as the interpreter shuts down (tracebacks, or a wait until
         # their timeout): the message is out, every earlier checkpoint is on disk and the
         # kernel releases the workdir's lock, so the process ends here.
-        print(f'error: {e}', file=sys.stderr, flush=True)
+        print(f'{process_tag()}error: {e}', file=sys.stderr, flush=True)
         sys.stdout.flush()
         os._exit(1)
     if 'stopped_by' in results:  # every process says where it stopped
-        who = f'[process {jax.process_index()}] ' if jax.process_index() else ''
         print(
-            f'{who}stopped by {results["stopped_by"]} at step {results["step"]}; checkpoint '
-            'saved. Relaunch the same command to resume.',
+            f'{process_tag()}stopped by {results["stopped_by"]} at step {results["step"]}; '
+            'checkpoint saved. Relaunch the same command to resume.',
             flush=True,
         )
         return

@@ -36,9 +36,9 @@ def initialize_distributed(
 ) -> None:
     """Joins the processes of a multi-process run: given a coordinator, or in a detected
     cluster (SLURM, Open MPI, TPU pods); nothing for a single process. If not all join in
-    ``startup_timeout_seconds``, a watchdog calls ``on_timeout(message)`` (default: stderr,
-    exit code 2) before JAX's client aborts with a C++ stack trace. ValueError for flags
-    that cannot make a run."""
+    ``startup_timeout_seconds``, a watchdog calls ``on_timeout(message)`` (default: one line
+    naming this process on stderr, exit code 2) before JAX's client aborts with a C++ stack
+    trace. ValueError for flags that cannot make a run."""
     cluster = cluster_launch()
     if coordinator_address is None and cluster is None:
         if num_processes not in (None, 1) or process_id not in (None, 0):
@@ -67,7 +67,11 @@ def initialize_distributed(
             f'{others} process(es) did not join {where} within '
             f'{startup_timeout_seconds} s (--startup_timeout_seconds)'
         )
-    watchdog = threading.Timer(startup_timeout_seconds, on_timeout or _exit_with, (message,))
+    tag = f'[process {process_id}] ' if process_id is not None else ''
+    on_timeout = on_timeout or (
+        lambda m: _exit_with(f'{tag}error: cannot join the multi-process run: {m}')
+    )
+    watchdog = threading.Timer(startup_timeout_seconds, on_timeout, (message,))
     watchdog.daemon = True
     # CPU processes exchange gradients over gloo (this setting only concerns the CPU backend).
     jax.config.update('jax_cpu_collectives_implementation', 'gloo')
@@ -87,7 +91,7 @@ def initialize_distributed(
 
 def _exit_with(message: str) -> None:
     """One line on stderr and exit code 2, from any thread (the main one is inside JAX)."""
-    sys.stderr.write(f'error: cannot join the multi-process run: {message}\n')
+    sys.stderr.write(f'{message}\n')
     sys.stderr.flush()
     os._exit(2)
 

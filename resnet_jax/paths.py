@@ -4,9 +4,11 @@ free space) is asked for with ``is_local``."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import re
+import tempfile
 
 from etils import epath
 
@@ -69,6 +71,35 @@ def check_writable(path: epath.Path, what: str, shown=None) -> None:
         probe.unlink()
     except Exception as e:  # each file system raises its own; the message says which
         raise ConfigError(f'{what} {shown or path} is not writable: {describe(e)}') from None
+
+
+def write_atomically(path: epath.Path, data: str | bytes) -> None:
+    """``path`` holds ``data`` whole or its previous contents: on a local disk a temporary
+    file renamed; in a bucket an object is replaced whole when its upload completes."""
+    write = type(path).write_bytes if isinstance(data, bytes) else type(path).write_text
+    if not is_local(path):
+        write(path, data)
+        return
+    temporary = path.with_name(f'.{path.name}.tmp-{os.getpid()}')
+    try:
+        write(temporary, data)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def local_file(path: epath.Path):
+    """``path`` itself on a local disk; an object in a bucket as a temporary local copy, for
+    readers that open files by name (safetensors maps them, Keras reads buckets through
+    TensorFlow's file system only)."""
+    if is_local(path):
+        yield path
+        return
+    with tempfile.TemporaryDirectory() as folder:
+        local = epath.Path(folder, path.name)
+        local.write_bytes(path.read_bytes())
+        yield local
 
 
 def describe(error: BaseException) -> str:

@@ -180,7 +180,8 @@ def gcs(tmp_path_factory):
     JSON API), every client pointed at it by its documented setting, here and in the
     processes the tests launch: gcsfs, which epath uses for ``gs://``, and
     google-cloud-storage by STORAGE_EMULATOR_HOST; tensorstore (orbax's checkpoints) by
-    TENSORSTORE_GCS_HTTP_URL. ``gcs()`` makes a new bucket and returns its ``gs://`` URL."""
+    TENSORSTORE_GCS_HTTP_URL; ArrayRecord's reader (tfds data sources) by
+    CLOUD_STORAGE_EMULATOR_ENDPOINT. ``gcs()`` makes a new bucket and returns its URL."""
     import itertools
     import threading
     import urllib.request
@@ -195,7 +196,11 @@ def gcs(tmp_path_factory):
     threading.Thread(
         target=shutil.copyfileobj, args=(server._process.stderr, log), daemon=True
     ).start()
-    settings = {'TENSORSTORE_GCS_HTTP_URL': server.url, 'GOOGLE_AUTH_TOKEN_FOR_TESTING': 'test'}
+    settings = {
+        'TENSORSTORE_GCS_HTTP_URL': server.url,
+        'GOOGLE_AUTH_TOKEN_FOR_TESTING': 'test',
+        'CLOUD_STORAGE_EMULATOR_ENDPOINT': server.url,
+    }
     os.environ.update(settings)
     names = itertools.count()
 

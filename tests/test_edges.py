@@ -100,7 +100,7 @@ def results_without_time(workdir):
 def one_error_line(err, out=''):
     """The single line on stderr (and no traceback anywhere)."""
     lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith('error: '), err[-3000:]
+    assert len(lines) == 1 and re.match(r'(\[process \d+\] )?error: ', lines[0]), err[-3000:]
     assert 'Traceback' not in out + err
     return lines[0]
 
@@ -696,13 +696,13 @@ def test_startup_wait_honours_its_timeout_and_names_the_coordinator(process_id, 
     line = one_error_line(err, out)
     if process_id:
         assert line == (
-            f'error: cannot join the multi-process run: no answer within 4 s from '
+            f'[process 1] error: cannot join the multi-process run: no answer within 4 s from '
             f'{address} (process 0): is it running and reachable? '
             '(--startup_timeout_seconds)'
         )
     else:
         assert line == (
-            f'error: cannot join the multi-process run: the other 1 process(es) did '
+            f'[process 0] error: cannot join the multi-process run: the other 1 process(es) did '
             f'not join {address} within 4 s (--startup_timeout_seconds)'
         )
     assert not (tmp_path / 'run').exists()
@@ -719,3 +719,18 @@ def test_sigterm_checkpoints_and_the_first_save_writes_config_json(data_dir, tmp
     stopped = int(re.search(r'stopped by SIGTERM at step (\d+)', out).group(1))
     assert steps_in(tmp_path)[-1] == stopped
     assert json.loads((tmp_path / 'config.json').read_text())['model']['name'] == 'cifar_resnet8'
+
+
+def test_an_error_line_names_its_process_in_a_multi_process_run(monkeypatch, capsys):
+    import jax
+
+    from resnet_jax import cli_shared
+
+    monkeypatch.setattr(jax.distributed, 'is_initialized', lambda: True)
+    monkeypatch.setattr(jax, 'process_index', lambda: 3)
+    with pytest.raises(SystemExit) as stopped:
+        cli_shared.fail('workdir gs://b/run is not writable: 403 Forbidden')
+    assert stopped.value.code == 2
+    assert capsys.readouterr().err == (
+        '[process 3] error: workdir gs://b/run is not writable: 403 Forbidden\n'
+    )

@@ -1,16 +1,20 @@
 """The launch recipes of experiments/launch, run as far as this machine allows: the Slurm
 job's body as two local processes under Slurm's variables (a stand-in ``srun`` starts the
 tasks as Slurm does), the TPU pod script against a stand-in ``gcloud`` that records what
-it is asked to do."""
+it is asked to do, the Kubernetes manifest as parsed YAML."""
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
 
 import pytest
+import yaml
 from conftest import REPO
+
+from resnet_jax import parallel
 
 LAUNCH = REPO / 'experiments' / 'launch'
 
@@ -130,6 +134,44 @@ def test_the_tpu_pod_script_creates_installs_and_launches_on_every_worker(tmp_pa
     flags = train.split(' ', 3)[3].split()
     proc = subprocess.run(
         [sys.executable, '-m', 'resnet_jax', 'train', *flags, '--helpshort'],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 1 and not proc.stderr.strip(), proc.stderr[-3000:]
+    assert 'Try --helpfull' in proc.stdout
+
+
+def test_the_gke_jobset_gives_jax_its_coordinator_process_count_and_index(monkeypatch):
+    """The manifest, parsed: an Indexed Job whose pods find pod 0 through the JobSet's
+    headless service (JAX_COORDINATOR_ADDRESS, which JAX reads) and get their index and
+    count; each pod's command, expanded as Kubernetes expands $(VAR), parses."""
+    manifest = yaml.safe_load((LAUNCH / 'gke_jobset.yaml').read_text())
+    assert manifest['apiVersion'].startswith('jobset.x-k8s.io/') and manifest['kind'] == 'JobSet'
+    name, job = manifest['metadata']['name'], manifest['spec']['replicatedJobs'][0]
+    spec = job['template']['spec']
+    assert job['replicas'] == 1 and spec['completionMode'] == 'Indexed'
+    assert spec['parallelism'] == spec['completions'] == 2
+    pod = spec['template']['spec']
+    container = pod['containers'][0]
+    env = {e['name']: e for e in container['env']}
+    host, port = env['JAX_COORDINATOR_ADDRESS']['value'].rsplit(':', 1)
+    assert host == f'{name}-{job["name"]}-0-0.{name}'  # pod 0 of the Job
+    assert int(port) in [p['containerPort'] for p in container['ports']]
+    assert env['NUM_PROCESSES']['value'] == str(spec['parallelism'])
+    assert env['PROCESS_ID']['valueFrom']['fieldRef']['fieldPath'] == (
+        "metadata.annotations['batch.kubernetes.io/job-completion-index']"
+    )
+    assert pod['terminationGracePeriodSeconds'] > 30  # SIGTERM ends a run within 30 s
+    monkeypatch.setenv('JAX_COORDINATOR_ADDRESS', env['JAX_COORDINATOR_ADDRESS']['value'])
+    assert parallel.cluster_launch() == 'JAX_COORDINATOR_ADDRESS'
+
+    values = {'NUM_PROCESSES': env['NUM_PROCESSES']['value'], 'PROCESS_ID': '1'}
+    args = [re.sub(r'\$\((\w+)\)', lambda m: values[m.group(1)], a) for a in container['args']]
+    assert args[0] == 'train' and '--process_id=1' in args and '--num_processes=2' in args
+    assert container['command'] == ['resnet-jax']
+    proc = subprocess.run(
+        [sys.executable, '-m', 'resnet_jax', *args, '--helpshort'],
         capture_output=True,
         text=True,
         timeout=300,

@@ -8,19 +8,23 @@ do not decode are skipped and counted like corrupt records.
 Prepared once, on first use: the index (files, labels, splits), a check that every file
 decodes, and the training split's mean image, in ``<folder>/.resnet_jax/`` (or
 ``~/.cache/resnet_jax/folders/`` when read-only); rebuilt when a folder's modification time
-changes.
+changes. A folder may be in a bucket (``folder:gs://bucket/images``); its index is then
+read into the local cache at each launch, where the input workers map it.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
 from collections.abc import Callable
 
 import numpy as np
+from etils import epath
 
+from resnet_jax import paths
 from resnet_jax.config import ConfigError
 from resnet_jax.data import sources
 from resnet_jax.data.folder_listing import (
@@ -60,44 +64,50 @@ def is_folder(name: str) -> bool:
 
 
 def folder_path(name: str) -> str:
-    return os.path.abspath(os.path.expanduser(name[len(PREFIX) :]))
+    """The folder's absolute path or bucket URL (ConfigError for a scheme not readable)."""
+    return str(paths.resolve(name[len(PREFIX) :].rstrip('/') or '/'))
+
+
+def _cache(root: str) -> str:
+    """A folder's place in the user's cache, named by its real path or its URL."""
+    key = os.path.realpath(root) if paths.is_local(root) else root
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    return os.path.join(
+        os.path.expanduser('~/.cache/resnet_jax/folders'), f'{key.rsplit("/", 1)[-1]}-{digest}'
+    )
+
+
+def _writable(root: str) -> bool:
+    if paths.is_local(root):
+        return os.access(root, os.W_OK)
+    try:
+        paths.check_writable(epath.Path(root), 'dataset folder')
+    except ConfigError:
+        return False
+    return True
 
 
 def store_dir(root: str) -> str:
     """Where the folder's index lives: inside it when writable, else in the user's cache."""
-    inside = os.path.join(root, _STORE)
-    if os.path.isdir(inside) or os.access(root, os.W_OK):
-        return inside
-    digest = hashlib.sha256(os.path.realpath(root).encode()).hexdigest()[:16]
-    return os.path.join(
-        os.path.expanduser('~/.cache/resnet_jax/folders'), f'{os.path.basename(root)}-{digest}'
-    )
-
-
-def _save(path: str, write) -> None:
-    tmp = f'{path}.tmp-{os.getpid()}'
-    write(tmp)
-    os.replace(tmp, path)
+    inside = f'{root}/{_STORE}'
+    return inside if epath.Path(inside).is_dir() or _writable(root) else _cache(root)
 
 
 def _save_array(path: str, array: np.ndarray) -> None:
-    def write(tmp):
-        with open(tmp, 'wb') as f:
-            np.save(f, array)
-
-    _save(path, write)
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    paths.write_atomically(epath.Path(path), buffer.getvalue())
 
 
 def _read_info(store: str) -> dict | None:
     try:
-        with open(os.path.join(store, 'info.json')) as f:
-            return json.load(f)
+        return json.loads(epath.Path(store, 'info.json').read_text())
     except (OSError, ValueError):
         return None
 
 
 def mean_path(store: str, size: int) -> str:
-    return os.path.join(store, f'mean_image_{size}.npy')
+    return f'{store}/mean_image_{size}.npy'
 
 
 class FolderSource:
@@ -147,7 +157,7 @@ class FolderSource:
         a = self.arrays
         j = int(a['records'][int(i)])
         relative = bytes(a['paths'][a['offsets'][j] : a['offsets'][j + 1]]).decode()
-        return os.path.join(self.root, relative)
+        return f'{self.root}/{relative}'
 
     def label(self, i: int) -> int:
         return int(self.arrays['labels'][int(self.records[int(i)])])
@@ -155,8 +165,7 @@ class FolderSource:
     def record(self, i: int) -> dict:
         path = self.path(i)
         try:
-            with open(path, 'rb') as f:
-                data = f.read()
+            data = epath.Path(path).read_bytes()  # a local file or an object in a bucket
         except OSError as e:
             raise sources.CorruptImage(f'{path}: {e}') from None
         return {'image': data, 'label': self.label(i)}
@@ -200,7 +209,7 @@ def prepare(
         and info.get('version') == INDEX_VERSION
         and info.get('signature') == listing['signature']
     )
-    if not fresh and os.path.exists(mean_path(store, image_size)):
+    if not fresh and epath.Path(mean_path(store, image_size)).exists():
         return store
     skipped = skipped_message(listing)
     if fresh and skipped:
@@ -226,10 +235,10 @@ def prepare(
         for label, cls in enumerate(listing['classes']):
             if not readable_train[listing['labels'] == label].any():
                 raise ConfigError(f"class '{cls}' in {root} has no readable image for training")
-    os.makedirs(store, exist_ok=True)
+    epath.Path(store).mkdir(parents=True, exist_ok=True)
     if fresh:
         for key in _ARRAYS:
-            _save_array(os.path.join(store, f'{key}.npy'), arrays[key])
+            _save_array(f'{store}/{key}.npy', arrays[key])
         if unreadable:
             logging.warning(
                 '%d files in %s are not readable images; training skips them '
@@ -262,12 +271,7 @@ def prepare(
             'oversized': oversized,
             'signature': listing['signature'],
         }
-
-        def write_info(tmp):
-            with open(tmp, 'w') as f:
-                json.dump(info, f, indent=1)
-
-        _save(os.path.join(store, 'info.json'), write_info)
+        paths.write_atomically(epath.Path(store, 'info.json'), json.dumps(info, indent=1))
     _save_array(
         mean_path(store, image_size), (scan.total / max(1, scan.count) / 255.0).astype(np.float32)
     )
@@ -284,4 +288,11 @@ def load(name: str) -> tuple[dict, str]:
             f'dataset folder {root} is not prepared; run: python -m '
             f'resnet-jax prepare --dataset={name}'
         )
+    if not paths.is_local(store):  # mapped by each input worker: a local copy
+        local = _cache(root)
+        os.makedirs(local, exist_ok=True)
+        for path in epath.Path(store).iterdir():
+            if path.name.endswith(('.npy', '.json')):
+                paths.write_atomically(epath.Path(local, path.name), path.read_bytes())
+        store = local
     return info, store

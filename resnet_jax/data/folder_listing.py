@@ -11,14 +11,21 @@ only as themselves; a file reached by several paths is indexed under the first i
 walk order; a file that train/ and val/ both hold is in val/ only (an image trained on
 would not measure the model). What is skipped is reported in one line. Hard links are
 separate files, as copies are.
+
+In a bucket (``gs://``, ``s3://``) the same layout is read from object names: no symlinks
+there, and a folder's signature is a digest of its objects' names (buckets keep no folder
+modification times), so an index is rebuilt when names change, not contents.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 
 import numpy as np
+from etils import epath
 
+from resnet_jax import paths
 from resnet_jax.config import ConfigError
 
 HELD_OUT_FRACTION = 0.1
@@ -46,11 +53,17 @@ IMAGE_EXTENSIONS = frozenset(
 
 
 def _subfolders(path: str) -> list[str]:
+    if not paths.is_local(path):  # one listing, not a request per entry
+        found = next(epath.Path(path).walk(), (None, [], []))[1]
+        return sorted(d for d in found if not d.startswith('.'))
     return sorted(e.name for e in os.scandir(path) if not e.name.startswith('.') and e.is_dir())
 
 
 def _key(path: str) -> tuple[int, int] | None:
-    """A folder's identity, (st_dev, st_ino), whatever path reaches it; None if gone."""
+    """A folder's identity, (st_dev, st_ino), whatever path reaches it; None if gone or in
+    a bucket."""
+    if not paths.is_local(path):
+        return None
     try:
         st = os.stat(path)
     except OSError:
@@ -109,44 +122,62 @@ def _files(
     return out
 
 
+def _bucket_files(class_dir: str, root: str, dirs: dict, *_) -> list[tuple[str, str]]:
+    """``_files`` for a bucket: every non-hidden object under ``class_dir`` as (path relative
+    to ``root``, URL), in the same sorted walk order; ``dirs`` gets each folder's digest."""
+    found = {}
+    bare = len(root.split('://', 1)[-1]) + 1  # epath's walk yields paths without gs://
+    for top, _, names in epath.Path(class_dir).walk():
+        rel = str(top).split('://', 1)[-1][bare:]
+        if not any(part.startswith('.') for part in rel.split('/')):
+            found[rel] = sorted(n for n in names if not n.startswith('.'))
+            dirs[rel] = hashlib.sha256('/'.join(found[rel]).encode()).hexdigest()[:16]
+    return [
+        (f'{rel}/{name}', f'{root}/{rel}/{name}')
+        for rel in sorted(found, key=lambda r: r.split('/'))  # files, then subfolders
+        for name in found[rel]
+    ]
+
+
 def list_folder(root: str) -> dict:
     """Classes, files, labels and fixed splits of the folder; ConfigError if unusable. The
     paths skipped are in ``duplicates`` (indexed under another path), ``in_val`` (train/
     paths to a file val/ holds) and ``revisited`` (folders reached again by symlinks)."""
-    if not os.path.isdir(root):
+    if not epath.Path(root).is_dir():
         raise ConfigError(
             f'dataset folder {root} does not exist'
-            if not os.path.exists(root)
+            if not epath.Path(root).exists()
             else f'dataset folder {root} is not a directory'
         )
-    layout = 'train/val' if os.path.isdir(os.path.join(root, 'train')) else 'classes'
-    class_root = os.path.join(root, 'train') if layout == 'train/val' else root
+    files_under = _files if paths.is_local(root) else _bucket_files
+    layout = 'train/val' if epath.Path(root, 'train').is_dir() else 'classes'
+    class_root = f'{root}/train' if layout == 'train/val' else root
     classes = _subfolders(class_root)
     if not classes:
         raise ConfigError(
             f'dataset folder {class_root} has no class subfolders; expected '
             'one subfolder of images per class'
         )
-    val_root = os.path.join(root, 'val')
-    has_val = layout == 'train/val' and os.path.isdir(val_root)
+    val_root = f'{root}/val'
+    has_val = layout == 'train/val' and epath.Path(val_root).is_dir()
     val_classes = _subfolders(val_root) if has_val else []
     for name in val_classes:
         if name not in classes:
             raise ConfigError(f"class '{name}' of {val_root} is not a class of {class_root}")
     # Never entered through a symlink: one class's folder never becomes another's.
-    layout_dirs = [root, class_root, *(os.path.join(class_root, c) for c in classes)]
+    layout_dirs = [root, class_root, *(f'{class_root}/{c}' for c in classes)]
     if has_val:
-        layout_dirs += [val_root, *(os.path.join(val_root, c) for c in val_classes)]
-    layout_keys = {k for k in map(_key, layout_dirs) if k is not None}
+        layout_dirs += [val_root, *(f'{val_root}/{c}' for c in val_classes)]
+    layout_keys = {k for k in map(_key, layout_dirs) if k is not None}  # (local only)
     dirs: dict[str, int] = {}
     revisited: list[str] = []
     visited = set(layout_keys)  # one set per split: val/ is walked in full, below
     train_found = [
-        _files(os.path.join(class_root, name), root, dirs, visited, revisited) for name in classes
+        files_under(f'{class_root}/{name}', root, dirs, visited, revisited) for name in classes
     ]
     visited = set(layout_keys)
     val_found = [
-        _files(os.path.join(val_root, name), root, dirs, visited, revisited) for name in val_classes
+        files_under(f'{val_root}/{name}', root, dirs, visited, revisited) for name in val_classes
     ]
 
     files, labels, splits = [], [], []

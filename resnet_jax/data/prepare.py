@@ -4,13 +4,14 @@ folder's index): ``resnet-jax prepare --dataset=imagenet2012|folder:/path``."""
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from collections.abc import Callable
 
 import numpy as np
 import tensorflow_datasets as tfds
+from etils import epath
 
+from resnet_jax import paths
 from resnet_jax.config import ConfigError
 from resnet_jax.data import augment, folder, sources, workers
 from resnet_jax.data import digits as _registered_datasets  # noqa: F401  (registers 'digits')
@@ -62,7 +63,7 @@ def check_dataset(
             )
         folder.prepare(name, image_size, num_workers or workers.default_num_workers(), progress)
         return
-    if data_dir is not None and not os.path.isdir(data_dir):
+    if data_dir is not None and not paths.resolve(data_dir).is_dir():
         raise ConfigError(f'dataset.data_dir {data_dir} does not exist')
     if name in IN_MEMORY_DATASETS:
         # built (digits) or downloaded (CIFAR-10) by tfds on first use
@@ -141,15 +142,16 @@ def load_arrays(name: str, split: str, data_dir: str | None) -> tuple[ArraySourc
     return ArraySource(images, labels), num_classes
 
 
-def mean_path(dataset_dir, size: int) -> str:
-    return os.path.join(str(dataset_dir), f'mean_image_{size}.npy')
+def mean_path(dataset_dir, size: int) -> epath.Path:
+    return paths.resolve(dataset_dir) / f'mean_image_{size}.npy'
 
 
 def stored_mean(dataset_dir, size: int) -> np.ndarray:
     """The training set's mean image stored beside the data, else ImageNet's channel mean."""
     path = mean_path(dataset_dir, size)
-    if os.path.exists(path):
-        return np.load(path).astype(np.float32)
+    if path.exists():
+        with path.open('rb') as f:
+            return np.load(f).astype(np.float32)
     logging.warning(
         'no mean image at %s (compute it with `resnet-jax prepare`); subtracting '
         'the per-channel mean instead',
@@ -174,8 +176,9 @@ def compute_mean(
     )
     mean = (scan.total / max(1, scan.count) / 255.0).astype(np.float32)
     path = mean_path(tfds.builder(name, data_dir=data_dir).data_dir, size)
-    np.save(path, mean)
-    return path
+    with path.open('wb') as f:  # a local file or an object in a bucket
+        np.save(f, mean)
+    return str(path)
 
 
 def print_progress(label: str, stream=None) -> Callable[[int, int], None]:

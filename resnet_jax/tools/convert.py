@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import json
 import os
-import pathlib
 
-from resnet_jax import models
+from etils import epath
+
+from resnet_jax import models, paths
 from resnet_jax.tools.importers import (
     from_keras,
     from_torchvision,
@@ -81,7 +82,7 @@ def load_weights(
     if detected == 'keras':
         return (*from_keras(source, name), 'keras')
     if detected != 'transformers':
-        if isinstance(source, (str, os.PathLike)) and pathlib.Path(source).is_dir():
+        if isinstance(source, (str, os.PathLike)) and paths.resolve(source).is_dir():
             raise ValueError(
                 f'{source} is a folder; --from={detected or kind} reads a weights file'
             )
@@ -103,7 +104,7 @@ def load_weights(
 
 def save_converted(
     model: models.ResNet, variables: dict, name: str | None, source: str, output: str | os.PathLike
-) -> pathlib.Path:
+) -> epath.Path:
     """Writes ``output`` as a workdir that ``resnet-jax evaluate`` and ``init_from`` accept:
     an orbax checkpoint (step 0) and ``config.json`` with the model and preprocessing.
     ``name``: default the model's Table 1 name."""
@@ -130,7 +131,7 @@ def save_converted(
     config.dataset.name = 'imagenet2012'
     config.dataset.preprocessing = PREPROCESSING[source]
     config.batch_size, config.reference_batch_size = 256, 256
-    output = pathlib.Path(runs.save_variables(output, variables, config, converted_from=source))
+    output = runs.save_variables(output, variables, config, converted_from=source)
     (output / 'converted.json').write_text(
         json.dumps(
             {'source': source, 'model': name, 'preprocessing': PREPROCESSING[source]}, indent=2

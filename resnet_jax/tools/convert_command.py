@@ -6,8 +6,6 @@ workdir, or a workdir's out as a torchvision state dict.
 
 from __future__ import annotations
 
-import os
-import pathlib
 import sys
 
 from absl import flags
@@ -64,6 +62,17 @@ def define() -> None:
     flags.mark_flag_as_required('output')
 
 
+def _resolve(path: str):
+    """``path`` as an epath.Path (local or a bucket URL), or the one-line refusal."""
+    from resnet_jax import paths
+    from resnet_jax.config import ConfigError
+
+    try:
+        return paths.resolve(path)
+    except ConfigError as e:
+        fail(str(e))
+
+
 def run(argv: list[str]) -> None:
     """Converts torchvision, timm, Hugging Face transformers or Keras ResNet weights into a
     workdir of this library, or (--to=torchvision) a workdir's weights into a state dict
@@ -81,11 +90,10 @@ def run(argv: list[str]) -> None:
         )
     if FLAGS.input is None:
         fail('--input is required (or --to=torchvision --workdir=W to convert the other way)')
-    if not os.path.exists(FLAGS.input):
+    source, output = _resolve(FLAGS.input), _resolve(FLAGS.output)
+    if not source.exists():
         fail(f'{FLAGS.input} does not exist')
-    if os.path.exists(FLAGS.output) and (
-        not os.path.isdir(FLAGS.output) or os.listdir(FLAGS.output)
-    ):
+    if output.exists() and (not output.is_dir() or any(output.iterdir())):
         fail(
             f'--output={FLAGS.output} exists and is not an empty folder; converted weights '
             'go into a new workdir'
@@ -122,15 +130,16 @@ def _to_torchvision() -> None:
         )
     if FLAGS.workdir is None:
         fail('--to=torchvision needs --workdir (the run to write out)')
-    output = pathlib.Path(FLAGS.output)
+    output = _resolve(FLAGS.output)
     if output.suffix not in ('.safetensors', '.pth', '.pt'):
         fail(f'--output={output}: write a .safetensors, .pth or .pt file')
     if output.exists():
         fail(f'--output={output} exists; name a new file')
-    if not os.path.isdir(FLAGS.workdir):
+    workdir = _resolve(FLAGS.workdir)
+    if not workdir.is_dir():
         fail(
             f'{FLAGS.workdir} does not exist'
-            if not os.path.exists(FLAGS.workdir)
+            if not workdir.exists()
             else f'{FLAGS.workdir} is not a folder'
         )
     if output.suffix != '.safetensors':

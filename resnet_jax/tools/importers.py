@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import json
 import os
-import pathlib
 import re
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
-from resnet_jax import models
+from resnet_jax import models, paths
 from resnet_jax.tools.layer_names import (
     check_name,
     check_shapes,
@@ -211,7 +210,7 @@ def _transformers_model(config, num_classes: int, source: str) -> models.ResNet:
 def _transformers_source(source, config) -> tuple[Mapping, Any, str]:
     """``(state dict, config, description)`` of what ``from_transformers`` accepts."""
     if isinstance(source, (str, os.PathLike)):
-        path = pathlib.Path(source)
+        path = paths.resolve(source)
         if not path.exists():
             raise FileNotFoundError(f'{path} does not exist')
         if path.is_dir():
@@ -308,7 +307,8 @@ def from_keras(source, name: str | None = None) -> tuple[models.ResNet, dict]:
     if isinstance(source, (str, os.PathLike)):
         import keras
 
-        source = keras.models.load_model(source, compile=False)
+        with paths.local_file(paths.resolve(source)) as local:
+            source = keras.models.load_model(local, compile=False)
     layers_by_name = {layer.name: layer for layer in source.layers}
     weights = {
         lname: [np.asarray(w) for w in layer.get_weights()]

@@ -4,12 +4,11 @@ whose function torchvision computes; the rest are refused naming each field."""
 from __future__ import annotations
 
 import os
-import pathlib
 from collections.abc import Mapping
 
 import numpy as np
 
-from resnet_jax import models
+from resnet_jax import models, paths
 from resnet_jax.models import layers
 from resnet_jax.tools.layer_names import (
     block_kind,
@@ -101,7 +100,7 @@ def _resolve_model(model, num_classes: int) -> models.ResNet:
     if isinstance(model, models.ResNet):
         return model
     if isinstance(model, (str, os.PathLike)):
-        if os.path.isdir(model):
+        if paths.resolve(model).is_dir():
             return _workdir_model(model, num_classes)
         raise ValueError(
             f'model={str(model)!r} is not a workdir: pass the ResNet itself or the workdir '
@@ -173,7 +172,7 @@ def to_torchvision(
     ``'backbone'``). ``path``: also write it there, ``.safetensors``
     (``safetensors.numpy``, no torch needed) or ``.pth`` / ``.pt`` (``torch.save``),
     after every check has passed."""
-    path = pathlib.Path(path) if path is not None else None
+    path = paths.resolve(path) if path is not None else None
     if path is not None and path.suffix not in ('.safetensors', '.pth', '.pt'):
         raise ValueError(f'{path}: write a .safetensors, .pth or .pt file')
     check_torchvision(model)  # the network first: a refusal names a field, not a variable
@@ -203,10 +202,10 @@ def to_torchvision(
     except ImportError:
         torch = None
     if path is not None and path.suffix == '.safetensors':
-        from safetensors.numpy import save_file
+        from safetensors.numpy import save
 
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_file(out, str(path), metadata={'format': 'pt'})  # torch loaders expect 'pt'
+        path.write_bytes(save(out, metadata={'format': 'pt'}))  # torch loaders expect 'pt'
     if torch is None:
         if path is not None and path.suffix != '.safetensors':
             raise ImportError(
@@ -217,5 +216,6 @@ def to_torchvision(
     tensors = {k: torch.from_numpy(v) for k, v in out.items()}
     if path is not None and path.suffix != '.safetensors':
         path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(tensors, path)
+        with path.open('wb') as f:  # a local file or an object in a bucket
+            torch.save(tensors, f)
     return tensors

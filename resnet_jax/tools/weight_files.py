@@ -5,13 +5,15 @@ file, folder or object holds."""
 from __future__ import annotations
 
 import os
-import pathlib
 import warnings
 from collections.abc import Mapping
 from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
+
+from resnet_jax import paths
 
 TORCH_SUFFIXES = ('.pth', '.pt', '.bin')
 KERAS_SUFFIXES = ('.h5', '.keras')
@@ -32,13 +34,16 @@ def _float32(value, key: str, source: str) -> np.ndarray:
     return array.astype(np.float32)
 
 
-def _read_safetensors(path: pathlib.Path) -> dict[str, np.ndarray]:
+def _read_safetensors(path: epath.Path) -> dict[str, np.ndarray]:
     """A ``.safetensors`` file's tensors as numpy arrays, without torch."""
     import ml_dtypes  # noqa: F401 (numpy learns 'bfloat16': safetensors' numpy reader needs it)
     import safetensors
 
     try:
-        with safetensors.safe_open(str(path), framework='numpy') as f:
+        with (
+            paths.local_file(path) as local,
+            safetensors.safe_open(str(local), framework='numpy') as f,
+        ):
             return {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (no __iter__)
     except Exception as e:  # noqa: BLE001 (safetensors raises its own SafetensorError)
         raise ValueError(
@@ -47,7 +52,7 @@ def _read_safetensors(path: pathlib.Path) -> dict[str, np.ndarray]:
         ) from None
 
 
-def _read_torch(path: pathlib.Path) -> Any:
+def _read_torch(path: epath.Path) -> Any:
     """A ``.pth`` / ``.pt`` / ``.bin`` file read with ``torch.load(weights_only=True)``."""
     try:
         import torch
@@ -57,7 +62,8 @@ def _read_torch(path: pathlib.Path) -> Any:
             "'resnet_jax[interop]' (a .safetensors file needs no torch)"
         ) from None
     try:
-        loaded = torch.load(path, map_location='cpu', weights_only=True)
+        with path.open('rb') as f:
+            loaded = torch.load(f, map_location='cpu', weights_only=True)
     except Exception as e:  # noqa: BLE001 (pickle and torch raise many kinds)
         raise ValueError(
             f'{path}: torch.load(weights_only=True) cannot read it '
@@ -96,7 +102,7 @@ def read_state_dict(source) -> tuple[dict[str, np.ndarray], str]:
     BatchNorms' ``num_batches_tracked`` dropped, the wrappers' prefixes stripped."""
     what = 'state dict'
     if isinstance(source, (str, os.PathLike)):
-        path = pathlib.Path(source)
+        path = paths.resolve(source)
         what = str(path)
         if not path.exists():
             raise FileNotFoundError(f'{path} does not exist')
@@ -140,7 +146,7 @@ def is_transformers_style(state_dict: Mapping) -> bool:
 def detect_kind(source) -> str:
     """The source a file, folder or object holds (``'auto'`` detection)."""
     if isinstance(source, (str, os.PathLike)):
-        path = pathlib.Path(source)
+        path = paths.resolve(source)
         if path.suffix in KERAS_SUFFIXES:
             return 'keras'
         if path.is_dir():

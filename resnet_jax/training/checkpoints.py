@@ -297,7 +297,7 @@ class Checkpointer:
         """Moves ``step`` out of orbax's sight as ``<prefix>-<step>-<time>``, keeping its
         files, with a one-line warning."""
         reason = error if isinstance(error, str) else describe_error(error)
-        if prefix == 'corrupt':
+        if prefix == 'corrupt' and jax.process_index() == 0:  # one line for the run
             print(
                 f'warning: checkpoint step {step} is corrupt ({reason}); it is kept as '
                 f'corrupt-{step}-* and the previous checkpoint is used',
@@ -324,7 +324,7 @@ class Checkpointer:
         later = [s for s in steps if s > step]
         for s in later:
             self.set_aside(s, 'rolled back', prefix='rolled-back')
-        if later:
+        if later and jax.process_index() == 0:
             print(
                 f'resuming from step {step}: the later checkpoints '
                 f'({", ".join(map(str, sorted(later)))}) are kept as '

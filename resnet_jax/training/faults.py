@@ -95,20 +95,6 @@ def is_write_failure(error: OSError, workdir) -> bool:
     return error.errno in WRITE_ERRNOS
 
 
-def write_atomically(path: epath.Path, text: str) -> None:
-    """``path`` holds ``text`` whole or its previous contents: on a local disk a temporary
-    file renamed; in a bucket an object is replaced whole when its upload completes."""
-    if not paths.is_local(path):
-        path.write_text(text)
-        return
-    temporary = path.with_name(f'.{path.name}.tmp-{os.getpid()}')
-    try:
-        temporary.write_text(text)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
-
-
 class WorkdirLock(contextlib.AbstractContextManager):
     """An exclusive advisory lock on ``workdir/.lock`` held by process 0 for the run; the
     kernel releases it when the process dies, even by ``kill -9``. A bucket has no such

@@ -100,7 +100,7 @@ def train_and_evaluate(
 
     def write_config():  # with the first checkpoint of this launch
         if jax.process_index() == 0:
-            faults.write_atomically(workdir / 'config.json', config.to_json_best_effort(indent=2))
+            paths.write_atomically(workdir / 'config.json', config.to_json_best_effort(indent=2))
 
     with faults.WorkdirLock(workdir), faults.StopRequest() as stop:
         ckpt = checkpoints.Checkpointer(workdir / 'checkpoints', config, on_first_save=write_config)

@@ -8,6 +8,7 @@ import json
 import math
 import os
 import random
+import re
 import signal
 import socket
 import subprocess
@@ -276,14 +277,19 @@ def test_two_processes_match_one_process_with_four_devices(data_dir, tmp_path):
         )
         for i in range(2)
     ]
+    outs = []
     try:
         for proc in [one, *two]:
             code, out, err = finish(proc, timeout=240)
             assert code == 0, err[-3000:]
+            outs.append(out)
     finally:
         for proc in two:
             if proc.poll() is None:
                 proc.kill()
+    # Progress and metrics from process 0 only (a pod's workers would repeat every line).
+    assert re.search(r'^\[6/6\] .*loss', outs[1], re.M) and 'train_loss=' in outs[1]
+    assert not re.search(r'loss|^\[\d', outs[2], re.M), outs[2][-2000:]
     a = json.loads((tmp_path / 'one' / 'history.json').read_text())['train']
     b = json.loads((tmp_path / 'two' / 'history.json').read_text())['train']
     assert [r['step'] for r in a] == [r['step'] for r in b] == [1, 2, 3, 4, 5, 6]
