@@ -111,9 +111,9 @@ def transfer(
                 return leaf
             used.add(name)
             kept.append(full)
-            value = jnp.asarray(value, leaf.dtype)
+            value = np.asarray(value, leaf.dtype)  # a host value: see loop.empty_metrics
             sharding = getattr(leaf, 'sharding', None)
-            return jax.device_put(value, sharding) if sharding is not None else value
+            return jax.device_put(value, sharding) if sharding is not None else jnp.asarray(value)
 
         merged = jax.tree_util.tree_map_with_path(pick, target)
         unused += [

@@ -168,7 +168,11 @@ class Run:
             mesh,
             ema=self.ema,
         )
-        self.empty_metrics = jax.device_put(steps.TrainMetrics.empty(), NamedSharding(mesh, P()))
+        # From host values: JAX's device_put of a device array onto a mesh of several
+        # processes with one device each gives an array orbax cannot save.
+        self.empty_metrics = jax.device_put(
+            jax.device_get(steps.TrainMetrics.empty()), NamedSharding(mesh, P())
+        )
         self.guard = faults.NonFiniteGuard()
         self.initialised_from = None
         start = ckpt.start(
