@@ -220,6 +220,8 @@ def _same(a, b) -> bool:
 
 
 # --- config files --------------------------------------------------------------------------------
+# Local paths only (pathlib, os.path): a config file is a Python module that ml_collections'
+# config_flags imports from the local disk; a bucket URL is not importable.
 
 
 def shipped_configs_dir() -> pathlib.Path:

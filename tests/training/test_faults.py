@@ -389,7 +389,8 @@ def test_steady_state_steps_make_no_cross_host_call(data_dir, tmp_path):
 def test_one_device_per_process_saves_and_stops(data_dir, tmp_path):
     """Two processes with one device each (one process per GPU): SIGTERM to one stops both
     at the same step with a checkpoint."""
-    # Saved right after a log step (the metrics freshly reset), as JAX once broke there.
+    # Saved right after a log step (the metrics freshly reset), where JAX's device_put of a
+    # device array gave an array orbax refused (see loop.empty_metrics).
     args = tiny_args(tmp_path, data_dir, 100_000, '--config.log_every_steps=10')
     procs = _two_processes(['-m', 'resnet_jax.main', *args], devices=1)
     try:
