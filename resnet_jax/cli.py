@@ -170,6 +170,16 @@ def _parse(command: Command, argv: list[str]) -> list[str]:
             f'{"None" if value is None else "a " + type(value).__name__}; it must return an '
             'ml_collections.ConfigDict'
         )
+    given = [a.split('=')[0][len('--config.') :] for a in argv if a.startswith('--config.')]
+    for name in sorted({n for n in given if given.count(n) > 1}):
+        field = value
+        for part in name.split('.'):
+            field = field.get(part) if isinstance(field, ml_collections.ConfigDict) else None
+        if isinstance(field, tuple):  # config_flags appends each one to the tuple
+            fail(
+                f'--config.{name} is given {given.count(name)} times; give the whole tuple '
+                f"once, e.g. --config.{name}='(20,40)'"
+            )
     if len(rest) > 1 and not command.positional:
         fail(f'unexpected argument {rest[1]!r} (flags are --name=value; see --help)')
     return rest

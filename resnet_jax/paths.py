@@ -73,6 +73,28 @@ def check_writable(path: epath.Path, what: str, shown=None) -> None:
         raise ConfigError(f'{what} {shown or path} is not writable: {describe(e)}') from None
 
 
+def check_not_dangling(path: epath.Path) -> None:
+    """ValueError (one line) where ``path`` is a symbolic link to nowhere (writing through it
+    would raise a bare errno)."""
+    if is_local(path) and os.path.islink(path) and not os.path.exists(path):
+        raise ValueError(
+            f'{path} is a symbolic link to {os.readlink(path)}, which does not exist; '
+            'remove the link or name another path'
+        )
+
+
+def check_new_file(path: epath.Path, overwrite: bool = False) -> None:
+    """ValueError (one line) where writing ``path`` would replace a file without
+    ``overwrite``, or follow a symbolic link to nowhere."""
+    check_not_dangling(path)
+    if path.exists() and (path.is_dir() or not overwrite):
+        raise ValueError(
+            f'{path} is a folder'
+            if path.is_dir()
+            else f'{path} exists; name a new file (or overwrite=True, --overwrite)'
+        )
+
+
 def write_atomically(path: epath.Path, data: str | bytes) -> None:
     """``path`` holds ``data`` whole or its previous contents: on a local disk a temporary
     file renamed; in a bucket an object is replaced whole when its upload completes."""

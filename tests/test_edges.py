@@ -164,6 +164,10 @@ def copy_of(finished, tmp_path):
             r"--config.lr_boundaries='\(32000,48000\)'; got \(.*'abc',?\)",
         ),
         (['--config.lr_boundaries=(20,10)'], r'lr_boundaries must be in increasing order'),
+        (  # config_flags would append each to the tuple
+            ['--config.lr_boundaries=20', '--config.lr_boundaries=abc'],
+            r'--config.lr_boundaries is given 2 times; give the whole tuple once',
+        ),
         (['--config.learning_rate=nan'], 'learning_rate must be a finite number; got nan'),
         (['--config.learning_rate=inf'], 'learning_rate must be a finite number; got inf'),
         (['--config.batch_size=abc'], "batch_size must be an integer; got 'abc'"),

@@ -34,6 +34,7 @@ from resnet_jax.tools.torchvision_export import (
 from resnet_jax.tools.weight_files import (
     KERAS_SUFFIXES,
     TORCH_SUFFIXES,
+    check_finite,
     detect_kind,
     is_transformers_style,
     read_state_dict,
@@ -69,13 +70,22 @@ SOURCES = tuple(PREPROCESSING)
 
 
 def load_weights(
-    source, name: str | None = None, *, kind: str = 'auto', config=None
+    source, name: str | None = None, *, kind: str = 'auto', config=None, allow_nonfinite=False
 ) -> tuple[models.ResNet, dict, str]:
     """``(model, variables, kind)`` from any of the sources; ``kind``, a key of
     ``PREPROCESSING``, says which. ``kind='auto'`` tells it by the file, folder or object:
     .h5 / .keras or a Keras model: Keras; a folder with config.json, a transformers model or
     transformers' names: transformers (``config=`` or the config.json beside the file); a
-    timm model: timm; else torchvision's names. ``name``: default inferred; given, checked."""
+    timm model: timm; else torchvision's names. ``name``: default inferred; given, checked.
+    Weights holding NaN or Inf are refused naming the first such tensor unless
+    ``allow_nonfinite``."""
+    model, variables, kind = _load_weights(source, name, kind, config)
+    if not allow_nonfinite:
+        check_finite(variables, str(source) if isinstance(source, (str, os.PathLike)) else kind)
+    return model, variables, kind
+
+
+def _load_weights(source, name, kind, config) -> tuple[models.ResNet, dict, str]:
     if kind not in ('auto', *SOURCES):
         raise ValueError(f'unknown source {kind!r}; allowed: auto, {", ".join(SOURCES)}')
     detected = detect_kind(source) if kind == 'auto' else kind

@@ -54,6 +54,12 @@ def define() -> None:
         "weights as torchvision's state dict (needs --workdir and --output); "
         'a network torchvision does not compute is refused.',
     )
+    flags.DEFINE_bool(
+        'allow_nonfinite',
+        False,
+        'Convert weights holding NaN or Inf (refused by default, naming the first such tensor).',
+    )
+    flags.DEFINE_bool('overwrite', False, 'With --to: replace an existing --output file.')
     workdir_flag(
         None,
         'With --to: the run (or converted weights) to write out; its '
@@ -80,6 +86,8 @@ def run(argv: list[str]) -> None:
     del argv
     import warnings
 
+    from resnet_jax import paths
+
     if FLAGS.to:
         _to_torchvision()
         return
@@ -93,6 +101,10 @@ def run(argv: list[str]) -> None:
     source, output = _resolve(FLAGS.input), _resolve(FLAGS.output)
     if not source.exists():
         fail(f'{FLAGS.input} does not exist')
+    try:
+        paths.check_not_dangling(output)
+    except ValueError as e:
+        fail(f'--output={e}')
     if output.exists() and (not output.is_dir() or any(output.iterdir())):
         fail(
             f'--output={FLAGS.output} exists and is not an empty folder; converted weights '
@@ -104,7 +116,10 @@ def run(argv: list[str]) -> None:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter('always', UserWarning)
             model, variables, source = convert.load_weights(
-                FLAGS.input, FLAGS.model, kind=FLAGS['from'].value
+                FLAGS.input,
+                FLAGS.model,
+                kind=FLAGS['from'].value,
+                allow_nonfinite=FLAGS.allow_nonfinite,
             )
         for warning in caught:  # a stripped prefix: one line each
             if issubclass(warning.category, UserWarning):
@@ -130,11 +145,15 @@ def _to_torchvision() -> None:
         )
     if FLAGS.workdir is None:
         fail('--to=torchvision needs --workdir (the run to write out)')
+    from resnet_jax import paths
+
     output = _resolve(FLAGS.output)
     if output.suffix not in ('.safetensors', '.pth', '.pt'):
         fail(f'--output={output}: write a .safetensors, .pth or .pt file')
-    if output.exists():
-        fail(f'--output={output} exists; name a new file')
+    try:
+        paths.check_new_file(output, FLAGS.overwrite)
+    except ValueError as e:
+        fail(f'--output={e}')
     workdir = _resolve(FLAGS.workdir)
     if not workdir.is_dir():
         fail(
@@ -157,7 +176,13 @@ def _to_torchvision() -> None:
     try:
         model = convert.check_torchvision(FLAGS.workdir)  # before reading any weights
         variables, step = runs.load_variables(FLAGS.workdir)
-        convert.to_torchvision(variables, FLAGS.workdir, path=output)
+        convert.to_torchvision(
+            variables,
+            FLAGS.workdir,
+            path=output,
+            overwrite=FLAGS.overwrite,
+            allow_nonfinite=FLAGS.allow_nonfinite,
+        )
     except (ValueError, TypeError, ImportError, OSError) as e:
         fail(str(e).splitlines()[0])
     name = convert.table1_name(model)

@@ -18,6 +18,7 @@ from resnet_jax.tools.layer_names import (
     net_name,
     table1,
 )
+from resnet_jax.tools.weight_files import check_finite
 
 TORCHVISION_EPSILON = 1e-5  # torch.nn.BatchNorm2d's default eps (torchvision, timm, transformers)
 
@@ -152,6 +153,9 @@ def to_torchvision(
     model,
     path: str | os.PathLike | None = None,
     at: tuple[str, ...] | str | None = None,
+    *,
+    overwrite: bool = False,
+    allow_nonfinite: bool = False,
 ) -> dict:
     """The reverse of ``from_torchvision``: ``variables`` as the state dict torchvision's
     ``resnetN`` loads with ``load_state_dict(state_dict, strict=True)`` and computes the
@@ -171,10 +175,13 @@ def to_torchvision(
     conv1, bn1, conv2_1) is found, or chosen by ``at`` (``('backbone',)`` or
     ``'backbone'``). ``path``: also write it there, ``.safetensors``
     (``safetensors.numpy``, no torch needed) or ``.pth`` / ``.pt`` (``torch.save``),
-    after every check has passed."""
+    after every check has passed; an existing file only with ``overwrite``. Weights holding
+    NaN or Inf are refused naming the first such tensor unless ``allow_nonfinite``."""
     path = paths.resolve(path) if path is not None else None
-    if path is not None and path.suffix not in ('.safetensors', '.pth', '.pt'):
-        raise ValueError(f'{path}: write a .safetensors, .pth or .pt file')
+    if path is not None:
+        if path.suffix not in ('.safetensors', '.pth', '.pt'):
+            raise ValueError(f'{path}: write a .safetensors, .pth or .pt file')
+        paths.check_new_file(path, overwrite)
     check_torchvision(model)  # the network first: a refusal names a field, not a variable
     parts, at = _find_resnet(variables, at)
     fc = parts['params'].get('fc')
@@ -197,6 +204,8 @@ def to_torchvision(
             out[f'{layer}.weight'] = get_leaf(params, module, 'kernel').T
             out[f'{layer}.bias'] = get_leaf(params, module, 'bias')
     out = {k: np.array(v, order='C') for k, v in out.items()}  # contiguous, 0-d kept 0-d
+    if not allow_nonfinite:
+        check_finite(out, where)
     try:
         import torch
     except ImportError:

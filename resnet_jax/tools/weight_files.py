@@ -139,6 +139,25 @@ def read_state_dict(source) -> tuple[dict[str, np.ndarray], str]:
     return {k: _float32(v, k, what) for k, v in state_dict.items()}, what
 
 
+def check_finite(tree: Mapping, what: str, at: str = '') -> None:
+    """ValueError naming the first tensor of ``tree`` (nested mappings of arrays) holding NaN
+    or Inf: weights from a diverged run compute nothing useful, and a converted file would
+    carry them on without a word."""
+    for key, value in tree.items():
+        name = f'{at}/{key}' if at else str(key)
+        if isinstance(value, Mapping):
+            check_finite(value, what, name)
+            continue
+        array = np.asarray(value)
+        if jnp.issubdtype(array.dtype, jnp.floating) and not np.isfinite(array).all():
+            bad = int(array.size - np.isfinite(array).sum())
+            raise ValueError(
+                f'{what}: {name} holds {bad} NaN or Inf value{"s" * (bad > 1)} of {array.size}; '
+                'weights that are not finite are refused (allow_nonfinite=True, '
+                '--allow_nonfinite, converts them anyway)'
+            )
+
+
 def is_transformers_style(state_dict: Mapping) -> bool:
     return any(k.startswith(('embedder.embedder.', 'resnet.embedder.')) for k in state_dict)
 

@@ -822,7 +822,12 @@ def test_cli_converts_in_with_the_network_inferred_and_out_to_torchvision(resnet
 
 
 @pytest.mark.slow  # launches the command line: once, on the main CI stack
-def test_cli_refusals_and_bad_input_are_one_line_with_exit_code_2(tmp_path):
+def test_cli_refusals_and_bad_input_are_one_line_with_exit_code_2(resnet18_state, tmp_path):
+    from safetensors.numpy import save_file
+
+    nan = dict(resnet18_state[2], **{'fc.bias': np.full(1000, np.nan, np.float32)})
+    save_file(nan, tmp_path / 'nan.safetensors')
+    (tmp_path / 'link').symlink_to(tmp_path / 'gone')
     config = base_config()
     config.model.name = 'resnet50'  # the paper's v1: refused before any weight is read
     (tmp_path / 'v1').mkdir()
@@ -838,6 +843,14 @@ def test_cli_refusals_and_bad_input_are_one_line_with_exit_code_2(tmp_path):
             ('--to=torchvision', f'--workdir={tmp_path / "v1"}', '--output=x.npz'),
             'write a .safetensors, .pth or .pt file',
         ),
+        (
+            (f'--input={tmp_path / "nan.safetensors"}', f'--output={tmp_path / "w"}'),
+            'params/fc/bias holds 1000 NaN or Inf values of 1000',
+        ),
+        (
+            (f'--input={tmp_path / "nan.safetensors"}', f'--output={tmp_path / "link"}'),
+            'which does not exist',
+        ),
     ]:
         proc = _cli(*args)
         assert proc.returncode == 2, (args, proc.stderr[-2000:])
@@ -845,7 +858,7 @@ def test_cli_refusals_and_bad_input_are_one_line_with_exit_code_2(tmp_path):
         assert len(lines) == 1 and lines[0].startswith('error: ') and message in lines[0], (
             proc.stderr
         )
-    assert sorted(p.name for p in tmp_path.iterdir()) == ['v1']
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['link', 'nan.safetensors', 'v1']
 
 
 @pytest.mark.interop

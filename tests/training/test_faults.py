@@ -50,8 +50,18 @@ def tiny_args(workdir, data_dir, steps=300, *extra):
     ]
 
 
+def _env(devices):
+    """The launched processes' environment: ``devices`` CPU devices, and Python's fault
+    handler, so that a process stopped for hanging prints every thread's stack."""
+    return dict(
+        os.environ,
+        XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
+        PYTHONFAULTHANDLER='1',
+    )
+
+
 def launch(args, devices=1, **kwargs):
-    env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
+    env = _env(devices)
     return subprocess.Popen(
         [sys.executable, '-m', 'resnet_jax.main', *args],
         cwd=REPO,
@@ -63,13 +73,22 @@ def launch(args, devices=1, **kwargs):
     )
 
 
+def _stacks(proc):
+    """A hanging process stopped with SIGABRT (its fault handler prints every thread's
+    stack), then killed: its stderr."""
+    proc.send_signal(signal.SIGABRT)
+    try:
+        return proc.communicate(timeout=10)[1]
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.communicate()[1]
+
+
 def finish(proc, timeout=300):
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        proc.kill()
-        out, err = proc.communicate()
-        pytest.fail(f'process did not finish in {timeout} s: {err[-2000:]}')
+        pytest.fail(f'process did not finish in {timeout} s: {_stacks(proc)[-4000:]}')
     return proc.returncode, out, err
 
 
@@ -341,15 +360,39 @@ def _two_processes(command, devices=2):
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
-            env=dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}'),
+            env=_env(devices),
         )
         for i in range(2)
     ]
 
 
 def _finish_all(procs, timeout=300):
+    """Each process's ``(code, out, err)``; where any is still running after ``timeout`` s,
+    a failure with every process's exit code and the end of its stderr (a hanging one's
+    stacks)."""
+    deadline = time.monotonic() + timeout
+    results = []
     try:
-        return [finish(proc, timeout) for proc in procs]
+        for proc in procs:
+            try:
+                out, err = proc.communicate(timeout=max(deadline - time.monotonic(), 1))
+                results.append((proc.returncode, out, err))
+            except subprocess.TimeoutExpired:
+                break
+        else:
+            return results
+        reports = [
+            f'process {i}: exit code {code}: {err[-1500:]}'
+            for i, (code, _, err) in enumerate(results)
+        ]
+        for i, proc in enumerate(procs[len(results) :], len(results)):
+            if proc.poll() is None:
+                reports.append(f'process {i}: running after {timeout} s: {_stacks(proc)[-3000:]}')
+            else:
+                reports.append(
+                    f'process {i}: exit code {proc.returncode}: {proc.communicate()[1][-1500:]}'
+                )
+        pytest.fail('\n'.join(reports))
     finally:
         for proc in procs:
             if proc.poll() is None:
@@ -371,7 +414,7 @@ def test_steady_state_steps_make_no_cross_host_call(data_dir, tmp_path):
         *(f'--config.{k}_every_steps=12' for k in ('log', 'eval', 'checkpoint')),
     ]
     command = [str(REPO / 'tests' / 'host_calls.py'), str(tmp_path / 'calls_{i}.json'), *args]
-    for code, _out, err in _finish_all(_two_processes(command)):
+    for code, _out, err in _finish_all(_two_processes(command), timeout=150):
         assert code == 0, err[-3000:]
     for i in range(2):
         calls = json.loads((tmp_path / f'calls_{i}.json').read_text())
