@@ -72,7 +72,7 @@ def run_train(argv: list[str]) -> None:
     from resnet_jax import parallel, paths
     from resnet_jax.config import ConfigError
     from resnet_jax.data import prepare
-    from resnet_jax.training import checkpoints, faults, loop
+    from resnet_jax.training import checkpoints, faults, loop, memory
 
     if FLAGS.compilation_cache_dir:
         parallel.enable_compilation_cache(FLAGS.compilation_cache_dir)
@@ -89,7 +89,7 @@ def run_train(argv: list[str]) -> None:
         )
     except ConfigError as e:
         fail(str(e))
-    except faults.NonFiniteLossError as e:
+    except (faults.NonFiniteLossError, memory.OutOfMemoryError) as e:
         fail(str(e), code=1)
     except checkpoints.CheckpointWriteError as e:
         # orbax's writer threads and tensorstore's callbacks of the failed save may still be

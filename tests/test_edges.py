@@ -166,7 +166,7 @@ def copy_of(finished, tmp_path):
         (['--config.lr_boundaries=(20,10)'], r'lr_boundaries must be in increasing order'),
         (  # config_flags would append each to the tuple
             ['--config.lr_boundaries=20', '--config.lr_boundaries=abc'],
-            r'--config.lr_boundaries is given 2 times; give the whole tuple once',
+            r'--config.lr_boundaries is given \d times; give the whole tuple once',
         ),
         (['--config.learning_rate=nan'], 'learning_rate must be a finite number; got nan'),
         (['--config.learning_rate=inf'], 'learning_rate must be a finite number; got inf'),
@@ -193,6 +193,15 @@ def test_bad_value_is_one_line_and_changes_nothing(args, message, copy_of, data_
     assert re.search(message, one_error_line(err, out)), err
     assert out == ''  # no header, no log line before the error
     assert snapshot(workdir) == before
+
+
+def test_a_batch_larger_than_the_data_is_refused_before_anything_is_written(data_dir, tmp_path):
+    code, out, err = run(command(tmp_path / 'run', data_dir, '--config.batch_size=100000'))
+    assert code == 2, err[-3000:]
+    assert one_error_line(err, out) == (
+        'error: batch_size=100000 is larger than the training split of digits (1437 examples)'
+    )
+    assert list(tmp_path.iterdir()) == []
 
 
 CONFIG_FILES = {

@@ -60,9 +60,9 @@ class NonFiniteLossError(RuntimeError):
 
 
 def check_workdir(workdir) -> None:
-    """Creates ``workdir`` if needed and checks that files can be written in it; raises
-    ConfigError (one line) if not, whatever the reason. A bucket has no folders to create:
-    only the bucket must exist."""
+    """Raises ConfigError (one line) unless files can be written in ``workdir``, or in the
+    folder that would hold it, whatever the reason; creates nothing. A bucket has no folders
+    to create: only the bucket must exist."""
     path = paths.resolve(workdir)
     if paths.is_local(workdir):
         existing = path
@@ -70,11 +70,28 @@ def check_workdir(workdir) -> None:
             existing = existing.parent
         if not existing.is_dir():
             raise ConfigError(f'workdir {workdir} cannot be created: {existing} is not a directory')
+        if existing != path:  # a folder made and removed, as creating it would
+            probe = existing / f'.write-test-{os.getpid()}'
+            try:
+                probe.mkdir()
+                probe.rmdir()
+            except OSError as e:
+                raise ConfigError(
+                    f'workdir {workdir} cannot be created: {paths.describe(e)}'
+                ) from None
+            return
+    check_writable(path, 'workdir', workdir)
+
+
+def create_workdir(workdir) -> epath.Path:
+    """``workdir`` (checked by ``check_workdir``), created if needed, as an absolute path."""
+    path = paths.resolve(workdir)
+    if paths.is_local(workdir):
         try:
             path.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise ConfigError(f'workdir {workdir} cannot be created: {e.strerror or e}') from None
-    check_writable(path, 'workdir', workdir)
+    return path
 
 
 check_writable = paths.check_writable

@@ -29,6 +29,7 @@ from resnet_jax.training import (
     events,
     faults,
     finetune,
+    memory,
     optim,
     progress,
     run_identity,
@@ -68,9 +69,9 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int, progres
 def check_workdir(
     config: ml_collections.ConfigDict, workdir: str, resume_step: int | None = None
 ) -> None:
-    """Raises ConfigError unless the run can write in ``workdir`` (created if needed) and
-    its checkpoints there, if any, are this config's (``resume_step``: one of them).
-    Changes nothing in an existing workdir."""
+    """Raises ConfigError unless the run can write in ``workdir`` (or create it) and its
+    checkpoints there, if any, are this config's (``resume_step``: one of them). Changes
+    nothing."""
     faults.check_workdir(workdir)
     directory = paths.resolve(workdir) / 'checkpoints'
     run_identity.check_resume(directory, config, resume_step)
@@ -96,59 +97,71 @@ def train_and_evaluate(
     mesh = parallel.create_mesh(devices)
     validate_config(config, mesh.size, prepare_progress)
     check_workdir(config, workdir, resume_step)
-    workdir = paths.resolve(workdir)  # absolute, as orbax needs
+    # The data, the model and the compiled step before anything is written: a batch that
+    # cannot fit leaves no workdir behind.
+    run = Run(config, mesh, start_time)
+    new_workdir = not paths.resolve(workdir).exists()
+    workdir = faults.create_workdir(workdir)  # absolute, as orbax needs
 
     def write_config():  # with the first checkpoint of this launch
         if jax.process_index() == 0:
             paths.write_atomically(workdir / 'config.json', config.to_json_best_effort(indent=2))
 
-    with faults.WorkdirLock(workdir), faults.StopRequest() as stop:
-        ckpt = checkpoints.Checkpointer(workdir / 'checkpoints', config, on_first_save=write_config)
-        failed = True
-        try:
-            if resume_step is not None:
-                ckpt.roll_back(resume_step)
-            run = Run(config, workdir, mesh, ckpt, start_time)
-            results = run.train(stop)
-            if 'stopped_by' not in results:
-                results = run.results()
-            failed = False
-            return results
-        except faults.NonFiniteLossError as e:
-            ckpt.wait()
-            raise faults.NonFiniteLossError(
-                e.step, e.what, e.value, checkpoints=ckpt.describe()
-            ) from None
-        except OSError as e:
-            if not faults.is_write_failure(e, workdir):
-                raise
-            # the run's other files: the event file, results, curves
-            raise ckpt.write_error(e, target=e.filename or f'in {workdir}') from None
-        finally:
-            if failed:  # the run's own error is the one to report
-                with contextlib.suppress(checkpoints.CheckpointWriteError):
+    failed = True
+    try:
+        with faults.WorkdirLock(workdir), faults.StopRequest() as stop:
+            ckpt = checkpoints.Checkpointer(
+                workdir / 'checkpoints', config, on_first_save=write_config
+            )
+            try:
+                if resume_step is not None:
+                    ckpt.roll_back(resume_step)
+                run.start(workdir, ckpt)
+                results = run.train(stop)
+                if 'stopped_by' not in results:
+                    results = run.results()
+                failed = False
+                return results
+            except faults.NonFiniteLossError as e:
+                ckpt.wait()
+                raise faults.NonFiniteLossError(
+                    e.step, e.what, e.value, checkpoints=ckpt.describe()
+                ) from None
+            except OSError as e:
+                if not faults.is_write_failure(e, workdir):
+                    raise
+                # the run's other files: the event file, results, curves
+                raise ckpt.write_error(e, target=e.filename or f'in {workdir}') from None
+            except jax.errors.JaxRuntimeError as e:
+                if 'RESOURCE_EXHAUSTED' not in str(e):
+                    raise
+                raise memory.OutOfMemoryError(config.batch_size, run.largest_batch) from None
+            finally:
+                if failed:  # the run's own error is the one to report
+                    with contextlib.suppress(checkpoints.CheckpointWriteError):
+                        ckpt.close()
+                else:
                     ckpt.close()
-            else:
-                ckpt.close()
+    finally:
+        if failed and new_workdir and not run.steps_taken and jax.process_index() == 0:
+            workdir.rmtree(missing_ok=True)  # a run that never took a step leaves nothing
 
 
 class Run:
-    """One launch of a training run: its data, model, optimiser, state and compiled steps
-    (built by ``__init__``), trained by ``train`` and reported by ``results``."""
+    """One launch of a training run: its data, model, optimiser and compiled steps (built by
+    ``__init__``, which writes nothing), its state (``start``, from the workdir's
+    checkpoints), trained by ``train`` and reported by ``results``."""
 
-    def __init__(
-        self,
-        config: ml_collections.ConfigDict,
-        workdir: epath.Path,
-        mesh: Mesh,
-        ckpt: checkpoints.Checkpointer,
-        start_time: float,
-    ):
-        self.config, self.workdir, self.mesh, self.ckpt = config, workdir, mesh, ckpt
-        self.start_time = start_time
+    def __init__(self, config: ml_collections.ConfigDict, mesh: Mesh, start_time: float):
+        self.config, self.mesh, self.start_time = config, mesh, start_time
         self.lead = jax.process_index() == 0
 
         self.pipeline = data_pipeline.Pipeline(config.dataset, config.seed)
+        if len(self.pipeline.train) < config.batch_size:
+            raise ConfigError(
+                f'batch_size={config.batch_size} is larger than the training split of '
+                f'{config.dataset.name} ({len(self.pipeline.train)} examples)'
+            )
 
         self.model = config_lib.model_from_config(config, self.pipeline.num_classes)
         self.learning_rate_fn = optim.create_learning_rate_fn(config)
@@ -159,8 +172,9 @@ class Run:
         )
 
         # In the steps' layout: the checkpointer converts it to and from the model's.
+        self.layout = layout
         self.ema = config.ema_decay > 0
-        fresh = steps.init_train_state(
+        self.fresh = steps.init_train_state(
             self.model,
             self.tx,
             jax.random.key(config.seed),
@@ -168,6 +182,19 @@ class Run:
             mesh,
             ema=self.ema,
         )
+        # Compiled now (the first step reuses it), to refuse a batch that cannot fit.
+        replicated = NamedSharding(mesh, P())
+        state = jax.tree_util.tree_map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+            jax.eval_shape(layout.from_model, self.fresh),
+        )
+        _, self.largest_batch = memory.check_fits(
+            lambda size: self.train_fn.lower(state, self._batch_shape(size)).compile(),
+            config.batch_size,
+            mesh.size * config.grad_accum_steps * max(config.model.bn_group_size, 1),
+            mesh.devices.flat[0],
+        )
+        self.steps_taken = 0  # by this launch
         # From host values: JAX's device_put of a device array onto a mesh of several
         # processes with one device each gives an array orbax cannot save.
         self.empty_metrics = jax.device_put(
@@ -175,12 +202,29 @@ class Run:
         )
         self.guard = faults.NonFiniteGuard()
         self.initialised_from = None
+
+    def _batch_shape(self, size: int) -> dict:
+        """A global batch of ``size`` as the train step takes it (from one example's arrays)."""
+        one = self.pipeline.train_examples(0, size, 0, 1)
+        split = NamedSharding(self.mesh, P('data'))
+        return {
+            k: jax.ShapeDtypeStruct((size, *v.shape[1:]), v.dtype, sharding=split)
+            for k, v in one.items()
+            if k != 'skipped'
+        }
+
+    def start(self, workdir: epath.Path, ckpt: checkpoints.Checkpointer) -> None:
+        """The state to train from: ``ckpt``'s latest good checkpoint, else ``init_from``'s
+        weights, else fresh."""
+        config, mesh = self.config, self.mesh
+        self.workdir, self.ckpt = workdir, ckpt
         start = ckpt.start(
-            fresh,
+            self.fresh,
             self.empty_metrics,
-            layout,
+            self.layout,
             start_from=self._start_from if config.init_from else None,
         )
+        del self.fresh
         self.state, self.train_metrics, self.history = start.state, start.metrics, start.history
         if self.lead:
             print(
@@ -240,6 +284,7 @@ class Run:
                 with jax.profiler.StepTraceAnnotation('train', step_num=step):
                     self.state, metrics = self.train_fn(self.state, next(batches))
                 step += 1
+                self.steps_taken += 1
                 self.guard.add(step, metrics.loss.total, metrics.param_norm.total)
                 self.ckpt.poll()  # a checkpoint that failed to write stops the run now
                 self.train_metrics = self.train_metrics.merge(metrics)

@@ -94,7 +94,7 @@ def test_datasets_in_a_bucket_train(gcs, data_dir, tmp_path_factory, tmp_path, m
     np.testing.assert_array_equal(remote['splits'], local['splits'])
     config = tiny_config(None, **steps)
     config.dataset.update(name=f'folder:{url}', image_size=32, num_workers=1)
-    config.eval_batch_size = 4
+    config.batch_size, config.eval_batch_size = 8, 4  # 12 training images
     results = train.train_and_evaluate(config, f'{bucket}/runs/folder')
     assert results['step'] == 2 and results['corrupt_records_skipped'] > 0
     store = epath.Path(url, '.resnet_jax')
