@@ -74,8 +74,7 @@ def run_train(argv: list[str]) -> None:
     from resnet_jax.data import prepare
     from resnet_jax.training import checkpoints, faults, loop, memory
 
-    if FLAGS.compilation_cache_dir:
-        parallel.enable_compilation_cache(FLAGS.compilation_cache_dir)
+    parallel.enable_compilation_cache(FLAGS.compilation_cache_dir)
     quiet()
     lead = jax.process_index() == 0
     try:
@@ -177,8 +176,7 @@ def run_evaluate(argv: list[str]) -> None:
     from resnet_jax.evaluation import protocols
     from resnet_jax.training import faults
 
-    if FLAGS.compilation_cache_dir:
-        parallel.enable_compilation_cache(FLAGS.compilation_cache_dir)
+    parallel.enable_compilation_cache(FLAGS.compilation_cache_dir)
     quiet()
     try:
         workdir = paths.resolve(FLAGS.workdir)
@@ -274,8 +272,7 @@ def run_benchmark(argv: list[str]) -> None:
     from resnet_jax import parallel
     from resnet_jax.tools import benchmark
 
-    if FLAGS.compilation_cache_dir:
-        parallel.enable_compilation_cache(FLAGS.compilation_cache_dir)
+    parallel.enable_compilation_cache(FLAGS.compilation_cache_dir)
     r = benchmark.run(config, FLAGS.batch_size, FLAGS.image_size, FLAGS.steps)
     print(benchmark.report(r))
     if FLAGS.json:

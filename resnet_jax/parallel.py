@@ -97,9 +97,20 @@ def _exit_with(message: str) -> None:
 
 
 def enable_compilation_cache(path: str, min_compile_seconds: float = 0.0) -> None:
-    """JAX's persistent compilation cache in ``path``, every program kept by default: the
-    ~120 small ones of a CIFAR ResNet's op-by-op init are most of a first launch's start-up
-    (``experiments/results/performance.md``)."""
+    """JAX's persistent compilation cache in ``path`` ('': as JAX's settings say), every
+    program kept by default: the ~120 small ones of a CIFAR ResNet's op-by-op init are most
+    of a first launch's start-up (``experiments/results/performance.md``). Off for a
+    multi-process run on CPU from jax 0.11 on: with jax 0.12.1, processes that load the step
+    from the cache hang at its first run (its Gloo collectives never meet; 0.10.2 runs)."""
+    if (
+        jax.process_count() > 1
+        and jax.default_backend() == 'cpu'
+        and jax.__version_info__ >= (0, 11)
+    ):
+        jax.config.update('jax_enable_compilation_cache', False)  # also $JAX_COMPILATION_CACHE_DIR
+        return
+    if not path:
+        return
     jax.config.update('jax_compilation_cache_dir', os.path.expanduser(path))
     jax.config.update('jax_persistent_cache_min_compile_time_secs', min_compile_seconds)
 

@@ -43,13 +43,14 @@ TINY = [
 
 
 def command(workdir, data_dir, *extra, module='resnet_jax.main'):
+    given = {arg.split('=')[0] for arg in extra}  # (a tuple field given twice is refused)
     return [
         sys.executable,
         '-m',
         module,
         f'--workdir={workdir}',
         f'--config.dataset.data_dir={data_dir}',
-        *TINY,
+        *(arg for arg in TINY if arg.split('=')[0] not in given),
         *extra,
     ]
 

@@ -99,7 +99,9 @@ def train_and_evaluate(
     check_workdir(config, workdir, resume_step)
     # The data, the model and the compiled step before anything is written: a batch that
     # cannot fit leaves no workdir behind.
-    run = Run(config, mesh, start_time)
+    saved = run_identity.step_dirs(paths.resolve(workdir) / 'checkpoints')  # newest first
+    finished = resume_step is None and bool(saved) and saved[0] >= config.num_train_steps
+    run = Run(config, mesh, start_time, compile_now=not finished)
     new_workdir = not paths.resolve(workdir).exists()
     workdir = faults.create_workdir(workdir)  # absolute, as orbax needs
 
@@ -152,7 +154,13 @@ class Run:
     ``__init__``, which writes nothing), its state (``start``, from the workdir's
     checkpoints), trained by ``train`` and reported by ``results``."""
 
-    def __init__(self, config: ml_collections.ConfigDict, mesh: Mesh, start_time: float):
+    def __init__(
+        self,
+        config: ml_collections.ConfigDict,
+        mesh: Mesh,
+        start_time: float,
+        compile_now: bool = True,
+    ):
         self.config, self.mesh, self.start_time = config, mesh, start_time
         self.lead = jax.process_index() == 0
 
@@ -182,26 +190,34 @@ class Run:
             mesh,
             ema=self.ema,
         )
-        # Compiled now (the first step reuses it), to refuse a batch that cannot fit.
-        replicated = NamedSharding(mesh, P())
-        state = jax.tree_util.tree_map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
-            jax.eval_shape(layout.from_model, self.fresh),
-        )
-        _, self.largest_batch = memory.check_fits(
-            lambda size: self.train_fn.lower(state, self._batch_shape(size)).compile(),
-            config.batch_size,
-            mesh.size * config.grad_accum_steps * max(config.model.bn_group_size, 1),
-            mesh.devices.flat[0],
-        )
-        self.steps_taken = 0  # by this launch
         # From host values: JAX's device_put of a device array onto a mesh of several
-        # processes with one device each gives an array orbax cannot save.
+        # processes with one device each gives an array orbax cannot save. (A cross-process
+        # check: before the compile below, whose time differs between processes by more than
+        # Gloo's 30 s to set up its first collective.)
         self.empty_metrics = jax.device_put(
             jax.device_get(steps.TrainMetrics.empty()), NamedSharding(mesh, P())
         )
         self.guard = faults.NonFiniteGuard()
         self.initialised_from = None
+        self.largest_batch, self.steps_taken = 0, 0  # (steps taken by this launch)
+        if compile_now:
+            self._check_memory()
+
+    def _check_memory(self) -> None:
+        """The train step compiled now (the first step reuses it), to refuse a batch that
+        cannot fit."""
+        config, mesh = self.config, self.mesh
+        replicated = NamedSharding(mesh, P())
+        state = jax.tree_util.tree_map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+            jax.eval_shape(self.layout.from_model, self.fresh),
+        )
+        _, self.largest_batch = memory.check_fits(
+            lambda size: self.train_fn.lower(state, self._batch_shape(size)).compile(),
+            config.batch_size,
+            mesh.size * config.grad_accum_steps * max(config.model.bn_group_size, 1),
+            mesh.local_devices[0],  # (memory_stats: of a device of this process)
+        )
 
     def _batch_shape(self, size: int) -> dict:
         """A global batch of ``size`` as the train step takes it (from one example's arrays)."""
