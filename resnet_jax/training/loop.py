@@ -99,9 +99,10 @@ def train_and_evaluate(
     check_workdir(config, workdir, resume_step)
     # The data, the model and the compiled step before anything is written: a batch that
     # cannot fit leaves no workdir behind.
-    saved = run_identity.step_dirs(paths.resolve(workdir) / 'checkpoints')  # newest first
-    finished = resume_step is None and bool(saved) and saved[0] >= config.num_train_steps
-    run = Run(config, mesh, start_time, compile_now=not finished)
+    # A new run checks its batch now; a resumed one once its checkpoint is read (a mismatch
+    # is refused sooner, and a finished run compiles nothing).
+    new_run = not run_identity.step_dirs(paths.resolve(workdir) / 'checkpoints')
+    run = Run(config, mesh, start_time, check_memory=new_run)
     new_workdir = not paths.resolve(workdir).exists()
     workdir = faults.create_workdir(workdir)  # absolute, as orbax needs
 
@@ -159,7 +160,7 @@ class Run:
         config: ml_collections.ConfigDict,
         mesh: Mesh,
         start_time: float,
-        compile_now: bool = True,
+        check_memory: bool = True,
     ):
         self.config, self.mesh, self.start_time = config, mesh, start_time
         self.lead = jax.process_index() == 0
@@ -200,13 +201,15 @@ class Run:
         self.guard = faults.NonFiniteGuard()
         self.initialised_from = None
         self.largest_batch, self.steps_taken = 0, 0  # (steps taken by this launch)
-        if compile_now:
+        self.memory_checked = False
+        if check_memory:
             self._check_memory()
 
     def _check_memory(self) -> None:
         """The train step compiled now (the first step reuses it), to refuse a batch that
         cannot fit."""
         config, mesh = self.config, self.mesh
+        self.memory_checked = True
         replicated = NamedSharding(mesh, P())
         state = jax.tree_util.tree_map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
@@ -240,6 +243,8 @@ class Run:
             self.layout,
             start_from=self._start_from if config.init_from else None,
         )
+        if not self.memory_checked and int(start.state.step) < config.num_train_steps:
+            self._check_memory()
         del self.fresh
         self.state, self.train_metrics, self.history = start.state, start.metrics, start.history
         if self.lead:

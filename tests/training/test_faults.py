@@ -8,7 +8,6 @@ import json
 import math
 import os
 import random
-import re
 import signal
 import socket
 import subprocess
@@ -268,53 +267,6 @@ def _free_port():
     with socket.socket() as s:
         s.bind(('127.0.0.1', 0))
         return s.getsockname()[1]
-
-
-def test_two_processes_match_one_process_with_four_devices(data_dir, tmp_path):
-    common = [
-        f'--config.dataset.data_dir={data_dir}',
-        *TINY,
-        '--config.num_train_steps=6',
-        '--config.lr_boundaries=(3,)',
-        '--config.log_every_steps=1',
-        '--config.eval_every_steps=3',
-        '--config.checkpoint_every_steps=3',
-    ]
-    one = launch([f'--workdir={tmp_path / "one"}', *common], devices=4)
-    port = _free_port()
-    two = [
-        launch(
-            [
-                f'--workdir={tmp_path / "two"}',
-                *common,
-                f'--coordinator_address=127.0.0.1:{port}',
-                '--num_processes=2',
-                f'--process_id={i}',
-                '--heartbeat_timeout_seconds=20',
-            ],
-            devices=2,
-        )
-        for i in range(2)
-    ]
-    outs = []
-    try:
-        for proc in [one, *two]:
-            code, out, err = finish(proc, timeout=240)
-            assert code == 0, err[-3000:]
-            outs.append(out)
-    finally:
-        for proc in two:
-            if proc.poll() is None:
-                proc.kill()
-    # Progress and metrics from process 0 only (a pod's workers would repeat every line).
-    assert re.search(r'^\[6/6\] .*loss', outs[1], re.M) and 'train_loss=' in outs[1]
-    assert not re.search(r'loss|^\[\d', outs[2], re.M), outs[2][-2000:]
-    a = json.loads((tmp_path / 'one' / 'history.json').read_text())['train']
-    b = json.loads((tmp_path / 'two' / 'history.json').read_text())['train']
-    assert [r['step'] for r in a] == [r['step'] for r in b] == [1, 2, 3, 4, 5, 6]
-    for x, y in zip(a, b):
-        assert y['train_loss'] == pytest.approx(x['train_loss'], rel=1e-4)
-    assert steps_in(tmp_path / 'two') == [3, 6]
 
 
 def test_a_dead_process_takes_the_other_down_with_a_message(data_dir, tmp_path):

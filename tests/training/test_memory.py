@@ -49,8 +49,8 @@ def test_out_of_memory_in_a_step_is_one_line_and_leaves_no_workdir(data_dir, tmp
     config = tiny_config(data_dir)
     original = loop.Run.__init__
 
-    def init(self, *args):
-        original(self, *args)
+    def init(self, *args, **kwargs):
+        original(self, *args, **kwargs)
         self.train_fn = exhausted.__get__(self)
 
     monkeypatch.setattr(loop.Run, '__init__', init)

@@ -6,6 +6,7 @@ rounding (``RTOL``), not bit for bit; on the same topology a resume is bit-exact
 (test_faults)."""
 
 import json
+import re
 import shutil
 
 import jax
@@ -61,20 +62,24 @@ ARGS = [
 
 @pytest.mark.slow
 def test_a_run_saved_on_4_devices_resumes_on_8_and_on_2_processes(data_dir, tmp_path):
-    common = [f'--config.dataset.data_dir={data_dir}', *ARGS]
-    for name, steps in (('full', 6), ('saved', 4)):
-        args = [f'--workdir={tmp_path / name}', *common, f'--config.num_train_steps={steps}']
-        code, _, err = finish(launch(args, 4))
-        assert code == 0, err[-2000:]
+    """The run of 6 steps on 4 devices, relaunched from its step 4 (``--resume_step``) on 8
+    devices, and on 2 processes x 2 devices, where progress and metrics print from process 0
+    only (a pod's workers would repeat every line)."""
+    common = [f'--config.dataset.data_dir={data_dir}', *ARGS, '--config.num_train_steps=6']
+    code, _, err = finish(launch([f'--workdir={tmp_path / "full"}', *common], 4))
+    assert code == 0, err[-2000:]
     for moved in ('eight', 'processes'):
-        shutil.copytree(tmp_path / 'saved', tmp_path / moved)
-    to_6 = [*common, '--config.num_train_steps=6']
-    eight = launch([f'--workdir={tmp_path / "eight"}', *to_6], 8)
-    code, out, err = finish(eight)
+        shutil.copytree(tmp_path / 'full', tmp_path / moved)
+    back = [*common, '--resume_step=4']  # saved where a log step ends (a log averages its steps)
+    code, out, err = finish(launch([f'--workdir={tmp_path / "eight"}', *back], 8))
     assert code == 0 and 'resumed from step 4' in out, err[-2000:]
-    procs = _two_processes(['-m', 'resnet_jax.main', f'--workdir={tmp_path / "processes"}', *to_6])
+    procs = _two_processes(['-m', 'resnet_jax.main', f'--workdir={tmp_path / "processes"}', *back])
+    outs = []
     for proc in procs:
         code, out, err = finish(proc)
         assert code == 0, err[-2000:]
+        outs.append(out)
+    assert re.search(r'^\[6/6\] .*loss', outs[0], re.M) and 'train_loss=' in outs[0]
+    assert not re.search(r'loss|^\[\d', outs[1], re.M), outs[1][-2000:]
     for moved in ('eight', 'processes'):
         assert_follows(tmp_path / moved, tmp_path / 'full')
