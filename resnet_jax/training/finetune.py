@@ -9,6 +9,8 @@ print(moved)  # kept 265 variables; freshly initialised: params/fc/bias, params/
 from __future__ import annotations
 
 import os
+import re
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -66,6 +68,12 @@ def _flat(tree: Any) -> dict[str, Any]:
 
 def _pretrained_variables(pretrained: Any) -> Mapping[str, Any]:
     if isinstance(pretrained, (str, os.PathLike)):
+        from resnet_jax import paths
+
+        if paths.resolve(pretrained).is_file():  # torchvision's, timm's, Keras' weights
+            from resnet_jax.tools import convert
+
+            return convert.load_weights(pretrained)[1]
         from resnet_jax.training import runs  # orbax: only for a workdir
 
         return runs.load_variables(pretrained)[0]
@@ -94,7 +102,7 @@ def transfer(
     target_at = resnet_path(variables, at, 'variables')
     from_at = resnet_path(source, source_at, 'pretrained')
     out = dict(variables)
-    kept, fresh, unused = [], [], []
+    kept, fresh, unused, left = [], [], [], []  # left: the ResNet's own, fresh (not its fc)
     for collection in COLLECTIONS:
         if collection not in variables:
             continue
@@ -108,6 +116,8 @@ def transfer(
             value = available.get(name)
             if value is None or tuple(np.shape(value)) != tuple(leaf.shape):
                 fresh.append(full)
+                if not name.startswith('fc/'):
+                    left.append(full)
                 return leaf
             used.add(name)
             kept.append(full)
@@ -127,7 +137,36 @@ def transfer(
                 for name in _flat(variables[collection])
                 if not name.startswith(inside)
             )
+    if not kept:
+        raise ValueError(
+            f'no variable of the pretrained {_describe(source, from_at)} fits the '
+            f'{_describe(variables, target_at)}: nothing to transfer'
+        )
+    if left:  # a near miss (another width, v1 for v1.5 is fine) loses the pretraining there
+        warnings.warn(
+            f'{len(left)} variables of the ResNet left freshly initialised (absent from the '
+            f'pretrained {_describe(source, from_at)} or of another shape): '
+            f'{", ".join(left[:4])}{", ..." if len(left) > 4 else ""}',
+            stacklevel=2,
+        )
     return Transfer(out, kept, fresh, unused)
+
+
+def _describe(variables: Mapping[str, Any], at: tuple[str, ...]) -> str:
+    """A ResNet's variables as Table 1's name, or its blocks per stage."""
+    from resnet_jax import models
+    from resnet_jax.tools.layer_names import net_name
+
+    params = _subtree(variables['params'], at)
+    blocks = [k.split('_') for k in params if re.fullmatch(r'conv\d_\d+', k)]
+    sizes = tuple(
+        max(int(b) for s, b in blocks if s == stage) for stage in sorted({s for s, _ in blocks})
+    )
+    bottleneck = any('conv3' in params[k] for k in params if re.fullmatch(r'conv\d_\d+', k))
+    block = models.BottleneckBlock if bottleneck else models.BasicBlock
+    name = net_name(block, sizes)
+    kind = 'bottleneck' if bottleneck else 'basic'
+    return name or f'ResNet of {kind} blocks {sizes or "()"}'
 
 
 def _replace(tree: Mapping, path: tuple[str, ...], value: Any) -> Any:
