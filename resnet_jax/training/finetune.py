@@ -158,11 +158,10 @@ def _describe(variables: Mapping[str, Any], at: tuple[str, ...]) -> str:
     from resnet_jax.tools.layer_names import net_name
 
     params = _subtree(variables['params'], at)
-    blocks = [k.split('_') for k in params if re.fullmatch(r'conv\d_\d+', k)]
-    sizes = tuple(
-        max(int(b) for s, b in blocks if s == stage) for stage in sorted({s for s, _ in blocks})
-    )
-    bottleneck = any('conv3' in params[k] for k in params if re.fullmatch(r'conv\d_\d+', k))
+    blocks = [k for k in params if re.fullmatch(r'conv\d_\d+', k)]  # conv<stage>_<block>
+    stages = [k.split('_') for k in blocks]
+    sizes = tuple(max(int(b) for s, b in stages if s == stage) for stage in sorted(dict(stages)))
+    bottleneck = any('conv3' in params[k] for k in blocks)
     block = models.BottleneckBlock if bottleneck else models.BasicBlock
     name = net_name(block, sizes)
     kind = 'bottleneck' if bottleneck else 'basic'

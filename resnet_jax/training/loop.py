@@ -101,9 +101,11 @@ def train_and_evaluate(
     # cannot fit leaves no workdir behind.
     # A new run checks its batch now; a resumed one once its checkpoint is read (a mismatch
     # is refused sooner, and a finished run compiles nothing).
-    new_run = not run_identity.step_dirs(paths.resolve(workdir) / 'checkpoints')
-    run = Run(config, mesh, start_time, check_memory=new_run)
-    new_workdir = not paths.resolve(workdir).exists()
+    path = paths.resolve(workdir)
+    run = Run(
+        config, mesh, start_time, check_memory=not run_identity.step_dirs(path / 'checkpoints')
+    )
+    new_workdir = not path.exists()
     workdir = faults.create_workdir(workdir)  # absolute, as orbax needs
 
     def write_config():  # with the first checkpoint of this launch
@@ -215,7 +217,7 @@ class Run:
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
             jax.eval_shape(self.layout.from_model, self.fresh),
         )
-        _, self.largest_batch = memory.check_fits(
+        self.largest_batch = memory.check_fits(
             lambda size: self.train_fn.lower(state, self._batch_shape(size)).compile(),
             config.batch_size,
             mesh.size * config.grad_accum_steps * max(config.model.bn_group_size, 1),

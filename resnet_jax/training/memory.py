@@ -64,18 +64,17 @@ class OutOfMemoryError(RuntimeError):
 
 def check_fits(
     compile_at: Callable[[int], jax.stages.Compiled], batch_size: int, unit: int, device
-) -> tuple[jax.stages.Compiled, int]:
-    """``(compile_at(batch_size), the largest batch the estimate allows)`` (0: unknown), or
+) -> int:
+    """The largest batch the estimate of ``compile_at(batch_size)`` allows (0: unknown), or
     ConfigError (one line) where that step needs more memory than ``device`` has free,
     naming the largest batch. A step's memory is close to a line in the batch, though not
     through zero (XLA's workspace, other kernels at other sizes), so a refusal compiles a
     second size to draw it; batches are multiples of ``unit``."""
-    compiled = compile_at(batch_size)
-    need, available = need_bytes(compiled), available_bytes(device)
+    need, available = need_bytes(compile_at(batch_size)), available_bytes(device)
     if need is None or available is None:
-        return compiled, 0
+        return 0
     if need <= available:
-        return compiled, available * batch_size // need // unit * unit
+        return available * batch_size // need // unit * unit
     guess = max(min(batch_size * available // need, batch_size // 2) // unit * unit, unit)
     second = need_bytes(compile_at(guess)) if guess < batch_size else None
     if second is not None and need > second:
