@@ -80,6 +80,29 @@ def _torchvision_layout(state_dict: Mapping) -> tuple[type, tuple[int, ...]] | N
     return block_cls, tuple(blocks[i] for i in sorted(blocks))
 
 
+def _variant(state_dict: Mapping) -> list[str]:
+    """What a torchvision-named state dict holds that the paper's nets do not (timm's
+    variants): a deep stem, average-pool shortcuts, SE blocks, grouped or wider 3x3s."""
+    keys = list(state_dict)
+    found = []
+    if 'conv1.0.weight' in state_dict:
+        found.append("a deep stem (timm's resnet*c, *d, *s)")
+    if any(re.match(r'layer\d+\.\d+\.downsample\.2\.', k) for k in keys):
+        found.append("average-pool shortcuts (timm's resnet*d)")
+    if any('.se.' in k for k in keys):
+        found.append("squeeze-and-excitation blocks (timm's seresnet*)")
+    mid = state_dict.get('layer1.0.conv2.weight')
+    stem = state_dict.get('conv1.weight')
+    if mid is not None and len(np.shape(mid)) == 4:
+        out, per_group = np.shape(mid)[:2]
+        if per_group < out:
+            found.append(f'grouped 3x3 convs ({out // per_group} groups: ResNeXt)')
+        elif stem is not None and out != np.shape(stem)[0]:
+            width = np.shape(stem)[0]
+            found.append(f'wider blocks ({out} channels in layer1, not {width}: wide_resnet*)')
+    return found
+
+
 def from_torchvision_state(
     state_dict: Mapping[str, np.ndarray], name: str | None, source: str
 ) -> tuple[models.ResNet, dict]:
@@ -91,6 +114,12 @@ def from_torchvision_state(
             f'{source}: its keys are Hugging Face transformers names '
             '(embedder.embedder.convolution...); convert it with '
             'from_transformers and its config'
+        )
+    variant = _variant(state_dict)
+    if variant:
+        raise ValueError(
+            f'{source}: a ResNet variant resnet_jax does not build: {", ".join(variant)}; '
+            "it reads torchvision's and timm's resnet18 .. resnet152"
         )
     layout = _torchvision_layout(state_dict)
     inferred = net_name(*layout) if layout else None

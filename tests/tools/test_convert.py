@@ -698,6 +698,26 @@ def test_timm_resnets_convert_to_the_same_logits(name):
     _same_function(jax.jit(model.apply)(variables, x_nhwc), _torch_outputs(net, x))
 
 
+@pytest.mark.interop
+@pytest.mark.parametrize(
+    'name, what',
+    [
+        ('resnet50d', "a deep stem (timm's resnet*c, *d, *s), average-pool shortcuts"),
+        ('wide_resnet50_2', 'wider blocks (128 channels in layer1, not 64: wide_resnet*)'),
+        ('resnext50_32x4d', 'grouped 3x3 convs (32 groups: ResNeXt)'),
+        ('seresnet50', "squeeze-and-excitation blocks (timm's seresnet*)"),
+    ],
+)
+def test_timm_variants_not_built_here_are_refused_naming_the_variant(name, what):
+    import timm
+
+    with pytest.raises(ValueError) as refused:
+        convert.load_weights(timm.create_model(name, pretrained=False))
+    message = str(refused.value)
+    assert f': a ResNet variant resnet_jax does not build: {what}' in message, message
+    assert message.endswith("it reads torchvision's and timm's resnet18 .. resnet152")
+
+
 TRANSFORMERS_NETS = {  # case: (layer_type, depths, hidden_sizes, downsample_in_bottleneck)
     'resnet-18, a model object': ('basic', [2, 2, 2, 2], [64, 128, 256, 512], False),
     'resnet-50, a save_pretrained folder': (
