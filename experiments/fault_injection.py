@@ -1,7 +1,8 @@
 """Injects faults into training runs and checks that each still ends exactly as an
 uninterrupted run does.
 
-    python experiments/fault_injection.py [--fault all|kill|corrupt|disk-full|unwritable]
+    python experiments/fault_injection.py [--fault all|kill|corrupt|disk-full|unwritable|
+        stall|peer-kill]
         [--kills 5] [--signal KILL|TERM] [--steps 200]
 
 First the embedded default config (shortened to ``--steps``) runs without interruption.
@@ -20,25 +21,36 @@ Then, each in a workdir of its own, the faults:
   for root, as a read-only remount or a quota does); the run must stop the same way.
   It is made writable again and the same command resumes it.
 
+* ``stall``: on a folder of photographs (image size 32), the input workers stop
+  answering (``SIGSTOP``, as on a hung network disk) and the run gets SIGTERM: it must
+  end within 30 s, exit 1, with one line naming the wait and the last complete
+  checkpoint. The same command resumes it (compared with an uninterrupted folder run).
+* ``peer-kill``: two processes (one CPU device each); process 1 is killed (``kill -9``):
+  process 0 must end within the heartbeat timeout (10 s) and a few seconds, exit 1, with
+  one line naming process 1 and the last complete checkpoint; both relaunched resume it
+  (compared with an uninterrupted two-process run).
+
 Each faulty run's ``results.json`` must equal the uninterrupted one's (every value but
 ``wall_seconds``, bit for bit), and its evaluation history too. Prints one table row per
 fault and exits 0 when every fault passes.
 """
 
 import argparse
+import contextlib
 import json
 import os
 import pathlib
 import random
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import time
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
-FAULTS = ('kill', 'corrupt', 'disk-full', 'unwritable')
+FAULTS = ('kill', 'corrupt', 'disk-full', 'unwritable', 'stall', 'peer-kill')
 
 
 def command(workdir: pathlib.Path, steps: int, data_dir: str | None) -> list[str]:
@@ -71,10 +83,11 @@ def wait_for_step(workdir: pathlib.Path, proc, step: int, timeout: float = 600) 
         time.sleep(0.05)
 
 
-def same_results(clean: pathlib.Path, faulty: pathlib.Path) -> tuple[bool, str]:
+def same_results(clean: pathlib.Path, faulty: pathlib.Path, per_launch=None) -> tuple[bool, str]:
     a = json.loads((clean / 'results.json').read_text())
     b = json.loads((faulty / 'results.json').read_text())
-    a.pop('wall_seconds'), b.pop('wall_seconds')
+    for key in ('wall_seconds', *(per_launch or ())):
+        a.pop(key), b.pop(key)
     history = (
         json.loads((clean / 'history.json').read_text())['eval']
         == json.loads((faulty / 'history.json').read_text())['eval']
@@ -84,7 +97,9 @@ def same_results(clean: pathlib.Path, faulty: pathlib.Path) -> tuple[bool, str]:
 
 def one_line(stderr: str) -> str:
     lines = stderr.strip().splitlines()
-    return lines[0] if len(lines) == 1 else f'<{len(lines)} lines> {lines[-1] if lines else ""}'
+    if len(lines) <= 1:
+        return ''.join(lines)
+    return f'<{len(lines)} lines> {lines[-1]}'
 
 
 def relaunch(cmd) -> tuple[int, str]:
@@ -237,6 +252,137 @@ def fault_unwritable(args, rng, root, steps) -> dict:
     }
 
 
+def _folder_command(workdir: pathlib.Path, steps: int, photos: pathlib.Path) -> list[str]:
+    return command(workdir, steps, None) + [
+        f'--config.dataset.name=folder:{photos}',
+        '--config.dataset.image_size=32',
+        '--config.batch_size=8',
+        '--config.model.bn_group_size=4',
+    ]
+
+
+def fault_stall(args, rng, root, steps) -> dict:
+    sys.path.insert(0, str(REPO / 'tests'))
+    from photos import make_photo_folder  # real photographs, re-encoded
+
+    photos = make_photo_folder(root / 'photos', layout='train/val')
+    reference = root / 'stall_reference'
+    subprocess.run(
+        _folder_command(reference, steps, photos), cwd=REPO, check=True, capture_output=True
+    )
+    faulty = root / 'stall'
+    cmd = _folder_command(faulty, steps, photos)
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    at = 10 * rng.randint(1, max(1, steps // 20))
+    wait_for_step(faulty, proc, min(at, steps - 10))
+    found = subprocess.run(
+        ['pgrep', '-P', str(proc.pid), '-f', 'spawn_main'], capture_output=True, text=True
+    )
+    workers = [int(pid) for pid in found.stdout.split()]
+    for pid in workers:
+        os.kill(pid, signal.SIGSTOP)
+    time.sleep(5)  # the batches built already are used up
+    proc.send_signal(signal.SIGTERM)
+    try:
+        code, seconds, line = _stopped(proc, time.time())
+    finally:
+        for pid in workers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    last = latest_step(faulty)
+    final_code, resumed = relaunch(cmd)
+    # A step may still complete from the batches built: then the run stops there as on any
+    # SIGTERM (exit 0); else its watchdog ends it (exit 1).
+    ok = (
+        seconds < 30
+        and (
+            (code == 1 and f'The last complete checkpoint: step {last} in' in line)
+            or (code == 0 and not line)
+        )
+        and resumed == f'resumed from step {last}'
+    )
+    return {
+        'workdir': faulty,
+        'reference': reference,
+        # counted by each launch, and photos/coffee/broken.jpg is read again after a resume
+        'per_launch': ('corrupt_records_skipped',),
+        'details': [
+            f'{len(workers)} input workers stopped after step {min(at, steps - 10)}, then '
+            f'SIGTERM: exit {code} after {seconds:.1f} s: {line.replace(str(root), "<tmp>")}'
+        ],
+        'final': f'exit {final_code}, {resumed}',
+        'ok': ok,
+    }
+
+
+def _two_processes(workdir: pathlib.Path, steps: int, data_dir, stderr=subprocess.DEVNULL):
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1')
+    return [
+        subprocess.Popen(
+            command(workdir, steps, data_dir)
+            + [
+                f'--coordinator_address=127.0.0.1:{port}',
+                '--num_processes=2',
+                f'--process_id={i}',
+                '--heartbeat_timeout_seconds=10',
+            ],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE if i == 0 else subprocess.DEVNULL,
+            stderr=stderr,
+            text=True,
+        )
+        for i in range(2)
+    ]
+
+
+def _finished(procs) -> tuple[int, str]:
+    out, _ = procs[0].communicate(timeout=1800)
+    procs[1].wait(timeout=60)
+    resumed = [line for line in out.splitlines() if line.startswith('resumed')]
+    return procs[0].returncode, resumed[0] if resumed else 'fresh'
+
+
+def fault_peer_kill(args, rng, root, steps) -> dict:
+    reference = root / 'peer_reference'
+    code, _ = _finished(_two_processes(reference, steps, args.data_dir))
+    if code:
+        raise RuntimeError(f'the uninterrupted two-process run failed: exit {code}')
+    faulty = root / 'peer_kill'
+    procs = _two_processes(faulty, steps, args.data_dir, stderr=subprocess.PIPE)
+    at = 10 * rng.randint(2, max(2, steps // 20))
+    wait_for_step(faulty, procs[0], min(at, steps - 10))
+    procs[1].kill()
+    started = time.time()
+    _, err = procs[0].communicate(timeout=300)
+    seconds, code, line = time.time() - started, procs[0].returncode, one_line(err)
+    procs[1].wait()
+    last = latest_step(faulty)
+    final_code, resumed = _finished(_two_processes(faulty, steps, args.data_dir))
+    ok = (
+        code == 1
+        and seconds < 10 + 30
+        and line.startswith('[process 0] error: process 1 stopped answering')
+        and f'The last complete checkpoint: step {last} in' in line
+        and resumed == f'resumed from step {last}'
+    )
+    return {
+        'workdir': faulty,
+        'reference': reference,
+        'details': [
+            f'process 1 killed after step {min(at, steps - 10)}: process 0 exit {code} after '
+            f'{seconds:.1f} s: {line.replace(str(root), "<tmp>")}'
+        ],
+        'final': f'exit {final_code}, {resumed}',
+        'ok': ok,
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--fault', choices=('all', *FAULTS), default='all')
@@ -256,18 +402,20 @@ def main() -> int:
     rng = random.Random(args.seed)
     root = pathlib.Path(tempfile.mkdtemp(prefix='fault_injection_'))
     clean = root / 'uninterrupted'
+    faults = FAULTS if args.fault == 'all' else (args.fault,)
 
-    start = time.time()
-    subprocess.run(
-        command(clean, args.steps, args.data_dir), cwd=REPO, check=True, capture_output=True
-    )
-    print(f'uninterrupted run ({args.steps} steps): {time.time() - start:.0f} s')
-    a = json.loads((clean / 'results.json').read_text())
-    a.pop('wall_seconds')
-    print('uninterrupted results:', json.dumps(a, sort_keys=True))
+    if set(faults) - {'stall', 'peer-kill'}:  # (those two run their own reference)
+        start = time.time()
+        subprocess.run(
+            command(clean, args.steps, args.data_dir), cwd=REPO, check=True, capture_output=True
+        )
+        print(f'uninterrupted run ({args.steps} steps): {time.time() - start:.0f} s')
+        a = json.loads((clean / 'results.json').read_text())
+        a.pop('wall_seconds')
+        print('uninterrupted results:', json.dumps(a, sort_keys=True))
 
     passed = True
-    for name in FAULTS if args.fault == 'all' else (args.fault,):
+    for name in faults:
         start = time.time()
         outcome = globals()[f'fault_{name.replace("-", "_")}'](args, rng, root, args.steps)
         print(f'\n== {name} ({time.time() - start:.0f} s)')
@@ -277,7 +425,9 @@ def main() -> int:
         for line in outcome['details']:
             print(f'   {line}')
         print(f'   final relaunch: {outcome["final"]}')
-        equal, results = same_results(clean, outcome['workdir'])
+        equal, results = same_results(
+            outcome.get('reference', clean), outcome['workdir'], outcome.get('per_launch')
+        )
         ok = equal and outcome.get('ok', True)
         print(
             f'   results.json and eval history equal bit for bit (wall_seconds aside): '

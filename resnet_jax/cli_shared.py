@@ -26,8 +26,15 @@ FLAGS = flags.FLAGS
 
 
 def fail(message: str, code: int = 2) -> None:
-    """One clear line and an exit code: bad input never gets a traceback."""
-    print(f'{process_tag()}error: {message}', file=sys.stderr, flush=True)
+    """One clear line and an exit code: bad input never gets a traceback. A process of a
+    multi-process run ends at once: a normal exit would wait at JAX's shutdown barrier
+    for peers that may be waiting on it in a collective; its end is seen by their
+    heartbeat, and their watch reports it (``training.supervisor``)."""
+    tag = process_tag()
+    print(f'{tag}error: {message}', file=sys.stderr, flush=True)
+    if tag:
+        sys.stdout.flush()
+        os._exit(code)
     sys.exit(code)
 
 

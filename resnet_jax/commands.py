@@ -60,6 +60,16 @@ def run_train(argv: list[str]) -> None:
     if FLAGS.resume_step is not None and FLAGS.resume_step < 0:
         fail(f'--resume_step must be a checkpoint step (>= 0); got {FLAGS.resume_step}')
 
+    from resnet_jax import parallel
+    from resnet_jax.training import supervisor
+
+    multi_process = (
+        FLAGS.coordinator_address or (FLAGS.num_processes or 1) > 1 or parallel.cluster_launch()
+    )
+    if multi_process and supervisor.needed():
+        tag = f'[process {FLAGS.process_id}] ' if FLAGS.process_id is not None else ''
+        sys.exit(supervisor.run(FLAGS.workdir, FLAGS.heartbeat_timeout_seconds, tag))
+
     from resnet_jax import config as config_lib
     from resnet_jax.backends import xla_options
 
@@ -69,9 +79,10 @@ def run_train(argv: list[str]) -> None:
 
     import jax
 
-    from resnet_jax import parallel, paths
+    from resnet_jax import paths
     from resnet_jax.config import ConfigError
     from resnet_jax.data import prepare
+    from resnet_jax.data.workers import InputError
     from resnet_jax.training import checkpoints, faults, loop, memory
 
     parallel.enable_compilation_cache(FLAGS.compilation_cache_dir)
@@ -88,8 +99,11 @@ def run_train(argv: list[str]) -> None:
         )
     except ConfigError as e:
         fail(str(e))
-    except (faults.NonFiniteLossError, memory.OutOfMemoryError) as e:
+    except (faults.NonFiniteLossError, memory.OutOfMemoryError, InputError) as e:
         fail(str(e), code=1)
+    except jax.errors.JaxRuntimeError as e:
+        supervisor.await_verdict(e, FLAGS.workdir, FLAGS.heartbeat_timeout_seconds)
+        raise
     except checkpoints.CheckpointWriteError as e:
         # orbax's writer threads and tensorstore's callbacks of the failed save may still be
         # waiting or may complain as the interpreter shuts down (tracebacks, or a wait until
@@ -173,6 +187,7 @@ def run_evaluate(argv: list[str]) -> None:
     from resnet_jax import parallel, paths
     from resnet_jax.config import ConfigError
     from resnet_jax.data import prepare
+    from resnet_jax.data.workers import InputError
     from resnet_jax.evaluation import protocols
     from resnet_jax.training import faults
 
@@ -193,9 +208,17 @@ def run_evaluate(argv: list[str]) -> None:
     except (ConfigError, ValueError, OSError) as e:
         fail(str(e).splitlines()[0])
     for protocol in dict.fromkeys(FLAGS.protocol):  # in the order given, each once
-        result = protocols.evaluate_protocol(
-            model, variables, pipeline, protocol, FLAGS.batch_size, execution_plan=config.execution
-        )
+        try:
+            result = protocols.evaluate_protocol(
+                model,
+                variables,
+                pipeline,
+                protocol,
+                FLAGS.batch_size,
+                execution_plan=config.execution,
+            )
+        except InputError as e:
+            fail(str(e), code=1)
         record = {
             'protocol': protocol,
             'step': step,
@@ -301,6 +324,7 @@ def run_prepare(argv: list[str]) -> None:
     del argv
     from resnet_jax.config import ConfigError
     from resnet_jax.data import folder, prepare
+    from resnet_jax.data.workers import InputError
 
     progress = prepare.print_progress(f'reading {FLAGS.dataset}')
     try:
@@ -313,6 +337,8 @@ def run_prepare(argv: list[str]) -> None:
         )
     except ConfigError as e:
         fail(str(e))
+    except InputError as e:
+        fail(str(e), code=1)
     if folder.is_folder(FLAGS.dataset):
         print('prepared', folder.store_dir(folder.folder_path(FLAGS.dataset)))
         return

@@ -41,6 +41,7 @@ def _pin_xdist_worker():
 
 _pin_xdist_worker()
 
+import contextlib  # noqa: E402
 import importlib.util  # noqa: E402
 import json  # noqa: E402
 import pathlib  # noqa: E402
@@ -67,7 +68,14 @@ def pytest_configure(config):  # after the command line is accepted, before any 
 # modules of most work, in that order, start the session: the short ones fill in around them
 # rather than leaving one worker idle at the end.
 _LONGEST = 'test_default_run_reaches_below_3_percent_and_resumes'
-_FIRST_MODULES = ('test_train', 'test_faults', 'test_folder', 'test_edges', 'test_execution')
+_FIRST_MODULES = (
+    'test_train',
+    'test_faults',
+    'test_folder',
+    'test_edges',
+    'test_run_stops',
+    'test_execution',
+)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -331,3 +339,14 @@ class Golden:
 @pytest.fixture
 def golden(request) -> Golden:
     return Golden(request.node.name, request.config.getoption('--update-golden'))
+
+
+def children(pid: int, marker: bytes) -> list[int]:
+    """The processes whose parent is ``pid`` and whose command line holds ``marker``."""
+    out = []
+    for stat in pathlib.Path('/proc').glob('[0-9]*/stat'):
+        with contextlib.suppress(OSError):
+            ppid = int(stat.read_text().rsplit(')', 1)[1].split()[1])
+            if ppid == pid and marker in (stat.parent / 'cmdline').read_bytes():
+                out.append(int(stat.parent.name))
+    return out

@@ -57,6 +57,11 @@ multihost_utils.reached_preemption_sync_point = check
 def train_counting(*args, **kwargs):
     from jax._src import distributed  # the backend holds the real client by now
 
+    # Written by the process that trains (not by the watch that runs it: resnet-jax train
+    # runs each process of a multi-process run under one, with this same command line).
+    atexit.register(
+        lambda: pathlib.Path(out).write_text(json.dumps({'counts': COUNTS, 'by_step': BY_STEP}))
+    )
     if distributed.global_state.client is not None:
         distributed.global_state.client = CountingClient(distributed.global_state.client)
     return original(*args, **kwargs)
@@ -64,7 +69,4 @@ def train_counting(*args, **kwargs):
 
 original, loop.train_and_evaluate = loop.train_and_evaluate, train_counting
 out = sys.argv.pop(1)
-atexit.register(
-    lambda: pathlib.Path(out).write_text(json.dumps({'counts': COUNTS, 'by_step': BY_STEP}))
-)
 main.run()

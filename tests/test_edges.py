@@ -1,129 +1,34 @@
-"""Nothing lost at the edges: what a tired user types, what a file system does, and what a
-diverged run leaves, met where a user meets them (the launcher and ``evaluate``).
+"""Nothing lost at the edges, refused before anything is written: what a tired user types
+(config values and files, another run's identity, another model's config, an unprepared
+dataset, a multi-process start-up without its peers), and the checkpoints a file system
+damages, met where a user meets them (the launcher and ``evaluate``).
 
-Every refusal is one line and exit code 2, before anything is written: the workdir's
-files (checkpoints, ``config.json``) are byte-identical before and after. Every failure
-while running (a checkpoint that cannot be written, a divergence) is one line and exit
-code 1, in bounded time, with every earlier checkpoint kept. Every fallback (a corrupt
-checkpoint) resumes from the step before and ends with the uninterrupted run's results,
-bit for bit.
+Every refusal is one line and exit code 2: the workdir's files (checkpoints,
+``config.json``) are byte-identical before and after. Every fallback (a corrupt checkpoint)
+resumes from the step before and ends with the uninterrupted run's results, bit for bit.
 """
 
-import contextlib
 import hashlib
 import json
-import os
-import pathlib
 import re
-import resource
 import shutil
-import signal
 import socket
-import subprocess
 import sys
 import time
 
 import pytest
 from conftest import REPO
+from launched import (
+    command,
+    one_error_line,
+    results_without_time,
+    run,
+    snapshot,
+    steps_in,
+    unwritable,
+)
 
 pytestmark = pytest.mark.slow
-
-TINY = [
-    '--config.model.name=cifar_resnet8',
-    '--config.batch_size=16',
-    '--config.model.bn_group_size=4',
-    '--config.eval_batch_size=360',
-    '--config.num_train_steps=30',
-    '--config.lr_boundaries=(20,)',
-    '--config.log_every_steps=5',
-    '--config.eval_every_steps=10',
-    '--config.checkpoint_every_steps=5',
-    '--config.keep_checkpoints=10',
-]
-
-
-def command(workdir, data_dir, *extra, module='resnet_jax.main'):
-    given = {arg.split('=')[0] for arg in extra}  # (a tuple field given twice is refused)
-    return [
-        sys.executable,
-        '-m',
-        module,
-        f'--workdir={workdir}',
-        f'--config.dataset.data_dir={data_dir}',
-        *(arg for arg in TINY if arg.split('=')[0] not in given),
-        *extra,
-    ]
-
-
-def launch(args, **kwargs):
-    env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1')
-    return subprocess.Popen(
-        args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs
-    )
-
-
-def finish(proc, timeout=240):
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        out, err = proc.communicate()
-        pytest.fail(f'the process did not end within {timeout} s: {err[-2000:]}')
-    return proc.returncode, out, err
-
-
-def run(args, timeout=240, **kwargs):
-    return finish(launch(args, **kwargs), timeout)
-
-
-def snapshot(workdir) -> dict[str, str]:
-    """Every file under ``workdir`` (its checkpoints, config.json, ...) and its SHA-256."""
-    root = pathlib.Path(workdir)
-    return {
-        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(root.rglob('*'))
-        if p.is_file()
-    }
-
-
-def steps_in(workdir):
-    return sorted(
-        int(p.name) for p in (pathlib.Path(workdir) / 'checkpoints').iterdir() if p.name.isdigit()
-    )
-
-
-def results_without_time(workdir):
-    results = json.loads((pathlib.Path(workdir) / 'results.json').read_text())
-    results.pop('wall_seconds')
-    return results
-
-
-def one_error_line(err, out=''):
-    """The single line on stderr (and no traceback anywhere)."""
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and re.match(r'(\[process \d+\] )?error: ', lines[0]), err[-3000:]
-    assert 'Traceback' not in out + err
-    return lines[0]
-
-
-@contextlib.contextmanager
-def unwritable(path):
-    """``path`` (a directory) refuses new files, for root too: the immutable attribute
-    (root, as on the project's machines and CI), else the permission bits."""
-    path = pathlib.Path(path)
-    if os.geteuid() == 0:
-        subprocess.run(['chattr', '+i', str(path)], check=True)
-        try:
-            yield
-        finally:
-            subprocess.run(['chattr', '-i', str(path)], check=True)
-    else:
-        mode = path.stat().st_mode
-        path.chmod(0o555)
-        try:
-            yield
-        finally:
-            path.chmod(mode)
 
 
 @pytest.fixture(scope='module')
@@ -411,178 +316,6 @@ def test_load_of_a_missing_step_names_the_steps(finished):
         resnet_jax.load(finished, step=7)
 
 
-# --- checkpoints that cannot be written --------------------------------------------------------
-
-
-def _wait_for_step(workdir, proc, step, timeout=120):
-    deadline = time.time() + timeout
-    while not (workdir / 'checkpoints' / str(step)).is_dir():
-        assert proc.poll() is None, finish(proc)[2][-3000:]
-        assert time.time() < deadline, 'no checkpoint in time'
-        time.sleep(0.02)
-
-
-def _logged_steps(out):
-    return [int(m) for m in re.findall(r'^\[(\d+)\] train_loss', out, re.M)]
-
-
-def _check_write_failure(workdir, proc, cause, started):
-    code, out, err = finish(proc, timeout=120)
-    assert time.time() - started < 120  # no hang
-    assert code == 1, err[-3000:]
-    line = one_error_line(err, out)
-    match = re.match(
-        rf'error: cannot write (checkpoint step (\d+) in {workdir}/checkpoints|'
-        rf'{workdir}/.+?): ({cause}); the last complete checkpoint is step (\d+) '
-        r'\(kept\)\. Free space or fix the folder, then relaunch the same command '
-        r'to resume$',
-        line,
-    )
-    assert match, line
-    failed, last = int(match.group(2) or 0), int(match.group(4))
-    assert steps_in(workdir)[-1] == last
-    if failed:
-        # stopped at once: never on to the next checkpoint step (every 5)
-        assert max(_logged_steps(out), default=0) < failed + 5, out[-2000:]
-    return last
-
-
-def test_checkpoint_folder_made_unwritable_during_the_run_stops_it_at_once(data_dir, tmp_path):
-    proc = launch(
-        command(tmp_path, data_dir, '--config.num_train_steps=100000', '--config.log_every_steps=1')
-    )
-    started = time.time()
-    _wait_for_step(tmp_path, proc, 10)
-    kept = {k: v for k, v in snapshot(tmp_path).items() if k.startswith('checkpoints/5/')}
-    with unwritable(tmp_path / 'checkpoints'):
-        last = _check_write_failure(
-            tmp_path, proc, 'Operation not permitted|Permission denied', started
-        )
-    assert last >= 10
-    assert {k: v for k, v in snapshot(tmp_path).items() if k.startswith('checkpoints/5/')} == kept
-
-
-@contextlib.contextmanager
-def small_disk(path, size='1200k'):
-    """``path`` on a file system of ``size`` (a tmpfs: root); None where it cannot be."""
-    if os.geteuid() != 0:
-        yield False
-        return
-    subprocess.run(['mount', '-t', 'tmpfs', '-o', f'size={size}', 'tmpfs', str(path)], check=True)
-    try:
-        yield True
-    finally:
-        subprocess.run(['umount', '-l', str(path)], check=True)
-
-
-def test_full_disk_stops_the_run_at_once_keeping_the_earlier_checkpoints(data_dir, tmp_path):
-    """A checkpoint that cannot be written (here a disk that fills up; as any other user,
-    a file-size limit) stops the run with one line, no hang, the earlier steps kept."""
-    workdir = tmp_path / 'run'
-    workdir.mkdir()
-    with small_disk(workdir) as mounted:
-        if mounted:
-            proc = launch(
-                command(
-                    workdir,
-                    data_dir,
-                    '--config.num_train_steps=100000',
-                    '--config.log_every_steps=1',
-                )
-            )
-            cause = 'No space left on device'
-        else:  # no tmpfs without root: files may not grow past the limit once it is set
-            proc = launch(
-                command(
-                    workdir,
-                    data_dir,
-                    '--config.num_train_steps=100000',
-                    '--config.log_every_steps=1',
-                )
-            )
-            _wait_for_step(workdir, proc, 5)
-            resource.prlimit(proc.pid, resource.RLIMIT_FSIZE, (1, 1))
-            cause = 'File too large'
-        started = time.time()
-        last = _check_write_failure(workdir, proc, cause, started)
-        assert last >= 5
-        # the kept checkpoints restore (read with the loader, checksums verified)
-        import resnet_jax
-
-        assert (
-            resnet_jax.load(
-                workdir,
-                config=None if (workdir / 'config.json').exists() else _tiny_config(data_dir),
-            ).step
-            == last
-        )
-
-
-def _tiny_config(data_dir):
-    from resnet_jax.config import base_config
-
-    config = base_config()
-    config.model.name, config.batch_size, config.model.bn_group_size = 'cifar_resnet8', 16, 4
-    return config
-
-
-# --- after a divergence ----------------------------------------------------------------------
-
-
-def test_diverged_run_names_its_checkpoints_and_resumes_from_an_earlier_one(data_dir, tmp_path):
-    """Warm-up at 0.01 for 4 steps, then lr 1e8: step 6 is saved blown up (finite, huge)
-    and step 7 is not finite. The stop message lists the checkpoints with their loss and
-    parameter norm; --resume_step=4 with a sane rate resumes from step 4, keeping step 6
-    aside; the same command again continues that run."""
-    base = [
-        '--config.checkpoint_every_steps=2',
-        '--config.log_every_steps=1',
-        '--config.lr_boundaries=(100,)',
-        '--config.num_train_steps=12',
-    ]
-    code, out, err = run(
-        command(
-            tmp_path,
-            data_dir,
-            *base,
-            '--config.warmup_steps=4',
-            '--config.warmup_learning_rate=0.01',
-            '--config.learning_rate=1e8',
-        )
-    )
-    assert code == 1
-    line = one_error_line(err, out)
-    assert re.match(
-        r'error: the training (loss|parameter norm) is (nan|inf|-inf) at step 7; '
-        r'stopped without saving that state\. Checkpoints on disk: step 2 \(loss '
-        r'[\d.]+, parameter norm 24\.\d+\), step 4 \(loss [\d.]+, parameter norm '
-        r'24\.\d+\), step 6 \(loss [\d.e+]+, parameter norm [\d.]+e\+\d+\)\. Lower '
-        r'the learning rate or add warm-up, and relaunch with --resume_step=STEP to '
-        r'resume from an earlier one',
-        line,
-    ), line
-    blown_up = snapshot(tmp_path / 'checkpoints' / '6')
-
-    resume = command(tmp_path, data_dir, *base, '--resume_step=4')
-    code, out, err = run(resume)
-    assert code == 0, err[-3000:]
-    assert 'resuming from step 4: the later checkpoints (6) are kept as' in out
-    assert 'resumed from step 4' in out
-    assert results_without_time(tmp_path)['train_loss'] < 10
-    aside = list((tmp_path / 'checkpoints').glob('rolled-back-6-*'))
-    assert len(aside) == 1 and snapshot(aside[0]) == blown_up
-    code, out, err = run(resume[:-1] + ['--config.num_train_steps=14', '--resume_step=4'])
-    assert code == 0, err[-3000:]  # the same flag again: the resumed run goes on
-    assert 'resumed from step 12' in out and 'resuming from' not in out
-
-    code, out, err = run(command(tmp_path, data_dir, *base, '--resume_step=3'))
-    assert code == 2
-    assert re.match(
-        r'error: --resume_step=3: .* has no checkpoint of step 3; it has: step ',
-        one_error_line(err, out),
-    )
-
-
 # --- evaluate ---------------------------------------------------------------------------------
 
 
@@ -720,31 +453,3 @@ def test_startup_wait_honours_its_timeout_and_names_the_coordinator(process_id, 
             f'not join {address} within 4 s (--startup_timeout_seconds)'
         )
     assert not (tmp_path / 'run').exists()
-
-
-def test_sigterm_checkpoints_and_the_first_save_writes_config_json(data_dir, tmp_path):
-    """A stop request still checkpoints and exits 0 with the new checkpointer (its first
-    save writes config.json)."""
-    proc = launch(command(tmp_path, data_dir, '--config.num_train_steps=100000'))
-    _wait_for_step(tmp_path, proc, 5)
-    proc.send_signal(signal.SIGTERM)
-    code, out, err = finish(proc, timeout=120)
-    assert code == 0, err[-3000:]
-    stopped = int(re.search(r'stopped by SIGTERM at step (\d+)', out).group(1))
-    assert steps_in(tmp_path)[-1] == stopped
-    assert json.loads((tmp_path / 'config.json').read_text())['model']['name'] == 'cifar_resnet8'
-
-
-def test_an_error_line_names_its_process_in_a_multi_process_run(monkeypatch, capsys):
-    import jax
-
-    from resnet_jax import cli_shared
-
-    monkeypatch.setattr(jax.distributed, 'is_initialized', lambda: True)
-    monkeypatch.setattr(jax, 'process_index', lambda: 3)
-    with pytest.raises(SystemExit) as stopped:
-        cli_shared.fail('workdir gs://b/run is not writable: 403 Forbidden')
-    assert stopped.value.code == 2
-    assert capsys.readouterr().err == (
-        '[process 3] error: workdir gs://b/run is not writable: 403 Forbidden\n'
-    )

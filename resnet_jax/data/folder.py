@@ -239,26 +239,7 @@ def prepare(
     if fresh:
         for key in _ARRAYS:
             _save_array(f'{store}/{key}.npy', arrays[key])
-        if unreadable:
-            logging.warning(
-                '%d files in %s are not readable images; training skips them '
-                'and counts them as corrupt records: %s',
-                len(unreadable),
-                root,
-                ', '.join(unreadable[:10]),
-            )
-        if oversized:  # counted in the workers, where PIL's warnings are not shown
-            one = len(oversized) == 1
-            logging.warning(
-                "%d %s in %s %s larger than PIL's decompression-bomb limit "
-                '(PIL.Image.MAX_IMAGE_PIXELS, %s pixels); read anyway: %s',
-                len(oversized),
-                'image' if one else 'images',
-                root,
-                'is' if one else 'are',
-                scan.pixel_limit,
-                ', '.join(oversized[:10]),
-            )
+        sources.log_scan(scan, root, listing['files'].__getitem__)
         info = {
             'version': INDEX_VERSION,
             'root': root,

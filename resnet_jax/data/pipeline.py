@@ -279,7 +279,8 @@ class Pipeline:
         indices = list(indices)
         items = workers.map_in_workers(task, indices, self.num_workers)
         try:  # exactly len(indices) items: the workers stop at close(), not by exhaustion
-            for out, label, skipped in itertools.islice(items, len(indices)):
+            reported = workers.reported(items, lambda n: f'image {indices[n]} of the eval split')
+            for out, label, skipped in itertools.islice(reported, len(indices)):
                 self._count(skipped)
                 yield out, int(label)
         finally:
@@ -304,7 +305,8 @@ class Pipeline:
         else:
             batches = self._host_batches(build, 0, num_batches, mine.stop - mine.start)
         try:  # (see eval_images)
-            for batch in itertools.islice(batches, num_batches):
+            reported = workers.reported(batches, lambda n: f'eval batch {n}')
+            for batch in itertools.islice(reported, num_batches):
                 yield self._received(batch)
         finally:
             batches.close()
@@ -406,7 +408,10 @@ def prefetch(iterator: Iterator, put, size: int = 2) -> Iterator:
             yield item
     finally:
         stop.set()
-        thread.join(timeout=30)
+        thread.join(timeout=5)
+        if thread.is_alive():  # stuck in next(iterator): the input workers do not answer
+            workers.kill_all()
+            thread.join(timeout=5)
 
 
 def train_iterator(
@@ -421,7 +426,7 @@ def train_iterator(
     else:
         batches = pipeline._host_batches(build, start_step, 1 << 62, mine.stop - mine.start)
     try:
-        for batch in batches:
+        for batch in workers.reported(batches, lambda n: f'the batch of step {start_step + n}'):
             yield pipeline._received(batch)
     finally:
         batches.close()

@@ -174,6 +174,7 @@ def compute_mean(
     scan = sources.scan(
         source, np.arange(n), size, num_workers or workers.default_num_workers(), progress
     )
+    sources.log_scan(scan, f'{name} train', lambda i: f'record {i}')
     mean = (scan.total / max(1, scan.count) / 255.0).astype(np.float32)
     path = mean_path(tfds.builder(name, data_dir=data_dir).data_dir, size)
     with path.open('wb') as f:  # a local file or an object in a bucket

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import logging
 import math
 import warnings
 from collections.abc import Callable
@@ -169,6 +170,32 @@ class Scan:
         )
 
 
+def log_scan(scan: Scan, where: str, name: Callable[[int], str] = str) -> None:
+    """One warning line each for the unreadable records of ``scan`` and those above PIL's
+    pixel limit (counted in the workers, where PIL's warnings are not shown), naming the
+    first ten by ``name(index)``."""
+    if scan.unreadable:
+        logging.warning(
+            '%d files in %s are not readable images; training skips them '
+            'and counts them as corrupt records: %s',
+            len(scan.unreadable),
+            where,
+            ', '.join(name(i) for i in scan.unreadable[:10]),
+        )
+    if scan.oversized:
+        one = len(scan.oversized) == 1
+        logging.warning(
+            "%d %s in %s %s larger than PIL's decompression-bomb limit "
+            '(PIL.Image.MAX_IMAGE_PIXELS, %s pixels); read anyway: %s',
+            len(scan.oversized),
+            'image' if one else 'images',
+            where,
+            'is' if one else 'are',
+            scan.pixel_limit,
+            ', '.join(name(i) for i in scan.oversized[:10]),
+        )
+
+
 def _scan_chunk(
     source, indices: np.ndarray, summed: np.ndarray, size: int, resize_size: int
 ) -> Scan:
@@ -219,7 +246,8 @@ def scan(
         num_workers,
     )
     try:
-        for start, part in zip(starts, tasks):
+        described = workers.reported(tasks, lambda n: f'records {indices[n * chunk]}...')
+        for start, part in zip(starts, described):
             result = result.merge(dataclasses.replace(part, total=np.array(part.total)))
             if progress is not None:
                 progress(min(len(indices), start + chunk), len(indices))

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import functools
 import gc
+import itertools
 import multiprocessing
 import os
+import re
 import signal
+import sys
 import threading
 import weakref
 from collections.abc import Callable, Iterator, Sequence
@@ -24,6 +27,14 @@ def default_num_workers() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         return os.cpu_count() or 1
+
+
+def kill_all() -> None:
+    """Kills this process's worker processes (multiprocessing's children), for an input
+    that stopped answering: its workers would never end, and grain would wait for them at
+    exit. (SIGKILL ends even a stopped process.)"""
+    for process in multiprocessing.active_children():
+        process.kill()
 
 
 def _exit_with_parent() -> None:
@@ -42,11 +53,21 @@ def _init_worker(index: int, count: int) -> None:
     threading.Thread(target=_exit_with_parent, daemon=True).start()
 
 
+_TRACKER_QUIET = 'ignore:resource_tracker:UserWarning'
+
+
 def _grain():
     """grain, importable from code that never parsed absl flags (tests, notebooks):
     grain reads its absl flags when it starts workers; their defaults are what we want."""
     import grain
     from absl import flags
+
+    # multiprocessing's resource tracker (started with the first worker, with these options)
+    # unlinks the shared-memory blocks of a process that died or was ended by the stop
+    # watchdog (faults.StopRequest) and warns of each in a multi-line warning: the cleanup
+    # is the fix, so the warning only buries the run's own one-line error.
+    if _TRACKER_QUIET not in sys.warnoptions:
+        sys.warnoptions.append(_TRACKER_QUIET)
 
     if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()
@@ -58,6 +79,38 @@ def shared_array(shape: Sequence[int], dtype) -> np.ndarray:
     from grain.multiprocessing import SharedMemoryArray
 
     return SharedMemoryArray(tuple(shape), dtype)
+
+
+class InputError(RuntimeError):
+    """The input pipeline failed (a worker process died or raised): one line naming the
+    batch or image and the cause."""
+
+
+def _failure(error: BaseException, what: str) -> str:
+    code = re.search(r'terminated unexpectedly with exit code (-?\d+)', str(error))
+    if code:  # grain's message for a worker that died (its other items may still arrive)
+        n = int(code.group(1))
+        how = f'killed by {signal.Signals(-n).name}' if n < 0 else f'exit code {n}'
+        if n == -9:
+            how += ', as the kernel kills a process when memory runs out'
+        return f'an input worker process died ({how}) building {what} or one after it'
+    lines = [line for line in str(error).splitlines() if line.strip()]
+    return (
+        f'the input pipeline failed at {what}: {type(error).__name__}: {lines[0] if lines else ""}'
+    )
+
+
+def reported(items: Iterator, describe: Callable[[int], str]) -> Iterator:
+    """``items``, a failure raised as one-line InputError naming item ``n`` by
+    ``describe(n)`` (a worker's exception arrives in its item's place)."""
+    for n in itertools.count():
+        try:
+            item = next(items)
+        except StopIteration:
+            return
+        except Exception as e:
+            raise InputError(_failure(e, describe(n))) from e
+        yield item
 
 
 def map_in_workers(

@@ -8,8 +8,10 @@ import errno
 import fcntl
 import os
 import signal
+import socket
 import sys
 import threading
+import traceback
 
 import jax
 import numpy as np
@@ -156,14 +158,24 @@ class StopRequest(contextlib.AbstractContextManager):
     """SIGTERM / SIGINT ask the loop to stop at a step that every process reaches. On several
     processes JAX's preemption service (what orbax uses) agrees on that step in the
     background, so no step waits on another host (SIGINT is handed to it as a SIGTERM);
-    without the service, one all-gather at the ``boundary`` steps."""
+    without the service, one all-gather at the ``boundary`` steps.
+
+    A run that has not stopped ``GRACE_SECONDS`` after the signal (its input stuck, a peer
+    gone) is ended by a watchdog thread: one line naming where the main thread waits and
+    the last complete checkpoint (``checkpoints``, a folder), exit 1. The thread hears the
+    signal through ``signal.set_wakeup_fd``, which the interpreter's C handler writes even
+    while the main thread is blocked in C and runs no Python handler."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
+    GRACE_SECONDS = 25.0  # schedulers kill at 30 s (Kubernetes' default grace period)
 
-    def __init__(self):
+    def __init__(self, checkpoints=None):
         self.signal_name: str | None = None
+        self.checkpoints = checkpoints
         self._previous = {}
         self._service = False
+        self._done = threading.Event()
+        self._wakeup = None
 
     def _handle(self, signum, frame):
         del frame
@@ -178,12 +190,56 @@ class StopRequest(contextlib.AbstractContextManager):
         if threading.current_thread() is threading.main_thread():
             for sig in signals:
                 self._previous[sig] = signal.signal(sig, self._handle)
+            reader, writer = socket.socketpair()
+            writer.setblocking(False)
+            self._wakeup = (reader, writer, signal.set_wakeup_fd(writer.fileno()))
+            threading.Thread(target=self._watch, args=(reader,), daemon=True).start()
         return self
 
     def __exit__(self, *exc):
+        self._done.set()
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+        if self._wakeup is not None:
+            reader, writer, previous = self._wakeup
+            signal.set_wakeup_fd(previous)
+            writer.close()  # ends the watchdog's wait
         return False
+
+    def _watch(self, reader: socket.socket) -> None:
+        with reader:
+            stops = {int(sig) for sig in self.SIGNALS}
+            signum = None
+            while signum not in stops:  # (every signal with a Python handler is written)
+                try:
+                    got = reader.recv(1)
+                except OSError:
+                    return
+                if not got:
+                    return
+                signum = got[0]
+            if self._done.wait(self.GRACE_SECONDS):
+                return
+            name = signal.Signals(signum).name
+            where = _where_main_waits()
+            last = 'none'
+            if self.checkpoints is not None:
+                from resnet_jax.training import run_identity
+
+                steps = run_identity.step_dirs(self.checkpoints)
+                last = f'step {steps[0]} in {self.checkpoints}' if steps else 'none'
+            tag = f'[process {jax.process_index()}] ' if jax.process_count() > 1 else ''
+            print(
+                f'{tag}error: {name} received, but the run did not end within '
+                f'{self.GRACE_SECONDS:.0f} s (waiting in {where}); ended. The last complete '
+                f'checkpoint: {last}.',
+                file=sys.stderr,
+                flush=True,
+            )
+            from resnet_jax.data import workers
+
+            workers.kill_all()  # (stuck ones would not follow their parent)
+            os._exit(1)
 
     def requested(self, step: int, boundary: bool = True) -> bool:
         """Whether to stop after ``step``, the same on every process (each calls it after every
@@ -235,3 +291,18 @@ class NonFiniteGuard:
                 raise NonFiniteLossError(step, what, value)
             values.append(value)
         self._last = (step, *values)
+
+
+def _where_main_waits() -> str:
+    """The innermost frames of the main thread: this package's, and the one it waits in."""
+    frame = sys._current_frames().get(threading.main_thread().ident)
+    if frame is None:
+        return 'an unknown place'
+    stack = traceback.extract_stack(frame)
+    ours = [f for f in stack if f'{os.sep}resnet_jax{os.sep}' in f.filename]
+    where = f'{stack[-1].name} ({os.path.basename(stack[-1].filename)}:{stack[-1].lineno})'
+    if ours and ours[-1] is not stack[-1]:
+        where += f', called from {ours[-1].name} ({os.path.basename(ours[-1].filename)})'
+    if any(f'{os.sep}data{os.sep}' in f.filename for f in ours):
+        where = f'the input pipeline: {where}'
+    return where

@@ -114,7 +114,7 @@ def train_and_evaluate(
 
     failed = True
     try:
-        with faults.WorkdirLock(workdir), faults.StopRequest() as stop:
+        with faults.WorkdirLock(workdir), faults.StopRequest(workdir / 'checkpoints') as stop:
             ckpt = checkpoints.Checkpointer(
                 workdir / 'checkpoints', config, on_first_save=write_config
             )
@@ -124,7 +124,7 @@ def train_and_evaluate(
                 run.start(workdir, ckpt)
                 results = run.train(stop)
                 if 'stopped_by' not in results:
-                    results = run.results()
+                    results = run.results(stop)
                 failed = False
                 return results
             except faults.NonFiniteLossError as e:
@@ -203,6 +203,7 @@ class Run:
         self.guard = faults.NonFiniteGuard()
         self.initialised_from = None
         self.largest_batch, self.steps_taken = 0, 0  # (steps taken by this launch)
+        self.stop: faults.StopRequest | None = None  # (set by train: an evaluation ends early)
         self.memory_checked = False
         if check_memory:
             self._check_memory()
@@ -274,12 +275,20 @@ class Run:
             params=moved.variables['params'], batch_stats=moved.variables['batch_stats']
         )
         self.initialised_from = f'initialised from {workdir} (step {from_step}): {moved}'
+        meta = run_identity.read_meta(paths.resolve(workdir) / 'checkpoints', from_step)
+        differences = run_identity.architecture_differences(meta, self.config)
+        if differences:  # (v1 weights fit v1.5's shapes: they compute another function)
+            self.initialised_from += (
+                f'\nwarning: init_from {workdir} was trained as another network: '
+                f'{differences}; its weights are used where their shapes agree'
+            )
         return steps.add_ema(state) if self.ema else state
 
     def train(self, stop: faults.StopRequest) -> dict:
         """Trains to ``num_train_steps`` or a stop request, logging, evaluating and
         checkpointing when due; returns ``{'step': N}`` (and ``'stopped_by'``)."""
         config, step = self.config, int(self.state.step)
+        self.stop = stop
         writer = events.create_writer(self.workdir)
         report = progress.Progress(
             config.num_train_steps,
@@ -350,17 +359,18 @@ class Run:
         self.train_metrics = self.empty_metrics
         report.report(step, summary['train_loss'])
 
-    def _evaluate(self, step: int, writer: events.RunWriter | None = None) -> dict:
+    def _evaluate(self, step: int, writer: events.RunWriter | None = None) -> dict | None:
         """The metrics over the whole eval split (and the EMA's), recorded in the history;
-        the error feeds the reduce-on-plateau schedule."""
-        result = {'step': step, **{f'eval_{k}': v for k, v in self._eval(self.state).items()}}
+        the error feeds the reduce-on-plateau schedule. None: cut short by a stop request."""
+        metrics = self._eval(self.state)
+        if metrics is None:
+            return None
+        result = {'step': step, **{f'eval_{k}': v for k, v in metrics.items()}}
         if self.ema:
-            result.update(
-                {
-                    f'eval_ema_{k}': v
-                    for k, v in self._eval(steps.with_ema_weights(self.state)).items()
-                }
-            )
+            metrics = self._eval(steps.with_ema_weights(self.state))
+            if metrics is None:
+                return None
+            result.update({f'eval_ema_{k}': v for k, v in metrics.items()})
         if writer is not None:
             writer.write_scalars(step, {k: v for k, v in result.items() if k != 'step'})
             self.history['eval'].append(result)
@@ -370,12 +380,18 @@ class Run:
         self.last_eval = result
         return result
 
-    def _eval(self, state: steps.TrainState) -> dict[str, float]:
-        """Metrics over the complete split (the padded tail is masked, never dropped)."""
+    def _eval(self, state: steps.TrainState) -> dict[str, float] | None:
+        """Metrics over the complete split (the padded tail is masked, never dropped);
+        None when a stop request cut it short (a single process leaves an evaluation of
+        ImageNet's 50,000 images to checkpoint in time; processes would have to agree)."""
         total = None
-        for batch in self.pipeline.eval_batches(
+        batches = self.pipeline.eval_batches(
             self.config.eval_batch_size, jax.process_index(), jax.process_count()
-        ):
+        )
+        for batch in batches:
+            if self.stop is not None and self.stop.signal_name and jax.process_count() == 1:
+                batches.close()
+                return None
             m = self.eval_fn(state, parallel.shard_batch(self.mesh, batch))
             total = m if total is None else total.merge(m)
         return parallel.host_values(total)
@@ -387,13 +403,16 @@ class Run:
         loss = None if loss_sum is None else loss_sum / self.config.batch_size
         self.ckpt.save(step, self.state, self.train_metrics, self.history, loss, norm)
 
-    def results(self) -> dict[str, float]:
+    def results(self, stop: faults.StopRequest | None = None) -> dict[str, float]:
         """The final metrics (evaluating the last step if it was not), written with the
         history and the curves to the workdir."""
+        self.stop = stop
         step = int(self.state.step)
         evaluated = self.last_eval
         if evaluated is None or evaluated['step'] != step:
             evaluated = self._evaluate(step)
+        if evaluated is None:
+            return {'step': step, 'stopped_by': stop.signal_name}
         last_train = self.history['train'][-1] if self.history['train'] else {}
         results = {
             'step': step,

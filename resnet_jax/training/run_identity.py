@@ -73,22 +73,27 @@ def check_identity(
     )
 
 
-def check_model(
-    directory: epath.Path, step: int, meta: dict, config: ml_collections.ConfigDict
-) -> None:
-    """CheckpointMismatch where the network recorded with a checkpoint
-    (``config.ARCHITECTURE_FIELDS``) differs from ``config.model``'s: what evaluation and
-    loading check before reading weights."""
+def architecture_differences(meta: dict, config: ml_collections.ConfigDict) -> str:
+    """Where the network recorded with a checkpoint (``config.ARCHITECTURE_FIELDS``)
+    differs from ``config.model``'s, named with both values ('' where it does not)."""
     recorded = {
         k: v
         for k, v in config_lib.recorded_identity(meta).items()
         if k in config_lib.ARCHITECTURE_FIELDS
     }
-    differences = config_lib.identity_differences(recorded, config)
+    return _listed(config_lib.identity_differences(recorded, config))
+
+
+def check_model(
+    directory: epath.Path, step: int, meta: dict, config: ml_collections.ConfigDict
+) -> None:
+    """CheckpointMismatch where the network recorded with a checkpoint differs from
+    ``config.model``'s: what evaluation and loading check before reading weights."""
+    differences = architecture_differences(meta, config)
     if differences:
         raise CheckpointMismatch(
             f'checkpoint step {step} in {directory} holds another '
-            f'model: {_listed(differences)}; evaluate it with its own '
+            f'model: {differences}; evaluate it with its own '
             'config (leave out --config) or pass the config it was '
             'trained with'
         )

@@ -1,12 +1,15 @@
 """Input pipelines and the paper's augmentation, on real photos."""
 
+import dataclasses
+import logging
+
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 from photos import PHOTOS, photos_config
 
 from resnet_jax.config import ConfigError
-from resnet_jax.data import augment, prepare
+from resnet_jax.data import augment, prepare, sources
 from resnet_jax.data import pipeline as input_pipeline
 
 
@@ -104,6 +107,28 @@ def test_mean_subtraction_uses_the_stored_mean(photos_dir):
         axis=0,
     )
     np.testing.assert_allclose(stored, expected, atol=1e-5)
+
+
+def test_the_mean_image_names_the_records_it_could_not_read_or_that_are_oversized(
+    photos_dir, monkeypatch, caplog
+):
+    """As preparing a folder does: one line each, naming the records (here two of the
+    scan's findings stood in, on the real scan of the photos dataset)."""
+    real = sources.scan
+
+    def scan(*args, **kwargs):
+        found = real(*args, **kwargs)
+        return dataclasses.replace(found, unreadable=[3], oversized=[1, 2], pixel_limit=100)
+
+    monkeypatch.setattr(sources, 'scan', scan)
+    caplog.set_level(logging.WARNING)
+    prepare.compute_mean('photos', photos_dir)
+    assert [r.getMessage() for r in caplog.records] == [
+        '1 files in photos train are not readable images; training skips them and counts '
+        'them as corrupt records: record 3',
+        "2 images in photos train are larger than PIL's decompression-bomb limit "
+        '(PIL.Image.MAX_IMAGE_PIXELS, 100 pixels); read anyway: record 1, record 2',
+    ]
 
 
 def test_cifar_augmentation_pads_crops_and_flips():

@@ -3,11 +3,14 @@ unlinked."""
 
 import gc
 import itertools
+import os
 import pathlib
+import signal
 import time
 from multiprocessing import shared_memory
 
 import numpy as np
+import pytest
 from grain.multiprocessing import SharedMemoryArray
 
 from resnet_jax.data import workers
@@ -69,3 +72,40 @@ def test_worker_arrays_arrive_uncopied_and_each_block_is_closed_once(monkeypatch
     for name, times in spans.items():  # a second close (a no-op) starts after the first
         times.sort()
         assert all(a[1] <= b[0] for a, b in zip(times, times[1:])), (name, times)
+
+
+def _dies_or_raises_at_3(key: int) -> int:
+    if key == 3:
+        if os.environ.get('TEST_WORKER_FAILURE') == 'die':
+            os.kill(os.getpid(), signal.SIGKILL)  # as the out-of-memory killer does
+        raise ValueError(f'cannot decode img{key}.png')
+    return key
+
+
+@pytest.mark.parametrize('failure', ['raise', 'die'])
+def test_a_worker_that_raises_or_dies_is_one_line_in_this_process_within_seconds(
+    failure, monkeypatch
+):
+    """A worker's exception arrives in its item's place; a worker killed (SIGKILL) is
+    noticed in seconds; both as one InputError line naming the item, never a wait."""
+    monkeypatch.setenv('TEST_WORKER_FAILURE', failure)  # (spawned workers inherit it)
+    items = workers.map_in_workers(_dies_or_raises_at_3, range(1000), num_workers=2)
+    start = time.monotonic()
+    received = []
+    with pytest.raises(workers.InputError) as raised:
+        try:
+            for item in workers.reported(items, lambda n: f'item {n}'):
+                received.append(item)
+        finally:
+            items.close()
+    message = str(raised.value)
+    assert '\n' not in message and time.monotonic() - start < 30
+    if failure == 'raise':
+        assert received == [0, 1, 2]
+        assert message == 'the input pipeline failed at item 3: ValueError: cannot decode img3.png'
+    else:
+        assert received == list(range(len(received))) and len(received) <= 3
+        assert message == (
+            'an input worker process died (killed by SIGKILL, as the kernel kills a process '
+            f'when memory runs out) building item {len(received)} or one after it'
+        )

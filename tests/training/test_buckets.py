@@ -28,9 +28,10 @@ def json_in(path):
     return json.loads(epath.Path(path).read_text())
 
 
-def test_a_run_in_a_bucket_trains_resumes_and_loads_from_it(gcs, data_dir, tmp_path):
+def test_a_run_in_a_bucket_trains_resumes_and_loads_from_it(gcs, data_dir, tmp_path, capsys):
     """In-process: the run's files land in the bucket, none on the local disk; a second
-    call resumes from the bucket's checkpoints; ``load`` and ``init_from`` read them."""
+    call resumes from the bucket's checkpoints; ``load`` and ``init_from`` read them (the
+    latter into a network that computes another function, with a warning naming why)."""
     os.chdir(tmp_path)  # where a path mistaken for a local one would appear
     workdir = f'{gcs()}/runs/first'
     results = train.train_and_evaluate(tiny_config(data_dir), workdir)
@@ -44,8 +45,14 @@ def test_a_run_in_a_bucket_trains_resumes_and_loads_from_it(gcs, data_dir, tmp_p
     assert loaded.step == 7 and loaded.variables['params']['fc']['kernel'].shape == (64, 10)
     # A new run started from the bucket's weights, its own workdir local.
     config = tiny_config(data_dir, num_train_steps=1, init_from=workdir)
+    config.model.bn_epsilon = 1.001e-5  # (Keras' value: the same shapes, another function)
+    capsys.readouterr()
     train.train_and_evaluate(config, str(tmp_path / 'local'))
     assert json_in(tmp_path / 'local' / 'results.json')['step'] == 1
+    assert (
+        f'warning: init_from {workdir} was trained as another network: model.bn_epsilon '
+        '1e-05 (this config: 1.001e-05); its weights are used where their shapes agree\n'
+    ) in capsys.readouterr().out
 
 
 def test_bad_urls_are_refused_before_anything_is_written(gcs, data_dir, tmp_path):

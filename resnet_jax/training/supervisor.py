@@ -1,0 +1,165 @@
+"""A multi-process run's processes each under a watch of their own: when a peer dies, JAX's
+distributed client ends the survivors with ``abort()`` (exit 134) and some 70 lines of C++
+and Python stacks, from a thread Python cannot reach. So ``resnet-jax train`` runs the
+process of a multi-process run as a child, passes its output through, and turns such an
+end into one line naming the peer that stopped and the last complete checkpoint (exit 1).
+Signals are handed to the child; every other end is the child's own exit code.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import select
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+CHILD = 'RESNET_JAX_SUPERVISED'  # set in the child's environment
+# After a stop signal: the run's own watchdog (faults.StopRequest) ends it at 25 s where a
+# Python handler hears the signal; this one, where none does, before a scheduler's 30 s.
+_GRACE_SECONDS = 28.0
+
+# The first line of JAX's report of a failed peer: what follows is its stack traces.
+_PEER_FAILED = re.compile(
+    rb'error polling to propagate|JAX distributed service detected fatal errors|'
+    rb'Polled an error from coordination service'
+)
+_UNHEALTHY = re.compile(rb'tasks are unhealthy \(stopped sending heartbeats\):\s*([\d\s,]+)')
+
+
+def needed() -> bool:
+    """Whether this process is to run under a watch (not yet under one). The watched
+    process dies with its watch, by SIGKILL (as a scheduler's ``kill -9`` of the watch
+    meant), within half a second."""
+    watch = os.environ.get(CHILD)
+    if watch:
+        threading.Thread(target=_die_with, args=(int(watch),), daemon=True).start()
+    return not watch
+
+
+def _die_with(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def run(workdir: str, heartbeat_timeout_seconds: int, process_tag: str) -> int:
+    """Runs this command again as a child and returns the exit code to end with."""
+    child = subprocess.Popen(
+        [sys.executable, *sys.orig_argv[1:]],
+        env={**os.environ, CHILD: str(os.getpid())},
+        stderr=subprocess.PIPE,
+    )
+    stop = {}
+
+    def forward(signum, frame):
+        del frame
+        stop.setdefault('signal', signal.Signals(signum).name)
+        stop.setdefault('deadline', time.monotonic() + _GRACE_SECONDS)
+        child.send_signal(signum)
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, forward)
+    report = _relay(child, stop)
+    code = child.wait()
+    if stop.get('killed'):
+        print(
+            f'{process_tag}error: {stop["signal"]} received, but the run did not stop within '
+            f'{_GRACE_SECONDS:.0f} s; ended. The last complete checkpoint: '
+            f'{_last_checkpoint(workdir)}.',
+            file=sys.stderr,
+            flush=True,
+        )
+        return 1
+    if report is None or code >= 0:  # (a report the child survived is passed on)
+        sys.stderr.buffer.write(report or b'')
+        return code if code >= 0 else 128 - code
+    peers = _UNHEALTHY.search(report)
+    who = (
+        f'process {", ".join(peers.group(1).decode().split())} stopped answering (no '
+        f'heartbeat for {heartbeat_timeout_seconds} s, --heartbeat_timeout_seconds)'
+        if peers
+        else 'a peer process failed'
+    )
+    print(
+        f'{process_tag}error: {who}; this process stopped with it. The last complete '
+        f'checkpoint: {_last_checkpoint(workdir)}. Relaunch every process to resume.',
+        file=sys.stderr,
+        flush=True,
+    )
+    return 1
+
+
+def _relay(child: subprocess.Popen, stop: dict) -> bytes | None:
+    """Copies the child's stderr to ours, a line (or a progress line's ``\\r``) at a time,
+    up to JAX's report of a failed peer; returns that report (the rest) or None if there
+    was none. Ends with the child, not with the stream, which processes the child started
+    (input workers, a resource tracker) may hold open. Kills a child that outlives
+    ``stop['deadline']`` (``stop['killed']``): with JAX's preemption service a SIGTERM
+    reaches no Python handler there, so its own watchdog cannot help."""
+    out, pending, report = sys.stderr.buffer, b'', None
+    fd = child.stderr.fileno()
+    while True:
+        ended = child.poll() is not None
+        if not ended and time.monotonic() > stop.get('deadline', float('inf')):
+            stop['killed'] = True
+            child.kill()
+        while select.select([fd], [], [], 0 if ended else 0.5)[0]:
+            chunk = os.read(fd, 1 << 16)
+            if not chunk:
+                ended = True
+                break
+            if report is not None:
+                report += chunk[: max(0, (1 << 16) - len(report))]
+                continue
+            pending += chunk
+            found = _PEER_FAILED.search(pending)
+            if found:
+                start = pending.rfind(b'\n', 0, found.start()) + 1
+                pending, report = pending[:start], pending[start:]
+            end = (
+                len(pending)
+                if report is not None
+                else max(pending.rfind(b'\n'), pending.rfind(b'\r')) + 1
+            )
+            out.write(pending[:end])
+            out.flush()
+            pending = pending[end:]
+        if ended:
+            out.write(pending)
+            out.flush()
+            return report
+
+
+# What a collective says when a peer's end of it is gone (CPU: Gloo; GPU: NCCL).
+_COLLECTIVE_BROKEN = re.compile(r'Gloo|NCCL|closed by peer|Connection reset')
+
+
+def await_verdict(error: BaseException, workdir: str, heartbeat_timeout_seconds: int) -> None:
+    """In the watched process, for an error of a multi-process run: a collective that
+    broke because a peer died is not reported here, where it names only an address. JAX's
+    distributed service names the peer within the heartbeat timeout and ends this process,
+    and the watch reports that; if it does not, one line, exit 1. Other errors return."""
+    if not os.environ.get(CHILD) or not _COLLECTIVE_BROKEN.search(str(error)):
+        return
+    time.sleep(heartbeat_timeout_seconds + 15)
+    first = str(error).strip().splitlines()[0][:300]
+    print(
+        f'error: a collective with another process failed ({first}); the last complete '
+        f'checkpoint: {_last_checkpoint(workdir)}. Relaunch every process to resume.',
+        file=sys.stderr,
+        flush=True,
+    )
+    os._exit(1)
+
+
+def _last_checkpoint(workdir: str) -> str:
+    from resnet_jax import paths
+    from resnet_jax.training import run_identity
+
+    directory = paths.resolve(workdir) / 'checkpoints'
+    steps = run_identity.step_dirs(directory)
+    return f'step {steps[0]} in {directory}' if steps else 'none'
