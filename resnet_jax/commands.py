@@ -48,6 +48,13 @@ def define_train() -> None:
         'moved aside (kept), and the same command again continues the '
         'resumed run.',
     )
+    flags.DEFINE_integer(
+        'stop_grace_seconds',
+        25,
+        'After SIGTERM/SIGINT, a run that has not ended (its input stuck, a save that '
+        'hangs) is ended this long after it, with one line (exit 1); set it below your '
+        "scheduler's grace period (Kubernetes: 30 s). 0: never.",
+    )
     multihost_flags()
     cache_flag()
 
@@ -59,6 +66,8 @@ def run_train(argv: list[str]) -> None:
     config = validated(FLAGS.config)
     if FLAGS.resume_step is not None and FLAGS.resume_step < 0:
         fail(f'--resume_step must be a checkpoint step (>= 0); got {FLAGS.resume_step}')
+    if FLAGS.stop_grace_seconds < 0:
+        fail(f'--stop_grace_seconds must be >= 0 (0: never); got {FLAGS.stop_grace_seconds}')
 
     from resnet_jax import parallel
     from resnet_jax.training import supervisor
@@ -67,8 +76,14 @@ def run_train(argv: list[str]) -> None:
         FLAGS.coordinator_address or (FLAGS.num_processes or 1) > 1 or parallel.cluster_launch()
     )
     if multi_process and supervisor.needed():
-        tag = f'[process {FLAGS.process_id}] ' if FLAGS.process_id is not None else ''
-        sys.exit(supervisor.run(FLAGS.workdir, FLAGS.heartbeat_timeout_seconds, tag))
+        sys.exit(
+            supervisor.run(
+                FLAGS.workdir,
+                FLAGS.heartbeat_timeout_seconds,
+                FLAGS.stop_grace_seconds,
+                supervisor.process_tag(FLAGS.process_id),
+            )
+        )
 
     from resnet_jax import config as config_lib
     from resnet_jax.backends import xla_options
@@ -93,6 +108,7 @@ def run_train(argv: list[str]) -> None:
             config,
             FLAGS.workdir,
             resume_step=FLAGS.resume_step,
+            stop_grace_seconds=FLAGS.stop_grace_seconds or None,
             prepare_progress=prepare.print_progress(f'preparing {config.dataset.name}')
             if lead
             else None,

@@ -88,6 +88,7 @@ def copy_of(finished, tmp_path):
         (['--config.model.shortcut=D'], "unknown model.shortcut 'D'; allowed: A, B, C"),
         (['--config.bogus=1'], "unknown config field 'bogus'"),
         (['--resume_step=-3'], r'--resume_step must be a checkpoint step \(>= 0\); got -3'),
+        (['--stop_grace_seconds=-1'], r'--stop_grace_seconds must be >= 0 \(0: never\); got -1'),
         (['--workdirr=x'], 'unknown flag --workdirr'),
     ],
 )

@@ -3,6 +3,7 @@ nets of sec. 4.2 (``cifar``), built by ``create_model`` and listed by ``list_mod
 
 from __future__ import annotations
 
+import fnmatch
 import functools
 import re
 from collections.abc import Callable
@@ -71,10 +72,12 @@ def cifar(depth: int, residual: bool = True, **overrides: Any) -> ResNet:
     return ResNet(**kwargs)
 
 
-def list_models() -> list[str]:
-    """Every registered name (CIFAR nets exist for any 6n+2 depth; the paper's are listed)."""
+def list_models(pattern: str = '*') -> list[str]:
+    """The registered names matching the shell-style ``pattern`` (``'cifar_resnet*'``,
+    ``'*50'``), as timm's ``list_models`` does; CIFAR nets exist for any 6n+2 depth, the
+    paper's are listed."""
     cifar_names = [f'cifar_{kind}{d}' for kind in ('resnet', 'plain') for d in CIFAR_DEPTHS]
-    return sorted(_IMAGENET) + cifar_names
+    return fnmatch.filter(sorted(_IMAGENET) + cifar_names, pattern)
 
 
 _OPTIONS = tuple(f for f in ResNet.__dataclass_fields__ if f not in ('parent', 'name'))

@@ -157,6 +157,12 @@ class ResNet(nn.Module):
         """The smallest input side: every stage then sees at least one pixel."""
         return (4 if self.stem == 'imagenet' else 1) * 2 ** (len(self.stage_sizes) - 1)
 
+    @property
+    def num_features(self) -> int:
+        """Channels of the pooled features the fc reads (``num_classes=0``'s output):
+        2048 for ResNet-50, 512 for ResNet-18, 64 for the CIFAR nets (timm's name)."""
+        return list(self.feature_info().values())[-1].channels
+
     @nn.nowrap
     def feature_info(self) -> dict[str, Feature]:
         """``features_only``'s outputs without running the net, e.g. for ResNet-50

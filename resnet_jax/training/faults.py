@@ -160,18 +160,18 @@ class StopRequest(contextlib.AbstractContextManager):
     background, so no step waits on another host (SIGINT is handed to it as a SIGTERM);
     without the service, one all-gather at the ``boundary`` steps.
 
-    A run that has not stopped ``GRACE_SECONDS`` after the signal (its input stuck, a peer
-    gone) is ended by a watchdog thread: one line naming where the main thread waits and
-    the last complete checkpoint (``checkpoints``, a folder), exit 1. The thread hears the
-    signal through ``signal.set_wakeup_fd``, which the interpreter's C handler writes even
-    while the main thread is blocked in C and runs no Python handler."""
+    With ``grace_seconds``, a run that has not ended that long after the signal (its input
+    stuck, a save that hangs) is ended by a watchdog thread: one line naming where the main
+    thread waits and the last complete checkpoint (``checkpoints``, a folder), exit 1. The
+    thread hears the signal through ``signal.set_wakeup_fd``, which the interpreter's C
+    handler writes even while the main thread is blocked in C and runs no Python handler."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
-    GRACE_SECONDS = 25.0  # schedulers kill at 30 s (Kubernetes' default grace period)
 
-    def __init__(self, checkpoints=None):
+    def __init__(self, checkpoints=None, grace_seconds: float | None = None):
         self.signal_name: str | None = None
         self.checkpoints = checkpoints
+        self.grace_seconds = grace_seconds
         self._previous = {}
         self._service = False
         self._done = threading.Event()
@@ -190,6 +190,7 @@ class StopRequest(contextlib.AbstractContextManager):
         if threading.current_thread() is threading.main_thread():
             for sig in signals:
                 self._previous[sig] = signal.signal(sig, self._handle)
+        if self._previous and self.grace_seconds:
             reader, writer = socket.socketpair()
             writer.setblocking(False)
             self._wakeup = (reader, writer, signal.set_wakeup_fd(writer.fileno()))
@@ -218,21 +219,15 @@ class StopRequest(contextlib.AbstractContextManager):
                 if not got:
                     return
                 signum = got[0]
-            if self._done.wait(self.GRACE_SECONDS):
+            if self._done.wait(self.grace_seconds):
                 return
             name = signal.Signals(signum).name
             where = _where_main_waits()
-            last = 'none'
-            if self.checkpoints is not None:
-                from resnet_jax.training import run_identity
-
-                steps = run_identity.step_dirs(self.checkpoints)
-                last = f'step {steps[0]} in {self.checkpoints}' if steps else 'none'
             tag = f'[process {jax.process_index()}] ' if jax.process_count() > 1 else ''
             print(
                 f'{tag}error: {name} received, but the run did not end within '
-                f'{self.GRACE_SECONDS:.0f} s (waiting in {where}); ended. The last complete '
-                f'checkpoint: {last}.',
+                f'{self.grace_seconds:.0f} s (waiting in {where}); ended. The last complete '
+                f'checkpoint: {self._last_checkpoint()}.',
                 file=sys.stderr,
                 flush=True,
             )
@@ -240,6 +235,24 @@ class StopRequest(contextlib.AbstractContextManager):
 
             workers.kill_all()  # (stuck ones would not follow their parent)
             os._exit(1)
+
+    def _last_checkpoint(self) -> str:
+        """The newest complete step, looked up for 2 s at most (a stalled bucket must not
+        hold the exit)."""
+        if self.checkpoints is None:
+            return 'none'
+        found = ['not known (its folder did not answer in 2 s)']
+
+        def look():
+            from resnet_jax.training import run_identity
+
+            steps = run_identity.step_dirs(self.checkpoints)
+            found[0] = f'step {steps[0]} in {self.checkpoints}' if steps else 'none'
+
+        lookup = threading.Thread(target=look, daemon=True)
+        lookup.start()
+        lookup.join(2)
+        return found[0]
 
     def requested(self, step: int, boundary: bool = True) -> bool:
         """Whether to stop after ``step``, the same on every process (each calls it after every

@@ -85,13 +85,16 @@ def train_and_evaluate(
     devices=None,
     resume_step: int | None = None,
     prepare_progress=None,
+    stop_grace_seconds: float | None = None,
 ) -> dict[str, float]:
     """Trains ``config`` in ``workdir`` (resuming from its latest good checkpoint, or from
     ``resume_step``) and returns the final metrics, also in ``workdir/results.json``;
     stopped by SIGTERM/SIGINT, it checkpoints and returns ``{'stopped_by': <signal>,
     'step': N}``. Raises ConfigError before anything is written; a non-finite loss,
     ``faults.NonFiniteLossError`` naming the checkpoints on disk; a file of the run that
-    cannot be written, ``checkpoints.CheckpointWriteError``.
+    cannot be written, ``checkpoints.CheckpointWriteError``. ``stop_grace_seconds``: end
+    the process (exit 1) that long after a stop signal if the run has not ended (the
+    launcher's; None in your own code, where the process is yours).
     """
     start_time = time.time()
     mesh = parallel.create_mesh(devices)
@@ -114,7 +117,10 @@ def train_and_evaluate(
 
     failed = True
     try:
-        with faults.WorkdirLock(workdir), faults.StopRequest(workdir / 'checkpoints') as stop:
+        with (
+            faults.WorkdirLock(workdir),
+            faults.StopRequest(workdir / 'checkpoints', stop_grace_seconds) as stop,
+        ):
             ckpt = checkpoints.Checkpointer(
                 workdir / 'checkpoints', config, on_first_save=write_config
             )
@@ -310,6 +316,9 @@ class Run:
             functools.partial(parallel.shard_batch, self.mesh),
         )
         stopped_by = None
+        due = step % config.eval_every_steps == 0 and 0 < step < config.num_train_steps
+        if due and (self.last_eval is None or self.last_eval['step'] != step):
+            self._evaluate(step, writer)  # cut short by the stop this run resumes from
         try:  # the event file is closed, the input workers stopped, whatever happens
             previous = None  # the last step's metrics, on the host once the guard checked them
             while step < config.num_train_steps:

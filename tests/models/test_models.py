@@ -329,6 +329,13 @@ def test_registry_names():
         'resnet152',
     ] + [f'cifar_{k}{d}' for k in ('resnet', 'plain') for d in (20, 32, 44, 56, 110, 1202)]:
         assert expected in names
+    assert models.list_models('cifar_resnet*') == [
+        f'cifar_resnet{d}' for d in (20, 32, 44, 56, 110, 1202)
+    ]
+    assert models.list_models('*50') == ['plain50', 'resnet50']
+    assert models.create_model('resnet50').num_features == 2048
+    assert models.create_model('resnet18', num_classes=0).num_features == 512
+    assert models.create_model('cifar_resnet20').num_features == 64
     assert models.create_model('cifar_resnet14').stage_sizes == (2, 2, 2)
     assert models.create_model('resnet50').shortcut == 'B'
     assert models.create_model('cifar_plain56').shortcut == 'A'

@@ -25,7 +25,7 @@ def test_the_output_passes_until_jaxs_report_of_a_failed_peer(capfd):
     assert child.wait() < 0
     assert capfd.readouterr().err == 'preparing 1/2\rpreparing 2/2\nwarning: one line\n'
     assert report.startswith(b'E1207 coordination_service.cc:1549] Use error polling')
-    assert supervisor._UNHEALTHY.search(report).group(1).split() == [b'1']
+    assert supervisor._peers(report) == ['1']
     assert len(report) == 1 << 16  # the rest read and dropped: the child never blocks
 
 
@@ -51,3 +51,12 @@ def test_a_child_that_exits_ends_the_watch_though_its_own_children_hold_the_stre
     start = time.monotonic()
     assert supervisor._relay(child, {}) is None
     assert child.wait() == 0 and time.monotonic() - start < 10
+
+
+def test_the_peers_are_read_from_jaxs_report_in_either_spelling():
+    report = (
+        b'E1207 coordination_service.cc] ... The following tasks are unhealthy (stopped '
+        b'sending heartbeats):\n1\n/job:jax_worker/replica:0/task:3\nThe tasks have crashed.'
+    )
+    assert supervisor._peers(report) == ['1', '3']
+    assert supervisor._peers(b'Polled an error from coordination service: UNAVAILABLE') == []
