@@ -224,10 +224,15 @@ class StopRequest(contextlib.AbstractContextManager):
             name = signal.Signals(signum).name
             where = _where_main_waits()
             tag = f'[process {jax.process_index()}] ' if jax.process_count() > 1 else ''
+            last = 'none'
+            if self.checkpoints is not None:
+                from resnet_jax.training import run_identity
+
+                last = run_identity.describe_latest(self.checkpoints)
             print(
                 f'{tag}error: {name} received, but the run did not end within '
                 f'{self.grace_seconds:.0f} s (waiting in {where}); ended. The last complete '
-                f'checkpoint: {self._last_checkpoint()}.',
+                f'checkpoint: {last}.',
                 file=sys.stderr,
                 flush=True,
             )
@@ -235,24 +240,6 @@ class StopRequest(contextlib.AbstractContextManager):
 
             workers.kill_all()  # (stuck ones would not follow their parent)
             os._exit(1)
-
-    def _last_checkpoint(self) -> str:
-        """The newest complete step, looked up for 2 s at most (a stalled bucket must not
-        hold the exit)."""
-        if self.checkpoints is None:
-            return 'none'
-        found = ['not known (its folder did not answer in 2 s)']
-
-        def look():
-            from resnet_jax.training import run_identity
-
-            steps = run_identity.step_dirs(self.checkpoints)
-            found[0] = f'step {steps[0]} in {self.checkpoints}' if steps else 'none'
-
-        lookup = threading.Thread(target=look, daemon=True)
-        lookup.start()
-        lookup.join(2)
-        return found[0]
 
     def requested(self, step: int, boundary: bool = True) -> bool:
         """Whether to stop after ``step``, the same on every process (each calls it after every

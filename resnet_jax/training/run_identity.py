@@ -7,6 +7,7 @@ fields; such a checkpoint is never taken for a corrupt one.
 from __future__ import annotations
 
 import json
+import threading
 
 import ml_collections
 import orbax.checkpoint as ocp
@@ -107,6 +108,21 @@ def resumed_from(directory: epath.Path, steps: list[int], step: int) -> bool:
         except CorruptCheckpoint:
             continue
     return False
+
+
+def describe_latest(directory, within: float = 2.0) -> str:
+    """``step N in DIR`` for the newest complete step (``none``), looked up for ``within``
+    seconds at most: the line of a run being ended must not wait on a stalled bucket."""
+    found = [f'not known ({directory} did not answer in {within:.0f} s)']
+
+    def look():
+        steps = step_dirs(directory)
+        found[0] = f'step {steps[0]} in {directory}' if steps else 'none'
+
+    lookup = threading.Thread(target=look, daemon=True)
+    lookup.start()
+    lookup.join(within)
+    return found[0]
 
 
 def describe_checkpoints(directory: epath.Path) -> str:

@@ -192,6 +192,4 @@ def _last_checkpoint(workdir: str) -> str:
     from resnet_jax import paths
     from resnet_jax.training import run_identity
 
-    directory = paths.resolve(workdir) / 'checkpoints'
-    steps = run_identity.step_dirs(directory)
-    return f'step {steps[0]} in {directory}' if steps else 'none'
+    return run_identity.describe_latest(paths.resolve(workdir) / 'checkpoints')
