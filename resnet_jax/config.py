@@ -27,6 +27,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.shortcut = ml_collections.FieldReference(None, field_type=str)  # None: the net's own
     c.model.stride_in_1x1 = True  # bottleneck stride: True "v1" (paper), False "v1.5"
     c.model.zero_init_residual = False  # modern option: last BN scale of each branch = 0
+    c.model.drop_path_rate = 0.0  # stochastic depth (timm's name); 0: the paper
     c.model.bn_group_size = 32  # BN statistics per 32 images (paper: per GPU); 0:
     #                                     over the whole global batch
     c.model.dtype = 'float32'  # compute dtype; 'bfloat16' for mixed precision

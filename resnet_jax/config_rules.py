@@ -139,6 +139,7 @@ FIELD_RULES: dict[str, Callable[[Any], str | None]] = {
     'model.shortcut': _one_of(SHORTCUTS, optional=True),
     'model.stride_in_1x1': _flag,
     'model.zero_init_residual': _flag,
+    'model.drop_path_rate': _real(0, high=1, high_open=True),
     'model.bn_group_size': _integer(0),
     'model.dtype': _one_of(DTYPES),
     'model.bn_epsilon': _real(0, low_open=True),
@@ -286,6 +287,11 @@ def _check_agreement(c: ml_collections.ConfigDict) -> None:
         )
     if c.init_from and c.init_from.startswith('folder:'):
         raise ConfigError(f'init_from is a workdir; got {c.init_from!r}')
+    if c.model.drop_path_rate and 'plain' in c.model.name:  # plain18.., cifar_plainN
+        raise ConfigError(
+            f'model.drop_path_rate={c.model.drop_path_rate} drops residual branches; '
+            f'{c.model.name} is a plain net (set it to 0)'
+        )
     if c.model.frozen_bn and c.weight_decay_on != 'kernels':
         raise ConfigError(
             f"model.frozen_bn=True needs weight_decay_on='kernels' (got "

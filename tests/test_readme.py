@@ -95,8 +95,11 @@ def test_the_research_code_section_runs_as_written(tmp_path):
     """Every Python block of "In your research code", in turn, in one process (each builds
     on the one before), from a folder outside the checkout."""
     blocks = re.findall(r'```python\n(.*?)```', section('In your research code'), flags=re.S)
-    assert len(blocks) == 5
+    assert len(blocks) == 6
     code = '\n'.join(blocks) + (
+        "\nprint('maps', {k: v.shape for k, v in maps.items()})\n"
+        "g = grey.init(jax.random.key(0), jnp.ones((1, 32, 32, 1)))['params']\n"
+        "print('grey', g['conv1']['kernel'].shape, g['fc']['kernel'].dtype)\n"
         '\nimport numpy as np\n'
         'x = np.random.default_rng(0).normal(size=(1, 72, 96, 3)).astype(np.float32)\n'
         'np.testing.assert_allclose(served.call(variables, x), model.apply(variables, x),\n'
@@ -107,8 +110,13 @@ def test_the_research_code_section_runs_as_written(tmp_path):
     lines = proc.stdout.splitlines()
     assert lines[0].startswith("{'conv2': Feature(channels=256, stride=4), ")
     assert lines[1] == (
-        'kept 265 variables; freshly initialised: params/fc/bias, params/fc/kernel'
+        "{'conv3': Feature(channels=128, stride=8), 'conv5': Feature(channels=512, stride=8)}"
     ), lines[1]
+    assert lines[2] == (
+        'kept 265 variables; freshly initialised: params/fc/bias, params/fc/kernel'
+    ), lines[2]
+    assert "maps {'conv3': (2, 8, 8, 128), 'conv5': (2, 8, 8, 512)}" in lines
+    assert 'grey (7, 7, 1, 64) bfloat16' in lines
     assert lines[-1] == (
         "features {'conv2': (2, 16, 16, 256), 'conv3': (2, 8, 8, 512), "
         "'conv4': (2, 4, 4, 1024), 'conv5': (2, 2, 2, 2048)}"

@@ -1,6 +1,7 @@
 """The paper's networks as pure ``flax.linen`` modules (``resnet``, ``blocks``, ``layers``),
-by name (``registry``), their ``complexity``, the inputs weights expect (``preprocess``) and
-NNX (``nnx``). Nothing here imports the rest of the package."""
+by name (``registry``), their ``complexity``, the inputs weights expect (``preprocess``),
+NNX (``nnx``) and where their variables are in a tree (``variables``). Nothing here imports
+the rest of the package."""
 
 from resnet_jax.models.blocks import (
     BasicBlock,
@@ -20,14 +21,8 @@ from resnet_jax.models.registry import (
     list_models,
     parse_cifar_name,
 )
-from resnet_jax.models.resnet import (
-    DTYPES,
-    Feature,
-    ResNet,
-    canonical_dtype,
-    find_resnets,
-    locate_resnet,
-)
+from resnet_jax.models.resnet import DTYPES, Feature, ResNet, canonical_dtype
+from resnet_jax.models.variables import find_resnets, input_channels, locate_resnet
 
 __all__ = [
     'CIFAR_DEPTHS',
@@ -43,6 +38,7 @@ __all__ = [
     'cifar',
     'create_model',
     'find_resnets',
+    'input_channels',
     'list_models',
     'locate_resnet',
     'parse_cifar_name',

@@ -1,5 +1,14 @@
 """The blocks of Fig. 5 (``residual=False``: their plain counterparts), the default
 ``stage`` that applies a stage's blocks in turn, and the paper's names of stages and blocks.
+
+The block protocol, which ``ResNet.block_cls`` of your own follows: a module with the fields
+``filters``, ``strides``, ``conv``, ``norm``, ``residual``, ``shortcut``,
+``zero_init_residual`` and ``dtype``, called ``block(x, train)``, with an integer
+``expansion`` class attribute (output channels per ``filters``). The fields
+``stride_in_1x1``, ``dilation``, ``first_dilation`` and ``drop_path`` are given where the
+block declares them, and must be where the net needs them (``output_stride``,
+``drop_path_rate``). ``norm(name=)`` builds a norm; with ``zero_init_residual`` the last of
+a branch is ``norm(name=, scale_init=zeros)``.
 """
 
 from __future__ import annotations
@@ -28,15 +37,19 @@ class BasicBlock(nn.Module):
     residual: bool = True
     shortcut: str = 'B'
     zero_init_residual: bool = False
+    dilation: int = 1  # of the 3x3 convs (``ResNet.output_stride``)
+    first_dilation: int | None = None  # the first 3x3's where a stage starts dilating
+    drop_path: float = 0.0  # probability of dropping the residual branch in training
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        y = self.conv(self.filters, 3, self.strides, name='conv1')(x)
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        first = self.first_dilation or self.dilation
+        y = _conv(self, 3, self.strides, first, name='conv1')(x)
         y = nn.relu(self.norm(name='bn1')(y))
-        y = self.conv(self.filters, 3, name='conv2')(y)
-        y = self.norm(name='bn2', scale_init=_last_scale_init(self.zero_init_residual))(y)
-        return _merge(self, x, y, self.filters)
+        y = _conv(self, 3, 1, self.dilation, name='conv2')(y)
+        y = _last_norm(self, 'bn2')(y)
+        return _merge(self, x, y, self.filters, train)
 
 
 class BottleneckBlock(nn.Module):
@@ -52,28 +65,53 @@ class BottleneckBlock(nn.Module):
     shortcut: str = 'B'
     stride_in_1x1: bool = True
     zero_init_residual: bool = False
+    dilation: int = 1
+    first_dilation: int | None = None
+    drop_path: float = 0.0
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         s1, s3 = (self.strides, 1) if self.stride_in_1x1 else (1, self.strides)
         y = self.conv(self.filters, 1, s1, name='conv1')(x)
         y = nn.relu(self.norm(name='bn1')(y))
-        y = self.conv(self.filters, 3, s3, name='conv2')(y)
+        y = _conv(self, 3, s3, self.first_dilation or self.dilation, name='conv2')(y)
         y = nn.relu(self.norm(name='bn2')(y))
         y = self.conv(self.filters * 4, 1, name='conv3')(y)
-        y = self.norm(name='bn3', scale_init=_last_scale_init(self.zero_init_residual))(y)
-        return _merge(self, x, y, self.filters * 4)
+        y = _last_norm(self, 'bn3')(y)
+        return _merge(self, x, y, self.filters * 4, train)
 
 
-def _last_scale_init(zero_init: bool):
-    return nn.initializers.zeros if zero_init else nn.initializers.ones
+def _conv(block, kernel: int, strides: int, dilation: int, name: str) -> nn.Module:
+    # (dilation only where there is one: a conv factory of your own need not take it)
+    extra = {'dilation': dilation} if dilation != 1 else {}
+    return block.conv(block.filters, kernel, strides, name=name, **extra)
 
 
-def _merge(block, x: jax.Array, y: jax.Array, features: int) -> jax.Array:
+def _last_norm(block, name: str) -> nn.Module:
+    """A branch's last norm; zero-initialised scale with ``zero_init_residual`` (a norm of
+    your own then takes ``scale_init``: ``ResNet`` checks)."""
+    if block.zero_init_residual:
+        return block.norm(name=name, scale_init=nn.initializers.zeros)
+    return block.norm(name=name)
+
+
+def drop_path(module: nn.Module, y: jax.Array, rate: float, train: bool) -> jax.Array:
+    """Stochastic depth (Huang et al. 2016): in training, each example's ``y`` zeroed with
+    probability ``rate`` and the rest scaled by 1 / (1 - rate); the 'dropout' rng stream."""
+    if not train or not rate:
+        return y
+    keep = 1.0 - rate
+    mask = jax.random.bernoulli(
+        module.make_rng('dropout'), keep, (y.shape[0],) + (1,) * (y.ndim - 1)
+    )
+    return y * (mask / keep).astype(y.dtype)
+
+
+def _merge(block, x: jax.Array, y: jax.Array, features: int, train: bool) -> jax.Array:
     """The addition of eq. (1)/(2) followed by the ReLU; plain nets skip the addition."""
     if block.residual:
-        y = y + Shortcut(
+        y = drop_path(block, y, block.drop_path, train) + Shortcut(
             features,
             block.strides,
             block.shortcut,
@@ -86,13 +124,18 @@ def _merge(block, x: jax.Array, y: jax.Array, features: int) -> jax.Array:
 
 
 def unrolled_stage(
-    parent: nn.Module, make_block: Callable[..., nn.Module], names: Sequence[str], x: jax.Array
+    parent: nn.Module,
+    make_block: Callable[..., nn.Module],
+    names: Sequence[str],
+    x: jax.Array,
+    train: bool = False,
 ) -> jax.Array:
     """Applies the identical blocks ``names`` of a stage in turn, each its own submodule of
-    ``parent`` (the default ``ResNet.stage``). ``make_block(name=...)`` builds one."""
+    ``parent`` (the default ``ResNet.stage``). ``make_block(name=...)`` builds one, called
+    ``block(x, train)``."""
     del parent  # the blocks are created in the calling module's scope
     for name in names:
-        x = make_block(name=name)(x)
+        x = make_block(name=name)(x, train)
     return x
 
 

@@ -25,22 +25,25 @@ def conv(
     kernel_size: int,
     strides: int = 1,
     *,
+    dilation: int = 1,
     dtype: Dtype = jnp.float32,
+    param_dtype: Dtype = jnp.float32,
     name: str | None = None,
     conv_general_dilated: Callable[..., jax.Array] | None = None,
 ) -> nn.Conv:
     """A bias-free k x k convolution with symmetric padding and He initialisation;
     ``conv_general_dilated`` replaces ``lax``'s (``resnet_jax.backends``)."""
-    pad = (kernel_size - 1) // 2
+    pad = dilation * (kernel_size - 1) // 2
     return nn.Conv(
         features,
         (kernel_size, kernel_size),
         strides=(strides, strides),
         padding=((pad, pad), (pad, pad)),
+        kernel_dilation=(dilation, dilation),
         use_bias=False,
         kernel_init=he_normal,
         dtype=dtype,
-        param_dtype=jnp.float32,
+        param_dtype=param_dtype,
         name=name,
         conv_general_dilated=conv_general_dilated,
     )
@@ -65,13 +68,14 @@ class BatchNorm(nn.Module):
     momentum: float = 0.9
     epsilon: float = 1e-5
     dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32  # of scale and bias (statistics: float32)
     scale_init: Initializer = nn.initializers.ones
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         features = x.shape[-1]
-        scale = self.param('scale', self.scale_init, (features,), jnp.float32)
-        bias = self.param('bias', nn.initializers.zeros, (features,), jnp.float32)
+        scale = self.param('scale', self.scale_init, (features,), self.param_dtype)
+        bias = self.param('bias', nn.initializers.zeros, (features,), self.param_dtype)
         ra_mean = self.variable('batch_stats', 'mean', jnp.zeros, (features,), jnp.float32)
         ra_var = self.variable('batch_stats', 'var', jnp.ones, (features,), jnp.float32)
 
@@ -113,14 +117,15 @@ class FrozenBatchNorm(nn.Module):
 
     epsilon: float = 1e-5
     dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
     scale_init: Initializer = nn.initializers.ones
     use_running_average: bool = True  # accepted for a norm factory's callers; always True
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         features = x.shape[-1]
-        scale = self.param('scale', self.scale_init, (features,), jnp.float32)
-        bias = self.param('bias', nn.initializers.zeros, (features,), jnp.float32)
+        scale = self.param('scale', self.scale_init, (features,), self.param_dtype)
+        bias = self.param('bias', nn.initializers.zeros, (features,), self.param_dtype)
         mean = self.variable('batch_stats', 'mean', jnp.zeros, (features,), jnp.float32).value
         var = self.variable('batch_stats', 'var', jnp.ones, (features,), jnp.float32).value
         scale, bias, mean, var = (jax.lax.stop_gradient(v) for v in (scale, bias, mean, var))

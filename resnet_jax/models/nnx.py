@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from resnet_jax.models.resnet import ResNet
+from resnet_jax.models.variables import input_channels
 
 COLLECTIONS = {'params': nnx.Param, 'batch_stats': nnx.BatchStat}
 
@@ -32,7 +33,8 @@ def to_nnx(
     ``input_size`` pixels (default 32 or ``model.min_input_size()``); any size runs after."""
     size = input_size or max(32, model.min_input_size())
     net = nnx.bridge.ToNNX(model, rngs=rngs or nnx.Rngs(0))
-    net = nnx.bridge.lazy_init(net, jnp.zeros((1, size, size, 3), jnp.float32))
+    channels = input_channels(model, (variables or {}).get('params'))
+    net = nnx.bridge.lazy_init(net, jnp.zeros((1, size, size, channels), jnp.float32))
     if variables is not None:
         load(net, variables)
     return net

@@ -1,5 +1,5 @@
 """The paper's plain and residual networks (``ResNet``): a stem, stages of blocks
-(``blocks``), global average pool and fc, and where a ResNet's variables are in a tree.
+(``blocks``), global average pool and fc.
 
 The parts are handed in (``conv``, ``norm``, ``max_pool``, ``stage``, ``block_cls``), as in
 flax's ImageNet example: a faster implementation of the same function (``backends``) is
@@ -38,6 +38,18 @@ def _accepts(factory: Callable[..., Any], argument: str) -> bool:
         return False
 
 
+def _if_accepted(factory: Callable[..., Any], **kwargs: Any) -> dict[str, Any]:
+    """The ``kwargs`` that ``factory`` takes: a part of your own need not know newer ones."""
+    return {k: v for k, v in kwargs.items() if _accepts(factory, k)}
+
+
+def _block_class(block_cls: Any) -> Any:
+    """The class of a block given as a class or (nested) ``functools.partial`` of one."""
+    while isinstance(block_cls, functools.partial):
+        block_cls = block_cls.func
+    return block_cls
+
+
 class Feature(NamedTuple):
     """A ``features_only`` output's channels and stride (input pixels per output pixel)."""
 
@@ -50,35 +62,48 @@ class ResNet(nn.Module):
 
     Attributes:
       stage_sizes: blocks per stage (Table 1 rows; ``(n, n, n)`` for CIFAR).
-      block_cls: ``BasicBlock``, ``BottleneckBlock`` or your own, taking the fields
-        ``filters``, ``strides``, ``conv``, ``norm``, ``residual``, ``shortcut``,
-        ``zero_init_residual``, ``dtype`` (``stride_in_1x1`` if it declares it), with an
-        ``expansion`` class attribute (output channels per ``filters``) for ``feature_info``.
-      num_classes: outputs of the fc; 0: no fc, the pooled features are returned.
+      block_cls: ``BasicBlock``, ``BottleneckBlock`` or your own (the protocol:
+        ``models.blocks``); a class or a ``functools.partial`` of one.
+      num_classes: outputs of the fc; 0: no fc, the pooled features are returned. To
+        replace a classifier: ``model.clone(num_classes=k)`` and ``transfer`` the rest.
       stem: ``'imagenet'`` (7x7/2 conv + 3x3/2 max pool) or ``'cifar'`` (3x3 conv).
       width: filters of the first stage (64 ImageNet, 16 CIFAR), doubled each stage.
       residual: False gives the plain net.
       shortcut: 'A', 'B' or 'C' (Table 3).
       stride_in_1x1: bottleneck stride on the first 1x1 (True: v1, the paper) or the 3x3.
       zero_init_residual: start each residual branch's last BN scale at 0.
+      drop_path_rate: stochastic depth (Huang et al. 2016), timm's name: in training, each
+        residual branch is dropped per example with a probability rising linearly from 0
+        (first block) to this (last), drawn from the 'dropout' rng; 0 (the paper): none.
+      output_stride: 32, 16 or 8: the input pixels per output pixel at most; the last
+        stages dilate their 3x3s instead of striding (DeepLab, torchvision's
+        ``replace_stride_with_dilation``).
+      in_chans: input channels (1 greyscale, 4 RGB-D, 13 multispectral); None: 1-4, taken
+        from the input.
       bn_group_size: examples per BatchNorm group in training (0: the whole batch).
       bn_momentum, bn_epsilon: BatchNorm's.
       frozen_bn: BatchNorm fixed in training too (``layers.FrozenBatchNorm``, as detection
         fine-tunes); the same variables and evaluation function.
       features_only: return the stage outputs ``{'conv2': ..., 'conv5': ...}`` instead of
         logits; ``feature_info()`` gives their channels and strides.
-      dtype: compute dtype (``jnp.bfloat16`` or ``'bfloat16'``); parameters and logits
-        stay float32.
-      conv: the conv factory, ``conv(features, kernel_size, strides, dtype=, name=)``.
+      out_indices: with ``features_only``, the stages returned (0: conv2; -1 the last);
+        later stages are not built.
+      dtype: compute dtype (``jnp.bfloat16`` or ``'bfloat16'``); logits stay float32.
+      param_dtype: the parameters' dtype (float32; ``'bfloat16'`` halves their memory).
+        BatchNorm statistics stay float32.
+      conv: the conv factory, ``conv(features, kernel_size, strides, dtype=, name=)``, with
+        ``param_dtype=`` and ``dilation=`` where those are used.
       norm: the norm factory; None is the paper's BatchNorm. Any flax norm works (e.g.
-        ``functools.partial(nn.GroupNorm, num_groups=8)``), given ``dtype`` and
-        ``use_running_average=not train`` where it takes them.
+        ``functools.partial(nn.GroupNorm, num_groups=8)``), given ``dtype``,
+        ``param_dtype`` and ``use_running_average=not train`` where it takes them.
       max_pool: the stem's pool, ``max_pool(x, window, stride, padding)``.
-      stage: runs a stage's blocks after the first, ``stage(parent, make_block, names, x)``.
+      stage: runs a stage's blocks after the first,
+        ``stage(parent, make_block, names, x, train)`` (``blocks.unrolled_stage``). In
+        training with ``drop_path_rate`` the blocks differ and run in turn without it.
 
-    Inputs are float NHWC images with 1-4 channels, normalised as the weights expect
-    (``models.preprocess``), at least ``min_input_size()`` pixels a side. Bad fields and
-    inputs raise ``ValueError`` saying what is allowed.
+    Inputs are float NHWC images normalised as the weights expect (``models.preprocess``),
+    at least ``min_input_size()`` pixels a side. Bad fields and inputs raise ``ValueError``
+    saying what is allowed.
     """
 
     stage_sizes: Sequence[int]
@@ -90,12 +115,17 @@ class ResNet(nn.Module):
     shortcut: str = 'B'
     stride_in_1x1: bool = True
     zero_init_residual: bool = False
+    drop_path_rate: float = 0.0
+    output_stride: int = 32
+    in_chans: int | None = None
     bn_group_size: int = 0
     bn_momentum: float = 0.9
     bn_epsilon: float = 1e-5
     frozen_bn: bool = False
     features_only: bool = False
+    out_indices: Sequence[int] | None = None
     dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
     conv: ModuleDef = layers.conv
     norm: ModuleDef | None = None
     max_pool: Callable[..., jax.Array] = layers.max_pool
@@ -108,9 +138,12 @@ class ResNet(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array | dict[str, jax.Array]:
         dtype = canonical_dtype(self.dtype)
+        param_dtype = canonical_dtype(self.param_dtype)
         x = self._check_input(x)
-        conv = functools.partial(self.conv, dtype=dtype)
-        norm = self._norm(train, dtype)
+        conv = functools.partial(
+            self.conv, dtype=dtype, **_if_accepted(self.conv, param_dtype=param_dtype)
+        )
+        norm = self._norm(train, dtype, param_dtype)
         x = jnp.asarray(x, dtype)
         if self.stem == 'imagenet':  # conv1 and the max pool of Table 1
             x = conv(self.width, 7, 2, name='conv1')(x)
@@ -120,13 +153,17 @@ class ResNet(nn.Module):
             x = conv(self.width, 3, name='conv1')(x)
             x = nn.relu(norm(name='bn1')(x))
 
-        extra = (
-            {'stride_in_1x1': self.stride_in_1x1}
-            if _accepts(self.block_cls, 'stride_in_1x1')
-            else {}
-        )
+        block_cls = _block_class(self.block_cls)
+        extra = _if_accepted(block_cls, stride_in_1x1=self.stride_in_1x1)
+        rates = iter(self._drop_path_rates())
+        wanted = self._out_stages()
         features = {}
-        for i, num_blocks in enumerate(self.stage_sizes):
+        for i, (num_blocks, (strides, dilation, first)) in enumerate(
+            zip(self.stage_sizes, self._stage_geometry())
+        ):
+            if i > max(wanted):
+                break
+            dilated = {'dilation': dilation, 'first_dilation': first} if dilation > 1 else {}
             block = functools.partial(
                 self.block_cls,
                 filters=self.width * 2**i,
@@ -137,20 +174,55 @@ class ResNet(nn.Module):
                 zero_init_residual=self.zero_init_residual,
                 dtype=dtype,
                 **extra,
+                **dilated,
             )
             names = block_names(i, num_blocks)
-            x = block(strides=stage_strides(i), name=names[0])(x)
-            if names[1:]:
-                x = self.stage(self, functools.partial(block, strides=1), names[1:], x)
+            stage_rates = [next(rates) for _ in names]
+            if train and self.drop_path_rate:  # the blocks differ: each its own rate
+                for j, (name, rate) in enumerate(zip(names, stage_rates)):
+                    x = block(strides=strides if j == 0 else 1, drop_path=rate, name=name)(x, train)
+            else:
+                x = block(strides=strides, name=names[0])(x, train)
+                if names[1:]:
+                    same = {'first_dilation': dilation} if dilated else {}
+                    later = functools.partial(block, strides=1, **same)
+                    x = self.stage(self, later, names[1:], x, train)
             features[stage_name(i)] = x
         if self.features_only:
-            return features
+            return {k: v for i, (k, v) in enumerate(features.items()) if i in wanted}
 
         x = jnp.mean(x, axis=(1, 2))
         if not self.num_classes:
             return x.astype(jnp.float32)
-        x = nn.Dense(self.num_classes, dtype=dtype, param_dtype=jnp.float32, name='fc')(x)
+        x = nn.Dense(self.num_classes, dtype=dtype, param_dtype=param_dtype, name='fc')(x)
         return x.astype(jnp.float32)
+
+    @nn.nowrap
+    def _stage_geometry(self) -> list[tuple[int, int, int]]:
+        """Per stage: its first block's stride, its 3x3s' dilation and the first block's
+        first 3x3's (torchvision's ``replace_stride_with_dilation``): a stage that would
+        take the stride past ``output_stride`` dilates by its stride instead."""
+        stride, dilation, out = (4 if self.stem == 'imagenet' else 1), 1, []
+        for i in range(len(self.stage_sizes)):
+            s, first = stage_strides(i), dilation
+            if stride * s > self.output_stride:
+                dilation, s = dilation * s, 1
+            stride *= s
+            out.append((s, dilation, first))
+        return out
+
+    @nn.nowrap
+    def _drop_path_rates(self) -> list[float]:
+        """Each block's drop probability: linear in its index over the net, 0 to the rate."""
+        n = sum(self.stage_sizes)
+        return [self.drop_path_rate * k / max(n - 1, 1) for k in range(n)]
+
+    @nn.nowrap
+    def _out_stages(self) -> list[int]:
+        count = len(self.stage_sizes)
+        if not self.features_only or self.out_indices is None:
+            return list(range(count))
+        return sorted(i % count for i in self.out_indices)
 
     @nn.nowrap
     def min_input_size(self) -> int:
@@ -161,32 +233,45 @@ class ResNet(nn.Module):
     def num_features(self) -> int:
         """Channels of the pooled features the fc reads (``num_classes=0``'s output):
         2048 for ResNet-50, 512 for ResNet-18, 64 for the CIFAR nets (timm's name)."""
-        return list(self.feature_info().values())[-1].channels
+        expansion = self._expansion()
+        return self.width * 2 ** (len(self.stage_sizes) - 1) * expansion
 
     @nn.nowrap
     def feature_info(self) -> dict[str, Feature]:
         """``features_only``'s outputs without running the net, e.g. for ResNet-50
-        ``{'conv2': Feature(channels=256, stride=4), ...}``."""
-        expansion = getattr(self.block_cls, 'expansion', None)
-        if not isinstance(expansion, int):
-            raise ValueError(
-                f'block_cls {getattr(self.block_cls, "__name__", self.block_cls)}'
-                ' has no integer `expansion` class attribute (output channels '
-                'per filters), which feature_info needs'
-            )
+        ``{'conv2': Feature(channels=256, stride=4), ...}`` (``out_indices``' only)."""
+        expansion = self._expansion()
         stride = 4 if self.stem == 'imagenet' else 1
         info = {}
-        for i in range(len(self.stage_sizes)):
-            stride *= stage_strides(i)
+        for i, (strides, _, _) in enumerate(self._stage_geometry()):
+            stride *= strides
             info[stage_name(i)] = Feature(self.width * 2**i * expansion, stride)
-        return info
+        return {k: v for i, (k, v) in enumerate(info.items()) if i in self._out_stages()}
+
+    @nn.nowrap
+    def _expansion(self) -> int:
+        block_cls = _block_class(self.block_cls)
+        expansion = getattr(block_cls, 'expansion', None)
+        if not isinstance(expansion, int):
+            raise ValueError(
+                f'block_cls {getattr(block_cls, "__name__", block_cls)}'
+                ' has no integer `expansion` class attribute (output channels '
+                'per filters), which feature_info and num_features need'
+            )
+        return expansion
 
     @nn.nowrap
     def _check_input(self, x: Any) -> jax.Array:
         if not hasattr(x, 'shape') or not hasattr(x, 'dtype'):
             x = jnp.asarray(x)  # a nested list
         shape = tuple(x.shape)
-        if len(shape) != 4 or not _concrete(shape[-1]) or not 1 <= shape[-1] <= 4:
+        if self.in_chans is not None:
+            if len(shape) != 4 or shape[-1] != self.in_chans:
+                raise ValueError(
+                    f'ResNet (in_chans={self.in_chans}) expects NHWC images (batch, height, '
+                    f'width, {self.in_chans}); got shape {shape}'
+                )
+        elif len(shape) != 4 or not _concrete(shape[-1]) or not 1 <= shape[-1] <= 4:
             hint = (
                 ' (NCHW? use x.transpose(0, 2, 3, 1))'
                 if len(shape) == 4 and _concrete(shape[1]) and 1 <= shape[1] <= 4
@@ -194,7 +279,7 @@ class ResNet(nn.Module):
             )
             raise ValueError(
                 f'ResNet expects NHWC images (batch, height, width, channels) '
-                f'with 1-4 channels; got shape {shape}{hint}'
+                f'with 1-4 channels (more: set in_chans); got shape {shape}{hint}'
             )
         if not jnp.issubdtype(x.dtype, jnp.floating):
             raise ValueError(
@@ -214,9 +299,11 @@ class ResNet(nn.Module):
         return x
 
     @nn.nowrap  # a plain method: not a module call (nn.tabulate lists none)
-    def _norm(self, train: bool, dtype) -> Callable[..., nn.Module]:
+    def _norm(self, train: bool, dtype, param_dtype) -> Callable[..., nn.Module]:
         if self.frozen_bn:
-            return functools.partial(FrozenBatchNorm, epsilon=self.bn_epsilon, dtype=dtype)
+            return functools.partial(
+                FrozenBatchNorm, epsilon=self.bn_epsilon, dtype=dtype, param_dtype=param_dtype
+            )
         if self.norm is None:
             return functools.partial(
                 BatchNorm,
@@ -225,10 +312,11 @@ class ResNet(nn.Module):
                 momentum=self.bn_momentum,
                 epsilon=self.bn_epsilon,
                 dtype=dtype,
+                param_dtype=param_dtype,
             )
-        kwargs = {'dtype': dtype} if _accepts(self.norm, 'dtype') else {}
-        if _accepts(self.norm, 'use_running_average'):
-            kwargs['use_running_average'] = not train
+        kwargs = _if_accepted(
+            self.norm, dtype=dtype, param_dtype=param_dtype, use_running_average=not train
+        )
         return functools.partial(self.norm, **kwargs)
 
 
@@ -301,6 +389,39 @@ def _check_fields(model: ResNet) -> None:
             not (model.frozen_bn and model.norm is not None),
             "False with a norm of your own (frozen_bn freezes the paper's BatchNorm)",
         ),
+        (
+            'zero_init_residual',
+            not (
+                model.zero_init_residual
+                and model.norm is not None
+                and not _accepts(model.norm, 'scale_init')
+            ),
+            'False with a norm that takes no scale_init (it starts the last norm of each '
+            'branch at zero: norm(name=, scale_init=zeros))',
+        ),
+        (
+            'drop_path_rate',
+            isinstance(model.drop_path_rate, Real)
+            and not flag(model.drop_path_rate)
+            and 0 <= model.drop_path_rate < 1
+            and (model.residual or not model.drop_path_rate),
+            'a number in [0, 1), 0 for a plain net (it drops residual branches)',
+        ),
+        ('output_stride', model.output_stride in (8, 16, 32), '8, 16 or 32'),
+        ('in_chans', model.in_chans is None or integer(model.in_chans, 1), 'None or >= 1'),
+        (
+            'out_indices',
+            model.out_indices is None
+            or (
+                model.features_only
+                and isinstance(model.out_indices, Sequence)
+                and len(model.out_indices) > 0
+                and all(integer(i, -len(sizes)) and i < len(sizes) for i in model.out_indices)
+                and len({i % len(sizes) for i in model.out_indices}) == len(model.out_indices)
+            ),
+            f'None, or with features_only=True distinct stage indices in '
+            f'[-{len(sizes)}, {len(sizes)}) (0: conv2)',
+        ),
     ]
     for name, ok, allowed in checks:
         if not ok:
@@ -309,57 +430,25 @@ def _check_fields(model: ResNet) -> None:
             )
     check_shortcut(model.shortcut)
     canonical_dtype(model.dtype)
-
-
-# Keys at every ResNet's top: how one is found inside a larger tree.
-VARIABLE_MARKERS = ('conv1', 'bn1', 'conv2_1')
-
-
-def find_resnets(tree: Any, path: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
-    """The path inside ``tree`` (keyed as ``params``) of each ResNet's variables: ``[()]``
-    when ``tree`` is one, ``[('backbone',)]`` when a module holds one as ``backbone``."""
-    if not hasattr(tree, 'items'):
-        return []
-    if all(k in tree for k in VARIABLE_MARKERS):
-        return [path]
-    return [
-        found for key, child in tree.items() for found in find_resnets(child, path + (str(key),))
-    ]
-
-
-def locate_resnet(params: Any, at: Sequence[str] | str | None = None) -> tuple[str, ...]:
-    """The path inside ``params`` of its one ResNet, or ``at`` (``'backbone'``) checked to
-    hold one; ValueError naming the candidates otherwise."""
-    found = find_resnets(params)
-    if at is None:
-        if len(found) == 1:
-            return found[0]
-        if not found:
+    canonical_dtype(model.param_dtype)
+    needs = {
+        'drop_path': bool(model.drop_path_rate),
+        'dilation': any(d > 1 for _, d, _ in model._stage_geometry()),
+    }
+    for field, needed in needs.items():
+        block_cls = _block_class(model.block_cls)
+        if needed and not _accepts(block_cls, field):
             raise ValueError(
-                'no ResNet in the variables: no dict holds conv1, bn1 and conv2_1 '
-                f'(params holds {sorted(params)[:6]})'
+                f'block_cls {getattr(block_cls, "__name__", block_cls)} has no field '
+                f'{field!r}, which '
+                + (
+                    'drop_path_rate'
+                    if field == 'drop_path'
+                    else f'output_stride={model.output_stride}'
+                )
+                + ' needs (the block protocol: '
+                'resnet_jax.models.blocks)'
             )
-        raise ValueError(
-            'several ResNets in the variables, at '
-            + ', '.join(repr(p) for p in found)
-            + f'; choose one, e.g. at={found[0]!r}'
-        )
-    at = tuple(at.split('/')) if isinstance(at, str) else tuple(at)
-    tree = params
-    for key in at:
-        if not hasattr(tree, 'items') or key not in tree:
-            raise ValueError(
-                f'at={at!r}: variables params have no {"/".join(at)} '
-                f'(candidates: {found or "none"})'
-            )
-        tree = tree[key]
-    if find_resnets(tree) != [()]:
-        raise ValueError(
-            f'at={at!r}: params/{"/".join(at)} is not a ResNet (it holds '
-            f'{sorted(tree)[:6] if hasattr(tree, "items") else tree!r}; '
-            f'candidates: {found or "none"})'
-        )
-    return at
 
 
 DTYPES = ('float32', 'bfloat16', 'float16')

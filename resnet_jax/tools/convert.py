@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 
+import numpy as np
 from etils import epath
 
 from resnet_jax import models, paths
@@ -70,7 +72,13 @@ SOURCES = tuple(PREPROCESSING)
 
 
 def load_weights(
-    source, name: str | None = None, *, kind: str = 'auto', config=None, allow_nonfinite=False
+    source,
+    name: str | None = None,
+    *,
+    kind: str = 'auto',
+    config=None,
+    allow_nonfinite=False,
+    in_chans: int | None = None,
 ) -> tuple[models.ResNet, dict, str]:
     """``(model, variables, kind)`` from any of the sources; ``kind``, a key of
     ``PREPROCESSING``, says which. ``kind='auto'`` tells it by the file, folder or object:
@@ -78,11 +86,41 @@ def load_weights(
     transformers' names: transformers (``config=`` or the config.json beside the file); a
     timm model: timm; else torchvision's names. ``name``: default inferred; given, checked.
     Weights holding NaN or Inf are refused naming the first such tensor unless
-    ``allow_nonfinite``."""
+    ``allow_nonfinite``. ``in_chans``: a model for that many input channels, its first conv
+    adapted from RGB (``adapt_input_channels``)."""
     model, variables, kind = _load_weights(source, name, kind, config)
     if not allow_nonfinite:
         check_finite(variables, str(source) if isinstance(source, (str, os.PathLike)) else kind)
+    if in_chans is not None:
+        model, variables = adapt_input_channels(model, variables, in_chans)
     return model, variables, kind
+
+
+def adapt_input_channels(
+    model: models.ResNet, variables: dict, in_chans: int
+) -> tuple[models.ResNet, dict]:
+    """``(model, variables)`` for ``in_chans`` input channels from RGB weights, as timm's
+    ``adapt_input_conv``: one channel takes the sum of conv1's RGB kernels (a grey image
+    then gives what its RGB copy gave); more or fewer repeat R, G, B, ... scaled by
+    3 / ``in_chans`` (the response to a uniform image kept). Says so in a warning."""
+    kernel = np.asarray(variables['params']['conv1']['kernel'])  # (h, w, in, out)
+    if kernel.shape[2] != 3:
+        raise ValueError(
+            f'in_chans={in_chans}: adapts RGB weights; conv1 takes {kernel.shape[2]} channels'
+        )
+    model = model.clone(in_chans=in_chans)  # (checks in_chans)
+    if in_chans == 3:
+        return model, variables
+    if in_chans == 1:
+        adapted, how = kernel.sum(axis=2, keepdims=True), 'the sum of its RGB kernels'
+    else:
+        repeats = -(-in_chans // 3)
+        adapted = np.tile(kernel, (1, 1, repeats, 1))[:, :, :in_chans] * (3 / in_chans)
+        how = f'its RGB kernels repeated and scaled by 3/{in_chans}'
+    warnings.warn(f'in_chans={in_chans}: conv1 adapted from RGB weights: {how}', stacklevel=2)
+    params = dict(variables['params'])
+    params['conv1'] = {**params['conv1'], 'kernel': adapted.astype(kernel.dtype)}
+    return model, {**variables, 'params': params}
 
 
 def _load_weights(source, name, kind, config) -> tuple[models.ResNet, dict, str]:

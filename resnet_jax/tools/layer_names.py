@@ -129,9 +129,10 @@ def get_leaf(tree: Mapping, path: tuple[str, ...], key: str) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=16)
-def _expected_variables(model: models.ResNet) -> Any:
+def _expected_variables(model: models.ResNet, channels: int = 3) -> Any:
     """The model's variables as shapes (no computation)."""
-    return jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 224, 224, 3))))
+    x = jnp.zeros((1, 224, 224, channels))
+    return jax.eval_shape(lambda: model.init(jax.random.key(0), x))
 
 
 def _path_name(path) -> str:
@@ -143,7 +144,9 @@ def check_shapes(model: models.ResNet, variables: Mapping, source: str) -> Mappi
     that it lacks, or has in excess)."""
     flat_expected = {
         _path_name(p): v
-        for p, v in jax.tree_util.tree_flatten_with_path(_expected_variables(model))[0]
+        for p, v in jax.tree_util.tree_flatten_with_path(
+            _expected_variables(model, models.input_channels(model, variables.get('params')))
+        )[0]
     }
     flat = {_path_name(p): v for p, v in jax.tree_util.tree_flatten_with_path(variables)[0]}
     for name, value in flat.items():

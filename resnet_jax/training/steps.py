@@ -167,21 +167,30 @@ def train_step(
     *,
     micro_batches: Callable[[dict], dict] | None = None,
     ema_decay: float = 0.0,
+    seed: int = 0,
 ) -> tuple[TrainState, TrainMetrics]:
     """One SGD (or LARS) step on a global batch. With ``micro_batches`` (e.g.
     ``split_micro_batches``) they run in turn (``lax.scan``) from the same state and the step
     takes the mean of their gradients and BatchNorm statistics: the full batch's step, with
-    one micro-batch's memory. With ``ema_decay`` the EMA moves towards the new weights."""
+    one micro-batch's memory. With ``ema_decay`` the EMA moves towards the new weights.
+    A model that draws from the 'dropout' rng (``drop_path_rate``) gets a key of
+    (``seed``, step, micro-batch): a resumed run draws the same."""
 
     mutable = ['batch_stats'] if state.batch_stats else []  # none with e.g. GroupNorm
+    step_key = jax.random.fold_in(jax.random.key(seed), state.step)
 
-    def gradients(batch):
+    def gradients(batch, index=0):
+        rngs = {}
+        if getattr(model, 'drop_path_rate', 0):
+            rngs['dropout'] = jax.random.fold_in(step_key, index)
+
         def loss_fn(params):
             logits, updates = model.apply(
                 {'params': params, 'batch_stats': state.batch_stats},
                 batch['image'],
                 train=True,
                 mutable=mutable,
+                rngs=rngs,
             )
             per_example = classification_metrics(logits, batch['label'], label_smoothing)
             return per_example['loss'].mean(), (per_example, updates.get('batch_stats', {}))
@@ -194,12 +203,14 @@ def train_step(
         parts = micro_batches(batch)
         steps = len(jax.tree_util.tree_leaves(parts)[0])
 
-        def accumulate(total, part):
-            grads, (per_example, batch_stats) = gradients(part)
+        def accumulate(total, indexed):
+            grads, (per_example, batch_stats) = gradients(*indexed)
             return jax.tree_util.tree_map(jnp.add, total, (grads, batch_stats)), per_example
 
         zeros = jax.tree_util.tree_map(jnp.zeros_like, (state.params, state.batch_stats))
-        (grads, batch_stats), per_example = jax.lax.scan(accumulate, zeros, parts)
+        (grads, batch_stats), per_example = jax.lax.scan(
+            accumulate, zeros, (parts, jnp.arange(steps))
+        )
         grads, batch_stats = jax.tree_util.tree_map(lambda x: x / steps, (grads, batch_stats))
         per_example = jax.tree_util.tree_map(lambda x: x.reshape(-1), per_example)
 
@@ -258,6 +269,7 @@ def compile_steps(
             batch,
             micro_batches=micro_batches,
             ema_decay=config.ema_decay,
+            seed=config.seed,
         )
 
     return plans.compile_steps(train, eval_step, model, mesh, config.execution, compiler_options)

@@ -426,11 +426,11 @@ class DropoutBlock(nn.Module):
     dtype: object = jnp.float32
 
     @nn.compact
-    def __call__(self, x, train: bool = True):
+    def __call__(self, x, train: bool = False):
         y = nn.relu(
             self.norm(name='bn1')(self.conv(self.filters, 3, self.strides, name='conv1')(x))
         )
-        y = nn.Dropout(0.5, deterministic=False)(y)
+        y = nn.Dropout(0.5, deterministic=not train)(y)
         if self.strides != 1 or x.shape[-1] != self.filters:
             x = layers.Shortcut(self.filters, self.strides, 'A', self.norm, self.conv)(x)
         return nn.relu(x + y)

@@ -629,6 +629,44 @@ def test_torchvision_resnets_and_ours_compute_the_same_function_both_ways(
 
 
 @pytest.mark.interop
+@pytest.mark.parametrize(
+    'name, dilate, output_stride',
+    [('resnet50', [False, True, True], 8), ('resnet50', [False, False, True], 16)],
+)
+def test_output_stride_is_torchvisions_replace_stride_with_dilation(
+    name, dilate, output_stride, torchvision
+):
+    """torchvision's dilated resnet50 (DeepLab's backbone), converted, gives its logits on
+    ``create_model(..., output_stride=...)``; its stages' strides are what we report."""
+    net = _randomise_batchnorm(
+        getattr(torchvision.models, name)(weights=None, replace_stride_with_dilation=dilate)
+    )
+    model, variables, _ = convert.load_weights(net.state_dict())
+    dilated = model.clone(output_stride=output_stride)
+    x, x_nhwc = _images()
+    _same_function(jax.jit(dilated.apply)(variables, x_nhwc), _torch_outputs(net, x))
+    strides = [f.stride for f in dilated.clone(features_only=True).feature_info().values()]
+    assert strides[-1] == output_stride
+
+
+@pytest.mark.interop
+def test_a_one_channel_model_goes_to_torchvision_with_its_conv1_replaced(torchvision):
+    """RGB weights adapted to greyscale (timm's ``adapt_input_conv``) and exported: a
+    torchvision resnet18 whose conv1 takes one channel loads them strictly, equal logits."""
+    import torch
+
+    rgb = computable_variables(models.create_model('resnet18'), seed=2)
+    with pytest.warns(UserWarning, match='in_chans=1'):
+        model, variables = convert.adapt_input_channels(models.create_model('resnet18'), rgb, 1)
+    net = torchvision.models.resnet18(weights=None)
+    net.conv1 = torch.nn.Conv2d(1, 64, 7, 2, 3, bias=False)
+    net.load_state_dict(convert.to_torchvision(variables, model), strict=True)
+    x, x_nhwc = _images(batch=2)
+    x, x_nhwc = x[:, :1], x_nhwc[..., :1]
+    _same_function(jax.jit(model.apply)(variables, x_nhwc), _torch_outputs(net.eval(), x))
+
+
+@pytest.mark.interop
 def test_a_headless_model_in_a_larger_module_loads_into_torchvision_with_fc_identity(torchvision):
     import torch
 
