@@ -2,6 +2,7 @@
 
 model = resnet_jax.create_model('resnet50')               # the paper's network
 model, variables, config, step = resnet_jax.load(workdir)  # a trained run
+inputs = resnet_jax.preprocess(images, workdir)             # as the run's input pipeline
 variables = resnet_jax.transfer(fresh_variables, workdir).variables  # fine-tuning
 """
 
@@ -19,6 +20,14 @@ def load(workdir, step=None, config=None, weights='raw'):
     from resnet_jax.training import runs  # orbax: imported when a run is loaded
 
     return runs.load(workdir, step, config, weights)
+
+
+def preprocess(images, workdir, config=None):
+    """``images`` as the run in ``workdir`` was trained on them (its preprocessing and the
+    mean image it kept); see ``resnet_jax.training.runs.preprocess``."""
+    from resnet_jax.training import runs
+
+    return runs.preprocess(images, workdir, config)
 
 
 def transfer(variables, pretrained, at=None, source_at=None):
@@ -44,6 +53,7 @@ __all__ = [
     'create_model',
     'list_models',
     'load',
+    'preprocess',
     'transfer',
     'count_params',
     'count_macs',

@@ -114,6 +114,8 @@ def train_and_evaluate(
     def write_config():  # with the first checkpoint of this launch
         if jax.process_index() == 0:
             paths.write_atomically(workdir / 'config.json', config.to_json_best_effort(indent=2))
+            if config.dataset.preprocessing == 'mean':  # for runs.preprocess
+                runs.save_mean(workdir, run.pipeline.mean)
 
     failed = True
     try:

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 from typing import Any, NamedTuple
 
@@ -173,6 +174,38 @@ def load(
     variables, step = load_variables(workdir, step, weights, config)
     num_classes = int(np.shape(variables['params']['fc']['bias'])[0])
     return LoadedRun(config_lib.model_from_config(config, num_classes), variables, config, step)
+
+
+# A run with 'mean' preprocessing keeps its training set's mean image beside config.json.
+MEAN_FILE = 'mean_image.npy'
+
+
+def save_mean(workdir, mean: np.ndarray) -> None:
+    buffer = io.BytesIO()
+    np.save(buffer, np.asarray(mean, np.float32))
+    paths.write_atomically(paths.resolve(workdir) / MEAN_FILE, buffer.getvalue())
+
+
+def preprocess(images, workdir, config: ml_collections.ConfigDict | None = None) -> jax.Array:
+    """``images`` (uint8 or [0, 1] floats, NHWC) as the run in ``workdir`` was trained on
+    them: its ``dataset.preprocessing``, with the mean image it kept for 'mean' (the
+    channel mean where the images' size differs from the training crop's)."""
+    from resnet_jax import models
+
+    config = run_config(workdir) if config is None else config
+    style = config.dataset.preprocessing
+    if style != 'mean':
+        return models.preprocess(images, style)
+    path = paths.resolve(workdir) / MEAN_FILE
+    if not path.exists():
+        raise ConfigError(
+            f'{workdir} keeps no {MEAN_FILE} (runs from before it was kept): pass the '
+            "training set's mean, models.preprocess(images, 'mean', mean=...)"
+        )
+    mean = np.load(io.BytesIO(path.read_bytes()))
+    if tuple(np.shape(images)[-3:-1]) != mean.shape[:2]:
+        mean = mean.reshape(-1, mean.shape[-1]).mean(0)
+    return models.preprocess(images, 'mean', mean=mean)
 
 
 def save_variables(

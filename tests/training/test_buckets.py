@@ -43,6 +43,14 @@ def test_a_run_in_a_bucket_trains_resumes_and_loads_from_it(gcs, data_dir, tmp_p
     assert train.train_and_evaluate(tiny_config(data_dir, num_train_steps=7), workdir)['step'] == 7
     loaded = resnet_jax.load(workdir)
     assert loaded.step == 7 and loaded.variables['params']['fc']['kernel'].shape == (64, 10)
+    # its inputs as its pipeline made them: the mean image it kept ('mean' preprocessing)
+    from resnet_jax.data.pipeline import Pipeline
+
+    mean = Pipeline(loaded.config.dataset, 0).mean
+    images = np.random.default_rng(0).integers(0, 256, (2, *mean.shape), np.uint8)
+    np.testing.assert_allclose(
+        resnet_jax.preprocess(images, workdir), images / 255.0 - mean, rtol=1e-5, atol=1e-6
+    )
     # A new run started from the bucket's weights, its own workdir local.
     config = tiny_config(data_dir, num_train_steps=1, init_from=workdir)
     config.model.bn_epsilon = 1.001e-5  # (Keras' value: the same shapes, another function)
