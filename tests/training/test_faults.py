@@ -141,9 +141,8 @@ def uninterrupted(data_dir, tmp_path_factory):
     return workdir
 
 
-@pytest.mark.parametrize(
-    'sig, where', [(signal.SIGKILL, 'disk'), (signal.SIGTERM, 'disk'), (signal.SIGKILL, 'bucket')]
-)
+# (SIGTERM's checkpoint and resume: test_run_stops and test_train's stopped run, cheaper.)
+@pytest.mark.parametrize('sig, where', [(signal.SIGKILL, 'disk'), (signal.SIGKILL, 'bucket')])
 def test_killed_run_resumes_to_exactly_the_uninterrupted_result(
     sig, where, uninterrupted, data_dir, tmp_path, request
 ):
@@ -155,13 +154,7 @@ def test_killed_run_resumes_to_exactly_the_uninterrupted_result(
     time.sleep(random.Random(sig).uniform(0.0, 1.5))  # a random moment after it
     proc.send_signal(sig)
     code, out, err = finish(proc)
-    if sig == signal.SIGTERM and code == 0 and 'stopped by' in out:
-        stopped_at = int(out.split('stopped by SIGTERM at step ')[1].split(';')[0])
-        assert steps_in(workdir)[-1] == stopped_at  # it checkpointed where it stopped
-        assert 'checkpoint saved' in out
-        assert not (tmp_path / 'results.json').exists()
-    else:  # killed (or it had already finished)
-        assert code in (-signal.SIGKILL, 0), err[-2000:]
+    assert code in (-signal.SIGKILL, 0), err[-2000:]  # killed (or it had already finished)
     code, out, err = finish(launch(tiny_args(workdir, data_dir, STEPS, EMA)))
     assert code == 0, err[-2000:]
     assert results_without_time(workdir) == results_without_time(uninterrupted)
