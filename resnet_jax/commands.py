@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import traceback
 
 from absl import flags
 
@@ -126,6 +127,15 @@ def run_train(argv: list[str]) -> None:
         # their timeout): the message is out, every earlier checkpoint is on disk and the
         # kernel releases the workdir's lock, so the process ends here.
         print(f'{process_tag()}error: {e}', file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(1)
+    except Exception:
+        if not process_tag():
+            raise
+        # A bug in a multi-process run: its traceback, then out at once (a normal exit
+        # waits at JAX's shutdown barrier for peers blocked in a collective with it).
+        traceback.print_exc()
+        sys.stderr.flush()
         sys.stdout.flush()
         os._exit(1)
     if 'stopped_by' in results:  # every process says where it stopped

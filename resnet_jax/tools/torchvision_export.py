@@ -203,7 +203,11 @@ def to_torchvision(
         else:
             out[f'{layer}.weight'] = get_leaf(params, module, 'kernel').T
             out[f'{layer}.bias'] = get_leaf(params, module, 'bias')
-    out = {k: np.array(v, order='C') for k, v in out.items()}  # contiguous, 0-d kept 0-d
+    # contiguous, 0-d kept 0-d; float32 whatever param_dtype (torch reads no numpy bfloat16)
+    out = {
+        k: np.array(v, np.int64 if k.endswith('num_batches_tracked') else np.float32, order='C')
+        for k, v in out.items()
+    }
     if not allow_nonfinite:
         check_finite(out, where)
     try:

@@ -318,7 +318,12 @@ class Checkpointer:
         ``rolled-back-<step>-<time>``, and this run's checkpoints record ``step``. Nothing
         moves when the latest was written by a run already resumed from ``step``."""
         steps = step_dirs(self.directory)
-        if resumed_from(self.directory, steps, step):
+        resumed = resumed_from(self.directory, steps, step)
+        if jax.process_count() > 1:  # all have listed the steps before process 0 moves one
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f'roll_back_{step}_listed')
+        if resumed:
             return
         self.rolled_back_to = step
         later = [s for s in steps if s > step]

@@ -245,3 +245,13 @@ def test_param_dtype_keeps_parameters_in_bfloat16_and_statistics_in_float32():
     np.testing.assert_allclose(
         model.apply(variables, x), reference.apply(as_float, x), rtol=0.05, atol=0.05
     )
+    # exported as float32 tensors (torch reads no numpy bfloat16)
+    resnet18 = models.create_model('resnet18', stride_in_1x1=False, param_dtype='bfloat16')
+    shapes = jax.eval_shape(lambda: resnet18.init(jax.random.key(0), images(size=32)))
+    state = convert.to_torchvision(
+        jax.tree.map(lambda s: np.ones(s.shape, s.dtype), shapes), resnet18
+    )
+    assert {str(v.dtype).split('.')[-1] for v in state.values()} == {
+        'float32',
+        'int64',
+    }  # (torch's too)

@@ -117,7 +117,7 @@ def results_without_time(workdir):
 
 # The killed runs keep a moving average of the weights too: its state must resume exactly.
 # A kill lands within ~1.5 s of the first checkpoint (step 20), some 30 steps at most.
-EMA, STEPS = '--config.ema_decay=0.9', 120
+EMA, STEPS = '--config.ema_decay=0.9', 80
 
 
 def evaluate(workdir, *flags):
