@@ -431,6 +431,15 @@ def _check_fields(model: ResNet) -> None:
     check_shortcut(model.shortcut)
     canonical_dtype(model.dtype)
     canonical_dtype(model.param_dtype)
+    try:  # (a stage of the earlier protocol took no train)
+        inspect.signature(model.stage).bind(*[None] * 5)
+    except TypeError:
+        raise ValueError(
+            f'ResNet.stage={model.stage!r} is not allowed: it must take (parent, make_block, '
+            'names, x, train) and call each block as block(x, train)'
+        ) from None
+    except ValueError:  # no signature to read (a builtin): trusted
+        pass
     needs = {
         'drop_path': bool(model.drop_path_rate),
         'dilation': any(d > 1 for _, d, _ in model._stage_geometry()),

@@ -58,6 +58,10 @@ def test_every_block_is_told_train_and_a_partial_block_has_features():
     np.testing.assert_array_equal(*evaluated)  # evaluation draws nothing
     assert model.clone(features_only=True).feature_info()['conv4'] == models.Feature(16, 4)
     assert model.num_features == 16
+    with pytest.raises(
+        ValueError, match=r'stage=.* must take \(parent, make_block, names, x, train'
+    ):
+        tiny(stage=lambda parent, make_block, names, x: x)  # the earlier protocol
 
 
 def test_a_norm_without_scale_init_is_refused_only_where_zero_init_needs_it():
