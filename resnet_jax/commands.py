@@ -60,6 +60,20 @@ def define_train() -> None:
     cache_flag()
 
 
+def _end_at_once_or_raise() -> None:
+    """The exception being handled, raised; in a multi-process run its traceback, then this
+    process ends at once (a normal exit waits at JAX's shutdown barrier for peers blocked
+    in a collective with it; their watch reports the end)."""
+    import jax
+
+    if jax.process_count() == 1:
+        raise  # (the exception the caller is handling)
+    traceback.print_exc()
+    sys.stderr.flush()
+    sys.stdout.flush()
+    os._exit(1)
+
+
 def run_train(argv: list[str]) -> None:
     """Trains the config's network with the paper's recipe (sec. 3.4, 4.2), resuming from
     the workdir's latest checkpoint."""
@@ -120,7 +134,7 @@ def run_train(argv: list[str]) -> None:
         fail(str(e), code=1)
     except jax.errors.JaxRuntimeError as e:
         supervisor.await_verdict(e, FLAGS.workdir, FLAGS.heartbeat_timeout_seconds)
-        raise
+        _end_at_once_or_raise()
     except checkpoints.CheckpointWriteError as e:
         # orbax's writer threads and tensorstore's callbacks of the failed save may still be
         # waiting or may complain as the interpreter shuts down (tracebacks, or a wait until
@@ -130,14 +144,7 @@ def run_train(argv: list[str]) -> None:
         sys.stdout.flush()
         os._exit(1)
     except Exception:
-        if not process_tag():
-            raise
-        # A bug in a multi-process run: its traceback, then out at once (a normal exit
-        # waits at JAX's shutdown barrier for peers blocked in a collective with it).
-        traceback.print_exc()
-        sys.stderr.flush()
-        sys.stdout.flush()
-        os._exit(1)
+        _end_at_once_or_raise()
     if 'stopped_by' in results:  # every process says where it stopped
         print(
             f'{process_tag()}stopped by {results["stopped_by"]} at step {results["step"]}; '

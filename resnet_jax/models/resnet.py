@@ -132,6 +132,8 @@ class ResNet(nn.Module):
     stage: Callable[..., jax.Array] = unrolled_stage
 
     def __post_init__(self):
+        if isinstance(self.out_indices, list):  # hashable, as a module's fields must be
+            object.__setattr__(self, 'out_indices', tuple(self.out_indices))
         _check_fields(self)
         super().__post_init__()
 
@@ -178,15 +180,16 @@ class ResNet(nn.Module):
             )
             names = block_names(i, num_blocks)
             stage_rates = [next(rates) for _ in names]
-            if train and self.drop_path_rate:  # the blocks differ: each its own rate
-                for j, (name, rate) in enumerate(zip(names, stage_rates)):
-                    x = block(strides=strides if j == 0 else 1, drop_path=rate, name=name)(x, train)
-            else:
-                x = block(strides=strides, name=names[0])(x, train)
-                if names[1:]:
-                    same = {'first_dilation': dilation} if dilated else {}
-                    later = functools.partial(block, strides=1, **same)
-                    x = self.stage(self, later, names[1:], x, train)
+            # after the first block: stride 1, and the stage's dilation on every 3x3
+            later = functools.partial(
+                block, strides=1, **({'first_dilation': dilation} if dilated else {})
+            )
+            x = block(strides=strides, name=names[0], **self._drop(stage_rates[0], train))(x, train)
+            if names[1:] and train and self.drop_path_rate:  # they differ: each its rate
+                for name, rate in zip(names[1:], stage_rates[1:]):
+                    x = later(name=name, drop_path=rate)(x, train)
+            elif names[1:]:
+                x = self.stage(self, later, names[1:], x, train)
             features[stage_name(i)] = x
         if self.features_only:
             return {k: v for i, (k, v) in enumerate(features.items()) if i in wanted}
@@ -216,6 +219,10 @@ class ResNet(nn.Module):
         """Each block's drop probability: linear in its index over the net, 0 to the rate."""
         n = sum(self.stage_sizes)
         return [self.drop_path_rate * k / max(n - 1, 1) for k in range(n)]
+
+    @nn.nowrap
+    def _drop(self, rate: float, train: bool) -> dict[str, float]:
+        return {'drop_path': rate} if train and self.drop_path_rate else {}
 
     @nn.nowrap
     def _out_stages(self) -> list[int]:
@@ -407,7 +414,11 @@ def _check_fields(model: ResNet) -> None:
             and (model.residual or not model.drop_path_rate),
             'a number in [0, 1), 0 for a plain net (it drops residual branches)',
         ),
-        ('output_stride', model.output_stride in (8, 16, 32), '8, 16 or 32'),
+        (
+            'output_stride',
+            integer(model.output_stride, 8) and model.output_stride in (8, 16, 32),
+            '8, 16 or 32',
+        ),
         ('in_chans', model.in_chans is None or integer(model.in_chans, 1), 'None or >= 1'),
         (
             'out_indices',
@@ -444,8 +455,14 @@ def _check_fields(model: ResNet) -> None:
         'drop_path': bool(model.drop_path_rate),
         'dilation': any(d > 1 for _, d, _ in model._stage_geometry()),
     }
+    needs['first_dilation'] = needs['dilation']
+    if needs['dilation'] and not _accepts(model.conv, 'dilation'):
+        raise ValueError(
+            f'ResNet.conv={model.conv!r} takes no dilation=, which '
+            f'output_stride={model.output_stride} needs'
+        )
+    block_cls = _block_class(model.block_cls)
     for field, needed in needs.items():
-        block_cls = _block_class(model.block_cls)
         if needed and not _accepts(block_cls, field):
             raise ValueError(
                 f'block_cls {getattr(block_cls, "__name__", block_cls)} has no field '

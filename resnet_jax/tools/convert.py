@@ -92,18 +92,23 @@ def load_weights(
     if not allow_nonfinite:
         check_finite(variables, str(source) if isinstance(source, (str, os.PathLike)) else kind)
     if in_chans is not None:
-        model, variables = adapt_input_channels(model, variables, in_chans)
+        bgr = PREPROCESSING[kind] == 'caffe'
+        model, variables = adapt_input_channels(model, variables, in_chans, bgr=bgr)
     return model, variables, kind
 
 
 def adapt_input_channels(
-    model: models.ResNet, variables: dict, in_chans: int
+    model: models.ResNet, variables: dict, in_chans: int, bgr: bool = False
 ) -> tuple[models.ResNet, dict]:
-    """``(model, variables)`` for ``in_chans`` input channels from RGB weights, as timm's
-    ``adapt_input_conv``: one channel takes the sum of conv1's RGB kernels (a grey image
-    then gives what its RGB copy gave); more or fewer repeat R, G, B, ... scaled by
-    3 / ``in_chans`` (the response to a uniform image kept). Says so in a warning."""
+    """``(model, variables)`` for ``in_chans`` input channels from RGB weights (``bgr``:
+    Keras' BGR kernels, put in RGB order first), as timm's ``adapt_input_conv``: one
+    channel takes the sum of conv1's kernels (before normalisation, a grey image gives
+    what its RGB copy gave); other counts repeat R, G, B, R, ... scaled by 3 /
+    ``in_chans``, for inputs ordered so (``models.preprocess`` keeps that order). Says so
+    in a warning."""
     kernel = np.asarray(variables['params']['conv1']['kernel'])  # (h, w, in, out)
+    if bgr and in_chans != 3:
+        kernel = kernel[:, :, ::-1]
     if kernel.shape[2] != 3:
         raise ValueError(
             f'in_chans={in_chans}: adapts RGB weights; conv1 takes {kernel.shape[2]} channels'

@@ -35,7 +35,7 @@ def summarize(
 ) -> list[dict[str, Any]]:
     """Rows ``{layer, output, blocks, params, macs}`` for the stem, each stage and the fc."""
     h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
-    x = jnp.zeros((1, h, w, 3))
+    x = jnp.zeros((1, h, w, models.input_channels(model)))
     variables = jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False))
     _, state = jax.eval_shape(
         lambda v: model.apply(

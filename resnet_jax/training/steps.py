@@ -173,8 +173,9 @@ def train_step(
     ``split_micro_batches``) they run in turn (``lax.scan``) from the same state and the step
     takes the mean of their gradients and BatchNorm statistics: the full batch's step, with
     one micro-batch's memory. With ``ema_decay`` the EMA moves towards the new weights.
-    A model that draws from the 'dropout' rng (``drop_path_rate``) gets a key of
-    (``seed``, step, micro-batch): a resumed run draws the same."""
+    A model with ``drop_path_rate`` draws from the 'dropout' rng a key of (``seed``, step,
+    micro-batch): a resumed run draws the same; another device count or accumulation
+    draws other masks (a micro-batch's examples depend on them)."""
 
     mutable = ['batch_stats'] if state.batch_stats else []  # none with e.g. GroupNorm
     step_key = jax.random.fold_in(jax.random.key(seed), state.step)

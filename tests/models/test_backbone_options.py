@@ -180,6 +180,22 @@ def test_output_stride_dilates_the_last_stages(name, output_stride, strides):
         model.clone(output_stride=4)
 
 
+def test_a_dilated_net_trains_with_drop_path_as_it_evaluates():
+    """In training with stochastic depth the blocks run one by one: with a rate too small
+    to drop anything, the same function as without it (each block's own dilation)."""
+    model = tiny('resnet18', output_stride=8)
+    x = images(size=32)
+    variables = model.init(jax.random.key(0), x)
+
+    def train(model):
+        rngs = {'dropout': jax.random.key(1)}
+        return model.apply(variables, x, train=True, rngs=rngs, mutable=['batch_stats'])[0]
+
+    np.testing.assert_allclose(
+        train(model.clone(drop_path_rate=1e-7)), train(model), rtol=1e-5, atol=1e-5
+    )
+
+
 # --- input channels ---------------------------------------------------------------------------
 
 
@@ -203,6 +219,17 @@ def test_any_channel_count_through_the_model_the_converters_and_preprocess():
     assert kernel.shape == (7, 7, 5, 64) and five.in_chans == 5
     rgb = variables['params']['conv1']['kernel']
     np.testing.assert_allclose(kernel[:, :, 3:], rgb[:, :, :2] * 3 / 5, rtol=1e-6)
+    # Keras' BGR kernels: two RGB frames (6 channels) through caffe's arithmetic are
+    # what one gave the RGB net
+    frame = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), np.uint8)
+    with pytest.warns(UserWarning, match='3/6'):
+        six, six_vars = convert.adapt_input_channels(model, variables, 6, bgr=True)
+    np.testing.assert_allclose(
+        jax.jit(six.apply)(six_vars, models.preprocess(np.concatenate([frame] * 2, -1), 'caffe')),
+        jax.jit(model.apply)(variables, models.preprocess(frame, 'caffe')),
+        rtol=1e-4,
+        atol=1e-3,
+    )
     with pytest.raises(ValueError, match=r'in_chans=1\) expects .*got shape \(4, 32, 32, 3\)'):
         adapted.apply(adapted_vars, x3)
 
