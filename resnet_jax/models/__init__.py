@@ -1,7 +1,7 @@
 """The paper's networks as pure ``flax.linen`` modules (``resnet``, ``blocks``, ``layers``),
 by name (``registry``), their ``complexity``, the inputs weights expect (``preprocess``),
-NNX (``nnx``) and where their variables are in a tree (``variables``). Nothing here imports
-the rest of the package."""
+NNX (``nnx``), where their variables are in a tree (``variables``) and what a ``ResNet``
+accepts (``checks``). Nothing here imports the rest of the package."""
 
 from resnet_jax.models.blocks import (
     BasicBlock,
@@ -11,6 +11,7 @@ from resnet_jax.models.blocks import (
     stage_strides,
     unrolled_stage,
 )
+from resnet_jax.models.checks import DTYPES, canonical_dtype
 from resnet_jax.models.layers import FrozenBatchNorm
 from resnet_jax.models.preprocessing import preprocess
 from resnet_jax.models.registry import (
@@ -21,7 +22,7 @@ from resnet_jax.models.registry import (
     list_models,
     parse_cifar_name,
 )
-from resnet_jax.models.resnet import DTYPES, Feature, ResNet, canonical_dtype
+from resnet_jax.models.resnet import Feature, ResNet
 from resnet_jax.models.variables import find_resnets, input_channels, locate_resnet
 
 __all__ = [

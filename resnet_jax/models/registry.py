@@ -12,7 +12,8 @@ from typing import Any
 import flax.linen as nn
 
 from resnet_jax.models.blocks import BasicBlock, BottleneckBlock
-from resnet_jax.models.resnet import ResNet, canonical_dtype
+from resnet_jax.models.checks import canonical_dtype
+from resnet_jax.models.resnet import ResNet
 
 # Table 1: blocks per stage of the ImageNet networks.
 TABLE1: dict[str, tuple[type[nn.Module], tuple[int, ...]]] = {

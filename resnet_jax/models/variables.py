@@ -16,8 +16,10 @@ def input_channels(model: ResNet, params: Any = None) -> int:
     kernel (a ResNet's params, as ``locate_resnet`` finds them), else 3 (RGB)."""
     if model.in_chans is not None:
         return model.in_chans
-    kernel = (params or {}).get('conv1', {}).get('kernel') if hasattr(params, 'get') else None
-    return int(np.shape(kernel)[2]) if kernel is not None else 3
+    try:
+        return int(np.shape(params['conv1']['kernel'])[2])
+    except (KeyError, TypeError):  # no params, or not a ResNet's
+        return 3
 
 
 # Keys at every ResNet's top: how one is found inside a larger tree.
