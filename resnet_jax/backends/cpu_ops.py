@@ -210,7 +210,7 @@ def canonical_conv(
     """``lax.conv_general_dilated`` whose gradients are convolutions in the forward layout.
 
     XLA:CPU rewrites JAX's transposed gradient convolutions into its fast NHWC x HWIO form
-    in a program's main computation but not inside loops (``plans.scanned_stage``), where
+    in a program's main computation but not inside loops (``models.scanned_stage``), where
     they run ~50x slower. Handles NHWC/HWIO with explicit padding, no dilation and one
     group; anything else goes to ``lax.conv_general_dilated``.
     """

@@ -1,8 +1,7 @@
 """Execution plans: other implementations of a model's parts, with the same variables,
 values and gradients, that run faster on a backend, and their compiler options.
 
-* ``'xla'``: the model as written; only stages of ``DEEP_STAGE_BLOCKS`` or more run as
-  one ``lax.scan``.
+* ``'xla'``: the model as written (which scans its deep stages itself, ``models.stages``).
 * ``'cpu'``: ``cpu_ops``' forms, each stage's identical blocks as one ``lax.scan``.
 * ``'auto'``: ``'cpu'`` on the CPU backend, ``'xla'`` elsewhere.
 
@@ -13,16 +12,15 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
-import flax.linen as nn
 import jax
 
 from resnet_jax import models
 from resnet_jax.backends import cpu_ops
-from resnet_jax.models import layers
+from resnet_jax.models import layers, stages
+from resnet_jax.models.stages import packed_name
 
 PLANS = ('auto', 'xla', 'cpu')
 
@@ -31,7 +29,7 @@ PLANS = ('auto', 'xla', 'cpu')
 class ExecutionPlan:
     """A model's parts replaced by faster forms of the same function (None: the model's),
     its compiler options, and ``scan_min_blocks``: a stage's identical blocks run as one
-    ``lax.scan`` when there are at least this many (0: never)."""
+    ``lax.scan`` when there are at least this many (0: where the model's own stage does)."""
 
     name: str
     conv_general_dilated: Callable[..., jax.Array] | None = None
@@ -48,21 +46,15 @@ class ExecutionPlan:
             )
         if self.max_pool is not None and model.max_pool is layers.max_pool:
             parts['max_pool'] = self.max_pool
-        if self.scan_groups(model):
-            parts['stage'] = functools.partial(scanned_stage, min_blocks=self.scan_min_blocks)
+        if self.scan_min_blocks and model.stage is models.scanned_stage:
+            parts['stage'] = functools.partial(
+                models.scanned_stage, min_blocks=self.scan_min_blocks
+            )
         return model.clone(**parts) if parts else model
 
     def scan_groups(self, model: models.ResNet) -> list[list[str]]:
         """The blocks ``apply_to(model)`` runs as one ``lax.scan``, per stage."""
-        # (with stochastic depth a stage's blocks differ in training, and run unrolled)
-        if (
-            not self.scan_min_blocks
-            or model.stage is not models.unrolled_stage
-            or model.drop_path_rate
-        ):
-            return []
-        groups = [models.block_names(i, n)[1:] for i, n in enumerate(model.stage_sizes)]
-        return [g for g in groups if len(g) >= self.scan_min_blocks]
+        return models.scan_groups(self.apply_to(model))
 
     def jit(self, fn: Callable, **jit_options) -> Callable:
         """``jax.jit(fn, **jit_options)`` with the plan's compiler options."""
@@ -136,7 +128,7 @@ def _pack(groups: list[list[str]], layers_tree: Mapping[str, Any]) -> dict[str, 
     out = dict(layers_tree)
     for names in groups:
         if names[0] in out:
-            out[packed_name(names)] = _stack([out.pop(n) for n in names])
+            out[packed_name(names)] = stages.stack([out.pop(n) for n in names])
     return out
 
 
@@ -145,7 +137,7 @@ def _unpack(groups: list[list[str]], layers_tree: Mapping[str, Any]) -> dict[str
     for names in groups:
         stacked = out.pop(packed_name(names), None)
         if stacked is not None:
-            out.update(zip(names, _unstack(stacked, len(names))))
+            out.update(zip(names, stages.unstack(stacked, len(names))))
     return out
 
 
@@ -173,10 +165,7 @@ def _map_layer_dicts(fn, tree, marker: str):
     return jax.tree_util.tree_map(lambda x: fn(x) if found(x) else x, tree, is_leaf=found)
 
 
-# Unrolled, ResNet-1202's 199-block stages take minutes to compile on CPU and GPU alike.
-DEEP_STAGE_BLOCKS = 64
-
-XLA = ExecutionPlan('xla', scan_min_blocks=DEEP_STAGE_BLOCKS)
+XLA = ExecutionPlan('xla')
 CPU_SCAN_MIN_BLOCKS = 2
 
 
@@ -221,103 +210,3 @@ def _cpu_compiler_options() -> dict:
             continue
         kept[key] = value
     return kept
-
-
-def packed_name(names: Sequence[str]) -> str:
-    """The key of blocks ``names`` stacked by a ``StateLayout``: 'conv2_2..conv2_200'."""
-    return f'{names[0]}..{names[-1]}'
-
-
-def _stack(trees: Sequence[Any]) -> Any:
-    def stack(*leaves):
-        return jax.lax.concatenate([jax.lax.expand_dims(v, (0,)) for v in leaves], 0)
-
-    return jax.tree_util.tree_map(stack, *trees)
-
-
-def _unstack(tree: Any, n: int) -> list[Any]:
-    """The inverse of ``_stack`` for ``n`` trees: one split of each stacked leaf (rather
-    than ``n`` indexing operations, which a deep net's step spends seconds tracing)."""
-
-    def split(v):
-        return [jax.lax.squeeze(part, (0,)) for part in jax.lax.split(v, (1,) * n, axis=0)]
-
-    leaves, treedef = jax.tree_util.tree_flatten(tree)
-    parts = [split(v) for v in leaves]
-    return [jax.tree_util.tree_unflatten(treedef, [p[k] for p in parts]) for k in range(n)]
-
-
-def _mutable_names(parent: nn.Module) -> list[str] | None:
-    """The collections ``parent`` may write, or None when that is not a list of names."""
-    mutable = parent.scope.mutable
-    if mutable is False:
-        return []
-    if isinstance(mutable, str):
-        return [mutable]
-    if isinstance(mutable, (list, tuple, set, frozenset)):
-        return list(mutable)
-    return None
-
-
-def scanned_stage(
-    parent: nn.Module,
-    make_block: Callable[..., nn.Module],
-    names: Sequence[str],
-    x: jax.Array,
-    train: bool = False,
-    min_blocks: int = 2,
-) -> jax.Array:
-    """Applies the identical blocks ``names`` as one ``lax.scan`` (a ``ResNet.stage``), on
-    their variables as the unrolled net keeps them or stacked under ``packed_name(names)``.
-    Initialisation, fewer than ``min_blocks`` blocks, random streams other than 'params'
-    and writes to new collections (``sow``) run them unrolled, the last two with a warning."""
-    key = packed_name(names)
-    packed = any(key in tree for tree in parent.variables.values())
-    collections = [col for col, tree in parent.variables.items() if key in tree or names[0] in tree]
-    reason = None
-    if not parent.is_initializing():
-        rngs = sorted(set(parent.scope.rngs) - {'params'})
-        mutable = _mutable_names(parent)
-        extra = ['<filter>'] if mutable is None else [c for c in mutable if c not in collections]
-        if rngs:
-            reason = f'random streams {rngs}'
-        elif extra:
-            reason = f'writes to {extra}'
-    if parent.is_initializing() or len(names) < min_blocks or reason:
-        if packed:
-            raise ValueError(
-                f'{key}: variables stacked for a scan cannot run unrolled '
-                f"({reason or 'initialisation'}); pass the model's own variables"
-            )
-        if reason:
-            warnings.warn(
-                f'scanned stage {key}: {reason}; running its blocks unrolled (the same function)',
-                stacklevel=2,
-            )
-        return models.unrolled_stage(parent, make_block, names, x, train)
-
-    stored = {
-        col: parent.variables[col][key]
-        if packed
-        else _stack([parent.variables[col][n] for n in names])
-        for col in collections
-    }
-    mutable = [col for col in collections if parent.is_mutable_collection(col)]
-    block = make_block(parent=None)
-
-    def body(carry, variables):
-        if not mutable:
-            return block.apply(variables, carry, train), None
-        return block.apply(variables, carry, train, mutable=mutable)
-
-    # Recomputing BatchNorm / ReLU / addition from the saved conv outputs: CIFAR ResNet-110
-    # on CPU 16% faster, 40% less peak memory than stacking every intermediate.
-    body = jax.checkpoint(body, policy=jax.checkpoint_policies.dots_saveable, prevent_cse=False)
-    x, updates = jax.lax.scan(body, x, stored)
-    for col in mutable:
-        if packed:
-            parent.put_variable(col, key, updates[col])
-        else:
-            for name, value in zip(names, _unstack(updates[col], len(names))):
-                parent.put_variable(col, name, value)
-    return x

@@ -1,4 +1,5 @@
-"""The paper's networks as pure ``flax.linen`` modules (``resnet``, ``blocks``, ``layers``),
+"""The paper's networks as pure ``flax.linen`` modules (``resnet``, ``blocks``, ``stages``,
+``layers``),
 by name (``registry``), their ``complexity``, the inputs weights expect (``preprocess``),
 NNX (``nnx``), where their variables are in a tree (``variables``) and what a ``ResNet``
 accepts (``checks``). Nothing here imports the rest of the package."""
@@ -9,7 +10,6 @@ from resnet_jax.models.blocks import (
     block_names,
     stage_name,
     stage_strides,
-    unrolled_stage,
 )
 from resnet_jax.models.checks import DTYPES, canonical_dtype
 from resnet_jax.models.layers import FrozenBatchNorm
@@ -23,10 +23,12 @@ from resnet_jax.models.registry import (
     parse_cifar_name,
 )
 from resnet_jax.models.resnet import Feature, ResNet
+from resnet_jax.models.stages import DEEP_STAGE_BLOCKS, scan_groups, scanned_stage, unrolled_stage
 from resnet_jax.models.variables import find_resnets, input_channels, locate_resnet
 
 __all__ = [
     'CIFAR_DEPTHS',
+    'DEEP_STAGE_BLOCKS',
     'DTYPES',
     'TABLE1',
     'BasicBlock',
@@ -44,6 +46,8 @@ __all__ = [
     'locate_resnet',
     'parse_cifar_name',
     'preprocess',
+    'scan_groups',
+    'scanned_stage',
     'stage_name',
     'stage_strides',
     'unrolled_stage',

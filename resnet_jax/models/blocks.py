@@ -1,5 +1,5 @@
-"""The blocks of Fig. 5 (``residual=False``: their plain counterparts), the default
-``stage`` that applies a stage's blocks in turn, and the paper's names of stages and blocks.
+"""The blocks of Fig. 5 (``residual=False``: their plain counterparts) and the paper's
+names of stages and blocks.
 
 The block protocol, which ``ResNet.block_cls`` of your own follows: a module with the fields
 ``filters``, ``strides``, ``conv``, ``norm``, ``residual``, ``shortcut``,
@@ -13,7 +13,6 @@ a branch is ``norm(name=, scale_init=zeros)``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 import flax.linen as nn
@@ -121,22 +120,6 @@ def _merge(block, x: jax.Array, y: jax.Array, features: int, train: bool) -> jax
             name='shortcut',
         )(x)
     return nn.relu(y)
-
-
-def unrolled_stage(
-    parent: nn.Module,
-    make_block: Callable[..., nn.Module],
-    names: Sequence[str],
-    x: jax.Array,
-    train: bool = False,
-) -> jax.Array:
-    """Applies the identical blocks ``names`` of a stage in turn, each its own submodule of
-    ``parent`` (the default ``ResNet.stage``). ``make_block(name=...)`` builds one, called
-    ``block(x, train)``."""
-    del parent  # the blocks are created in the calling module's scope
-    for name in names:
-        x = make_block(name=name)(x, train)
-    return x
 
 
 def stage_name(stage: int) -> str:

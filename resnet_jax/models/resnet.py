@@ -18,16 +18,10 @@ import jax
 import jax.numpy as jnp
 
 from resnet_jax.models import layers
-from resnet_jax.models.blocks import (
-    Dtype,
-    ModuleDef,
-    block_names,
-    stage_name,
-    stage_strides,
-    unrolled_stage,
-)
+from resnet_jax.models.blocks import Dtype, ModuleDef, block_names, stage_name, stage_strides
 from resnet_jax.models.checks import block_class, canonical_dtype, check_fields, if_accepted
 from resnet_jax.models.layers import BatchNorm, FrozenBatchNorm
+from resnet_jax.models.stages import scanned_stage
 
 
 class Feature(NamedTuple):
@@ -78,8 +72,10 @@ class ResNet(nn.Module):
         ``param_dtype`` and ``use_running_average=not train`` where it takes them.
       max_pool: the stem's pool, ``max_pool(x, window, stride, padding)``.
       stage: runs a stage's blocks after the first,
-        ``stage(parent, make_block, names, x, train)`` (``blocks.unrolled_stage``). In
-        training with ``drop_path_rate`` the blocks differ and run in turn without it.
+        ``stage(parent, make_block, names, x, train)``: ``stages.scanned_stage`` (one
+        ``lax.scan`` where a stage has ``DEEP_STAGE_BLOCKS`` or more, as ResNet-1202's) or
+        ``stages.unrolled_stage``. In training with ``drop_path_rate`` the blocks differ
+        and run in turn without it.
 
     Inputs are float NHWC images normalised as the weights expect (``models.preprocess``),
     at least ``min_input_size()`` pixels a side. Bad fields and inputs raise ``ValueError``
@@ -109,7 +105,7 @@ class ResNet(nn.Module):
     conv: ModuleDef = layers.conv
     norm: ModuleDef | None = None
     max_pool: Callable[..., jax.Array] = layers.max_pool
-    stage: Callable[..., jax.Array] = unrolled_stage
+    stage: Callable[..., jax.Array] = scanned_stage
 
     def __post_init__(self):
         if isinstance(self.out_indices, list):  # hashable, as a module's fields must be

@@ -77,10 +77,10 @@ def torchvision_differences(model: models.ResNet) -> list[str]:
         ('norm', None),
         ('conv', layers.conv),
         ('max_pool', layers.max_pool),
-        ('stage', models.unrolled_stage),
+        ('stage', models.scanned_stage),
     ):
         value = getattr(model, field)
-        if value is not default:
+        if value is not default and value is not models.unrolled_stage:
             out.append(
                 f'{field}={getattr(value, "__name__", value)!r}: only the default '
                 f"{field} ({getattr(default, '__name__', default)}) is torchvision's; "

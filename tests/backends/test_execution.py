@@ -359,7 +359,6 @@ def test_packed_variables_give_the_same_model(name, overrides, size):
     assert plans._pack(plans.XLA.scan_groups(plain), variables['params']) == variables['params']
 
 
-@pytest.mark.slow
 def test_scanned_program_does_not_grow_with_depth():
     def convs(name):  # in the train step's program, loop bodies counted once
         model = models.create_model(name)
@@ -411,55 +410,6 @@ def test_group_norm_model_trains_a_step_under_the_cpu_plan():
     (ref, ref_loss), (fast, fast_loss) = results
     assert np.isfinite(float(fast_loss)) and abs(float(ref_loss - fast_loss)) < 1e-5
     assert rel_diff(flat(ref.params), flat(fast.params)) < 1e-5
-
-
-class DropoutBlock(nn.Module):
-    """A block of one's own with dropout: the fields ResNet hands every block."""
-
-    filters: int
-    strides: int
-    conv: object
-    norm: object
-    residual: bool = True
-    shortcut: str = 'A'
-    zero_init_residual: bool = False
-    dtype: object = jnp.float32
-
-    @nn.compact
-    def __call__(self, x, train: bool = False):
-        y = nn.relu(
-            self.norm(name='bn1')(self.conv(self.filters, 3, self.strides, name='conv1')(x))
-        )
-        y = nn.Dropout(0.5, deterministic=not train)(y)
-        if self.strides != 1 or x.shape[-1] != self.filters:
-            x = layers.Shortcut(self.filters, self.strides, 'A', self.norm, self.conv)(x)
-        return nn.relu(x + y)
-
-
-def test_a_block_with_dropout_falls_back_to_unrolled_with_a_warning():
-    model = models.create_model('cifar_resnet20', block_cls=DropoutBlock)
-    x = jax.random.normal(jax.random.key(0), (4, 16, 16, 3))
-    variables = model.init({'params': jax.random.key(1), 'dropout': jax.random.key(2)}, x)
-    rngs = {'dropout': jax.random.key(3)}
-    expected, _ = model.apply(variables, x, train=True, rngs=rngs, mutable=['batch_stats'])
-    with pytest.warns(
-        UserWarning, match="random streams \\['dropout'\\]; running its blocks unrolled"
-    ):
-        got, _ = CPU.apply_to(model).apply(
-            variables, x, train=True, rngs=rngs, mutable=['batch_stats']
-        )
-    np.testing.assert_array_equal(expected, got)
-
-
-def test_capture_intermediates_under_the_plan_sees_every_block():
-    model = models.create_model('cifar_resnet20')
-    x = jnp.ones((2, 16, 16, 3))
-    variables = model.init(jax.random.key(0), x)
-    with pytest.warns(UserWarning, match="writes to \\['intermediates'\\]"):
-        _, state = CPU.apply_to(model).apply(
-            variables, x, capture_intermediates=True, mutable=['intermediates']
-        )
-    assert {f'conv{s}_{b}' for s in (2, 3, 4) for b in (1, 2, 3)} <= set(state['intermediates'])
 
 
 def test_the_cpu_plans_layout_stacks_every_parameter_shaped_tree():

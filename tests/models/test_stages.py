@@ -1,0 +1,155 @@
+"""A stage's identical blocks as one ``lax.scan`` (``models.scanned_stage``, the model's own
+for deep stages): the unrolled net's variables, values, gradients and statistics; unrolled
+wherever each block must be its own (other random streams, ``capture_intermediates``)."""
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jaxprs import all_eqns
+
+from resnet_jax import models
+from resnet_jax.models import layers
+
+SCAN = functools.partial(models.scanned_stage, min_blocks=2)  # CIFAR-20's stages scanned
+
+
+def primitives(fn, *args) -> list[str]:
+    return [e.primitive.name for e in all_eqns(jax.make_jaxpr(fn)(*args).jaxpr)]
+
+
+def close(a, b, tol=1e-5):
+    """Each leaf of ``a`` within ``tol`` of ``b``'s relative to its norm: a scan's float
+    rounding differs from the unrolled program's."""
+    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True):
+        assert float(jnp.linalg.norm(x - y)) <= tol * max(float(jnp.linalg.norm(x)), 1e-6)
+
+
+class PlainPairBlock(nn.Module):
+    """A block of one's own (two 3x3 convs, no shortcut): the fields ResNet hands every
+    block, and dropout where ``rate`` is set."""
+
+    expansion = 1
+    filters: int
+    strides: int
+    conv: object
+    norm: object
+    residual: bool = True
+    shortcut: str = 'A'
+    zero_init_residual: bool = False
+    dtype: object = jnp.float32
+    rate: float = 0.0
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        y = nn.relu(self.norm(name='bn1')(self.conv(self.filters, 3, self.strides, name='a')(x)))
+        if self.rate:
+            y = nn.Dropout(self.rate, deterministic=not train)(y)
+        return nn.relu(self.norm(name='bn2')(self.conv(self.filters, 3, name='b')(y)))
+
+
+@pytest.mark.parametrize('block_cls', [models.BasicBlock, PlainPairBlock])
+def test_a_scanned_stage_computes_the_unrolled_stage(block_cls):
+    unrolled, scanned = (
+        models.create_model('cifar_resnet20', width=4, block_cls=block_cls, stage=s)
+        for s in (models.unrolled_stage, SCAN)
+    )
+    x = jax.random.normal(jax.random.key(0), (4, 16, 16, 3))
+    variables = unrolled.init(jax.random.key(1), x)
+    # Initialised unrolled (a stage this short): the unrolled net's draws.
+    jax.tree_util.tree_map(
+        np.testing.assert_array_equal, scanned.init(jax.random.key(1), x), variables
+    )
+    np.testing.assert_array_equal(unrolled.apply(variables, x), scanned.apply(variables, x))
+
+    def loss(model, params):
+        logits, state = model.apply(
+            {**variables, 'params': params}, x, train=True, mutable=['batch_stats']
+        )
+        return jnp.sum(logits * jnp.arange(10)), state['batch_stats']
+
+    (l1, stats1), g1 = jax.jit(jax.value_and_grad(functools.partial(loss, unrolled), has_aux=True))(
+        variables['params']
+    )
+    (l2, stats2), g2 = jax.jit(jax.value_and_grad(functools.partial(loss, scanned), has_aux=True))(
+        variables['params']
+    )
+    close(l1, l2)
+    assert jax.tree_util.tree_structure(stats1) == jax.tree_util.tree_structure(stats2)
+    close(stats1, stats2)
+    close(g1, g2)
+    scans = primitives(
+        lambda v: scanned.apply(v, x, train=True, mutable=['batch_stats']), variables
+    )
+    assert scans.count('scan') == 3
+
+
+def test_resnet1202_runs_each_stage_as_one_block_program():
+    """The default model: ResNet-1202's stages scanned, its variables each block's, in a
+    program that does not grow with depth; ResNet-110's stages stay unrolled."""
+    model = models.create_model('cifar_resnet1202')
+    x = jnp.zeros((2, 32, 32, 3))
+    variables = jax.eval_shape(model.init, jax.random.key(0), x)
+    assert {'conv2_200', 'conv3_200', 'conv4_200'} <= set(variables['params'])
+    assert [len(g) for g in models.scan_groups(model)] == [199, 199, 199]
+    # Initialised scanned: each block its own draws.
+    mine = models.create_model('cifar_resnet1202', width=1).init(jax.random.key(0), x)
+    kernels = [mine['params'][f'conv3_{b}']['conv1']['kernel'] for b in (2, 3, 200)]
+    assert len({float(k.sum()) for k in kernels}) == 3 and all(np.std(k) > 0 for k in kernels)
+
+    def step(v):
+        return model.apply(v, x, train=True, mutable=['batch_stats'])[0].sum()
+
+    program = primitives(jax.grad(step), variables)
+    assert program.count('conv_general_dilated') < 60 and program.count('scan') == 6
+    assert 'scan' not in primitives(
+        lambda: models.create_model('cifar_resnet110').init(jax.random.key(0), x)
+    )
+    assert models.scan_groups(models.create_model('resnet152')) == []
+
+
+def test_capture_intermediates_sees_every_block():
+    model = models.create_model('cifar_resnet20', width=4, stage=SCAN)
+    x = jnp.ones((2, 16, 16, 3))
+    variables = model.init(jax.random.key(0), x)
+    with pytest.warns(UserWarning, match="writes to \\['intermediates'\\]; running its blocks"):
+        _, state = model.apply(variables, x, capture_intermediates=True, mutable=['intermediates'])
+    assert {f'conv{s}_{b}' for s in (2, 3, 4) for b in (1, 2, 3)} <= set(state['intermediates'])
+
+
+def test_a_block_drawing_dropout_runs_unrolled_with_a_warning():
+    make = functools.partial(
+        models.create_model,
+        'cifar_resnet20',
+        width=4,
+        shortcut='A',
+        block_cls=functools.partial(PlainPairBlock, rate=0.5),
+    )
+    model = make(stage=SCAN)
+    x = jax.random.normal(jax.random.key(0), (4, 16, 16, 3))
+    keys = {'params': jax.random.key(1), 'dropout': jax.random.key(2)}
+    variables = model.init(keys, x)  # (a stage this short initialises unrolled anyway)
+    expected, _ = make(stage=models.unrolled_stage).apply(
+        variables, x, train=True, rngs={'dropout': keys['dropout']}, mutable=['batch_stats']
+    )
+    with pytest.warns(UserWarning, match="random streams \\['dropout'\\]; running its blocks"):
+        got, _ = model.apply(
+            variables, x, train=True, rngs={'dropout': keys['dropout']}, mutable=['batch_stats']
+        )
+    np.testing.assert_array_equal(expected, got)
+
+
+def test_a_stage_of_ones_own_is_honoured():
+    calls = []
+
+    def stage(parent, make_block, names, x, train):
+        calls.append(list(names))
+        return models.unrolled_stage(parent, make_block, names, x, train)
+
+    model = models.create_model('cifar_resnet20', width=2, stage=stage)
+    variables = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 8, 8, 3)))
+    assert [len(c) for c in calls] == [2, 2, 2] and models.scan_groups(model) == []
+    assert 'conv4_3' in variables['params'] and model.conv is layers.conv
