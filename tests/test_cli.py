@@ -27,13 +27,24 @@ def resnet_jax(*args, cwd=REPO, env=None, timeout=300):
 
 
 def test_every_command_has_help_with_one_spelling():
+    # (each in its own process, all at once: a process per command defines its flags)
+    procs = {
+        name: subprocess.Popen(
+            [sys.executable, '-m', 'resnet_jax', name, '--help'],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for name in cli.COMMANDS
+    }
     flags_of = {}
-    for name in cli.COMMANDS:
-        proc = resnet_jax(name, '--help')
-        assert proc.returncode == 0, proc.stderr[-2000:]
-        assert proc.stdout.startswith(f'usage: resnet-jax {name} ')
-        flags_of[name] = re.findall(r'^  --([\w.<>=]+)$', proc.stdout, re.M)
-        assert flags_of[name], proc.stdout
+    for name, proc in procs.items():
+        stdout, stderr = proc.communicate(timeout=300)
+        assert proc.returncode == 0, stderr[-2000:]
+        assert stdout.startswith(f'usage: resnet-jax {name} ')
+        flags_of[name] = re.findall(r'^  --([\w.<>=]+)$', stdout, re.M)
+        assert flags_of[name], stdout
     every = {flag for flags in flags_of.values() for flag in flags}
     assert not [f for f in every if '-' in f]  # --batch_size, never --batch-size
     shared = {
