@@ -8,11 +8,12 @@ later steps, each model in a fresh process without JAX's compilation cache.
 
 ``--trees``: checkouts to compare (each imported from its own root, e.g. a ``git worktree``
 of main beside the working tree), alternated within each round, so that a shared machine's
-drift falls on all of them; medians and ranges per tree and model are printed at the end.
-CIFAR nets run at 32x32, ImageNet nets at ``--image_size`` (default 224). ``--configure``:
-each child first calls ``backends.xla_options.configure(model.stage_sizes)``, as the README
-tells research code on CPU; ``--plan P``: the model as ``plans.get_plan(P).apply_to`` makes it,
-jitted by ``plan.jit`` (its compiler options).
+drift falls on all of them; medians and ranges per tree and model are printed at the end,
+and with one tree a last line of JSON, the medians per model. CIFAR nets run at 32x32,
+ImageNet nets at ``--image_size`` (default 224). ``--configure``: each child first calls
+``backends.xla_options.configure(model.stage_sizes)``, as the README tells research code on
+CPU; ``--plan P``: the model as ``plans.get_plan(P).apply_to`` makes it, jitted by
+``plan.jit`` (its compiler options).
 """
 
 from __future__ import annotations
@@ -140,6 +141,7 @@ def main() -> int:
                 shown = {k: v if v is None else round(v, 3) for k, v in result.items()}
                 print(tree, model, shown, *(['options', options] if options else []), flush=True)
     print(f'\nseconds, median [min-max] of {args.rounds} rounds, batch {args.batch_size}:')
+    medians = {}
     for (tree, model), results in runs.items():
         cells = []
         for key in results[0]:
@@ -150,7 +152,9 @@ def main() -> int:
                 cells.append(
                     f'{key} {statistics.median(values):.3f} [{min(values):.3f}-{max(values):.3f}]'
                 )
+            medians.setdefault(model, {})[key] = statistics.median(values) if values else None
         print(f'{os.path.basename(os.path.abspath(tree))} {model}: ' + '  '.join(cells))
+    print(json.dumps(medians if len(args.trees) == 1 else {}))  # the last line, for scripts
     return 0
 
 

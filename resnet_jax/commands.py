@@ -329,7 +329,10 @@ def run_benchmark(argv: list[str]) -> None:
     from resnet_jax.tools import benchmark
 
     parallel.enable_compilation_cache(FLAGS.compilation_cache_dir)
-    r = benchmark.run(config, FLAGS.batch_size, FLAGS.image_size, FLAGS.steps)
+    try:
+        r = benchmark.run(config, FLAGS.batch_size, FLAGS.image_size, FLAGS.steps)
+    except config_lib.ConfigError as e:  # a batch the device cannot hold
+        fail(str(e))
     print(benchmark.report(r))
     if FLAGS.json:
         print(json.dumps(r))

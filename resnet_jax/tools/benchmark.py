@@ -96,15 +96,31 @@ def run(
 
     from resnet_jax.backends import xla_options
     from resnet_jax.models import complexity
+    from resnet_jax.training import memory
 
     s = setup(config, batch_size, image_size)
     model, plan, size, state, batch = s['model'], s['plan'], s['size'], s['state'], s['batch']
     train_fn, eval_fn, config = s['train_fn'], s['eval_fn'], s['config']
     batch_size = config.batch_size
 
-    start = time.perf_counter()  # compiled, or loaded from JAX's compilation cache
-    compiled = train_fn.lower(state, batch).compile()
-    compile_seconds = time.perf_counter() - start
+    first = {}
+
+    def compile_at(size: int):
+        """The train step compiled (or loaded from JAX's cache) for a batch of ``size``."""
+        start = time.perf_counter()
+        shaped = jax.tree_util.tree_map(
+            lambda x: jax.ShapeDtypeStruct((size, *x.shape[1:]), x.dtype, sharding=x.sharding),
+            batch,
+        )
+        compiled = train_fn.lower(state, shaped).compile()
+        if size == batch_size:
+            first.update(compiled=compiled, seconds=time.perf_counter() - start)
+        return compiled
+
+    # A batch the device cannot hold: ConfigError naming the largest the estimate allows.
+    unit = s['mesh'].size * config.grad_accum_steps * max(config.model.bn_group_size, 1)
+    memory.check_fits(compile_at, batch_size, unit, jax.local_devices()[0])
+    compiled, compile_seconds = first['compiled'], first['seconds']
     # Forward multiply-adds x 2 FLOPs x 3 (forward, input and weight gradients); XLA's own
     # cost analysis counts a loop body once, which undercounts the scanned blocks.
     step_flops = 6.0 * complexity.count_macs(model, (batch_size, size, size, 3))
@@ -150,10 +166,18 @@ def run(
         'train_step_seconds': train_step,
         'compile_seconds': compile_seconds,
         'peak_rss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        'peak_device_mb': _peak_device_mb(jax.local_devices()[0]),
         'train_flops_per_sec': step_flops / train_step,
         'matmul_flops_per_sec': machine,
         'fraction_of_matmul_rate': step_flops / train_step / machine,
     }
+
+
+def _peak_device_mb(device) -> float | None:
+    """The device's peak allocation so far (GPU, TPU), None where it keeps no count (CPU)."""
+    stats = device.memory_stats() if hasattr(device, 'memory_stats') else None
+    peak = (stats or {}).get('peak_bytes_in_use')
+    return peak / 2**20 if peak else None
 
 
 def report(r: dict) -> str:
@@ -167,7 +191,9 @@ def report(r: dict) -> str:
             f'  train: {r["train_images_per_sec"]:.1f} images/s '
             f'({r["train_step_seconds"] * 1e3:.0f} ms/step), eval: '
             f'{r["eval_images_per_sec"]:.1f} images/s',
-            f'  compile {r["compile_seconds"]:.1f} s, peak RSS {r["peak_rss_mb"]:.0f} MB, '
+            f'  compile {r["compile_seconds"]:.1f} s, peak RSS {r["peak_rss_mb"]:.0f} MB'
+            + (f', device {r["peak_device_mb"]:.0f} MB' if r['peak_device_mb'] else '')
+            + ', '
             f'{r["train_flops_per_sec"] / 1e9:.1f} GFLOP/s = '
             f'{100 * r["fraction_of_matmul_rate"]:.0f}% of the matmul rate '
             f'({r["matmul_flops_per_sec"] / 1e9:.0f} GFLOP/s)',

@@ -11,7 +11,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO
+from conftest import REPO, load_config
 
 # Runs `resnet-jax benchmark ARGS` as if TensorFlow and tfds were not installed (a None
 # entry in sys.modules: `import` fails, `importlib.util.find_spec` says absent).
@@ -57,6 +57,7 @@ def test_benchmark_json_without_tensorflow(tmp_path):
         'matmul_flops_per_sec',
     ):
         assert r[key] > 0, key
+    assert r['peak_device_mb'] is None  # the CPU keeps no count; a GPU's is its peak
     assert (r['model'], r['batch_size'], r['image_size'], r['backend']) == (
         'cifar_resnet20',
         8,
@@ -114,18 +115,34 @@ def test_benchmark_vs_pytorch_table():
 
 
 @pytest.mark.slow
-def test_accelerator_readiness_script_runs_at_toy_size(tmp_path):
-    """experiments/accelerator_readiness.py, as run on a GPU host, at CPU size: real JPEGs
-    through the input pipeline beside synthetic data, and two depths ready to train."""
-    log = tmp_path / 'readiness.log'
-    proc = _run(
-        str(REPO / 'experiments' / 'accelerator_readiness.py'),
-        '--toy',
-        f'--log={log}',
+def test_accelerator_benchmark_script_runs_in_its_cpu_mode(tmp_path):
+    """experiments/accelerator_benchmark.sh, as run on a GPU host, at CPU size: the largest
+    batch that fits, a relaunch on the cache, real JPEGs through the input pipeline beside
+    synthetic data (accelerator_readiness.py), two depths ready to train, the plain model's
+    first gradient, and the one-line table."""
+    out = tmp_path / 'out'
+    env = dict(os.environ, PYTHON=sys.executable, BATCHES='8 4')
+    env.pop('JAX_COMPILATION_CACHE_DIR')  # (the script keeps its own)
+    script = REPO / 'experiments' / 'accelerator_benchmark.sh'
+    proc = subprocess.run(
+        ['bash', str(script), '--toy', str(out)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
         timeout=1200,
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "knobs: BATCHES='8 4'" in proc.stdout
+    table = proc.stdout.strip().splitlines()[-1]
+    assert table.startswith('| resnet18 float32 batch 8 on cpu | synthetic ') and table.endswith(
+        ' |'
+    ), table
+    assert 'peak device memory n/a (cpu)' in table and 'cifar_resnet20 plain model' in table
+    last = lambda name: json.loads((out / name).read_text().strip().splitlines()[-1])  # noqa: E731
+    first, again = last('synthetic.txt'), last('synthetic_relaunch.txt')
+    assert first['batch_size'] == again['batch_size'] == 8 and first['peak_device_mb'] is None
+    r = last('readiness.txt')
     real = r['real_jpeg']
     assert real['real_images_per_sec'] > 0 and real['synthetic_images_per_sec'] > 0
     assert real['real_over_synthetic'] == pytest.approx(
@@ -136,4 +153,19 @@ def test_accelerator_readiness_script_runs_at_toy_size(tmp_path):
         assert depth[name]['ready_seconds'] >= depth[name]['compile_seconds'] > 0
     plan = depth['cifar_resnet20']['execution']
     assert depth['cifar_resnet20']['scanned_blocks'] == (6 if plan == 'cpu' else 0)
-    assert log.read_text().strip().splitlines()[-1] == proc.stdout.strip().splitlines()[-1]
+    plain = last('plain_model.txt')['cifar_resnet20']
+    assert plain['value_and_grad'] > 0 and plain['init'] > 0
+
+
+@pytest.mark.slow  # (two compiles of the step, ~40 s on 2 cores)
+def test_a_batch_the_device_cannot_hold_is_refused_by_the_benchmark(monkeypatch):
+    """As the train loop refuses it: one line naming the largest batch the estimate allows."""
+    from resnet_jax.config import ConfigError
+    from resnet_jax.tools import benchmark
+    from resnet_jax.training import memory
+
+    monkeypatch.setattr(memory, 'available_bytes', lambda device: 64 << 20)
+    config = load_config('default')
+    config.model.name, config.model.bn_group_size = 'cifar_resnet8', 4
+    with pytest.raises(ConfigError, match=r'^batch_size=1024 needs about .* at most about \d+'):
+        benchmark.run(config, 1024, 32, steps=1, warmup=0)
