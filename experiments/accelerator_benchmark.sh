@@ -21,7 +21,7 @@ export PYTHONUNBUFFERED=1 JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:
 PY=${PYTHON:-python3}
 if [ $toy = 1 ]; then
   BATCHES=${BATCHES:-8 4} model=(--model=resnet18 --image_size=32) steps=1
-  readiness=(--toy) deep=(--models cifar_resnet20 --batch_size 2) torch_nets=()
+  readiness=(--toy) deep=(--models cifar_resnet8 --batch_size 2) torch_nets=()
 else
   BATCHES=${BATCHES:-512 384 256 128} model=(--model=resnet50 --config.model.dtype=bfloat16)
   steps=20 readiness=() deep=(--models cifar_resnet1202 --batch_size 128)
