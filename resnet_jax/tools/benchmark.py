@@ -166,18 +166,11 @@ def run(
         'train_step_seconds': train_step,
         'compile_seconds': compile_seconds,
         'peak_rss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        'peak_device_mb': _peak_device_mb(jax.local_devices()[0]),
+        'peak_device_mb': (memory.peak_bytes(jax.local_devices()[0]) or 0) / 2**20 or None,
         'train_flops_per_sec': step_flops / train_step,
         'matmul_flops_per_sec': machine,
         'fraction_of_matmul_rate': step_flops / train_step / machine,
     }
-
-
-def _peak_device_mb(device) -> float | None:
-    """The device's peak allocation so far (GPU, TPU), None where it keeps no count (CPU)."""
-    stats = device.memory_stats() if hasattr(device, 'memory_stats') else None
-    peak = (stats or {}).get('peak_bytes_in_use')
-    return peak / 2**20 if peak else None
 
 
 def report(r: dict) -> str:

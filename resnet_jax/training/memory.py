@@ -12,11 +12,21 @@ import jax
 from resnet_jax.config import ConfigError
 
 
+def _stats(device: jax.Device) -> dict | None:
+    """The allocator's figures of ``device`` (GPU, TPU), None where it keeps none (CPU)."""
+    return device.memory_stats() if hasattr(device, 'memory_stats') else None
+
+
+def peak_bytes(device: jax.Device) -> int | None:
+    """The most ``device`` has held at once so far, None where it keeps no count."""
+    return (_stats(device) or {}).get('peak_bytes_in_use') or None
+
+
 def available_bytes(device: jax.Device) -> int | None:
     """What ``device`` may allocate: an accelerator's limit (its allocator's own figure), a
     CPU device's share of the host's available memory (the local CPU devices share it);
     None where neither is known."""
-    stats = device.memory_stats() if hasattr(device, 'memory_stats') else None
+    stats = _stats(device)
     if stats and stats.get('bytes_limit'):
         return int(stats['bytes_limit']) - int(stats.get('bytes_in_use', 0))
     if device.platform != 'cpu':
