@@ -82,6 +82,10 @@ setup(
         # experiments/benchmark_vs_pytorch.py; <2.14 keeps pip on the CPU build where one is
         # on disk (a newer torch pulls several GB of CUDA wheels).
         'bench': ['torch>=2.1,<2.14'],
+        # The DALI input backend (dataset.decoder='dali'): JPEGs decoded on the GPU. DALI's
+        # CUDA 12 build, as JAX's cuda12 plugin; its CPU operators run without a GPU (tests).
+        'dali': ['nvidia-dali-cuda120>=2.4'],
+        'gpu': ['jax[cuda12]>=0.10', 'nvidia-dali-cuda120>=2.4'],
         # ruff's lint rules and formatter (pyproject.toml); its format changes between minor
         # releases, so CI's formatter check holds to one
         'lint': ['ruff>=0.17,<0.18'],

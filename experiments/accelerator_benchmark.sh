@@ -4,7 +4,8 @@
 # 1. resnet50, bfloat16, synthetic data, at the largest of $BATCHES that fits: train
 #    images/s, first compile, peak device memory; then relaunched on the compilation cache.
 # 2. Real JPEGs (ImageNet-sized, written here) through the input pipeline beside the same
-#    step on synthetic data (accelerator_readiness.py), decoded on the host's cores.
+#    step on synthetic data (accelerator_readiness.py), decoded on the host's cores and by
+#    DALI (on the GPU; where the gpu or dali extra is installed).
 # 3. cifar_resnet1202 in research code's own jax.jit: first init, apply and gradient.
 # 4. PyTorch on the same device (benchmark_vs_pytorch.py), where torch is installed.
 # The last line is a one-line table. Knobs, from the environment and printed first:
@@ -71,11 +72,14 @@ last = lambda name: json.loads((out / name).read_text().strip().splitlines()[-1]
 s, again, ready = last('synthetic.txt'), last('synthetic_relaunch.txt'), last('readiness.txt')
 real, (deep, plain) = ready['real_jpeg'], next(iter(last('plain_model.txt').items()))
 peak = f"{s['peak_device_mb'] / 1024:.1f} GiB" if s['peak_device_mb'] else 'n/a (cpu)'
+decoded = lambda d: (
+    f"{real[d]['images_per_sec']:,.0f} img/s ({real[d]['over_synthetic']:.0%})"
+    if d in real else "not installed (pip install -e '.[gpu]')"
+)
 print(
     f"| {s['model']} {s['dtype']} batch {s['batch_size']} on {s['device_kind']} "
     f"| synthetic {s['train_images_per_sec']:,.0f} img/s "
-    f"| real JPEG, cpu decoding {real['real_images_per_sec']:,.0f} img/s "
-    f"({real['real_over_synthetic']:.0%}) | dali: no DALI input backend yet "
+    f"| real JPEG, cpu decoding {decoded('cpu')} | dali decoding {decoded('dali')} "
     f"| compile {s['compile_seconds']:.1f} s, relaunch {again['compile_seconds']:.1f} s "
     f"| peak device memory {peak} "
     f"| {deep} plain model: jit(init) {plain['init']:.1f} s, first gradient "

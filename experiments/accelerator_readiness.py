@@ -6,8 +6,9 @@
 1. Writes ``--images`` ImageNet-sized JPEGs (scikit-learn's and scikit-image's photographs,
    randomly cropped, resized to 350-500 x 350-500 and re-encoded) as a ``folder:`` dataset
    of 10 classes, and trains resnet50 (bfloat16, batch 256, the paper's augmentation)
-   through the real input pipeline on this host's cores, beside the same compiled step on
-   one synthetic batch held on the device: images/s of both and their ratio.
+   through the real input pipeline, decoded on this host's cores and, where DALI is
+   installed, by DALI (on the GPU; on its CPU operators without one), beside the same
+   compiled step on one synthetic batch held on the device: images/s and their ratio.
 2. cifar_resnet1202 and cifar_resnet110 at batch 128: seconds to build the train state,
    compile the step and run its first 3 steps (ready to train), then the median step and
    its cost per layer (ResNet-1202's beside ResNet-110's).
@@ -20,6 +21,7 @@ output to a file (experiments/results/accelerator/ keeps them).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import pathlib
@@ -113,13 +115,14 @@ def _time_steps(train_fn, state, next_batch, steps: int):
 
 
 def real_jpeg_vs_synthetic(args, mesh) -> dict:
-    """Part 1: the real pipeline's training throughput beside a synthetic batch's."""
-    import jax
-
+    """Part 1: the real pipeline's training throughput, by each decoder installed, beside
+    a synthetic batch's."""
     from resnet_jax import parallel
+    from resnet_jax.data import dali
     from resnet_jax.data import pipeline as input_pipeline
     from resnet_jax.training import loop
 
+    result = {'model': args.model, 'dtype': args.dtype}
     with tempfile.TemporaryDirectory() as tmp:
         folder = pathlib.Path(tmp) / 'jpegs'
         start = time.perf_counter()
@@ -135,17 +138,16 @@ def real_jpeg_vs_synthetic(args, mesh) -> dict:
         model, plan, state, train_fn, _ = _parts(
             config, pipeline.num_classes, pipeline.image_shape(), mesh
         )
-        batches = input_pipeline.prefetch(
-            input_pipeline.train_iterator(
-                pipeline, 0, config.batch_size, jax.process_index(), jax.process_count()
-            ),
-            lambda batch: parallel.shard_batch(mesh, batch),
-        )
-        state, warm = _time_steps(train_fn, state, lambda: next(batches), args.warmup)
-        start = time.perf_counter()
-        state, _ = _time_steps(train_fn, state, lambda: next(batches), args.steps)
-        real = args.steps * config.batch_size / (time.perf_counter() - start)
-        getattr(batches, 'close', lambda: None)()
+        for decoder in ('cpu', 'dali') if dali.installed() else ('cpu',):
+            config.dataset.decoder = decoder
+            pipeline = input_pipeline.Pipeline(config.dataset, config.seed)
+            batches = loop.input_batches(pipeline, mesh, 0, config.batch_size)
+            following = functools.partial(next, batches)
+            state, _ = _time_steps(train_fn, state, following, args.warmup)
+            start = time.perf_counter()
+            state, _ = _time_steps(train_fn, state, following, args.steps)
+            result[decoder] = args.steps * config.batch_size / (time.perf_counter() - start)
+            batches.close()
         synthetic_batch = parallel.shard_batch(
             mesh,
             {
@@ -158,22 +160,23 @@ def real_jpeg_vs_synthetic(args, mesh) -> dict:
         start = time.perf_counter()
         state, _ = _time_steps(train_fn, state, lambda: synthetic_batch, args.steps)
         synthetic = args.steps * config.batch_size / (time.perf_counter() - start)
-    result = {
-        'model': args.model,
-        'dtype': args.dtype,
-        'batch_size': config.batch_size,
-        'images': args.images,
-        'input_workers': pipeline_workers(config),
-        'real_images_per_sec': real,
-        'synthetic_images_per_sec': synthetic,
-        'real_over_synthetic': real / synthetic,
-        'execution': plan.name,
-    }
-    say(
-        f'{args.model} {args.dtype} batch {config.batch_size}, {plan.name} plan: real JPEGs '
-        f'{real:,.0f} images/s, synthetic {synthetic:,.0f} images/s '
-        f'({100 * real / synthetic:.0f}% of synthetic; {result["input_workers"]} input workers)'
+    result.update(
+        batch_size=config.batch_size,
+        images=args.images,
+        input_workers=pipeline_workers(config),
+        synthetic_images_per_sec=synthetic,
+        execution=plan.name,
     )
+    for decoder in ('cpu', 'dali'):
+        if decoder in result:
+            real = result.pop(decoder)
+            result[decoder] = {'images_per_sec': real, 'over_synthetic': real / synthetic}
+            say(
+                f'{args.model} {args.dtype} batch {config.batch_size}, {plan.name} plan: real '
+                f'JPEGs decoded by {decoder} {real:,.0f} images/s, synthetic {synthetic:,.0f} '
+                f'images/s ({100 * real / synthetic:.0f}% of synthetic; '
+                f'{result["input_workers"]} input workers)'
+            )
     return result
 
 

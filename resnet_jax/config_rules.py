@@ -22,6 +22,7 @@ OPTIMIZERS = ('sgd', 'lars')
 SCHEDULES = ('step', 'plateau', 'cosine', 'poly')
 WARMUP_TYPES = ('constant', 'linear', 'gradual')
 CROPS = ('scale', 'inception')
+DECODERS = ('auto', 'cpu', 'dali')
 WEIGHT_DECAY_ON = ('kernels', 'all')
 PREPROCESSING = ('mean', 'torchvision', 'caffe')
 EXECUTION_PLANS = ('auto', 'xla', 'cpu')
@@ -154,6 +155,7 @@ FIELD_RULES: dict[str, Callable[[Any], str | None]] = {
     'dataset.crop': _one_of(CROPS),
     'dataset.lighting_std': _real(0),
     'dataset.num_workers': _integer(0),
+    'dataset.decoder': _one_of(DECODERS),
     'dataset.preprocessing': _one_of(PREPROCESSING),
     'batch_size': _integer(1),
     'eval_batch_size': _integer(1),

@@ -95,23 +95,35 @@ def pytest_unconfigure(config):
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-INTEROP_MODULES = ('torch', 'torchvision', 'timm', 'transformers')  # the interop extra
+# The extras that marked tests need: (modules, the extra that brings them).
+EXTRAS = {
+    'interop': (('torch', 'torchvision', 'timm', 'transformers'), 'interop'),
+    'dali': (('nvidia.dali',), 'dali'),
+}
+
+
+def _missing(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is None
+    except ModuleNotFoundError:  # its parent package is missing
+        return True
 
 
 def pytest_runtest_setup(item):
-    """An interop test skips, naming what is missing, where the interop extra is not
-    installed; where CI installed it (RESNET_JAX_EXPECT_INTEROP=1), a missing one fails."""
-    if item.get_closest_marker('interop') is None:
-        return
-    missing = [m for m in INTEROP_MODULES if importlib.util.find_spec(m) is None]
-    if missing:
-        message = (
-            f"needs the interop extra (pip install -e '.[interop]'): "
-            f'{", ".join(missing)} not installed'
-        )
-        if os.environ.get('RESNET_JAX_EXPECT_INTEROP') == '1':
-            pytest.fail(message)
-        pytest.skip(message)
+    """A test marked with an extra's name skips, naming what is missing, where that extra
+    is not installed; where CI installed it (RESNET_JAX_EXPECT_EXTRAS=1), it fails."""
+    for marker, (modules, extra) in EXTRAS.items():
+        if item.get_closest_marker(marker) is None:
+            continue
+        missing = [m for m in modules if _missing(m)]
+        if missing:
+            message = (
+                f"needs the {extra} extra (pip install -e '.[{extra}]'): "
+                f'{", ".join(missing)} not installed'
+            )
+            if os.environ.get('RESNET_JAX_EXPECT_EXTRAS') == '1':
+                pytest.fail(message)
+            pytest.skip(message)
 
 
 try:  # torch before TensorFlow: the other order crashes the process when torch loads

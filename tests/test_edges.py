@@ -86,6 +86,10 @@ def copy_of(finished, tmp_path):
             "unknown dataset.crop 'random'; allowed: scale, inception",
         ),
         (['--config.model.shortcut=D'], "unknown model.shortcut 'D'; allowed: A, B, C"),
+        (  # DALI decodes encoded images (and names its extra where it is missing)
+            ['--config.dataset.decoder=dali'],
+            "dataset.decoder='dali' decodes encoded images; digits is held in memory",
+        ),
         (['--config.bogus=1'], "unknown config field 'bogus'"),
         (['--resume_step=-3'], r'--resume_step must be a checkpoint step \(>= 0\); got -3'),
         (['--stop_grace_seconds=-1'], r'--stop_grace_seconds must be >= 0 \(0: never\); got -1'),

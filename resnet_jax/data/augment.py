@@ -172,6 +172,18 @@ def params_at(params: dict[str, np.ndarray], i: int) -> dict:
     return {k: v[i] for k, v in params.items()}
 
 
+def scale_box(
+    full_shape: tuple[int, int], scale: int, u: float, v: float, size: int = 224
+) -> tuple[float, float, float, float]:
+    """Sec. 3.4's scale augmentation as a box (left, top, right, bottom) in the full image's
+    pixels: the size x size crop at (u, v) of the image resized to shorter side ``scale``."""
+    h0, w0 = full_shape
+    h, w = shorter_side_shape(h0, w0, scale)
+    top, left = crop_offset(v, h, size), crop_offset(u, w, size)
+    sy, sx = h0 / h, w0 / w
+    return left * sx, top * sy, (left + size) * sx, (top + size) * sy
+
+
 def scale_crop(
     image: np.ndarray | Image.Image,
     scale: int,
@@ -182,17 +194,12 @@ def scale_crop(
     factor: float = 1.0,
     flip: bool = False,
 ) -> np.ndarray:
-    """Sec. 3.4's scale augmentation: the size x size crop at (u, v) of the image resized to
-    shorter side ``scale``, mirrored if ``flip``. Only the crop is resampled (3-7x less work
-    than resizing the image, the same pixels up to rounding); ``image`` may be a JPEG
-    decoded ``factor`` times smaller than ``full_shape`` (``sources.decode``)."""
-    h0, w0 = full_shape or _shape(image)
-    h, w = shorter_side_shape(h0, w0, scale)
-    top, left = crop_offset(v, h, size), crop_offset(u, w, size)
-    sy, sx = h0 / h / factor, w0 / w / factor
-    return _resized_box(
-        image, size, (left * sx, top * sy, (left + size) * sx, (top + size) * sy), flip
-    )
+    """``scale_box`` of ``image`` resized to size x size, mirrored if ``flip``. Only the crop
+    is resampled (3-7x less work than resizing the image, the same pixels up to rounding);
+    ``image`` may be a JPEG decoded ``factor`` times smaller than ``full_shape``
+    (``sources.decode``)."""
+    box = scale_box(full_shape or _shape(image), scale, u, v, size)
+    return _resized_box(image, size, tuple(c / factor for c in box), flip)
 
 
 def _resized_box(image: np.ndarray | Image.Image, size: int, box: tuple, flip: bool) -> np.ndarray:
@@ -247,10 +254,14 @@ def inception_crop(
     flip: bool = False,
 ) -> np.ndarray:
     """Inception-style crop: ``inception_box`` resized to size x size (as ``scale_crop``)."""
-    top, left, ch, cw = inception_box(full_shape or _shape(image), area, log_ratio, u, v)
-    return _resized_box(
-        image, size, (left / factor, top / factor, (left + cw) / factor, (top + ch) / factor), flip
-    )
+    box = _edges(inception_box(full_shape or _shape(image), area, log_ratio, u, v))
+    return _resized_box(image, size, tuple(c / factor for c in box), flip)
+
+
+def _edges(box: tuple[int, int, int, int]) -> tuple[float, float, float, float]:
+    """(top, left, height, width) as (left, top, right, bottom), PIL's and DALI's order."""
+    top, left, h, w = box
+    return left, top, left + w, top + h
 
 
 def inception_crop_shorter_side(
@@ -258,6 +269,16 @@ def inception_crop_shorter_side(
 ) -> int:
     _, _, ch, cw = inception_box(full_shape, area, log_ratio, 0.0, 0.0)
     return math.ceil(min(full_shape) * size / min(ch, cw))
+
+
+def train_box(
+    full_shape: tuple[int, int], p: dict, *, size: int = 224, crop_style: str = 'scale'
+) -> tuple[float, float, float, float]:
+    """The training crop's box (left, top, right, bottom) in the full upright image, for
+    parameters ``p`` (``draw_params``): what every decoder resamples to size x size."""
+    if crop_style == 'inception':
+        return _edges(inception_box(full_shape, p['area'], p['log_ratio'], p['u'], p['v']))
+    return scale_box(full_shape, p['scale'], p['u'], p['v'], size)
 
 
 def train_crop(
@@ -270,11 +291,8 @@ def train_crop(
     factor: float = 1.0,
 ) -> np.ndarray:
     """The uint8 training crop of one image with parameters ``p`` (``draw_params``)."""
-    if crop_style == 'inception':
-        return inception_crop(
-            image, p['area'], p['log_ratio'], p['u'], p['v'], size, full_shape, factor, p['flip']
-        )
-    return scale_crop(image, p['scale'], p['u'], p['v'], size, full_shape, factor, p['flip'])
+    box = train_box(full_shape or _shape(image), p, size=size, crop_style=crop_style)
+    return _resized_box(image, size, tuple(c / factor for c in box), p['flip'])
 
 
 def train_crop_shorter_side(
@@ -303,6 +321,17 @@ def train_batch(
 def center_view(image: np.ndarray, resize_size: int = 256, size: int = 224) -> np.ndarray:
     """Shorter side ``resize_size``, the centre size x size crop."""
     return center_crop(resize_shorter_side(image, resize_size), size)
+
+
+def center_box(
+    full_shape: tuple[int, int], resize_size: int = 256, size: int = 224
+) -> tuple[float, float, float, float]:
+    """``center_view`` as a box (left, top, right, bottom) in the full image's pixels."""
+    h0, w0 = full_shape
+    h, w = shorter_side_shape(h0, w0, resize_size)
+    top, left = (h - size) // 2, (w - size) // 2
+    sy, sx = h0 / h, w0 / w
+    return left * sx, top * sy, (left + size) * sx, (top + size) * sy
 
 
 def ten_crop_views(image: np.ndarray, resize_size: int = 256, size: int = 224) -> np.ndarray:

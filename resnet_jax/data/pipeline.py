@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import tensorflow_datasets as tfds
 
-from resnet_jax.data import augment, folder, workers
+from resnet_jax.data import augment, dali, folder, workers
 from resnet_jax.data.prepare import IN_MEMORY_DATASETS, check_dataset, load_arrays, stored_mean
 from resnet_jax.data.sources import CorruptImage, TfdsSource, decode, decode_array
 
@@ -128,6 +128,7 @@ class Pipeline:
             self.image_size = dataset.image_size
             self.mean = stored_mean(builder.data_dir, self.image_size)
         self.resize_size = round(self.image_size * 256 / 224)
+        self.decoder = dali.choose(dataset.decoder, name, self.small)  # training's
 
     @property
     def channel_mean(self) -> np.ndarray:
@@ -160,14 +161,14 @@ class Pipeline:
             f'{MAX_CORRUPT_IN_A_ROW} corrupt records in a row from index {i}: ' + '; '.join(skipped)
         )
 
-    def _count(self, skipped: list[str]) -> None:
+    def count_skipped(self, skipped: list[str]) -> None:
         for what in skipped:
             self.corrupt_records += 1
             logging.warning('skipped corrupt record (%d so far): %s', self.corrupt_records, what)
 
     def _received(self, batch: dict) -> dict:
         """A batch with its skipped records counted."""
-        self._count(batch.pop('skipped'))
+        self.count_skipped(batch.pop('skipped'))
         return batch
 
     def _read(self, source, i: int, shorter_side: int | None = None) -> tuple[np.ndarray, int]:
@@ -175,7 +176,7 @@ class Pipeline:
         image, label, skipped = self.first_readable(
             source, i, functools.partial(decode_array, min_shorter_side=shorter_side)
         )
-        self._count(skipped)
+        self.count_skipped(skipped)
         return image, label
 
     def train_batch(
@@ -191,49 +192,63 @@ class Pipeline:
     ) -> dict:
         """Examples ``start:stop`` of global batch ``step``, with the corrupt records
         skipped to build them; the images in an array from ``alloc(shape, dtype)``."""
-        idx = batch_indices(self.seed, step, batch_size, len(self.train))[start:stop]
-        rng = np.random.default_rng([self.seed, 1 << 20, step])
         if self.small:
+            idx = batch_indices(self.seed, step, batch_size, len(self.train))[start:stop]
+            rng = np.random.default_rng([self.seed, 1 << 20, step])
             offsets, flips = crop_flip_params(rng, batch_size)
             images = self.train.images[idx]
             if self.cfg.augment:
                 images = pad_crop_flip(images, offsets[start:stop], flips[start:stop])
             return {'image': self.normalize(images), 'label': self.train.labels[idx], 'skipped': []}
-        cfg, size = self.cfg, self.image_size
-        params = augment.draw_params(
-            rng,
-            batch_size,
-            min_scale=cfg.min_scale,
-            max_scale=cfg.max_scale,
-            lighting_std=cfg.lighting_std,
-        )
-        params = {k: v[start:stop] for k, v in params.items()}
-        crops = np.empty((stop - start, size, size, 3), np.uint8)
-        labels = np.empty(stop - start, np.int32)
-        skipped = []
-        for k, i in enumerate(idx):
-            if cfg.augment:
-                crop_fn = functools.partial(self._train_crop, augment.params_at(params, k))
-            else:
-                crop_fn = self._center_crop
-            crops[k], labels[k], s = self.first_readable(self.train, i, crop_fn)
-            skipped += s
+        crops, labels, params, skipped = self.train_crops(step, batch_size, start, stop)
         out = alloc(crops.shape, np.float32)
         images = (
             augment.train_batch(
                 crops,
                 params,
                 self.mean,
-                lighting_std=cfg.lighting_std,
-                preprocessing=cfg.preprocessing,
+                lighting_std=self.cfg.lighting_std,
+                preprocessing=self.cfg.preprocessing,
                 out=out,
             )
-            if cfg.augment
+            if self.cfg.augment
             else self.normalize(crops, out=out)
         )
         return {'image': images, 'label': labels, 'skipped': skipped}
 
-    def _train_crop(self, p: dict, data: bytes) -> np.ndarray:
+    def train_draws(self, step: int, batch_size: int) -> tuple[np.ndarray, dict]:
+        """Dataset indices and augmentation parameters (``augment.draw_params``) of global
+        batch ``step`` of an encoded dataset: what every decoder builds it from."""
+        cfg = self.cfg
+        params = augment.draw_params(
+            np.random.default_rng([self.seed, 1 << 20, step]),
+            batch_size,
+            min_scale=cfg.min_scale,
+            max_scale=cfg.max_scale,
+            lighting_std=cfg.lighting_std,
+        )
+        return batch_indices(self.seed, step, batch_size, len(self.train)), params
+
+    def train_crops(self, step: int, batch_size: int, start: int, stop: int) -> tuple:
+        """(uint8 crops, labels, parameters, skipped records) of examples ``start:stop`` of
+        global batch ``step`` of an encoded dataset, decoded here with PIL."""
+        idx, params = self.train_draws(step, batch_size)
+        idx, params = idx[start:stop], {k: v[start:stop] for k, v in params.items()}
+        size = self.image_size
+        crops = np.empty((stop - start, size, size, 3), np.uint8)
+        labels = np.empty(stop - start, np.int32)
+        skipped = []
+        for k, i in enumerate(idx):
+            if self.cfg.augment:
+                crop_fn = functools.partial(self.train_crop, augment.params_at(params, k))
+            else:
+                crop_fn = self.center_crop
+            crops[k], labels[k], s = self.first_readable(self.train, i, crop_fn)
+            skipped += s
+        return crops, labels, params, skipped
+
+    def train_crop(self, p: dict, data: bytes) -> np.ndarray:
+        """The uint8 training crop of an encoded image with parameters ``p``, by PIL."""
         size, style = self.image_size, self.cfg.crop
         image, factor, shape = decode(
             data,
@@ -243,7 +258,8 @@ class Pipeline:
             image, p, size=size, crop_style=style, full_shape=shape, factor=factor
         )
 
-    def _center_crop(self, data: bytes) -> np.ndarray:
+    def center_crop(self, data: bytes) -> np.ndarray:
+        """The uint8 centre view of an encoded image, by PIL."""
         return augment.center_view(
             decode_array(data, self.resize_size), self.resize_size, self.image_size
         )
@@ -281,7 +297,7 @@ class Pipeline:
         try:  # exactly len(indices) items: the workers stop at close(), not by exhaustion
             reported = workers.reported(items, lambda n: f'image {indices[n]} of the eval split')
             for out, label, skipped in itertools.islice(reported, len(indices)):
-                self._count(skipped)
+                self.count_skipped(skipped)
                 yield out, int(label)
         finally:
             items.close()
@@ -324,7 +340,7 @@ class Pipeline:
                 'mask': mask,
                 'skipped': [],
             }
-        fn = functools.partial(_decoded_view, view) if view else self._center_crop
+        fn = functools.partial(_decoded_view, view) if view else self.center_crop
         outs, labels, skipped = zip(*(self.first_readable(self.eval, i, fn) for i in idx))
         images = np.stack(outs)
         return {

@@ -4,6 +4,7 @@ open their files lazily, in the process that reads them."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import logging
@@ -55,12 +56,37 @@ def decode(
         return _decode(data, min_shorter_side)
 
 
-def _decode(data: bytes, min_shorter_side) -> tuple[Image.Image, float, tuple[int, int]]:
+def _open(data: bytes) -> tuple[Image.Image, int, tuple[int, int]]:
+    """The image's header read (nothing decoded): (image, EXIF orientation, upright shape)."""
+    image = Image.open(io.BytesIO(data))
+    orientation = image.getexif().get(EXIF_ORIENTATION, 1) if 'exif' in image.info else 1
+    w, h = image.size
+    return image, orientation, ((w, h) if orientation in _SWAPS_SIDES else (h, w))
+
+
+def header(data: bytes) -> tuple[str, str, tuple[int, int]]:
+    """(format, PIL mode, upright (height, width)) of an encoded image, from its header;
+    CorruptImage where PIL cannot read one."""
+    with _reading():
+        image, _, shape = _open(data)
+    return image.format, image.mode, shape
+
+
+@contextlib.contextmanager
+def _reading():
+    """PIL's errors on bad data (of many types) as CorruptImage."""
     try:
-        image = Image.open(io.BytesIO(data))
-        orientation = image.getexif().get(EXIF_ORIENTATION, 1) if 'exif' in image.info else 1
+        yield
+    except Image.UnidentifiedImageError:
+        raise CorruptImage('not an image PIL can read') from None
+    except Exception as e:
+        raise CorruptImage(str(e) or type(e).__name__) from None
+
+
+def _decode(data: bytes, min_shorter_side) -> tuple[Image.Image, float, tuple[int, int]]:
+    with _reading():
+        image, orientation, shape = _open(data)
         w, h = image.size
-        shape = (w, h) if orientation in _SWAPS_SIDES else (h, w)
         need = min_shorter_side(shape) if callable(min_shorter_side) else min_shorter_side
         factor = 1.0
         if need and image.format == 'JPEG' and min(w, h) >= 2 * need:
@@ -71,10 +97,6 @@ def _decode(data: bytes, min_shorter_side) -> tuple[Image.Image, float, tuple[in
         image = _to_rgb(image)
         if orientation != 1:
             image = ImageOps.exif_transpose(image)
-    except Image.UnidentifiedImageError:
-        raise CorruptImage('not an image PIL can read') from None
-    except Exception as e:  # PIL raises many types on bad data
-        raise CorruptImage(str(e) or type(e).__name__) from None
     return image, factor, shape
 
 

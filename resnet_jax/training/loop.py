@@ -21,8 +21,8 @@ from jax.sharding import PartitionSpec as P
 from resnet_jax import config as config_lib
 from resnet_jax import parallel, paths
 from resnet_jax.config import ConfigError
+from resnet_jax.data import dali, prepare
 from resnet_jax.data import pipeline as data_pipeline
-from resnet_jax.data import prepare
 from resnet_jax.training import (
     checkpoints,
     curves,
@@ -160,6 +160,18 @@ def train_and_evaluate(
             workdir.rmtree(missing_ok=True)  # a run that never took a step leaves nothing
 
 
+def input_batches(pipeline, mesh: Mesh, start_step: int, batch_size: int):
+    """Global training batches ``start_step``, ... on ``mesh``, built ahead in a thread:
+    decoded by DALI on the devices, or by the host's input workers and copied over."""
+    if pipeline.decoder == 'dali':
+        built = dali.train_batches(pipeline, mesh, start_step, batch_size)
+        return data_pipeline.prefetch(built, lambda batch: batch)
+    built = data_pipeline.train_iterator(
+        pipeline, start_step, batch_size, jax.process_index(), jax.process_count()
+    )
+    return data_pipeline.prefetch(built, functools.partial(parallel.shard_batch, mesh))
+
+
 class Run:
     """One launch of a training run: its data, model, optimiser and compiled steps (built by
     ``__init__``, which writes nothing), its state (``start``, from the workdir's
@@ -262,7 +274,9 @@ class Run:
             print(
                 f'training {config.model.name} on {config.dataset.name} for '
                 f'{config.num_train_steps} steps on {mesh.size} device(s) '
-                f'({mesh.devices.flat[0].platform}); workdir {workdir}',
+                f'({mesh.devices.flat[0].platform}'
+                f'{", JPEGs decoded by DALI" if self.pipeline.decoder == "dali" else ""}); '
+                f'workdir {workdir}',
                 flush=True,
             )
             if start.resumed_step is not None:
@@ -311,12 +325,7 @@ class Run:
             from clu import periodic_actions
 
             profile = periodic_actions.Profile(logdir=str(self.workdir), num_profile_steps=5)
-        batches = data_pipeline.prefetch(
-            data_pipeline.train_iterator(
-                self.pipeline, step, config.batch_size, jax.process_index(), jax.process_count()
-            ),
-            functools.partial(parallel.shard_batch, self.mesh),
-        )
+        batches = input_batches(self.pipeline, self.mesh, step, config.batch_size)
         stopped_by = None
         due = step % config.eval_every_steps == 0 and 0 < step < config.num_train_steps
         if due and (self.last_eval is None or self.last_eval['step'] != step):

@@ -9,7 +9,7 @@ import tensorflow_datasets as tfds
 from photos import PHOTOS, photos_config
 
 from resnet_jax.config import ConfigError
-from resnet_jax.data import augment, prepare, sources
+from resnet_jax.data import augment, dali, prepare, sources
 from resnet_jax.data import pipeline as input_pipeline
 
 
@@ -198,3 +198,13 @@ def test_missing_or_unprepared_data_is_a_clear_error(tmp_path):
 
 
 # --- the test protocols --------------------------------------------------------------------
+
+
+def test_decoder_dali_needs_its_extra_and_an_encoded_dataset(monkeypatch):
+    with pytest.raises(ConfigError, match='held in memory'):
+        dali.choose('dali', 'cifar10', in_memory=True)
+    assert dali.choose('auto', 'cifar10', in_memory=True) == 'cpu'
+    assert dali.choose('auto', 'folder:x', in_memory=False) == 'cpu'  # no GPU here
+    monkeypatch.setattr(dali, 'installed', lambda: False)
+    with pytest.raises(ConfigError, match=r"pip install 'resnet_jax\[gpu\]'"):
+        dali.choose('dali', 'imagenet2012', in_memory=False)

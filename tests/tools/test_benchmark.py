@@ -13,6 +13,8 @@ import sys
 import pytest
 from conftest import REPO, load_config
 
+from resnet_jax.data import dali
+
 # Runs `resnet-jax benchmark ARGS` as if TensorFlow and tfds were not installed (a None
 # entry in sys.modules: `import` fails, `importlib.util.find_spec` says absent).
 _WITHOUT_TF = r"""
@@ -144,10 +146,14 @@ def test_accelerator_benchmark_script_runs_in_its_cpu_mode(tmp_path):
     assert first['batch_size'] == again['batch_size'] == 8 and first['peak_device_mb'] is None
     r = last('readiness.txt')
     real = r['real_jpeg']
-    assert real['real_images_per_sec'] > 0 and real['synthetic_images_per_sec'] > 0
-    assert real['real_over_synthetic'] == pytest.approx(
-        real['real_images_per_sec'] / real['synthetic_images_per_sec']
-    )
+    assert real['synthetic_images_per_sec'] > 0
+    decoders = ('cpu', 'dali') if dali.installed() else ('cpu',)
+    for decoder in decoders:
+        assert real[decoder]['images_per_sec'] > 0
+        assert real[decoder]['over_synthetic'] == pytest.approx(
+            real[decoder]['images_per_sec'] / real['synthetic_images_per_sec']
+        )
+    assert ('dali decoding not installed' in table) == (decoders == ('cpu',))
     depth = r['depth']
     for name in ('cifar_resnet20', 'cifar_resnet8'):
         assert depth[name]['ready_seconds'] >= depth[name]['compile_seconds'] > 0
