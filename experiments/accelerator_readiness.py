@@ -276,6 +276,9 @@ def main(argv: list[str] | None = None) -> int:
             10,
         )
 
+    from resnet_jax.backends import xla_options
+
+    xla_options.configure_input('auto')  # before JAX starts: DALI beside XLA:GPU
     import jax
 
     from resnet_jax import parallel

@@ -41,6 +41,7 @@ import tensorflow_datasets as tfds  # noqa: E402
 from sklearn.datasets import load_sample_images  # noqa: E402
 
 from resnet_jax.config import base_config  # noqa: E402
+from resnet_jax.data import dali  # noqa: E402
 from resnet_jax.data import pipeline as input_pipeline  # noqa: E402
 
 
@@ -174,6 +175,20 @@ def thread_batches(data_dir: str, threads: int, batch_size: int):
         yield {k: np.concatenate([p[k] for p in parts]) for k in ('image', 'label')}
 
 
+def dali_batches(data_dir: str, threads: int, batch_size: int):
+    """DALI's CPU operators (``dataset.decoder='dali'`` without a GPU), ``threads`` threads
+    decoding; the batches finished on this process's one JAX CPU device."""
+    import jax
+
+    from resnet_jax import parallel
+
+    cfg = dataset_config('bench_photos', data_dir, threads)
+    cfg.decoder = 'dali'
+    pipeline = input_pipeline.Pipeline(cfg, seed=0)
+    mesh = parallel.create_mesh(jax.devices()[:1])
+    return dali.train_batches(pipeline, mesh, 0, batch_size)
+
+
 def pil_batches(paths: list[str], workers: int, batch_size: int):
     """torchvision-style batches built in ``workers`` processes (grain, as ours)."""
     from resnet_jax.data import workers as worker_processes
@@ -262,6 +277,10 @@ def main() -> int:
             'pil_1': pil_batches(paths, 1, bs),
             'pil_2': pil_batches(paths, 2, bs),
         }
+        if dali.installed():
+            configs.update(
+                dali_1=dali_batches(data_dir, 1, bs), dali_2=dali_batches(data_dir, 2, bs)
+            )
         # Up to 3 batches a worker wait ready (its buffer, its queue, grain's interleave).
         drain = {
             'workers_1': 3,
@@ -270,6 +289,8 @@ def main() -> int:
             'threads_2': 0,
             'pil_1': 3,
             'pil_2': 6,
+            'dali_1': 0,
+            'dali_2': 0,
         }
         cpu_ms: dict[str, list[float]] = {}
         rates = measure(configs, bs, args.batches, args.rounds, drain, args.settle, cpu_ms)
@@ -307,8 +328,11 @@ def main() -> int:
         ('resnet_jax, worker processes (grain)', 'workers'),
         ('resnet_jax per-image work, threads of one process', 'threads'),
         ('torchvision-style PIL, worker processes', 'pil'),
+        ('DALI, CPU operators, threads of one process', 'dali'),
     )
     for label, key in rows:
+        if f'{key}_1' not in med:
+            continue
         one, two = med[f'{key}_1'], med[f'{key}_2']
         print(
             f'| {label} | {one:.1f} | {two:.1f} | {two / 2:.1f} | '
@@ -346,6 +370,9 @@ def main() -> int:
                     },
                     'pil_images_per_sec_1_worker': round(med['pil_1'], 1),
                     'pil_images_per_sec_2_workers': round(med['pil_2'], 1),
+                    'dali_images_per_sec': {
+                        k: round(v, 1) for k, v in med.items() if k.startswith('dali')
+                    },
                     'in_memory_images_per_sec': {k: round(v, 1) for k, v in small_med.items()},
                     'batch_size': bs,
                     'cores': cores,

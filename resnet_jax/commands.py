@@ -105,6 +105,7 @@ def run_train(argv: list[str]) -> None:
 
     # XLA's process options for the net, before JAX starts its backends.
     xla_options.configure(config_lib.model_from_config(config, 10).stage_sizes, config.execution)
+    xla_options.configure_input(config.dataset.decoder)
     joined('run')
 
     import jax

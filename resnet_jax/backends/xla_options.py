@@ -1,8 +1,9 @@
-"""XLA:CPU options a launcher sets in ``XLA_FLAGS``: XLA reads them there only, once, when
-JAX starts (``jit``'s ``compiler_options`` cannot carry them). Imports no JAX."""
+"""XLA options a launcher sets in ``XLA_FLAGS``: XLA reads them there only, once, when JAX
+starts (``jit``'s ``compiler_options`` cannot carry them). Imports no JAX."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 from collections.abc import Sequence
@@ -59,3 +60,28 @@ def configure(stage_sizes: Sequence[int], execution: str = 'auto') -> tuple[str,
     options = options_for(stage_sizes, execution)
     os.environ['XLA_FLAGS'] = xla_flags_with(options, os.environ.get('XLA_FLAGS', ''))
     return options
+
+
+# XLA:GPU records CUDA graphs as it runs; DALI's GPU work beside them, from another thread,
+# breaks their capture (cudaErrorStreamCaptureUnsupported, NVIDIA/DALI#6449): off for runs
+# that may decode with DALI.
+DALI_FLAGS = ('--xla_gpu_enable_command_buffer=',)
+
+
+def dali_installed() -> bool:
+    """Whether NVIDIA DALI is importable (the ``gpu`` or ``dali`` extra)."""
+    try:
+        return importlib.util.find_spec('nvidia.dali') is not None
+    except ModuleNotFoundError:  # no ``nvidia`` namespace package at all
+        return False
+
+
+def configure_input(decoder: str) -> tuple[str, ...]:
+    """Adds ``DALI_FLAGS`` to ``XLA_FLAGS`` where ``dataset.decoder`` may be DALI (not
+    where the flag is given already); before JAX starts. Returns what it added."""
+    if decoder == 'cpu' or not dali_installed():
+        return ()
+    flags = os.environ.get('XLA_FLAGS', '')
+    added = tuple(f for f in DALI_FLAGS if _key(f) not in flags)
+    os.environ['XLA_FLAGS'] = ' '.join([flags, *added]).strip()
+    return added

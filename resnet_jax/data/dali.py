@@ -14,14 +14,14 @@ Records DALI is not given (not a JPEG, or CMYK: PIL composites and converts them
 way) are cropped by PIL on the host into their slot. A batch DALI fails on (a JPEG whose
 header reads but whose data does not) is built by PIL instead, the corrupt record skipped
 as there, and that device's DALI pipeline built anew (DALI's is unusable after an error).
-Evaluation decodes on the CPU.
+Evaluation decodes on the CPU. A process running DALI beside XLA:GPU needs
+``xla_options.configure_input`` before JAX starts (``resnet-jax train`` calls it).
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import functools
-import importlib.util
 import io
 import logging
 import math
@@ -33,19 +33,16 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from PIL import Image
 
+from resnet_jax.backends.xla_options import dali_installed as installed
 from resnet_jax.config import ConfigError
 from resnet_jax.data import augment, sources
+from resnet_jax.data.workers import InputError
 from resnet_jax.models.preprocessing import preprocess
 
 INPUTS = ('encoded', 'anchor', 'extent', 'roi_start', 'roi_end', 'flip')
 _DALI_MODES = ('RGB', 'L')  # JPEGs whose pixels DALI's RGB output gives as PIL's do
 _PLACEHOLDER = (8, 8)  # a tiny JPEG in the slots PIL fills
-
-
-def installed() -> bool:
-    return importlib.util.find_spec('nvidia') is not None and (
-        importlib.util.find_spec('nvidia.dali') is not None
-    )
+MAX_FAILURES_IN_A_ROW = 4  # then DALI's failure is not one bad record's: raised
 
 
 def choose(decoder: str, dataset_name: str, in_memory: bool) -> str:
@@ -100,6 +97,7 @@ def _graph(size: int, gpu: bool):
         normalized_anchor=False,
         normalized_shape=False,
         output_type=types.RGB,
+        jpeg_fancy_upsampling=True,  # chroma as libjpeg-turbo (PIL, DALI's CPU) upsamples it
         device='mixed' if gpu else 'cpu',
     )
     images = fn.resize(
@@ -124,6 +122,7 @@ def _build(size: int, examples: int, device: jax.Device, threads: int):
         num_threads=threads,
         device_id=device.local_hardware_id if gpu else None,
         prefetch_queue_depth=1,
+        exec_dynamic=True,  # each run's outputs in fresh memory, alive while JAX holds them
     )
     pipe.build()
     return pipe
@@ -156,22 +155,23 @@ def _probe(data: bytes) -> tuple[bytes, tuple]:
 
 class _Shard:
     """The DALI pipeline of one device and the global batch positions ``lo:hi`` it builds:
-    ``start`` reads a step's records and sets DALI running, ``finish`` takes its crops
-    (every device's DALI runs between the two)."""
+    ``prepare`` reads a step's records (host work, done while DALI decodes the step
+    before), ``start`` sets DALI running on them, ``finish`` takes its crops."""
 
     def __init__(self, pipeline, device: jax.Device, lo: int, hi: int, threads: int):
         self.pipeline, self.device, self.lo, self.hi = pipeline, device, lo, hi
         self.threads = threads
         self.dali = _build(pipeline.image_size, hi - lo, device, threads)
+        self.failures = 0  # batches in a row DALI failed on
 
-    def start(self, step: int, batch_size: int, pool) -> dict:
+    def prepare(self, step: int, batch_size: int, pool) -> dict:
         p = self.pipeline
         cfg, size = p.cfg, p.image_size
         idx, params = p.train_draws(step, batch_size)
         idx, params = idx[self.lo : self.hi], {k: v[self.lo : self.hi] for k, v in params.items()}
         read = functools.partial(p.first_readable, p.train, fn=_probe)
-        feeds = {name: [] for name in INPUTS}
         todo = {'step': step, 'batch_size': batch_size, 'params': params, 'by_pil': {}}
+        todo['feeds'] = {name: [] for name in INPUTS}
         todo['labels'] = np.empty(len(idx), np.int32)
         todo['skipped'] = []
         for k, ((data, (kind, mode, shape)), label, skipped) in enumerate(pool.map(read, idx)):
@@ -191,9 +191,12 @@ class _Shard:
             for name, value in zip(
                 INPUTS, (encoded, *region(box, shape, size), np.array(flip, np.int32))
             ):
-                feeds[name].append(value)
+                todo['feeds'][name].append(value)
+        return todo
+
+    def start(self, todo: dict) -> dict:
         try:
-            for name, values in feeds.items():
+            for name, values in todo.pop('feeds').items():
                 self.dali.feed_input(name, values)
             self.dali.schedule_run()
         except RuntimeError as e:
@@ -208,17 +211,8 @@ class _Shard:
                 raise todo['error']
             (out,) = self.dali.outputs()
         except RuntimeError as e:
-            logging.warning(
-                'DALI could not decode the batch of step %d (%s): built by PIL on the host',
-                todo['step'],
-                _reason(str(e)),
-            )
-            self.dali = _build(p.image_size, self.hi - self.lo, self.device, self.threads)
-            crops, labels, params, skipped = p.train_crops(
-                todo['step'], todo['batch_size'], self.lo, self.hi
-            )
-            p.count_skipped(skipped)
-            return jax.device_put(crops, self.device), labels, self._shift(params)
+            return self._by_pil_instead(todo, _reason(str(e)))
+        self.failures = 0
         p.count_skipped(todo['skipped'])
         if self.device.platform == 'gpu':
             images = jax.dlpack.from_dlpack(out.as_tensor())
@@ -226,11 +220,33 @@ class _Shard:
                 where = np.fromiter(by_pil, np.int32)
                 images = images.at[where].set(np.stack(list(by_pil.values())))
         else:
-            images = out.as_array()
+            images = out.as_array()  # a copy of its own
             for k, crop in by_pil.items():
                 images[k] = crop
             images = jax.device_put(images, self.device)
         return images, todo['labels'], self._shift(todo['params'])
+
+    def _by_pil_instead(self, todo: dict, reason: str):
+        """The shard built by PIL (the corrupt record skipped as there), the DALI pipeline
+        built anew (an error leaves it unusable); an error that persists is raised."""
+        self.failures += 1
+        if self.failures >= MAX_FAILURES_IN_A_ROW:
+            raise InputError(
+                f'DALI failed on {self.failures} batches in a row ({reason}); '
+                '--config.dataset.decoder=cpu decodes on the host'
+            )
+        logging.warning(
+            'DALI could not decode the batch of step %d (%s): built by PIL on the host',
+            todo['step'],
+            reason,
+        )
+        p = self.pipeline
+        self.dali = _build(p.image_size, self.hi - self.lo, self.device, self.threads)
+        crops, labels, params, skipped = p.train_crops(
+            todo['step'], todo['batch_size'], self.lo, self.hi
+        )
+        p.count_skipped(skipped)
+        return jax.device_put(crops, self.device), labels, self._shift(params)
 
     def _shift(self, params: dict) -> np.ndarray:
         cfg = self.pipeline.cfg
@@ -258,21 +274,30 @@ def train_batches(
     )
     mean = jax.device_put(pipeline.mean, NamedSharding(mesh, PartitionSpec()))
     pool = concurrent.futures.ThreadPoolExecutor(pipeline.num_workers)  # reads, headers
+    ahead = concurrent.futures.ThreadPoolExecutor(1)  # the next step's records, read
 
     def on_mesh(parts: list, shape: tuple) -> jax.Array:  # one part per shard's device
         placed = [jax.device_put(x, shard.device) for x, shard in zip(parts, shards)]
         return jax.make_array_from_single_device_arrays(shape, sharding, placed)
 
+    def prepared(step: int):
+        return ahead.submit(lambda: [s.prepare(step, batch_size, pool) for s in shards])
+
     try:
+        following = prepared(start_step)
         for step in range(start_step, 1 << 62):
-            started = [shard.start(step, batch_size, pool) for shard in shards]
+            started = [s.start(todo) for s, todo in zip(shards, following.result())]
+            following = prepared(step + 1)
             images, labels, shifts = zip(*(s.finish(todo) for s, todo in zip(shards, started)))
             batch = {
                 'image': normalize(on_mesh(images, shape), on_mesh(shifts, (batch_size, 3)), mean),
                 'label': on_mesh(labels, (batch_size,)),
             }
-            # DALI reuses its output buffers on the next run: the crops must be read first
+            # DALI frees the crops' memory once JAX lets go of them: normalised first
             batch['image'].block_until_ready()
             yield batch
     finally:
+        ahead.shutdown(wait=False, cancel_futures=True)
         pool.shutdown(wait=False, cancel_futures=True)
+        for shard in shards:
+            shard.dali = None  # its device memory and threads, now

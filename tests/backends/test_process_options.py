@@ -63,6 +63,20 @@ def test_process_options_join_the_users_xla_flags():
     assert add([], '--y') == '--y'
 
 
+def test_runs_that_may_decode_with_dali_turn_xla_gpu_command_buffers_off(monkeypatch):
+    monkeypatch.setattr(xla_options, 'dali_installed', lambda: True)
+    monkeypatch.setenv('XLA_FLAGS', '--y')
+    assert xla_options.configure_input('cpu') == () and os.environ['XLA_FLAGS'] == '--y'
+    assert xla_options.configure_input('auto') == xla_options.DALI_FLAGS
+    assert os.environ['XLA_FLAGS'] == '--y --xla_gpu_enable_command_buffer='
+    monkeypatch.setenv('XLA_FLAGS', '--xla_gpu_enable_command_buffer=FUSION')  # the user's
+    assert xla_options.configure_input('dali') == ()
+    assert os.environ['XLA_FLAGS'] == '--xla_gpu_enable_command_buffer=FUSION'
+    monkeypatch.setattr(xla_options, 'dali_installed', lambda: False)
+    monkeypatch.delenv('XLA_FLAGS')
+    assert xla_options.configure_input('auto') == () and 'XLA_FLAGS' not in os.environ
+
+
 _SIBLINGS = """
 import sys
 from resnet_jax import models

@@ -16,6 +16,7 @@ from resnet_jax import parallel
 from resnet_jax.config import base_config
 from resnet_jax.data import augment, dali, folder, sources
 from resnet_jax.data import pipeline as data_pipeline
+from resnet_jax.data.workers import InputError
 from resnet_jax.training import loop
 
 pytestmark = pytest.mark.dali
@@ -132,3 +133,32 @@ def test_training_on_dali_batches_follows_the_cpu_paths_run(photo_folder, tmp_pa
         assert results['step'] == 3
         losses[decoder] = results['train_loss']
     assert losses['dali'] == pytest.approx(losses['cpu'], rel=1e-3)
+
+
+def test_a_dali_failure_that_persists_ends_the_run_in_one_line(photo_folder, monkeypatch):
+    """(A CUDA or nvJPEG error that every batch meets: not fallen back from forever.)"""
+
+    class Broken:
+        def feed_input(self, name, values):
+            pass
+
+        def schedule_run(self):
+            pass
+
+        def outputs(self):
+            raise RuntimeError('Critical error\nencountered:\n\nCUDA error: out of memory\n')
+
+    monkeypatch.setattr(dali, '_build', lambda *args: Broken())
+    pipeline = data_pipeline.Pipeline(_config(photo_folder), seed=0)
+    it = dali.train_batches(pipeline, parallel.create_mesh(), 0, BATCH)
+    for step in range(dali.MAX_FAILURES_IN_A_ROW - 1):  # the PIL path's batches meanwhile
+        batch, pil = jax.tree_util.tree_map(np.asarray, next(it)), pipeline.train_batch(step, BATCH)
+        np.testing.assert_array_equal(batch['label'], pil['label'])
+        np.testing.assert_allclose(batch['image'], pil['image'], atol=1e-5)
+    with pytest.raises(
+        InputError,
+        match=r'^DALI failed on 4 batches in a row \(CUDA error: '
+        r'out of memory\); --config.dataset.decoder=cpu decodes on the host$',
+    ):
+        next(it)
+    it.close()
