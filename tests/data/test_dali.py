@@ -48,8 +48,8 @@ def photo_folder(tmp_path_factory):
     return root
 
 
-def _batches(pipeline, start, n):
-    it = dali.train_batches(pipeline, parallel.create_mesh(), start, BATCH)
+def _batches(pipeline, start, n, platform='cpu'):
+    it = dali.train_batches(pipeline, parallel.create_mesh(jax.devices(platform)), start, BATCH)
     try:
         return [jax.tree_util.tree_map(np.asarray, next(it)) for _ in range(n)]
     finally:
@@ -150,7 +150,7 @@ def test_a_dali_failure_that_persists_ends_the_run_in_one_line(photo_folder, mon
 
     monkeypatch.setattr(dali, '_build', lambda *args: Broken())
     pipeline = data_pipeline.Pipeline(_config(photo_folder), seed=0)
-    it = dali.train_batches(pipeline, parallel.create_mesh(), 0, BATCH)
+    it = dali.train_batches(pipeline, parallel.create_mesh(jax.devices('cpu')), 0, BATCH)
     for step in range(dali.MAX_FAILURES_IN_A_ROW - 1):  # the PIL path's batches meanwhile
         batch, pil = jax.tree_util.tree_map(np.asarray, next(it)), pipeline.train_batch(step, BATCH)
         np.testing.assert_array_equal(batch['label'], pil['label'])
@@ -162,3 +162,15 @@ def test_a_dali_failure_that_persists_ends_the_run_in_one_line(photo_folder, mon
     ):
         next(it)
     it.close()
+
+
+@pytest.mark.skipif(jax.default_backend() != 'gpu', reason='needs a GPU (nvJPEG)')
+def test_on_a_gpu_dali_decodes_the_same_examples_boxes_and_flips(photo_folder):
+    """The 'mixed' decoder (nvJPEG; its IDCT rounds differently) within the PIL path's
+    tolerance, the same examples and labels; the crops leave DALI for JAX by DLPack."""
+    pipeline = data_pipeline.Pipeline(_config(photo_folder), seed=3)
+    for step, batch in enumerate(_batches(pipeline, 0, 3, platform='gpu')):
+        pil = pipeline.train_batch(step, BATCH)
+        np.testing.assert_array_equal(batch['label'], pil['label'])
+        diff = np.abs(batch['image'] - pil['image'])
+        assert diff.max() <= PIL_PATH_MAX and diff.mean(axis=(1, 2, 3)).max() <= PIL_PATH_MEAN
