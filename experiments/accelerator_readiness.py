@@ -139,9 +139,7 @@ def real_jpeg_vs_synthetic(args, mesh) -> dict:
             config, pipeline.num_classes, pipeline.image_shape(), mesh
         )
         for decoder in ('cpu', 'dali') if dali.installed() else ('cpu',):
-            config.dataset.decoder = decoder
-            pipeline = input_pipeline.Pipeline(config.dataset, config.seed)
-            batches = loop.input_batches(pipeline, mesh, 0, config.batch_size)
+            batches = loop.input_batches(pipeline, mesh, 0, config.batch_size, decoder)
             following = functools.partial(next, batches)
             state, _ = _time_steps(train_fn, state, following, args.warmup)
             start = time.perf_counter()

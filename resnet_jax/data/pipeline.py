@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import tensorflow_datasets as tfds
 
-from resnet_jax.data import augment, dali, folder, workers
+from resnet_jax.data import augment, folder, workers
 from resnet_jax.data.prepare import IN_MEMORY_DATASETS, check_dataset, load_arrays, stored_mean
 from resnet_jax.data.sources import CorruptImage, TfdsSource, decode, decode_array
 
@@ -128,7 +128,6 @@ class Pipeline:
             self.image_size = dataset.image_size
             self.mean = stored_mean(builder.data_dir, self.image_size)
         self.resize_size = round(self.image_size * 256 / 224)
-        self.decoder = dali.choose(dataset.decoder, name, self.small)  # training's
 
     @property
     def channel_mean(self) -> np.ndarray:

@@ -160,10 +160,11 @@ def train_and_evaluate(
             workdir.rmtree(missing_ok=True)  # a run that never took a step leaves nothing
 
 
-def input_batches(pipeline, mesh: Mesh, start_step: int, batch_size: int):
+def input_batches(pipeline, mesh: Mesh, start_step: int, batch_size: int, decoder: str = 'cpu'):
     """Global training batches ``start_step``, ... on ``mesh``, built ahead in a thread:
-    decoded by DALI on the devices, or by the host's input workers and copied over."""
-    if pipeline.decoder == 'dali':
+    decoded by DALI on the devices (``decoder='dali'``), or by the host's input workers and
+    copied over."""
+    if decoder == 'dali':
         built = dali.train_batches(pipeline, mesh, start_step, batch_size)
         return data_pipeline.prefetch(built, lambda batch: batch)
     built = data_pipeline.train_iterator(
@@ -188,6 +189,7 @@ class Run:
         self.lead = jax.process_index() == 0
 
         self.pipeline = data_pipeline.Pipeline(config.dataset, config.seed)
+        self.decoder = dali.choose(config.dataset.decoder, config.dataset.name, self.pipeline.small)
         if len(self.pipeline.train) < config.batch_size:
             raise ConfigError(
                 f'batch_size={config.batch_size} is larger than the training split of '
@@ -275,7 +277,7 @@ class Run:
                 f'training {config.model.name} on {config.dataset.name} for '
                 f'{config.num_train_steps} steps on {mesh.size} device(s) '
                 f'({mesh.devices.flat[0].platform}'
-                f'{", JPEGs decoded by DALI" if self.pipeline.decoder == "dali" else ""}); '
+                f'{", JPEGs decoded by DALI" if self.decoder == "dali" else ""}); '
                 f'workdir {workdir}',
                 flush=True,
             )
@@ -325,7 +327,7 @@ class Run:
             from clu import periodic_actions
 
             profile = periodic_actions.Profile(logdir=str(self.workdir), num_profile_steps=5)
-        batches = input_batches(self.pipeline, self.mesh, step, config.batch_size)
+        batches = input_batches(self.pipeline, self.mesh, step, config.batch_size, self.decoder)
         stopped_by = None
         due = step % config.eval_every_steps == 0 and 0 < step < config.num_train_steps
         if due and (self.last_eval is None or self.last_eval['step'] != step):
