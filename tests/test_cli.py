@@ -94,6 +94,34 @@ def test_bad_command_lines_are_one_line(args, message):
     assert len(lines) == 1 and lines[0].startswith(message), proc.stderr[-2000:]
 
 
+def test_the_dali_decoder_without_its_extra_is_one_line_and_writes_nothing(tmp_path):
+    """(DALI hidden from the process as where it is not installed: a None in sys.modules.)"""
+    hide = (
+        "import sys; sys.modules['nvidia.dali'] = None; from resnet_jax import cli; "
+        "cli.main(['resnet-jax', 'train', *sys.argv[1:]])"
+    )
+    proc = subprocess.run(
+        [
+            sys.executable,
+            '-c',
+            hide,
+            f'--workdir={tmp_path / "run"}',
+            '--config.dataset.name=folder:/data/photos',
+            '--config.dataset.decoder=dali',
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip() == (
+        "error: dataset.decoder='dali' needs NVIDIA DALI: pip install 'resnet_jax[gpu]' "
+        "(or 'resnet_jax[dali]' beside a JAX of your own)"
+    )
+    assert list(tmp_path.iterdir()) == []
+
+
 def _config_file(spec: str):
     """``--config=<spec>`` read as the CLI reads it: resolved, then loaded by config_flags."""
     from absl import flags

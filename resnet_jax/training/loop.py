@@ -63,6 +63,8 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int, progres
             f'init_from {config.init_from} holds no checkpoints (a training '
             'workdir or the output of resnet-jax convert)'
         )
+    name = config.dataset.name
+    dali.choose(config.dataset.decoder, name, name in prepare.IN_MEMORY_DATASETS)
     prepare.check_config(config.dataset, progress_fn)
 
 
