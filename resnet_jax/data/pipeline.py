@@ -193,8 +193,7 @@ class Pipeline:
         skipped to build them; the images in an array from ``alloc(shape, dtype)``."""
         if self.small:
             idx = batch_indices(self.seed, step, batch_size, len(self.train))[start:stop]
-            rng = np.random.default_rng([self.seed, 1 << 20, step])
-            offsets, flips = crop_flip_params(rng, batch_size)
+            offsets, flips = crop_flip_params(self._augment_rng(step), batch_size)
             images = self.train.images[idx]
             if self.cfg.augment:
                 images = pad_crop_flip(images, offsets[start:stop], flips[start:stop])
@@ -220,13 +219,16 @@ class Pipeline:
         batch ``step`` of an encoded dataset: what every decoder builds it from."""
         cfg = self.cfg
         params = augment.draw_params(
-            np.random.default_rng([self.seed, 1 << 20, step]),
+            self._augment_rng(step),
             batch_size,
             min_scale=cfg.min_scale,
             max_scale=cfg.max_scale,
             lighting_std=cfg.lighting_std,
         )
         return batch_indices(self.seed, step, batch_size, len(self.train)), params
+
+    def _augment_rng(self, step: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed, 1 << 20, step])  # batch step's choices
 
     def train_crops(self, step: int, batch_size: int, start: int, stop: int) -> tuple:
         """(uint8 crops, labels, parameters, skipped records) of examples ``start:stop`` of
