@@ -120,7 +120,7 @@ def real_jpeg_vs_synthetic(args, mesh) -> dict:
     from resnet_jax import parallel
     from resnet_jax.data import dali
     from resnet_jax.data import pipeline as input_pipeline
-    from resnet_jax.training import loop
+    from resnet_jax.training import inputs, loop
 
     result = {'model': args.model, 'dtype': args.dtype}
     with tempfile.TemporaryDirectory() as tmp:
@@ -139,7 +139,7 @@ def real_jpeg_vs_synthetic(args, mesh) -> dict:
             config, pipeline.num_classes, pipeline.image_shape(), mesh
         )
         for decoder in ('cpu', 'dali') if dali.installed() else ('cpu',):
-            batches = loop.input_batches(pipeline, mesh, 0, config.batch_size, decoder)
+            batches = inputs.batches(pipeline, mesh, 0, config.batch_size, decoder)
             following = functools.partial(next, batches)
             state, _ = _time_steps(train_fn, state, following, args.warmup)
             start = time.perf_counter()

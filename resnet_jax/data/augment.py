@@ -172,34 +172,27 @@ def params_at(params: dict[str, np.ndarray], i: int) -> dict:
     return {k: v[i] for k, v in params.items()}
 
 
-def scale_box(
-    full_shape: tuple[int, int], scale: int, u: float, v: float, size: int = 224
+def _resized_crop_box(
+    full_shape: tuple[int, int], shorter: int, size: int, place
 ) -> tuple[float, float, float, float]:
-    """Sec. 3.4's scale augmentation as a box (left, top, right, bottom) in the full image's
-    pixels: the size x size crop at (u, v) of the image resized to shorter side ``scale``."""
+    """The size x size crop at ``place(h, w)`` -> (top, left) of the image resized to shorter
+    side ``shorter``, as a box (left, top, right, bottom) in the full image's pixels."""
     h0, w0 = full_shape
-    h, w = shorter_side_shape(h0, w0, scale)
-    top, left = crop_offset(v, h, size), crop_offset(u, w, size)
+    h, w = shorter_side_shape(h0, w0, shorter)
+    top, left = place(h, w)
     sy, sx = h0 / h, w0 / w
     return left * sx, top * sy, (left + size) * sx, (top + size) * sy
 
 
-def scale_crop(
-    image: np.ndarray | Image.Image,
-    scale: int,
-    u: float,
-    v: float,
-    size: int = 224,
-    full_shape: tuple[int, int] | None = None,
-    factor: float = 1.0,
-    flip: bool = False,
-) -> np.ndarray:
-    """``scale_box`` of ``image`` resized to size x size, mirrored if ``flip``. Only the crop
-    is resampled (3-7x less work than resizing the image, the same pixels up to rounding);
-    ``image`` may be a JPEG decoded ``factor`` times smaller than ``full_shape``
-    (``sources.decode``)."""
-    box = scale_box(full_shape or _shape(image), scale, u, v, size)
-    return _resized_box(image, size, tuple(c / factor for c in box), flip)
+def scale_box(
+    full_shape: tuple[int, int], scale: int, u: float, v: float, size: int = 224
+) -> tuple[float, float, float, float]:
+    """Sec. 3.4's scale augmentation: the crop at (u, v) of the image at shorter side
+    ``scale``. Only this box is resampled (3-7x less work than resizing the image, the same
+    pixels up to rounding)."""
+    return _resized_crop_box(
+        full_shape, scale, size, lambda h, w: (crop_offset(v, h, size), crop_offset(u, w, size))
+    )
 
 
 def _resized_box(image: np.ndarray | Image.Image, size: int, box: tuple, flip: bool) -> np.ndarray:
@@ -222,7 +215,7 @@ def _resized_box(image: np.ndarray | Image.Image, size: int, box: tuple, flip: b
 
 
 def scale_crop_shorter_side(full_shape: tuple[int, int], scale: int) -> int:
-    """The shorter side ``scale_crop`` needs the decoded image to keep (no upsampling)."""
+    """The shorter side the scale crop needs the decoded image to keep (no upsampling)."""
     del full_shape
     return scale
 
@@ -240,22 +233,6 @@ def inception_box(
     cw = min(w, max(1, round(math.sqrt(area * h * w * ratio))))
     ch = min(h, max(1, round(math.sqrt(area * h * w / ratio))))
     return crop_offset(v, h, ch), crop_offset(u, w, cw), ch, cw
-
-
-def inception_crop(
-    image: np.ndarray | Image.Image,
-    area: float,
-    log_ratio: float,
-    u: float,
-    v: float,
-    size: int = 224,
-    full_shape: tuple[int, int] | None = None,
-    factor: float = 1.0,
-    flip: bool = False,
-) -> np.ndarray:
-    """Inception-style crop: ``inception_box`` resized to size x size (as ``scale_crop``)."""
-    box = _edges(inception_box(full_shape or _shape(image), area, log_ratio, u, v))
-    return _resized_box(image, size, tuple(c / factor for c in box), flip)
 
 
 def _edges(box: tuple[int, int, int, int]) -> tuple[float, float, float, float]:
@@ -290,7 +267,9 @@ def train_crop(
     full_shape: tuple[int, int] | None = None,
     factor: float = 1.0,
 ) -> np.ndarray:
-    """The uint8 training crop of one image with parameters ``p`` (``draw_params``)."""
+    """The uint8 training crop of one image with parameters ``p`` (``draw_params``), mirrored
+    if ``p['flip']``; ``image`` may be a JPEG decoded ``factor`` times smaller than
+    ``full_shape`` (``sources.decode``)."""
     box = train_box(full_shape or _shape(image), p, size=size, crop_style=crop_style)
     return _resized_box(image, size, tuple(c / factor for c in box), p['flip'])
 
@@ -327,11 +306,9 @@ def center_box(
     full_shape: tuple[int, int], resize_size: int = 256, size: int = 224
 ) -> tuple[float, float, float, float]:
     """``center_view`` as a box (left, top, right, bottom) in the full image's pixels."""
-    h0, w0 = full_shape
-    h, w = shorter_side_shape(h0, w0, resize_size)
-    top, left = (h - size) // 2, (w - size) // 2
-    sy, sx = h0 / h, w0 / w
-    return left * sx, top * sy, (left + size) * sx, (top + size) * sy
+    return _resized_crop_box(
+        full_shape, resize_size, size, lambda h, w: ((h - size) // 2, (w - size) // 2)
+    )
 
 
 def ten_crop_views(image: np.ndarray, resize_size: int = 256, size: int = 224) -> np.ndarray:

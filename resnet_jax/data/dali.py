@@ -161,13 +161,17 @@ class _Shard:
     def __init__(self, pipeline, device: jax.Device, lo: int, hi: int, threads: int):
         self.pipeline, self.device, self.lo, self.hi = pipeline, device, lo, hi
         self.threads = threads
-        self.dali = _build(pipeline.image_size, hi - lo, device, threads)
+        self.dali = self._new_dali()
         self.failures = 0  # batches in a row DALI failed on
 
-    def prepare(self, step: int, batch_size: int, pool) -> dict:
+    def _new_dali(self):
+        return _build(self.pipeline.image_size, self.hi - self.lo, self.device, self.threads)
+
+    def prepare(self, step: int, batch_size: int, draws: tuple, pool) -> dict:
+        """The feeds of this shard of ``step`` (``draws``: its ``train_draws``)."""
         p = self.pipeline
         cfg, size = p.cfg, p.image_size
-        idx, params = p.train_draws(step, batch_size)
+        idx, params = draws
         idx, params = idx[self.lo : self.hi], {k: v[self.lo : self.hi] for k, v in params.items()}
         read = functools.partial(p.first_readable, p.train, fn=_probe)
         todo = {'step': step, 'batch_size': batch_size, 'params': params, 'by_pil': {}}
@@ -241,7 +245,7 @@ class _Shard:
             reason,
         )
         p = self.pipeline
-        self.dali = _build(p.image_size, self.hi - self.lo, self.device, self.threads)
+        self.dali = self._new_dali()
         crops, labels, params, skipped = p.train_crops(
             todo['step'], todo['batch_size'], self.lo, self.hi
         )
@@ -280,8 +284,12 @@ def train_batches(
         placed = [jax.device_put(x, shard.device) for x, shard in zip(parts, shards)]
         return jax.make_array_from_single_device_arrays(shape, sharding, placed)
 
-    def prepared(step: int):
-        return ahead.submit(lambda: [s.prepare(step, batch_size, pool) for s in shards])
+    def prepared(step: int):  # the step's choices drawn once, for every shard
+        def read():
+            draws = pipeline.train_draws(step, batch_size)
+            return [s.prepare(step, batch_size, draws, pool) for s in shards]
+
+        return ahead.submit(read)
 
     try:
         following = prepared(start_step)

@@ -8,7 +8,6 @@ function on 1 device or 1,000.
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import time
 
@@ -21,14 +20,15 @@ from jax.sharding import PartitionSpec as P
 from resnet_jax import config as config_lib
 from resnet_jax import parallel, paths
 from resnet_jax.config import ConfigError
-from resnet_jax.data import dali, prepare
 from resnet_jax.data import pipeline as data_pipeline
+from resnet_jax.data import prepare
 from resnet_jax.training import (
     checkpoints,
     curves,
     events,
     faults,
     finetune,
+    inputs,
     memory,
     optim,
     progress,
@@ -63,8 +63,7 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int, progres
             f'init_from {config.init_from} holds no checkpoints (a training '
             'workdir or the output of resnet-jax convert)'
         )
-    name = config.dataset.name
-    dali.choose(config.dataset.decoder, name, name in prepare.IN_MEMORY_DATASETS)
+    inputs.decoder(config)
     prepare.check_config(config.dataset, progress_fn)
 
 
@@ -162,19 +161,6 @@ def train_and_evaluate(
             workdir.rmtree(missing_ok=True)  # a run that never took a step leaves nothing
 
 
-def input_batches(pipeline, mesh: Mesh, start_step: int, batch_size: int, decoder: str = 'cpu'):
-    """Global training batches ``start_step``, ... on ``mesh``, built ahead in a thread:
-    decoded by DALI on the devices (``decoder='dali'``), or by the host's input workers and
-    copied over."""
-    if decoder == 'dali':
-        built = dali.train_batches(pipeline, mesh, start_step, batch_size)
-        return data_pipeline.prefetch(built, lambda batch: batch)
-    built = data_pipeline.train_iterator(
-        pipeline, start_step, batch_size, jax.process_index(), jax.process_count()
-    )
-    return data_pipeline.prefetch(built, functools.partial(parallel.shard_batch, mesh))
-
-
 class Run:
     """One launch of a training run: its data, model, optimiser and compiled steps (built by
     ``__init__``, which writes nothing), its state (``start``, from the workdir's
@@ -191,7 +177,7 @@ class Run:
         self.lead = jax.process_index() == 0
 
         self.pipeline = data_pipeline.Pipeline(config.dataset, config.seed)
-        self.decoder = dali.choose(config.dataset.decoder, config.dataset.name, self.pipeline.small)
+        self.decoder = inputs.decoder(config)
         if len(self.pipeline.train) < config.batch_size:
             raise ConfigError(
                 f'batch_size={config.batch_size} is larger than the training split of '
@@ -329,7 +315,7 @@ class Run:
             from clu import periodic_actions
 
             profile = periodic_actions.Profile(logdir=str(self.workdir), num_profile_steps=5)
-        batches = input_batches(self.pipeline, self.mesh, step, config.batch_size, self.decoder)
+        batches = inputs.batches(self.pipeline, self.mesh, step, config.batch_size, self.decoder)
         stopped_by = None
         due = step % config.eval_every_steps == 0 and 0 < step < config.num_train_steps
         if due and (self.last_eval is None or self.last_eval['step'] != step):

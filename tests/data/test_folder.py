@@ -79,10 +79,10 @@ def test_jpeg_draft_decodes_at_reduced_scale_only_when_the_crop_allows_it():
         assert factor == pytest.approx(expected, rel=0.01) and shape == (1411, 1411)
         assert min(image.size) >= need
     # The crop from a 1/4-scale decode shows the same region as from the full decode.
-    p = {'scale': 300, 'u': 0.3, 'v': 0.7}
+    p = {'scale': 300, 'u': 0.3, 'v': 0.7, 'flip': False}
     small, factor, shape = sources.decode(data, p['scale'])
-    a = augment.scale_crop(small, p['scale'], p['u'], p['v'], 224, shape, factor)
-    b = augment.scale_crop(np.asarray(full), p['scale'], p['u'], p['v'], 224)
+    a = augment.train_crop(small, p, full_shape=shape, factor=factor)
+    b = augment.train_crop(np.asarray(full), p)
     assert a.shape == b.shape == (224, 224, 3)
     assert np.abs(a.astype(int) - b).mean() < 4
 

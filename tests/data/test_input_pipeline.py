@@ -40,7 +40,7 @@ def test_scale_augmentation_draws_cover_256_to_480_and_crop_comes_from_that_scal
     photo = PHOTOS[0]
     for i in range(5):
         p = augment.params_at(params, i)
-        out = augment.scale_crop(photo, p['scale'], p['u'], p['v'])
+        out = augment.train_crop(photo, {**p, 'flip': False})
         assert out.shape == (224, 224, 3)
         resized = augment.resize_shorter_side(photo, p['scale'])
         assert min(resized.shape[:2]) == p['scale']
@@ -69,8 +69,9 @@ def test_pipeline_train_crops_come_from_scales_in_range(photos_dir):
 def test_flips_happen_about_half_the_time_and_mirror_the_crop():
     flips = augment.draw_params(np.random.default_rng(1), 4000)['flip']
     assert 0.47 < flips.mean() < 0.53
-    a = augment.scale_crop(PHOTOS[1], 300, 0.3, 0.6, flip=False)
-    b = augment.scale_crop(PHOTOS[1], 300, 0.3, 0.6, flip=True)
+    p = {'scale': 300, 'u': 0.3, 'v': 0.6}
+    a = augment.train_crop(PHOTOS[1], {**p, 'flip': False})
+    b = augment.train_crop(PHOTOS[1], {**p, 'flip': True})
     np.testing.assert_array_equal(b, a[:, ::-1])
 
 
@@ -87,7 +88,8 @@ def test_lighting_noise_has_the_configured_std():
 
 
 def test_inception_crop_option():
-    out = augment.inception_crop(PHOTOS[0], 0.3, 0.1, 0.5, 0.5, 224, flip=True)
+    p = {'area': 0.3, 'log_ratio': 0.1, 'u': 0.5, 'v': 0.5, 'flip': True}
+    out = augment.train_crop(PHOTOS[0], p, crop_style='inception')
     assert out.shape == (224, 224, 3)
 
 
