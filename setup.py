@@ -48,6 +48,10 @@ setup(
         # package of its own; >=0.4.3: its numpy reader returns bfloat16 tensors (with
         # ml_dtypes, which JAX brings) and its numpy writer takes metadata (both checked)
         'safetensors>=0.4.3',
+        # Every process that imports JAX imports ml_dtypes: 0.7 beside numpy < 2.5 (all that
+        # Python 3.11 gets) registers its ufunc loops in quadratic time, 1.1-2.1 s a process
+        # against 0.12-0.19 s for 0.6 (each launch, each input worker; numpy 2.5 fixed it)
+        'ml_dtypes>=0.5,<0.7; python_version < "3.12"',
     ],
     extras_require={
         # pytest-xdist: the suite runs on two worker processes (pytest.ini); much of it is
