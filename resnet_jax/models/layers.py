@@ -6,6 +6,7 @@ Padding is symmetric, ``(k - 1) // 2`` a side, as in Caffe, torchvision and Kera
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -16,8 +17,17 @@ import jax.numpy as jnp
 Dtype = Any
 Initializer = Callable[..., jax.Array]
 
-# fan_out, normal: torchvision's initialisation of ResNets.
-he_normal = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
+_he_normal_2d = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal', in_axis=0, out_axis=1)
+
+
+def he_normal(key: jax.Array, shape: tuple[int, ...], dtype: Dtype = jnp.float32) -> jax.Array:
+    """torchvision's initialisation of ResNets (fan_out, normal) of a ``(kh, kw, in, out)``
+    kernel, drawn as an ``(in, kh * kw * out)`` array (the same fans) and reshaped: the same
+    values, as JAX's generators number the elements in row-major order. XLA:CPU compiles
+    a 4-D draw in 2-6 s, a 2-D one in under 1 s: ``jax.jit(model.init)`` of ResNet-18 took
+    7-9 s on 2 cores (31-37 s on one), now 4-5 s (8-10 s; results/init_draws.txt)."""
+    *window, fan_in, out = shape
+    return _he_normal_2d(key, (fan_in, math.prod(window) * out), dtype).reshape(shape)
 
 
 def conv(

@@ -264,6 +264,19 @@ def test_he_init_bn_init_and_no_conv_bias():
     np.testing.assert_array_equal(zparams['conv2_1']['bn1']['scale'], 1)
 
 
+@pytest.mark.parametrize('partitionable', [True, False])
+def test_he_normal_draws_the_values_of_jaxs_4d_initializer(partitionable):
+    """Drawn 2-D for XLA:CPU's compile time: the values of JAX's own initializer, bit for
+    bit, with either numbering of threefry's counters."""
+    four_d = jax.nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
+    with jax.threefry_partitionable(partitionable):
+        for shape, dtype in [((3, 3, 16, 32), jnp.float32), ((1, 1, 64, 256), jnp.bfloat16)]:
+            key = jax.random.key(shape[-1])
+            ours = layers.he_normal(key, shape, dtype)
+            assert ours.shape == shape and ours.dtype == dtype
+            np.testing.assert_array_equal(ours, four_d(key, shape, dtype))
+
+
 def test_batchnorm_groups_normalise_separately_and_update_running_stats():
     x = jax.random.normal(jax.random.key(0), (8, 4, 4, 3)) * 3 + 2
     bn = layers.BatchNorm(use_running_average=False, group_size=4)
