@@ -26,8 +26,8 @@ def he_normal(key: jax.Array, shape: tuple[int, ...], dtype: Dtype = jnp.float32
     values, as JAX's generators number the elements in row-major order. XLA:CPU compiles
     a 4-D draw in 2-6 s, a 2-D one in under 1 s: ``jax.jit(model.init)`` of ResNet-18 took
     7-9 s on 2 cores (31-37 s on one), now 4-5 s (8-10 s; results/init_draws.txt)."""
-    *window, fan_in, out = shape
-    return _he_normal_2d(key, (fan_in, math.prod(window) * out), dtype).reshape(shape)
+    *window, inputs, outputs = shape
+    return _he_normal_2d(key, (inputs, math.prod(window) * outputs), dtype).reshape(shape)
 
 
 def conv(
