@@ -120,7 +120,14 @@ def load_arrays(name: str, split: str, data_dir: str | None) -> tuple[ArraySourc
     ArrayRecord on first use and read without TensorFlow, whose import costs a launch
     seconds; a TFRecord copy (``tfds build``'s default) is read through ``tf.data``."""
     builder = tfds.builder(name, data_dir=data_dir)
-    builder.download_and_prepare(file_format='array_record')  # kept as is if prepared
+    quiet = name in EMBEDDED_DATASETS and not builder.is_prepared()
+    if quiet:  # a second's work: tfds's bars would only push an error line off stderr's end
+        tfds.display_progress_bar(False)
+    try:
+        builder.download_and_prepare(file_format='array_record')  # kept as is if prepared
+    finally:
+        if quiet:
+            tfds.display_progress_bar(True)
     num_classes = builder.info.features['label'].num_classes
     if builder.info.file_format.value != 'array_record':
         images, labels = tfds.as_numpy(

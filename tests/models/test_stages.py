@@ -63,7 +63,8 @@ def test_a_scanned_stage_computes_the_unrolled_stage(block_cls):
     jax.tree_util.tree_map(
         np.testing.assert_array_equal, scanned.init(jax.random.key(1), x), variables
     )
-    np.testing.assert_array_equal(unrolled.apply(variables, x), scanned.apply(variables, x))
+    # (bit for bit on an AMD EPYC host; an Intel Xeon's kernels round the scan's apart)
+    close(unrolled.apply(variables, x), scanned.apply(variables, x))
 
     def loss(model, params):
         logits, state = model.apply(
