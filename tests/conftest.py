@@ -92,6 +92,7 @@ def pytest_unconfigure(config):
         shutil.rmtree(_CACHE_DIR, ignore_errors=True)
 
 
+import forked  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
@@ -184,7 +185,7 @@ def run_main(
     env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
     if optimized:
         env.pop('JAX_DISABLE_MOST_OPTIMIZATIONS', None)
-    return subprocess.run(
+    return forked.run(
         [sys.executable, *python_flags, '-m', 'resnet_jax.main', *args],
         cwd=cwd,
         env=env,

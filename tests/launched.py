@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 
+import forked
 import pytest
 from conftest import REPO
 
@@ -43,7 +44,7 @@ def command(workdir, data_dir, *extra, module='resnet_jax.main'):
 
 def launch(args, **kwargs):
     env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1')
-    return subprocess.Popen(
+    return forked.Popen(
         args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs
     )
 

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import zipfile
 
+import forked
 import pytest
 from conftest import REPO
 
@@ -16,7 +17,7 @@ from resnet_jax import cli
 
 
 def resnet_jax(*args, cwd=REPO, env=None, timeout=300):
-    return subprocess.run(
+    return forked.run(
         [sys.executable, '-m', 'resnet_jax', *args],
         cwd=cwd,
         env=env,
@@ -85,6 +86,26 @@ def test_every_command_has_help_with_one_spelling(tmp_path):
         timeout=300,
     )
     assert main.returncode == 0 and main.stdout.startswith('usage: resnet-jax train ')
+
+
+def test_a_forked_launch_is_the_launch_a_new_interpreter_makes(tmp_path, data_dir):
+    """tests/forked.py, which most launches in the suite go through: the same streams and
+    exit code as ``python -m``, a SIGKILL read as -9, the pid the launched process's own."""
+    if os.environ.get('RESNET_JAX_TESTS_FORK') == '0':
+        pytest.skip('forks turned off (RESNET_JAX_TESTS_FORK=0)')
+    bad = [sys.executable, '-m', 'resnet_jax.main', f'--workdir={tmp_path}', '--config.seed=x']
+    new, fork = (
+        run(bad, capture_output=True, text=True, timeout=120)
+        for run in (subprocess.run, forked.run)
+    )
+    assert new.returncode == fork.returncode == 2 and fork.stdout == new.stdout == ''
+    assert fork.stderr == new.stderr == "error: seed must be an integer; got 'x'\n"
+    train = bad[:3] + [f'--workdir={tmp_path / "run"}', f'--config.dataset.data_dir={data_dir}']
+    proc = forked.Popen(train, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert forked.pid(proc) != proc.pid  # (forked: its relay is the Popen's process)
+    assert os.path.exists(f'/proc/{forked.pid(proc)}')
+    proc.kill()  # (long before its 250 steps end)
+    assert proc.wait(30) == -9 and not os.path.exists(f'/proc/{forked.pid(proc)}/cmdline')
 
 
 @pytest.mark.parametrize(

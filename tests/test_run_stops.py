@@ -13,6 +13,7 @@ import signal
 import subprocess
 import time
 
+import forked
 import pytest
 from conftest import children
 from launched import (
@@ -102,7 +103,7 @@ def test_full_disk_stops_the_run_at_once_keeping_the_earlier_checkpoints(data_di
         cause = 'No space left on device'
         if not mounted:  # no tmpfs without root: files may not grow past the limit once set
             wait_for_step(workdir, proc, 5)
-            resource.prlimit(proc.pid, resource.RLIMIT_FSIZE, (1, 1))
+            resource.prlimit(forked.pid(proc), resource.RLIMIT_FSIZE, (1, 1))
             cause = 'File too large'
         started = time.time()
         last = _check_write_failure(workdir, proc, cause, started)
@@ -235,7 +236,7 @@ def test_sigterm_while_the_input_is_stuck_ends_the_run_within_30_s(data_dir, tmp
     stopped = []
     try:
         wait_for_step(workdir, proc, 5)
-        stopped = children(proc.pid, b'spawn_main')  # grain's workers
+        stopped = children(forked.pid(proc), b'spawn_main')  # grain's workers
         assert stopped, 'no input worker found'
         for pid in stopped:
             os.kill(pid, signal.SIGSTOP)

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import warnings
 
+import forked
 import numpy as np
 import pytest
 from conftest import REPO, run_main
@@ -606,7 +607,7 @@ def test_folder_trains_evaluates_and_resumes_to_exactly_the_uninterrupted_result
     assert full.returncode == 0, full.stderr[-3000:]
     assert 'preparing folder:' in full.stderr and '15/15 images' in full.stderr
     assert 'Traceback' not in full.stderr and 'leaked' not in full.stderr
-    proc = subprocess.run(
+    proc = forked.run(
         [sys.executable, '-m', 'resnet_jax', 'evaluate', f'--workdir={tmp_path / "full"}']
         + ['--protocol=ten_crop'],
         capture_output=True,

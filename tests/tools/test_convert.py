@@ -10,6 +10,7 @@ import sys
 import textwrap
 
 import flax.linen as nn
+import forked
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -698,7 +699,7 @@ def test_transformers_resnets_convert_to_the_same_outputs(case, tmp_path):
 
 
 def _cli(*args):
-    return subprocess.run(
+    return forked.run(
         [sys.executable, '-m', 'resnet_jax', 'convert', *args],
         cwd=REPO,
         capture_output=True,

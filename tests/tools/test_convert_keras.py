@@ -2,9 +2,9 @@
 biases folded into BatchNorm, its .h5 files, and the command line's checkpoint."""
 
 import json
-import subprocess
 import sys
 
+import forked
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -92,7 +92,7 @@ def test_keras_cli_writes_a_checkpoint_that_evaluate_and_init_from_accept(
     path = tmp_path / 'r50.keras'
     keras_resnet50.save(path)
     out = tmp_path / 'converted'
-    proc = subprocess.run(
+    proc = forked.run(
         [
             sys.executable,
             '-m',

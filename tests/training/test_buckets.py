@@ -5,9 +5,9 @@ refused before anything is written. Killed in a bucket: test_faults."""
 import json
 import os
 import pathlib
-import subprocess
 import sys
 
+import forked
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -141,7 +141,7 @@ def test_weights_in_and_out_of_a_bucket(gcs, tmp_path):
     )
     workdir = convert.save_converted(model, variables, None, 'torchvision', f'{bucket}/r18')
     assert str(workdir) == f'{bucket}/r18'
-    proc = subprocess.run(
+    proc = forked.run(
         [sys.executable, '-m', 'resnet_jax', 'convert', '--to=torchvision']
         + [f'--workdir={workdir}', f'--output={bucket}/r18.safetensors'],
         capture_output=True,

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 
+import forked
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
@@ -61,7 +62,7 @@ def _env(devices):
 
 def launch(args, devices=1, **kwargs):
     env = _env(devices)
-    return subprocess.Popen(
+    return forked.Popen(
         [sys.executable, '-m', 'resnet_jax.main', *args],
         cwd=REPO,
         env=env,
@@ -122,7 +123,7 @@ EMA, STEPS = '--config.ema_decay=0.9', 80
 
 def evaluate(workdir, *flags):
     """``resnet-jax evaluate`` on ``workdir``, as the README gives it: its record."""
-    proc = subprocess.run(
+    proc = forked.run(
         [sys.executable, '-m', 'resnet_jax', 'evaluate', f'--workdir={workdir}', *flags],
         capture_output=True,
         text=True,
@@ -278,7 +279,7 @@ def test_a_process_that_dies_takes_the_other_down_with_one_line(data_dir, tmp_pa
     procs = [launch(args + [f'--process_id={i}'], devices=2) for i in range(2)]
     try:
         wait_for_checkpoint(tmp_path, procs[0], timeout=240)
-        (run,) = children(procs[1].pid, b'resnet_jax.main')  # the process under its watch
+        (run,) = children(forked.pid(procs[1]), b'resnet_jax.main')  # the process under its watch
         procs[1].kill()
         start = time.monotonic()
         results = _finish_all(procs, timeout=90)

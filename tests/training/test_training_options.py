@@ -6,9 +6,9 @@ import json
 import math
 import re
 import shutil
-import subprocess
 import sys
 
+import forked
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -201,7 +201,7 @@ def test_ema_weights_of_a_run_without_them_are_refused(tmp_path):
     with pytest.raises(ConfigError, match='has no EMA of the weights'):
         runs.load_variables(tmp_path, weights='ema')
     assert set(runs.load_variables(tmp_path)[0]) == {'params', 'batch_stats'}
-    proc = subprocess.run(
+    proc = forked.run(
         [
             sys.executable,
             '-m',
