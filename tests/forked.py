@@ -1,13 +1,12 @@
-"""``python -m resnet_jax...`` launched as a child forked from one process per test worker
-that has imported the package: the launch a user makes, less its ~1 s of imports (the suite
-makes some 150). The child gets the launch's argv, environment, working directory, cores
-and standard streams, and runs the module as ``__main__``; ``Popen`` is ``subprocess``'s,
-on a small relay process that ends as the child ends (its exit code or its signal), so
-``communicate``, timeouts and ``kill`` behave as for any process.
-
-Only what a fork honours is forked: an environment that differs from the server's in more
-than ``XLA_FLAGS`` (read when JAX starts its backend, after the imports) launches a new
-interpreter, as does any other command; ``RESNET_JAX_TESTS_FORK=0`` launches every one.
+"""``python -m resnet_jax...`` launched as a child forked from a process that has imported
+the package (one per test worker and environment): the launch a user makes, less its ~1 s
+of imports (the suite makes some 150). The child gets the launch's argv, environment,
+working directory, cores and standard streams, and runs the module as ``__main__``.
+``Popen`` is ``subprocess``'s, on a small relay process that ends as the child ends (its
+exit code or its signal), so ``communicate``, timeouts and ``kill`` behave as for any
+process. Only ``XLA_FLAGS`` may differ between a server's environment and its children's:
+JAX reads it when it starts its backend, after the imports. Other commands launch a new
+interpreter, as every launch does with ``RESNET_JAX_TESTS_FORK=0``.
 """
 
 import atexit
@@ -109,50 +108,46 @@ if os.WIFSIGNALED(status):
 sys.exit(os.waitstatus_to_exitcode(status))
 """
 
-_server = {}
+_servers = {}  # the environment's import-time part -> (server process, socket path)
 
 
-def _socket_path() -> str | None:
-    """The server's socket, started on first use (None: forks are turned off)."""
-    if os.environ.get('RESNET_JAX_TESTS_FORK') == '0':
-        return None
-    if 'path' not in _server:
+def _socket_path(env) -> str:
+    """The socket of the server started (on first use) in ``env``, less its safe keys."""
+    key = frozenset((k, v) for k, v in env.items() if k not in _SAFE)
+    if key not in _servers:
         path = os.path.join(tempfile.mkdtemp(prefix='resnet_jax_forks_'), 'socket')
-        _server['env'] = dict(os.environ)
-        _server['process'] = subprocess.Popen(
+        process = subprocess.Popen(
             [sys.executable, '-c', _SERVER, path],
+            env=dict(key),
             stdin=subprocess.PIPE,  # held open by this process alone
             stdout=subprocess.DEVNULL,
             start_new_session=True,  # (a test's Ctrl-C or killpg stays with the launches)
         )
-        _server['path'] = path
-        atexit.register(_stop_server)
-    while not os.path.exists(_server['path'] + '.ready'):
-        if _server['process'].poll() is not None:
+        if not _servers:
+            atexit.register(_stop_servers)
+        _servers[key] = process, path
+    process, path = _servers[key]
+    while not os.path.exists(path + '.ready'):
+        if process.poll() is not None:
             raise RuntimeError('the fork server ended at start-up (its stderr is above)')
         time.sleep(0.02)
-    return _server['path']
+    return path
 
 
-def _stop_server():
-    _server['process'].stdin.close()  # (its end of file: the server exits)
-    _server['process'].wait(10)
+def _stop_servers():
+    for process, _ in _servers.values():
+        process.stdin.close()  # (its end of file: the server exits)
+    for process, _ in _servers.values():
+        process.wait(10)
 
 
 def _forkable(args, env) -> str | None:
-    """The module a launch runs, where a fork of the server honours it."""
+    """The server socket for a launch that a fork honours (None: a new interpreter)."""
     if len(args) < 3 or args[0] != sys.executable or args[1] != '-m':
         return None
-    if not args[2].startswith('resnet_jax'):
+    if not args[2].startswith('resnet_jax') or os.environ.get('RESNET_JAX_TESTS_FORK') == '0':
         return None
-    path = _socket_path()
-    if path is None:
-        return None
-    env = os.environ if env is None else env
-    keys = (set(env) | set(_server['env'])) - _SAFE
-    if any(env.get(k) != _server['env'].get(k) for k in keys):
-        return None
-    return path
+    return _socket_path(os.environ if env is None else env)
 
 
 class Popen(subprocess.Popen):
