@@ -181,11 +181,12 @@ def run_main(
     python_flags=(),
 ) -> subprocess.CompletedProcess:
     """Runs ``python -m resnet_jax.main`` as a user would, on ``devices`` CPU devices;
-    ``optimized``: with XLA's full optimisation, as users run (for runs of many steps)."""
+    ``optimized``: with XLA's full optimisation, as users run (for runs of many steps), in a
+    new interpreter (the README's command as typed; others are forked, tests/forked.py)."""
     env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
     if optimized:
         env.pop('JAX_DISABLE_MOST_OPTIMIZATIONS', None)
-    return forked.run(
+    return (subprocess.run if optimized else forked.run)(
         [sys.executable, *python_flags, '-m', 'resnet_jax.main', *args],
         cwd=cwd,
         env=env,

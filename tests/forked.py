@@ -154,9 +154,10 @@ class Popen(subprocess.Popen):
     """``subprocess.Popen`` for a launch (a forked child behind a relay where it can be)."""
 
     def __init__(self, args, **kwargs):
-        path = _forkable(list(map(str, args)), kwargs.get('env'))
+        own = kwargs.get('preexec_fn') or kwargs.get('pass_fds')  # (a fork cannot honour)
+        path = None if own else _forkable(list(map(str, args)), kwargs.get('env'))
         self._child = None
-        if path is None or kwargs.get('preexec_fn') or kwargs.get('pass_fds'):
+        if path is None:
             super().__init__(args, **kwargs)
             return
         read, write = os.pipe()
