@@ -120,7 +120,7 @@ def load_arrays(name: str, split: str, data_dir: str | None) -> tuple[ArraySourc
     ArrayRecord on first use and read without TensorFlow, whose import costs a launch
     seconds; a TFRecord copy (``tfds build``'s default) is read through ``tf.data``."""
     builder = tfds.builder(name, data_dir=data_dir)
-    quiet = name in EMBEDDED_DATASETS and not builder.is_prepared()
+    quiet = name in EMBEDDED_DATASETS
     if quiet:  # a second's work: tfds's bars would only push an error line off stderr's end
         tfds.display_progress_bar(False)
     try:

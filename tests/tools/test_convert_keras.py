@@ -2,15 +2,12 @@
 biases folded into BatchNorm, its .h5 files, and the command line's checkpoint."""
 
 import json
-import sys
 
-import forked
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import REPO
-from tools.test_convert import _assert_trees_equal, _close
+from tools.test_convert import _assert_trees_equal, _cli, _close
 
 import resnet_jax
 from resnet_jax import models
@@ -92,23 +89,7 @@ def test_keras_cli_writes_a_checkpoint_that_evaluate_and_init_from_accept(
     path = tmp_path / 'r50.keras'
     keras_resnet50.save(path)
     out = tmp_path / 'converted'
-    proc = forked.run(
-        [
-            sys.executable,
-            '-m',
-            'resnet_jax',
-            'convert',
-            '--from=keras',
-            f'--input={path}',
-            '--model=resnet50',
-            f'--output={out}',
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
+    proc = _cli('--from=keras', f'--input={path}', '--model=resnet50', f'--output={out}')
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads((out / 'converted.json').read_text())['preprocessing'] == 'caffe'
     model, variables, config, step = resnet_jax.load(out)
