@@ -246,13 +246,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('--log', type=pathlib.Path, default=None)
     args = parser.parse_args(argv)
     if args.toy:
-        args.images, args.sides, args.image_size = 48, (80, 120), 64
+        args.images, args.sides, args.image_size = 48, (80, 120), 32
         args.model, args.dtype, args.batch_size, args.warmup, args.steps = (
             'resnet18',
             'float32',
             8,
             1,
-            2,
+            1,
         )
         args.depth_models, args.depth_batch_size, args.depth_steps = (
             ('cifar_resnet20', 'cifar_resnet8'),

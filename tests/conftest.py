@@ -62,19 +62,35 @@ def pytest_configure(config):  # after the command line is accepted, before any 
     if not os.environ.get('JAX_COMPILATION_CACHE_DIR'):
         _CACHE_DIR = tempfile.mkdtemp(prefix='resnet_jax_tests_jax_cache_')
         os.environ['JAX_COMPILATION_CACHE_DIR'] = _CACHE_DIR
+        # Every program, not only those over JAX's default 1 s: at -O0 most take less, and
+        # the tests compile the same ones again under new jit wrappers (a Run per
+        # train_and_evaluate, a lambda per test) and in other processes.
+        os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 
 
-# The longest run (the default recipe to the end, ~4 min beside the other worker) and the
-# modules of most work, in that order, start the session: the short ones fill in around them
-# rather than leaving one worker idle at the end.
+# The longest run (the default recipe to the end, ~4 min beside the other worker) starts the
+# session, then the modules by their work in either tier, most first (an xdist worker takes
+# the next module when it is nearly done with its own): the short ones fill in at the end
+# rather than one long module leaving the other worker idle. Measured on 2 cores, each
+# module's worker-seconds (fast tier, marked tier): performance.md, "Test suite".
 _LONGEST = 'test_default_run_reaches_below_3_percent_and_resumes'
 _FIRST_MODULES = (
-    'test_train',
-    'test_faults',
-    'test_folder',
-    'test_edges',
-    'test_run_stops',
-    'test_execution',
+    'test_train',  # 60, 240
+    'test_faults',  # 0, 210
+    'test_folder',  # 25, 125
+    'test_edges',  # 5, 130
+    'test_benchmark',  # 1, 125
+    'test_models',  # 75, 0
+    'test_execution',  # 80, 50
+    'test_readme',  # 10, 75
+    'test_research',  # 55, 0
+    'test_topology',  # 20, 50
+    'test_golden',  # 50, 0
+    'test_run_stops',  # 0, 40
+    'test_buckets',  # 35, 0
+    'test_backbone_options',  # 30, 0
+    'test_stages',  # 25, 0
+    'test_convert',  # 25, 30
 )
 
 

@@ -594,7 +594,7 @@ def test_folder_trains_evaluates_and_resumes_to_exactly_the_uninterrupted_result
     common = [
         '--config=configs/imagenet.py:resnet18',
         f'--config.dataset.name=folder:{photos}',
-        '--config.dataset.image_size=64',
+        '--config.dataset.image_size=32',
         '--config.dataset.num_workers=2',
         '--config.batch_size=8',
         '--config.eval_batch_size=4',

@@ -115,13 +115,17 @@ def test_an_fpn_head_trains_on_the_stage_features():
 # --- fine-tuning ----------------------------------------------------------------------------
 
 
+NARROW = 8  # the ResNets of the transfer tests
+
+
 @pytest.fixture(scope='module')
 def imagenet_workdir(tmp_path_factory):
-    """A workdir of a 1000-class ResNet-18 (as `resnet-jax convert` writes one)."""
+    """A workdir of a 1000-class ResNet-18 (as `resnet-jax convert` writes one), narrow:
+    what transfer matches is names and shapes, the same at any width."""
     from resnet_jax.config import base_config
     from resnet_jax.training import runs
 
-    model = models.create_model('resnet18', stride_in_1x1=False)
+    model = models.create_model('resnet18', stride_in_1x1=False, width=NARROW)
     variables = jax.tree_util.tree_map(
         lambda v: v + jax.random.normal(jax.random.key(3), v.shape) * 0.1, init(model)
     )
@@ -134,7 +138,7 @@ def imagenet_workdir(tmp_path_factory):
 
 def test_transfer_from_a_1000_class_workdir_into_a_10_class_head(imagenet_workdir):
     workdir, pretrained = imagenet_workdir
-    model = models.create_model('resnet18', num_classes=10, stride_in_1x1=False)
+    model = models.create_model('resnet18', num_classes=10, stride_in_1x1=False, width=NARROW)
     fresh = init(model)
     variables, kept, new, unused = report = resnet_jax.transfer(fresh, str(workdir))
     assert new == ['params/fc/bias', 'params/fc/kernel']
@@ -158,7 +162,7 @@ class Detector(nn.Module):
     @nn.compact
     def __call__(self, x, train=False):
         features = models.create_model(
-            'resnet18', features_only=True, frozen_bn=True, name='backbone'
+            'resnet18', width=NARROW, features_only=True, frozen_bn=True, name='backbone'
         )(x, train)
         return nn.Conv(4, (1, 1), name='head')(features['conv5'])
 
@@ -174,7 +178,7 @@ def test_transfer_into_and_out_of_a_backbone_nested_in_a_users_module(imagenet_w
         variables['params']['backbone']['conv1']['kernel'], pretrained['params']['conv1']['kernel']
     )
     # and back out: the detector's backbone into a classifier
-    classifier = models.create_model('resnet18', num_classes=3)
+    classifier = models.create_model('resnet18', num_classes=3, width=NARROW)
     out, kept, new, _ = resnet_jax.transfer(init(classifier), variables)
     assert new == ['params/fc/bias', 'params/fc/kernel']
     np.testing.assert_array_equal(
