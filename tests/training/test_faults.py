@@ -305,7 +305,7 @@ def _two_processes(command, devices=2):
     joined on 127.0.0.1, with ``devices`` CPU devices each."""
     port = _free_port()
     return [
-        subprocess.Popen(
+        forked.Popen(
             [
                 sys.executable,
                 *(arg.replace('{i}', str(i)) for arg in command),
@@ -418,7 +418,7 @@ def _evaluate(workdir, processes):
     args += [f'--protocol={p}' for p in PROTOCOLS]
     if processes == 1:
         procs = [
-            subprocess.Popen(
+            forked.Popen(
                 [sys.executable, *args],
                 cwd=REPO,
                 stdout=subprocess.PIPE,
