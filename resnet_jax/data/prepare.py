@@ -3,6 +3,8 @@ folder's index): ``resnet-jax prepare --dataset=imagenet2012|folder:/path``."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import sys
 from collections.abc import Callable
@@ -121,10 +123,13 @@ def load_arrays(name: str, split: str, data_dir: str | None) -> tuple[ArraySourc
     seconds; a TFRecord copy (``tfds build``'s default) is read through ``tf.data``."""
     builder = tfds.builder(name, data_dir=data_dir)
     quiet = name in EMBEDDED_DATASETS
-    if quiet:  # a second's work: tfds's bars would only push an error line off stderr's end
+    # A second's local work: tfds's bars would only push an error line off stderr's end, and
+    # its "Downloading and preparing dataset Unknown size" lines claim a download on stdout.
+    if quiet:
         tfds.display_progress_bar(False)
     try:
-        builder.download_and_prepare(file_format='array_record')  # kept as is if prepared
+        with contextlib.redirect_stdout(io.StringIO()) if quiet else contextlib.nullcontext():
+            builder.download_and_prepare(file_format='array_record')  # kept if prepared
     finally:
         if quiet:
             tfds.display_progress_bar(True)
