@@ -71,26 +71,25 @@ def pytest_configure(config):  # after the command line is accepted, before any 
 # The longest run (the default recipe to the end, ~4 min beside the other worker) starts the
 # session, then the modules by their work in either tier, most first (an xdist worker takes
 # the next module when it is nearly done with its own): the short ones fill in at the end
-# rather than one long module leaving the other worker idle. Measured on 2 cores, each
-# module's worker-seconds (fast tier, marked tier): performance.md, "Test suite".
+# rather than one long module leaving the other worker idle.
 _LONGEST = 'test_default_run_reaches_below_3_percent_and_resumes'
-_FIRST_MODULES = (
-    'test_train',  # 60, 240
-    'test_faults',  # 0, 210
-    'test_folder',  # 25, 125
-    'test_edges',  # 5, 130
-    'test_benchmark',  # 1, 125
-    'test_models',  # 75, 0
-    'test_execution',  # 80, 50
-    'test_readme',  # 10, 75
-    'test_research',  # 55, 0
-    'test_topology',  # 20, 50
-    'test_golden',  # 50, 0
-    'test_run_stops',  # 0, 40
-    'test_buckets',  # 35, 0
-    'test_backbone_options',  # 30, 0
-    'test_stages',  # 25, 0
-    'test_convert',  # 25, 30
+_FIRST_MODULES = (  # seconds of a worker: fast tier, marked tier (2026-12-08, Intel VM)
+    'test_train',  # 56, 226
+    'test_faults',  # 0, 181
+    'test_benchmark',  # 1, 121
+    'test_folder',  # 25, 113
+    'test_execution',  # 86, 55
+    'test_models',  # 75, 14
+    'test_edges',  # 0, 73
+    'test_convert',  # 20, 62
+    'test_readme',  # 13, 59
+    'test_topology',  # 14, 51
+    'test_run_stops',  # 0, 50
+    'test_golden',  # 42, 0
+    'test_research',  # 41, 14
+    'test_buckets',  # 39, 0
+    'test_training_options',  # 13, 35
+    'test_dali',  # 0, 34
 )
 
 
