@@ -122,17 +122,14 @@ def load_arrays(name: str, split: str, data_dir: str | None) -> tuple[ArraySourc
     ArrayRecord on first use and read without TensorFlow, whose import costs a launch
     seconds; a TFRecord copy (``tfds build``'s default) is read through ``tf.data``."""
     builder = tfds.builder(name, data_dir=data_dir)
-    quiet = name in EMBEDDED_DATASETS
-    # A second's local work: tfds's bars would only push an error line off stderr's end, and
-    # its "Downloading and preparing dataset Unknown size" lines claim a download on stdout.
-    if quiet:
-        tfds.display_progress_bar(False)
-    try:
-        with contextlib.redirect_stdout(io.StringIO()) if quiet else contextlib.nullcontext():
-            builder.download_and_prepare(file_format='array_record')  # kept if prepared
-    finally:
-        if quiet:
-            tfds.display_progress_bar(True)
+    with contextlib.ExitStack() as quiet:
+        if name in EMBEDDED_DATASETS:
+            # A second's local work: tfds's bars would only push an error line off stderr's
+            # end, and its "Downloading and preparing dataset" lines claim a download.
+            tfds.display_progress_bar(False)
+            quiet.callback(tfds.display_progress_bar, True)
+            quiet.enter_context(contextlib.redirect_stdout(io.StringIO()))
+        builder.download_and_prepare(file_format='array_record')  # kept as is if prepared
     num_classes = builder.info.features['label'].num_classes
     if builder.info.file_format.value != 'array_record':
         images, labels = tfds.as_numpy(
