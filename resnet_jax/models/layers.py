@@ -6,6 +6,7 @@ Padding is symmetric, ``(k - 1) // 2`` a side, as in Caffe, torchvision and Kera
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import Any
@@ -13,6 +14,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 Dtype = Any
 Initializer = Callable[..., jax.Array]
@@ -30,6 +32,94 @@ def he_normal(key: jax.Array, shape: tuple[int, ...], dtype: Dtype = jnp.float32
     return _he_normal_2d(key, (inputs, math.prod(window) * outputs), dtype).reshape(shape)
 
 
+_NHWC = ('NHWC', 'HWIO', 'NHWC')
+
+
+def conv_general_dilated(
+    lhs,
+    rhs,
+    window_strides,
+    padding,
+    lhs_dilation=None,
+    rhs_dilation=None,
+    dimension_numbers=None,
+    feature_group_count=1,
+    precision=None,
+):
+    """``lax.conv_general_dilated`` whose backward pass XLA:CPU runs at full speed in a loop.
+
+    JAX's derivatives of a convolution are convolutions with permuted dimension numbers,
+    which XLA:CPU rewrites into its fast NHWC x HWIO form in a program's main computation
+    but not inside a loop (jax#12868), as a deep stage's ``lax.scan`` is: ResNet-1202's
+    training step ran 12x slower there (``experiments/results/performance.md``, "Deep
+    stages"). On CPU the tangents here are convolutions of transposed operands, laid out so
+    that JAX's transposes of them, the backward pass, are already NHWC x HWIO; elsewhere
+    they are JAX's own. A custom JVP (not VJP), so forward-mode AD still works. NHWC/HWIO
+    with explicit padding, no input dilation and one group; anything else is ``lax``'s.
+    """
+    simple = (
+        feature_group_count == 1
+        and not isinstance(padding, str)
+        and all(d == 1 for d in lhs_dilation or ())
+        and lhs.ndim == 4
+        and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+        == lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC)
+    )
+    if not simple:
+        return lax.conv_general_dilated(
+            lhs,
+            rhs,
+            window_strides,
+            padding,
+            lhs_dilation,
+            rhs_dilation,
+            dimension_numbers,
+            feature_group_count,
+            precision=precision,
+        )
+    geometry = tuple(window_strides), tuple(map(tuple, padding)), tuple(rhs_dilation or (1, 1))
+    return _conv(lhs, rhs, geometry, precision)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3))
+def _conv(x, w, geometry, precision):
+    strides, padding, dilation = geometry
+    return lax.conv_general_dilated(
+        x, w, strides, padding, rhs_dilation=dilation, dimension_numbers=_NHWC, precision=precision
+    )
+
+
+@_conv.defjvp
+def _conv_jvp(geometry, precision, primals, tangents):
+    strides, padding, dilation = geometry
+    conv = functools.partial(
+        lax.conv_general_dilated,
+        window_strides=strides,
+        padding=padding,
+        rhs_dilation=dilation,
+        precision=precision,
+    )
+
+    def cpu(x, w, dx, dw):
+        # d/dx: the kernel handed over as [kh, kw, out, in], so its transpose is HWIO.
+        # d/dw: x as [C, H, W, N] and dw as [in, kh, kw, out], the result [oh, ow, N, out],
+        # so that the weight gradient is an NHWC x HWIO convolution of x and the cotangent.
+        by_x = conv(dx, w.transpose(0, 1, 3, 2), dimension_numbers=('NHWC', 'HWOI', 'NHWC'))
+        by_w = conv(
+            x.transpose(3, 1, 2, 0),
+            dw.transpose(2, 0, 1, 3),
+            dimension_numbers=('CHWN', 'IHWO', 'HWNC'),
+        )
+        return by_x + by_w.transpose(2, 0, 1, 3)
+
+    def default(x, w, dx, dw):
+        return jax.jvp(lambda x, w: conv(x, w, dimension_numbers=_NHWC), (x, w), (dx, dw))[1]
+
+    x, w = primals
+    tangent = lax.platform_dependent(x, w, *tangents, cpu=cpu, default=default)
+    return _conv(x, w, geometry, precision), tangent
+
+
 def conv(
     features: int,
     kernel_size: int,
@@ -39,10 +129,10 @@ def conv(
     dtype: Dtype = jnp.float32,
     param_dtype: Dtype = jnp.float32,
     name: str | None = None,
-    conv_general_dilated: Callable[..., jax.Array] | None = None,
+    conv_general_dilated: Callable[..., jax.Array] = conv_general_dilated,
 ) -> nn.Conv:
     """A bias-free k x k convolution with symmetric padding and He initialisation;
-    ``conv_general_dilated`` replaces ``lax``'s (``resnet_jax.backends``)."""
+    ``conv_general_dilated`` replaces the one above (``resnet_jax.backends``)."""
     pad = dilation * (kernel_size - 1) // 2
     return nn.Conv(
         features,

@@ -27,6 +27,8 @@ class RunWriter:
     def __init__(self, workdir: epath.Path | None):
         self._records = None
         if workdir is not None:
+            # TensorBoard's record framing alone: its public ``summary.Writer`` writes
+            # through ``tf.io.gfile``, importing TensorFlow (installed with tfds) in each launch.
             from tensorboard.compat.proto import event_pb2
             from tensorboard.summary.writer.record_writer import RecordWriter
 
