@@ -51,7 +51,7 @@ def conv_general_dilated(
     JAX's derivatives of a convolution are convolutions with permuted dimension numbers,
     which XLA:CPU rewrites into its fast NHWC x HWIO form in a program's main computation
     but not inside a loop (jax#12868), as a deep stage's ``lax.scan`` is: ResNet-1202's
-    training step ran 12x slower there (``experiments/results/performance.md``, "Deep
+    training step ran 11x slower there (``experiments/results/performance.md``, "Deep
     stages"). On CPU the tangents here are convolutions of transposed operands, laid out so
     that JAX's transposes of them, the backward pass, are already NHWC x HWIO; elsewhere
     they are JAX's own. A custom JVP (not VJP), so forward-mode AD still works. NHWC/HWIO
