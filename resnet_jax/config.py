@@ -48,7 +48,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.dataset.lighting_std = 0.1  # AlexNet PCA lighting noise std (0 disables)
     c.dataset.num_workers = 0  # decode/augment processes per host (0: one per core)
     c.dataset.decoder = 'auto'  # training's JPEGs: 'cpu' (PIL), 'dali' (GPU; [gpu] extra),
-    #                                     'auto' (dali where installed and on a GPU)
+    #                                     'auto' (dali where installed, on NVIDIA GPUs)
     c.dataset.preprocessing = 'mean'  # 'mean' (paper: minus the mean image); converted
     #                                     weights: 'torchvision' or 'caffe' (Keras)
 

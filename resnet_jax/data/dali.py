@@ -55,13 +55,21 @@ def choose(decoder: str, dataset_name: str, in_memory: bool) -> str:
             "as pixels: use 'cpu' or 'auto'"
         )
     if decoder == 'auto':
-        return 'dali' if installed() and jax.default_backend() == 'gpu' else 'cpu'
+        return 'dali' if installed() and _nvidia_gpus() else 'cpu'
     if not installed():
         raise ConfigError(
             "dataset.decoder='dali' needs NVIDIA DALI: pip install 'resnet_jax[gpu]' "
             "(or 'resnet_jax[dali]' beside a JAX of your own)"
         )
     return 'dali'
+
+
+def _nvidia_gpus() -> bool:
+    """Whether JAX runs on NVIDIA GPUs, the only ones DALI decodes on (ROCm's are 'gpu' too)."""
+    try:
+        return jax.default_backend() == 'gpu' and bool(jax.devices('cuda'))
+    except RuntimeError:  # no CUDA backend
+        return False
 
 
 def region(box: tuple, shape: tuple[int, int], size: int) -> tuple[np.ndarray, ...]:

@@ -3,6 +3,7 @@
 import dataclasses
 import logging
 
+import jax
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -212,6 +213,19 @@ def test_decoder_dali_needs_its_extra_and_an_encoded_dataset(monkeypatch):
         dali.choose('dali', 'cifar10', in_memory=True)
     assert dali.choose('auto', 'cifar10', in_memory=True) == 'cpu'
     assert dali.choose('auto', 'folder:x', in_memory=False) == 'cpu'  # no GPU here
+    # 'auto' on GPUs: NVIDIA's only (JAX names ROCm's 'gpu' too, but has no 'cuda' backend)
+    monkeypatch.setattr(dali, 'installed', lambda: True)
+    monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
+    for platforms, expected in ((['cuda'], 'dali'), (['rocm'], 'cpu')):
+
+        def devices(backend=None, platforms=platforms):
+            if backend not in platforms:
+                raise RuntimeError(f'Unknown backend {backend}')
+            return ['a device']
+
+        monkeypatch.setattr(jax, 'devices', devices)
+        assert dali.choose('auto', 'folder:x', in_memory=False) == expected
+    monkeypatch.undo()
     monkeypatch.setattr(dali, 'installed', lambda: False)
     with pytest.raises(ConfigError, match=r"pip install 'resnet_jax\[gpu\]'"):
         dali.choose('dali', 'imagenet2012', in_memory=False)
