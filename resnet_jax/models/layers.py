@@ -117,7 +117,9 @@ def _conv_jvp(geometry, precision, primals, tangents):
 
     x, w = primals
     tangent = lax.platform_dependent(x, w, *tangents, cpu=cpu, default=default)
-    return _conv(x, w, geometry, precision), tangent
+    # (lax's primitive, not ``_conv``: remat policies such as the scanned stage's save
+    # convolution outputs by primitive, and would recompute a custom call's)
+    return conv(x, w, dimension_numbers=_NHWC), tangent
 
 
 def conv(

@@ -207,3 +207,32 @@ def test_a_loops_backward_convolutions_are_nhwc_on_cpu():
     compiled = jax.jit(jax.grad(loss)).lower(jnp.ones((3, 3, 3, 4, 4)), jnp.ones((2, 8, 8, 4)))
     labels = set(re.findall(r'dim_labels=([\w>-]+)', compiled.compile().as_text()))
     assert labels == {'b01f_01io->b01f'}
+
+
+def test_other_backends_get_laxs_convolutions():
+    """Exported for GPU and TPU, a scanned net's training gradient has lax's convolutions,
+    the same number with the same dimension numbers (the CPU form is not lowered there;
+    no forward convolution recomputed by the scan's remat policy)."""
+
+    def convolutions(conv, platform):
+        model = models.create_model('cifar_resnet20', width=4, stage=SCAN, conv=conv)
+        x = jnp.ones((2, 16, 16, 3))
+        variables = jax.eval_shape(model.init, jax.random.key(0), x)
+
+        def loss(params, batch_stats):
+            logits, _ = model.apply(
+                {'params': params, 'batch_stats': batch_stats},
+                x,
+                train=True,
+                mutable=['batch_stats'],
+            )
+            return logits.sum()
+
+        exported = jax.export.export(jax.jit(jax.grad(loss)), platforms=[platform])
+        text = exported(variables['params'], variables['batch_stats']).mlir_module()
+        return sorted(re.findall(r'convolution\(.*dim_numbers = (\[.*?\]x\[.*?\]->\[.*?\])', text))
+
+    lax_own = functools.partial(layers.conv, conv_general_dilated=jax.lax.conv_general_dilated)
+    for platform in ('cuda', 'tpu'):
+        assert convolutions(layers.conv, platform) == convolutions(lax_own, platform)
+    assert len(convolutions(layers.conv, 'cpu')) == len(convolutions(lax_own, 'cpu'))
