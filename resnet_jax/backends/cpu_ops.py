@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-_NHWC = ('NHWC', 'HWIO', 'NHWC')
+from resnet_jax.models.layers import NHWC, plain_nhwc
 
 FORWARD_MODE_MESSAGE = (
     "forward-mode AD (jax.jvp, jax.jacfwd, jax.hessian) cannot go through resnet_jax's "
@@ -62,12 +62,6 @@ def conv_general_dilated(
     )
 
 
-def _is_nhwc(lhs, rhs, dimension_numbers) -> bool:
-    return lhs.ndim == 4 and lax.conv_dimension_numbers(
-        lhs.shape, rhs.shape, dimension_numbers
-    ) == lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC)
-
-
 def pointwise_conv(
     lhs,
     rhs,
@@ -84,11 +78,9 @@ def pointwise_conv(
     anything else goes to ``lax.conv_general_dilated``."""
     simple = (
         rhs.shape[:2] == (1, 1)
-        and feature_group_count == 1
-        and not isinstance(padding, str)
+        and plain_nhwc(lhs, rhs, padding, lhs_dilation, dimension_numbers, feature_group_count)
         and all(p == 0 for pair in padding for p in pair)
-        and all(d in (None, 1) for d in (*(lhs_dilation or ()), *(rhs_dilation or ())))
-        and _is_nhwc(lhs, rhs, dimension_numbers)
+        and all(d in (None, 1) for d in rhs_dilation or ())
     )
     if not simple:
         return lax.conv_general_dilated(
@@ -215,10 +207,8 @@ def canonical_conv(
     group; anything else goes to ``lax.conv_general_dilated``.
     """
     simple = (
-        feature_group_count == 1
-        and not isinstance(padding, str)
-        and all(d in (None, 1) for d in (*(lhs_dilation or ()), *(rhs_dilation or ())))
-        and _is_nhwc(lhs, rhs, dimension_numbers)
+        plain_nhwc(lhs, rhs, padding, lhs_dilation, dimension_numbers, feature_group_count)
+        and all(d in (None, 1) for d in rhs_dilation or ())
         and len(set(window_strides)) == 1
     )
     if not simple:
@@ -241,7 +231,7 @@ def canonical_conv(
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def _conv_nhwc(x, w, stride, padding, precision):
     return lax.conv_general_dilated(
-        x, w, (stride, stride), padding, dimension_numbers=_NHWC, precision=precision
+        x, w, (stride, stride), padding, dimension_numbers=NHWC, precision=precision
     )
 
 
@@ -264,7 +254,7 @@ def _conv_nhwc_bwd(stride, padding, precision, residuals, g):
         (1, 1),
         ((kh - 1 - top, kh - 1 - bottom + skip_h), (kw - 1 - left, kw - 1 - right + skip_w)),
         lhs_dilation=(stride, stride),
-        dimension_numbers=_NHWC,
+        dimension_numbers=NHWC,
         precision=precision,
     )
     dw = weight_grad(x, g, (kh, kw), stride, padding, precision, weight_grad_chunk(x.shape))
@@ -288,7 +278,7 @@ def weight_grad(x, g, kernel_size, stride, padding, precision, chunk):
                 (left, kw + (out_w - 1) * stride - width - left),
             ),
             rhs_dilation=(stride, stride),
-            dimension_numbers=_NHWC,
+            dimension_numbers=NHWC,
             precision=precision,
         )
 

@@ -32,7 +32,20 @@ def he_normal(key: jax.Array, shape: tuple[int, ...], dtype: Dtype = jnp.float32
     return _he_normal_2d(key, (inputs, math.prod(window) * outputs), dtype).reshape(shape)
 
 
-_NHWC = ('NHWC', 'HWIO', 'NHWC')
+NHWC = ('NHWC', 'HWIO', 'NHWC')
+
+
+def plain_nhwc(lhs, rhs, padding, lhs_dilation, dimension_numbers, feature_group_count) -> bool:
+    """Whether a convolution is NHWC x HWIO with explicit padding, no input dilation and
+    one group: the form the model's and the CPU plan's own convolutions take."""
+    return (
+        feature_group_count == 1
+        and not isinstance(padding, str)
+        and all(d in (None, 1) for d in lhs_dilation or ())
+        and lhs.ndim == 4
+        and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+        == lax.conv_dimension_numbers(lhs.shape, rhs.shape, NHWC)
+    )
 
 
 def conv_general_dilated(
@@ -57,15 +70,7 @@ def conv_general_dilated(
     they are JAX's own. A custom JVP (not VJP), so forward-mode AD still works. NHWC/HWIO
     with explicit padding, no input dilation and one group; anything else is ``lax``'s.
     """
-    simple = (
-        feature_group_count == 1
-        and not isinstance(padding, str)
-        and all(d == 1 for d in lhs_dilation or ())
-        and lhs.ndim == 4
-        and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
-        == lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC)
-    )
-    if not simple:
+    if not plain_nhwc(lhs, rhs, padding, lhs_dilation, dimension_numbers, feature_group_count):
         return lax.conv_general_dilated(
             lhs,
             rhs,
@@ -81,45 +86,45 @@ def conv_general_dilated(
     return _conv(lhs, rhs, geometry, precision)
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3))
-def _conv(x, w, geometry, precision):
+def _lax_conv(x, w, geometry, precision, dimension_numbers):
     strides, padding, dilation = geometry
     return lax.conv_general_dilated(
-        x, w, strides, padding, rhs_dilation=dilation, dimension_numbers=_NHWC, precision=precision
+        x,
+        w,
+        strides,
+        padding,
+        rhs_dilation=dilation,
+        dimension_numbers=dimension_numbers,
+        precision=precision,
     )
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3))
+def _conv(x, w, geometry, precision):
+    return _lax_conv(x, w, geometry, precision, NHWC)
 
 
 @_conv.defjvp
 def _conv_jvp(geometry, precision, primals, tangents):
-    strides, padding, dilation = geometry
-    conv = functools.partial(
-        lax.conv_general_dilated,
-        window_strides=strides,
-        padding=padding,
-        rhs_dilation=dilation,
-        precision=precision,
-    )
+    def conv(x, w, dimension_numbers=NHWC):
+        return _lax_conv(x, w, geometry, precision, dimension_numbers)
 
     def cpu(x, w, dx, dw):
         # d/dx: the kernel handed over as [kh, kw, out, in], so its transpose is HWIO.
         # d/dw: x as [C, H, W, N] and dw as [in, kh, kw, out], the result [oh, ow, N, out],
         # so that the weight gradient is an NHWC x HWIO convolution of x and the cotangent.
-        by_x = conv(dx, w.transpose(0, 1, 3, 2), dimension_numbers=('NHWC', 'HWOI', 'NHWC'))
-        by_w = conv(
-            x.transpose(3, 1, 2, 0),
-            dw.transpose(2, 0, 1, 3),
-            dimension_numbers=('CHWN', 'IHWO', 'HWNC'),
-        )
+        by_x = conv(dx, w.transpose(0, 1, 3, 2), ('NHWC', 'HWOI', 'NHWC'))
+        by_w = conv(x.transpose(3, 1, 2, 0), dw.transpose(2, 0, 1, 3), ('CHWN', 'IHWO', 'HWNC'))
         return by_x + by_w.transpose(2, 0, 1, 3)
 
     def default(x, w, dx, dw):
-        return jax.jvp(lambda x, w: conv(x, w, dimension_numbers=_NHWC), (x, w), (dx, dw))[1]
+        return jax.jvp(conv, (x, w), (dx, dw))[1]
 
     x, w = primals
     tangent = lax.platform_dependent(x, w, *tangents, cpu=cpu, default=default)
     # (lax's primitive, not ``_conv``: remat policies such as the scanned stage's save
     # convolution outputs by primitive, and would recompute a custom call's)
-    return conv(x, w, dimension_numbers=_NHWC), tangent
+    return conv(x, w), tangent
 
 
 def conv(
